@@ -1,0 +1,224 @@
+//! Configuration pieces both daemons share, and the layered loader.
+//!
+//! Every daemon reads its configuration in four layers, later ones winning:
+//! built-in defaults, an optional TOML file, environment variables with the
+//! daemon's prefix (`FEDGE_` for the coordinator, `FEDGE_NODE_` for edge
+//! nodes; nested keys joined with `__`, e.g. `FEDGE_TRAIN__LEARNING_RATE`),
+//! and command-line flags (including `--set key=value`). Unknown keys are
+//! errors, so a typo never goes unnoticed.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use config::{Config, Environment, File, FileFormat};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::data::{DataSource, resolve_cifar10_dir};
+use crate::{Error, Result};
+
+/// Where a process finds its data.
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DataConfig {
+    /// A CIFAR-10 folder in the standard binary layout. When unset (or empty)
+    /// the seeded synthetic set below is used instead.
+    pub path: Option<PathBuf>,
+    /// Seed of the synthetic set (coordinator and nodes must agree).
+    pub synthetic_seed: u64,
+    /// Size of the synthetic training set, before partitioning.
+    pub synthetic_train_samples: usize,
+    /// Size of the synthetic test set.
+    pub synthetic_test_samples: usize,
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        Self {
+            path: None,
+            synthetic_seed: 17,
+            synthetic_train_samples: 6000,
+            synthetic_test_samples: 1000,
+        }
+    }
+}
+
+impl DataConfig {
+    /// The source this configuration names. A configured path must hold CIFAR-10.
+    pub fn source(&self) -> Result<DataSource> {
+        match self.path.as_deref().filter(|p| !p.as_os_str().is_empty()) {
+            Some(p) => resolve_cifar10_dir(p).map(DataSource::Cifar10).ok_or_else(|| {
+                Error::data(
+                    p,
+                    "no CIFAR-10 binary files here (expected data_batch_1.bin .. data_batch_5.bin and test_batch.bin)",
+                )
+            }),
+            None => Ok(DataSource::Synthetic {
+                seed: self.synthetic_seed,
+                train_samples: self.synthetic_train_samples,
+                test_samples: self.synthetic_test_samples,
+            }),
+        }
+    }
+}
+
+/// Log output.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line (for containers and log collectors).
+    Json,
+}
+
+/// A `key=value` override from the command line; the value is parsed as
+/// TOML when it can be (numbers, booleans, strings in quotes), else taken as a string.
+pub fn parse_override(s: &str) -> std::result::Result<(String, String), String> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("`{s}` is not of the form key=value"))?;
+    Ok((k.trim().to_owned(), v.trim().to_owned()))
+}
+
+/// Loads a `T` from defaults, an optional TOML file, the environment
+/// variables starting with `env_prefix` + `_` (except those starting with any of
+/// `env_exclude`), and `overrides` (dotted keys), in that order.
+pub fn load_layered<T>(
+    file: Option<&Path>,
+    env_prefix: &str,
+    env_exclude: &[&str],
+    overrides: &[(String, String)],
+) -> Result<T>
+where
+    T: DeserializeOwned + Serialize + Default,
+{
+    let defaults = Config::try_from(&T::default())?;
+    let mut builder = Config::builder().add_source(defaults);
+    if let Some(path) = file {
+        if !path.is_file() {
+            return Err(Error::Config(format!("config file {} does not exist", path.display())));
+        }
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        // Parse once with the toml parser for a precise message on syntax errors.
+        builder = builder.add_source(File::from_str(&text, FileFormat::Toml));
+        Config::builder()
+            .add_source(File::from_str(&text, FileFormat::Toml))
+            .build()
+            .map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
+    }
+    let prefix = format!("{env_prefix}_");
+    let env: HashMap<String, String> = std::env::vars()
+        .filter(|(k, _)| k.starts_with(&prefix) && !env_exclude.iter().any(|x| k.starts_with(x)))
+        .collect();
+    builder = builder.add_source(
+        Environment::with_prefix(env_prefix)
+            .prefix_separator("_")
+            .separator("__")
+            .try_parsing(true)
+            .source(Some(env)),
+    );
+    for (key, value) in overrides {
+        builder = builder.set_override(key.as_str(), toml_value(value))?;
+    }
+    let cfg = builder.build()?;
+    cfg.try_deserialize::<T>().map_err(|e| {
+        let origin = file.map(|f| format!(" (file {})", f.display())).unwrap_or_default();
+        Error::Config(format!("{e}{origin}"))
+    })
+}
+
+fn toml_value(raw: &str) -> config::Value {
+    #[derive(serde::Deserialize)]
+    struct Probe {
+        v: toml_probe::Value,
+    }
+    mod toml_probe {
+        #[derive(serde::Deserialize)]
+        #[serde(untagged)]
+        pub enum Value {
+            Bool(bool),
+            Int(i64),
+            Float(f64),
+            Str(String),
+        }
+    }
+    let parsed = Config::builder()
+        .add_source(File::from_str(&format!("v = {raw}"), FileFormat::Toml))
+        .build()
+        .ok()
+        .and_then(|c| c.try_deserialize::<Probe>().ok());
+    match parsed.map(|p| p.v) {
+        Some(toml_probe::Value::Bool(b)) => b.into(),
+        Some(toml_probe::Value::Int(i)) => i.into(),
+        Some(toml_probe::Value::Float(f)) => f.into(),
+        Some(toml_probe::Value::Str(s)) => s.into(),
+        None => raw.into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, Default, Serialize, serde::Deserialize, PartialEq)]
+    #[serde(default, deny_unknown_fields)]
+    struct Sample {
+        rounds: u32,
+        name: String,
+        data: DataConfig,
+    }
+
+    #[test]
+    fn layers_apply_in_order_and_unknown_keys_fail() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(&file, "rounds = 3\nname = \"a\"\n[data]\nsynthetic_seed = 9\n").unwrap();
+        let c: Sample = load_layered(Some(&file), "FEDGE_TEST_NONE", &[], &[("rounds".into(), "7".into())]).unwrap();
+        assert_eq!((c.rounds, c.name.as_str(), c.data.synthetic_seed), (7, "a", 9));
+        assert_eq!(c.data.synthetic_train_samples, 6000);
+
+        std::fs::write(&file, "roundz = 3\n").unwrap();
+        let err = load_layered::<Sample>(Some(&file), "FEDGE_TEST_NONE", &[], &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown field `roundz`"), "{err}");
+
+        std::fs::write(&file, "rounds = = 3\n").unwrap();
+        let err = load_layered::<Sample>(Some(&file), "FEDGE_TEST_NONE", &[], &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("invalid configuration: ") && err.contains("c.toml"),
+            "{err}"
+        );
+
+        let err = load_layered::<Sample>(Some(&dir.path().join("nope.toml")), "X", &[], &[]).unwrap_err();
+        assert!(err.to_string().contains("nope.toml does not exist"));
+
+        let err = load_layered::<Sample>(None, "FEDGE_TEST_NONE", &[], &[("rounds".into(), "many".into())])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("rounds"), "{err}");
+    }
+
+    #[test]
+    fn a_configured_data_path_must_hold_cifar10() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = DataConfig {
+            path: Some(dir.path().to_path_buf()),
+            ..Default::default()
+        };
+        assert!(
+            c.source()
+                .unwrap_err()
+                .to_string()
+                .contains("no CIFAR-10 binary files here")
+        );
+        assert!(matches!(
+            DataConfig::default().source().unwrap(),
+            DataSource::Synthetic { .. }
+        ));
+    }
+}

@@ -1,0 +1,34 @@
+//! `fedge-common`: what fedge's coordinator and edge nodes share.
+//!
+//! # Layout
+//!
+//! - [`pb`]: types generated from `proto/fedge/v1/federation.proto`, and the
+//!   protocol version.
+//! - [`model`]: the model zoo ([`model::ModelKind`]), each a `tch` `ModuleT`.
+//! - [`params`]: named, ordered parameter sets (a [`params::Manifest`] plus a
+//!   flat `f32` buffer), to and from a `VarStore`, saved as safetensors.
+//! - [`wire`]: chunked payloads with a manifest and a checksum, and the one
+//!   place where wire manifests convert to domain ones.
+//! - [`data`]: CIFAR-10 binary loading, the synthetic set, IID partitioning,
+//!   normalization.
+//! - [`train`]: local training (SGD) and evaluation, to run on a blocking thread.
+//! - [`config`]: configuration sections both daemons use and the layered
+//!   loader (defaults, TOML file, environment, flags).
+//! - [`telemetry`]: `tracing` setup.
+//! - [`fsutil`]: durable (atomic) file writes.
+//! - [`shutdown`]: the ctrl-c / SIGTERM future both daemons stop on.
+//! - [`Error`]: this crate's one error type.
+
+pub mod config;
+pub mod data;
+mod error;
+pub mod fsutil;
+pub mod model;
+pub mod params;
+pub mod pb;
+pub mod shutdown;
+pub mod telemetry;
+pub mod train;
+pub mod wire;
+
+pub use error::{Error, Result};

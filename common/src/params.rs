@@ -1,0 +1,239 @@
+//! Named, ordered parameter sets: a [`Manifest`] of tensor names and shapes
+//! plus one flat `f32` buffer, moved to and from a `VarStore` and saved as
+//! safetensors.
+//!
+//! The order is the lexicographic order of parameter names, so two processes
+//! that build the same model agree on it without coordination.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+use tch::nn::VarStore;
+
+use crate::fsutil::write_atomic;
+use crate::{Error, Result};
+
+/// One tensor of a parameter set.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TensorMeta {
+    pub name: String,
+    pub shape: Vec<i64>,
+}
+
+impl TensorMeta {
+    /// Number of elements.
+    pub fn numel(&self) -> usize {
+        self.shape.iter().map(|&d| d as usize).product()
+    }
+}
+
+/// The tensors of a parameter set, in payload order. All are f32.
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+pub struct Manifest {
+    pub tensors: Vec<TensorMeta>,
+}
+
+impl Manifest {
+    /// The trainable variables of `vs`, ordered by name.
+    pub fn of_var_store(vs: &VarStore) -> Self {
+        let mut tensors: Vec<TensorMeta> = vs
+            .variables()
+            .into_iter()
+            .map(|(name, t)| TensorMeta { name, shape: t.size() })
+            .collect();
+        tensors.sort_by(|a, b| a.name.cmp(&b.name));
+        Self { tensors }
+    }
+
+    /// Total number of parameters.
+    pub fn numel(&self) -> usize {
+        self.tensors.iter().map(TensorMeta::numel).sum()
+    }
+
+    /// Size in bytes of the flat f32 payload.
+    pub fn payload_bytes(&self) -> u64 {
+        self.numel() as u64 * 4
+    }
+}
+
+/// Copies the variables of `vs` into one flat buffer in manifest order.
+pub fn flatten(vs: &VarStore, manifest: &Manifest) -> Result<Vec<f32>> {
+    let vars = vs.variables();
+    let mut out = vec![0f32; manifest.numel()];
+    let mut offset = 0;
+    for meta in &manifest.tensors {
+        let t = vars
+            .get(&meta.name)
+            .ok_or_else(|| Error::Params(format!("model has no tensor `{}`", meta.name)))?;
+        let n = meta.numel();
+        let t = t
+            .detach()
+            .to_device(tch::Device::Cpu)
+            .to_kind(tch::Kind::Float)
+            .contiguous();
+        t.f_copy_data(&mut out[offset..offset + n], n)?;
+        offset += n;
+    }
+    Ok(out)
+}
+
+/// Overwrites the variables of `vs` with `flat`, laid out as `manifest`.
+pub fn load_into(vs: &mut VarStore, manifest: &Manifest, flat: &[f32]) -> Result<()> {
+    if flat.len() != manifest.numel() {
+        return Err(Error::Params(format!(
+            "{} values for a manifest of {} parameters",
+            flat.len(),
+            manifest.numel()
+        )));
+    }
+    let own = Manifest::of_var_store(vs);
+    if own != *manifest {
+        return Err(Error::Params("manifest does not match the model's tensors".into()));
+    }
+    let vars = vs.variables();
+    let device = vs.device();
+    let mut offset = 0;
+    tch::no_grad(|| -> Result<()> {
+        for meta in &manifest.tensors {
+            let n = meta.numel();
+            let src = tch::Tensor::from_slice(&flat[offset..offset + n])
+                .reshape(&meta.shape)
+                .to_device(device);
+            let mut dst = vars[&meta.name].shallow_clone();
+            dst.f_copy_(&src)?;
+            offset += n;
+        }
+        Ok(())
+    })
+}
+
+/// Writes a parameter set as a safetensors file (atomically: temp file, fsync, rename).
+pub fn save_safetensors(
+    path: &Path,
+    manifest: &Manifest,
+    flat: &[f32],
+    metadata: HashMap<String, String>,
+) -> Result<()> {
+    if flat.len() != manifest.numel() {
+        return Err(Error::Params(format!(
+            "{} values for a manifest of {} parameters",
+            flat.len(),
+            manifest.numel()
+        )));
+    }
+    let bytes: &[u8] = bytemuck::cast_slice(flat);
+    let mut views = Vec::with_capacity(manifest.tensors.len());
+    let mut offset = 0;
+    for meta in &manifest.tensors {
+        let n = meta.numel() * 4;
+        let shape = meta.shape.iter().map(|&d| d as usize).collect();
+        let view = TensorView::new(Dtype::F32, shape, &bytes[offset..offset + n])?;
+        views.push((meta.name.clone(), view));
+        offset += n;
+    }
+    let data = safetensors::tensor::serialize(views, Some(metadata))?;
+    write_atomic(path, &data)
+}
+
+/// A parameter set read back from a safetensors file.
+#[derive(Debug, Clone)]
+pub struct LoadedParams {
+    pub manifest: Manifest,
+    pub values: Vec<f32>,
+    pub metadata: HashMap<String, String>,
+}
+
+/// Reads a safetensors file of f32 tensors, ordered by name.
+pub fn load_safetensors(path: &Path) -> Result<LoadedParams> {
+    let data = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let (_, meta) = SafeTensors::read_metadata(&data)?;
+    let metadata = meta.metadata().clone().unwrap_or_default();
+    let st = SafeTensors::deserialize(&data)?;
+    let mut names: Vec<String> = st.names().into_iter().map(str::to_owned).collect();
+    names.sort();
+    let mut manifest = Manifest::default();
+    let mut values = Vec::new();
+    for name in names {
+        let view = st.tensor(&name)?;
+        if view.dtype() != Dtype::F32 {
+            return Err(Error::Params(format!(
+                "tensor `{name}` is {:?}, expected F32",
+                view.dtype()
+            )));
+        }
+        values.extend(
+            view.data()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+        );
+        manifest.tensors.push(TensorMeta {
+            name,
+            shape: view.shape().iter().map(|&d| d as i64).collect(),
+        });
+    }
+    Ok(LoadedParams {
+        manifest,
+        values,
+        metadata,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::ModelKind;
+
+    #[test]
+    fn flatten_and_load_round_trip_through_a_var_store() {
+        let vs = VarStore::new(tch::Device::Cpu);
+        let _net = ModelKind::Cnn.build(&vs.root());
+        let manifest = Manifest::of_var_store(&vs);
+        assert_eq!(manifest.numel(), 160_202);
+        assert!(manifest.tensors.windows(2).all(|w| w[0].name < w[1].name));
+        let flat = flatten(&vs, &manifest).unwrap();
+
+        let mut other = VarStore::new(tch::Device::Cpu);
+        let _net2 = ModelKind::Cnn.build(&other.root());
+        assert_ne!(flatten(&other, &manifest).unwrap(), flat);
+        load_into(&mut other, &manifest, &flat).unwrap();
+        assert_eq!(flatten(&other, &manifest).unwrap(), flat);
+    }
+
+    #[test]
+    fn load_refuses_a_wrong_length() {
+        let mut vs = VarStore::new(tch::Device::Cpu);
+        let _net = ModelKind::Cnn.build(&vs.root());
+        let manifest = Manifest::of_var_store(&vs);
+        let err = load_into(&mut vs, &manifest, &[0.0; 3]).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "parameters: 3 values for a manifest of 160202 parameters"
+        );
+    }
+
+    #[test]
+    fn safetensors_round_trip_keeps_values_and_metadata() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.safetensors");
+        let manifest = Manifest {
+            tensors: vec![
+                TensorMeta {
+                    name: "a.weight".into(),
+                    shape: vec![2, 3],
+                },
+                TensorMeta {
+                    name: "b.bias".into(),
+                    shape: vec![4],
+                },
+            ],
+        };
+        let values: Vec<f32> = (0..10).map(|i| i as f32 * 0.5 - 1.0).collect();
+        let meta = HashMap::from([("round".to_string(), "3".to_string())]);
+        save_safetensors(&path, &manifest, &values, meta.clone()).unwrap();
+        let back = load_safetensors(&path).unwrap();
+        assert_eq!(back.manifest, manifest);
+        assert_eq!(back.values, values);
+        assert_eq!(back.metadata, meta);
+    }
+}

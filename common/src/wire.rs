@@ -1,0 +1,257 @@
+//! Moving parameter payloads in chunks.
+//!
+//! A payload is a flat f32 buffer laid out by a [`Manifest`]. On the wire it
+//! travels as a header carrying the manifest, raw byte chunks of at most
+//! `chunk_bytes` each, and a trailer with the CRC-32 of all bytes, so no single
+//! gRPC message ever has to hold a whole model. [`PayloadReader`] reassembles
+//! and checks a payload as chunks arrive, refusing overlong, truncated and
+//! corrupt ones.
+//!
+//! This is also the one place where `pb::Manifest` and [`Manifest`] convert.
+
+use prost::bytes::Bytes;
+
+use crate::params::{Manifest, TensorMeta};
+use crate::{Error, Result, pb};
+
+/// Default size of one data chunk on the wire: 1 MiB.
+pub const DEFAULT_CHUNK_BYTES: usize = 1 << 20;
+
+/// Largest chunk a receiver accepts (tonic's default message limit is 4 MiB).
+pub const MAX_CHUNK_BYTES: usize = 3 << 20;
+
+/// Encodes values as little-endian f32 bytes.
+pub fn encode_f32(values: &[f32]) -> Bytes {
+    let mut out = Vec::with_capacity(values.len() * 4);
+    for v in values {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+    Bytes::from(out)
+}
+
+/// Splits `payload` into zero-copy chunks of at most `chunk_bytes`.
+pub fn chunks(payload: &Bytes, chunk_bytes: usize) -> impl Iterator<Item = Bytes> + '_ {
+    let step = chunk_bytes.max(1);
+    (0..payload.len())
+        .step_by(step)
+        .map(move |start| payload.slice(start..(start + step).min(payload.len())))
+}
+
+/// CRC-32 (IEEE) of a payload.
+pub fn crc32(bytes: &[u8]) -> u32 {
+    crc32fast::hash(bytes)
+}
+
+/// Reassembles an f32 payload from chunks, checking its length and checksum.
+#[derive(Debug)]
+pub struct PayloadReader {
+    expected_bytes: u64,
+    received_bytes: u64,
+    values: Vec<f32>,
+    carry: Vec<u8>,
+    hasher: crc32fast::Hasher,
+}
+
+impl PayloadReader {
+    /// A reader for a payload of exactly `expected_bytes` (a multiple of 4).
+    pub fn new(expected_bytes: u64) -> Result<Self> {
+        if expected_bytes % 4 != 0 {
+            return Err(Error::Payload(format!(
+                "announced size {expected_bytes} bytes is not a whole number of f32 values"
+            )));
+        }
+        Ok(Self {
+            expected_bytes,
+            received_bytes: 0,
+            values: Vec::with_capacity((expected_bytes / 4) as usize),
+            carry: Vec::with_capacity(4),
+            hasher: crc32fast::Hasher::new(),
+        })
+    }
+
+    /// Bytes received so far.
+    pub fn received_bytes(&self) -> u64 {
+        self.received_bytes
+    }
+
+    /// Appends one chunk; refuses one that runs past the announced size.
+    pub fn push(&mut self, chunk: &[u8]) -> Result<()> {
+        if chunk.len() > MAX_CHUNK_BYTES {
+            return Err(Error::Payload(format!(
+                "chunk of {} bytes exceeds the limit of {MAX_CHUNK_BYTES}",
+                chunk.len()
+            )));
+        }
+        let total = self.received_bytes + chunk.len() as u64;
+        if total > self.expected_bytes {
+            return Err(Error::Payload(format!(
+                "payload overruns its announced size: {total} bytes received, {} announced",
+                self.expected_bytes
+            )));
+        }
+        self.received_bytes = total;
+        self.hasher.update(chunk);
+        let mut rest = chunk;
+        if !self.carry.is_empty() {
+            let take = (4 - self.carry.len()).min(rest.len());
+            self.carry.extend_from_slice(&rest[..take]);
+            rest = &rest[take..];
+            if self.carry.len() == 4 {
+                let b = [self.carry[0], self.carry[1], self.carry[2], self.carry[3]];
+                self.values.push(f32::from_le_bytes(b));
+                self.carry.clear();
+            }
+        }
+        let whole = rest.len() / 4 * 4;
+        self.values.extend(
+            rest[..whole]
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+        );
+        self.carry.extend_from_slice(&rest[whole..]);
+        Ok(())
+    }
+
+    /// Checks completeness and the checksum, and returns the values.
+    pub fn finish(self, crc32: u32) -> Result<Vec<f32>> {
+        if self.received_bytes != self.expected_bytes {
+            return Err(Error::Payload(format!(
+                "payload truncated: {} bytes received, {} announced",
+                self.received_bytes, self.expected_bytes
+            )));
+        }
+        let actual = self.hasher.finalize();
+        if actual != crc32 {
+            return Err(Error::Payload(format!(
+                "checksum mismatch: payload has crc32 {actual:08x}, trailer says {crc32:08x}"
+            )));
+        }
+        Ok(self.values)
+    }
+}
+
+impl From<&Manifest> for pb::Manifest {
+    fn from(m: &Manifest) -> Self {
+        pb::Manifest {
+            tensors: m
+                .tensors
+                .iter()
+                .map(|t| pb::TensorSpec {
+                    name: t.name.clone(),
+                    shape: t.shape.clone(),
+                })
+                .collect(),
+            encoding: pb::Encoding::F32Le as i32,
+            payload_bytes: m.payload_bytes(),
+        }
+    }
+}
+
+impl TryFrom<&pb::Manifest> for Manifest {
+    type Error = Error;
+
+    fn try_from(m: &pb::Manifest) -> Result<Self> {
+        if m.encoding != pb::Encoding::F32Le as i32 {
+            let name = pb::Encoding::try_from(m.encoding)
+                .map(|e| e.as_str_name().to_owned())
+                .unwrap_or_else(|_| format!("#{}", m.encoding));
+            return Err(Error::Payload(format!("unsupported encoding {name}")));
+        }
+        let mut tensors = Vec::with_capacity(m.tensors.len());
+        for t in &m.tensors {
+            if t.shape.iter().any(|&d| d < 0) {
+                return Err(Error::Payload(format!(
+                    "tensor `{}` has a negative dimension {:?}",
+                    t.name, t.shape
+                )));
+            }
+            tensors.push(TensorMeta {
+                name: t.name.clone(),
+                shape: t.shape.clone(),
+            });
+        }
+        let manifest = Manifest { tensors };
+        if manifest.payload_bytes() != m.payload_bytes {
+            return Err(Error::Payload(format!(
+                "manifest announces {} bytes but its tensors need {}",
+                m.payload_bytes,
+                manifest.payload_bytes()
+            )));
+        }
+        Ok(manifest)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn read_back(payload: &Bytes, chunk: usize, crc: u32) -> Result<Vec<f32>> {
+        let mut r = PayloadReader::new(payload.len() as u64)?;
+        for c in chunks(payload, chunk) {
+            r.push(&c)?;
+        }
+        r.finish(crc)
+    }
+
+    proptest! {
+        #[test]
+        fn any_chunking_reassembles_the_payload(values in proptest::collection::vec(any::<f32>(), 0..500), chunk in 1usize..64) {
+            let payload = encode_f32(&values);
+            let back = read_back(&payload, chunk, crc32(&payload)).unwrap();
+            prop_assert_eq!(back.len(), values.len());
+            for (a, b) in back.iter().zip(&values) {
+                prop_assert_eq!(a.to_bits(), b.to_bits());
+            }
+        }
+    }
+
+    #[test]
+    fn truncated_overlong_and_corrupt_payloads_are_refused() {
+        let payload = encode_f32(&[1.0, 2.0, 3.0]);
+        let crc = crc32(&payload);
+
+        let mut r = PayloadReader::new(12).unwrap();
+        r.push(&payload[..8]).unwrap();
+        assert_eq!(
+            r.finish(crc).unwrap_err().to_string(),
+            "payload: payload truncated: 8 bytes received, 12 announced"
+        );
+
+        let mut r = PayloadReader::new(8).unwrap();
+        assert_eq!(
+            r.push(&payload).unwrap_err().to_string(),
+            "payload: payload overruns its announced size: 12 bytes received, 8 announced"
+        );
+
+        let err = read_back(&payload, 5, crc ^ 1).unwrap_err().to_string();
+        assert!(err.starts_with("payload: checksum mismatch"), "{err}");
+
+        assert!(PayloadReader::new(7).is_err());
+    }
+
+    #[test]
+    fn manifest_conversion_checks_sizes_and_encoding() {
+        let m = Manifest {
+            tensors: vec![TensorMeta {
+                name: "w".into(),
+                shape: vec![3, 2],
+            }],
+        };
+        let mut wire = pb::Manifest::from(&m);
+        assert_eq!(wire.payload_bytes, 24);
+        assert_eq!(Manifest::try_from(&wire).unwrap(), m);
+        wire.payload_bytes = 20;
+        assert_eq!(
+            Manifest::try_from(&wire).unwrap_err().to_string(),
+            "payload: manifest announces 20 bytes but its tensors need 24"
+        );
+        wire.payload_bytes = 24;
+        wire.encoding = 0;
+        assert_eq!(
+            Manifest::try_from(&wire).unwrap_err().to_string(),
+            "payload: unsupported encoding ENCODING_UNSPECIFIED"
+        );
+    }
+}

@@ -1,0 +1,400 @@
+//! The driver: one task that owns the [`RoundMachine`], feeds it the events
+//! the gRPC service reports, and carries out its outputs: routing tasks to
+//! nodes' instruction streams, evaluating and persisting closed rounds, and
+//! publishing each new global model for fetching.
+//!
+//! The service talks to it over a channel of [`Command`]s, so the machine
+//! needs no lock and sees events in one order.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use fedge_common::params::Manifest;
+use fedge_common::pb;
+use fedge_common::wire::{crc32, encode_f32};
+use prost::bytes::Bytes;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::evaluator::Evaluator;
+use crate::round::{ClosedRound, Output, Rejection, RoundMachine, Task, Update};
+use crate::store::{RoundRecord, RunStore, participant};
+use crate::{Error, Result};
+
+/// Messages from the service to the driver.
+#[derive(Debug)]
+pub enum Command {
+    Join {
+        name: String,
+        num_samples: u64,
+        reply: oneshot::Sender<String>,
+    },
+    Connect {
+        session: String,
+        stream: mpsc::Sender<Result<pb::Instruction, tonic::Status>>,
+        reply: oneshot::Sender<Result<(), Rejection>>,
+    },
+    Disconnect {
+        session: String,
+    },
+    Identify {
+        session: String,
+        reply: oneshot::Sender<Option<String>>,
+    },
+    Admit {
+        session: String,
+        round: u64,
+        base_version: u64,
+        reply: oneshot::Sender<Result<String, Rejection>>,
+    },
+    Submit {
+        session: String,
+        update: Update,
+        reply: oneshot::Sender<Result<usize, Rejection>>,
+    },
+}
+
+/// A global model version, encoded once and shared by every fetch.
+#[derive(Debug)]
+pub struct ModelSnapshot {
+    pub version: u64,
+    pub manifest: Arc<Manifest>,
+    pub payload: Bytes,
+    pub crc32: u32,
+}
+
+impl ModelSnapshot {
+    /// Encodes `params` as version `version`.
+    pub fn new(version: u64, manifest: Arc<Manifest>, params: &[f32]) -> Self {
+        let payload = encode_f32(params);
+        Self {
+            version,
+            crc32: crc32(&payload),
+            manifest,
+            payload,
+        }
+    }
+}
+
+/// Counters the service updates and the driver reads per round.
+#[derive(Debug, Default)]
+pub struct Traffic {
+    pub bytes_up: AtomicU64,
+    pub bytes_down: AtomicU64,
+    pub rejected_updates: AtomicU64,
+}
+
+/// How a run ended.
+#[derive(Debug, Clone)]
+pub struct RunSummary {
+    pub rounds_completed: u64,
+    pub final_test_accuracy: Option<f64>,
+    pub final_test_loss: Option<f64>,
+    pub out_dir: std::path::PathBuf,
+}
+
+/// Everything the driver owns.
+pub struct Driver {
+    pub machine: RoundMachine,
+    pub commands: mpsc::UnboundedReceiver<Command>,
+    pub snapshot: watch::Sender<Arc<ModelSnapshot>>,
+    pub manifest: Arc<Manifest>,
+    pub evaluator: Evaluator,
+    pub store: Option<RunStore>,
+    pub traffic: Arc<Traffic>,
+    pub eval_every: u32,
+    pub total_rounds: u64,
+    pub hyper: crate::config::TrainConfig,
+    streams: HashMap<String, mpsc::Sender<Result<pb::Instruction, tonic::Status>>>,
+    round_started: Option<Instant>,
+    last_counters: (u64, u64, u64),
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Driver {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        machine: RoundMachine,
+        commands: mpsc::UnboundedReceiver<Command>,
+        snapshot: watch::Sender<Arc<ModelSnapshot>>,
+        manifest: Arc<Manifest>,
+        evaluator: Evaluator,
+        store: RunStore,
+        traffic: Arc<Traffic>,
+        eval_every: u32,
+        total_rounds: u64,
+        hyper: crate::config::TrainConfig,
+    ) -> Self {
+        Self {
+            machine,
+            commands,
+            snapshot,
+            manifest,
+            evaluator,
+            store: Some(store),
+            traffic,
+            eval_every,
+            total_rounds,
+            hyper,
+            streams: HashMap::new(),
+            round_started: None,
+            last_counters: (0, 0, 0),
+        }
+    }
+
+    /// Runs until the last round is persisted (returns the summary) or
+    /// `cancel` fires (returns `None`; every completed round is already on disk).
+    pub async fn run(mut self, cancel: CancellationToken) -> Result<Option<RunSummary>> {
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let outputs = tokio::select! {
+                _ = cancel.cancelled() => {
+                    tracing::info!(version = self.machine.version(), "driver stopping; completed rounds are on disk");
+                    return Ok(None);
+                }
+                cmd = self.commands.recv() => match cmd {
+                    Some(cmd) => self.handle(cmd),
+                    None => return Ok(None),
+                },
+                _ = tick.tick() => self.machine.tick(now_ms()),
+            };
+            if let Some(summary) = self.carry_out(outputs).await? {
+                return Ok(Some(summary));
+            }
+        }
+    }
+
+    fn handle(&mut self, cmd: Command) -> Vec<Output> {
+        let now = now_ms();
+        match cmd {
+            Command::Join {
+                name,
+                num_samples,
+                reply,
+            } => {
+                let session = uuid::Uuid::new_v4().to_string();
+                // A rejoin replaces the node's previous session and stream.
+                if let Some(old) = self.machine.session_of(&name).map(str::to_owned) {
+                    self.streams.remove(&old);
+                }
+                self.machine.join(&name, &session, num_samples);
+                tracing::info!(node = %name, num_samples, "node joined");
+                let _ = reply.send(session);
+                Vec::new()
+            }
+            Command::Connect { session, stream, reply } => match self.machine.connect(&session, now) {
+                Ok(out) => {
+                    self.streams.insert(session, stream);
+                    let _ = reply.send(Ok(()));
+                    out
+                }
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                    Vec::new()
+                }
+            },
+            Command::Disconnect { session } => {
+                if self.streams.remove(&session).is_some() {
+                    if let Some(node) = self.machine.node_of(&session) {
+                        tracing::info!(node, "node disconnected");
+                    }
+                    self.machine.disconnect(&session, now)
+                } else {
+                    Vec::new()
+                }
+            }
+            Command::Identify { session, reply } => {
+                let _ = reply.send(self.machine.node_of(&session).map(str::to_owned));
+                Vec::new()
+            }
+            Command::Admit {
+                session,
+                round,
+                base_version,
+                reply,
+            } => {
+                let r = self.machine.admit(&session, round, base_version);
+                if r.is_err() {
+                    self.traffic.rejected_updates.fetch_add(1, Ordering::Relaxed);
+                }
+                let _ = reply.send(r);
+                Vec::new()
+            }
+            Command::Submit { session, update, reply } => {
+                let node = self.machine.node_of(&session).unwrap_or("?").to_owned();
+                let round = update.round;
+                match self.machine.submit(&session, update, now) {
+                    Ok((accepted, out)) => {
+                        tracing::info!(node = %node, round, accepted, "update accepted");
+                        let _ = reply.send(Ok(accepted));
+                        out
+                    }
+                    Err(e) => {
+                        self.traffic.rejected_updates.fetch_add(1, Ordering::Relaxed);
+                        let _ = reply.send(Err(e));
+                        Vec::new()
+                    }
+                }
+            }
+        }
+    }
+
+    async fn carry_out(&mut self, outputs: Vec<Output>) -> Result<Option<RunSummary>> {
+        let mut queue: VecDeque<Output> = outputs.into();
+        while let Some(out) = queue.pop_front() {
+            match out {
+                Output::Assign { node, task } => {
+                    if self.round_started.is_none() {
+                        self.round_started = Some(Instant::now());
+                    }
+                    self.send_task(&node, &task);
+                }
+                Output::Close(closed) => {
+                    self.close_round(closed).await?;
+                    self.round_started = None;
+                    queue.extend(self.machine.persisted(now_ms()));
+                }
+                Output::Finished => return self.finish().map(Some),
+            }
+        }
+        Ok(None)
+    }
+
+    fn send_task(&mut self, node: &str, task: &Task) {
+        let Some(session) = self.machine.session_of(node) else {
+            return;
+        };
+        let Some(stream) = self.streams.get(session) else {
+            tracing::warn!(node, round = task.round, "selected node has no open instruction stream");
+            return;
+        };
+        let h = self.hyper.hyperparameters(task.seed);
+        let msg = pb::Instruction {
+            kind: Some(pb::instruction::Kind::Train(pb::TrainTask {
+                round: task.round,
+                model_version: task.version,
+                hyperparameters: Some(pb::Hyperparameters {
+                    epochs: h.epochs,
+                    batch_size: h.batch_size,
+                    learning_rate: h.learning_rate,
+                    momentum: h.momentum,
+                    weight_decay: h.weight_decay,
+                    max_steps: h.max_steps,
+                    seed: h.seed,
+                }),
+                deadline_unix_ms: task.deadline_ms,
+            })),
+        };
+        if stream.try_send(Ok(msg)).is_err() {
+            tracing::warn!(
+                node,
+                round = task.round,
+                "could not queue task on the node's instruction stream"
+            );
+        }
+    }
+
+    async fn close_round(&mut self, closed: ClosedRound) -> Result<()> {
+        let train_phase = self.round_started.map(|t| t.elapsed()).unwrap_or_default();
+        let eval_due = self.eval_every > 0
+            && (closed.round % u64::from(self.eval_every) == 0 || closed.round == self.total_rounds);
+        let eval_start = Instant::now();
+        let eval = if eval_due {
+            Some(self.evaluator.evaluate(closed.global.clone()).await?)
+        } else {
+            None
+        };
+        let eval_seconds = eval_start.elapsed().as_secs_f64();
+        let up = self.traffic.bytes_up.load(Ordering::Relaxed);
+        let down = self.traffic.bytes_down.load(Ordering::Relaxed);
+        let rejected = self.traffic.rejected_updates.load(Ordering::Relaxed);
+        let (up0, down0, rej0) = std::mem::replace(&mut self.last_counters, (up, down, rejected));
+        let mut record = RoundRecord {
+            round: closed.round,
+            selected: closed.selected,
+            participants: closed.contributions.iter().map(participant).collect(),
+            test_loss: eval.map(|e| e.loss),
+            test_accuracy: eval.map(|e| e.accuracy),
+            bytes_up: up - up0,
+            bytes_down: down - down0,
+            rejected_updates: rejected - rej0,
+            train_phase_seconds: train_phase.as_secs_f64(),
+            eval_seconds,
+            round_seconds: 0.0,
+        };
+        let mut store = self
+            .store
+            .take()
+            .ok_or_else(|| Error::Internal("run store missing".into()))?;
+        let persist_start = Instant::now();
+        let closed_for_store = closed.clone();
+        record.round_seconds = train_phase.as_secs_f64() + eval_seconds;
+        let (store, res) = tokio::task::spawn_blocking(move || {
+            let res = store.persist_round(&closed_for_store, record);
+            (store, res)
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("checkpoint task failed: {e}")))?;
+        self.store = Some(store);
+        res?;
+        let snapshot = ModelSnapshot::new(closed.version, self.manifest.clone(), &closed.global);
+        self.snapshot.send_replace(Arc::new(snapshot));
+        let rec = self.store.as_ref().and_then(|s| s.history.rounds.last()).cloned();
+        if let Some(rec) = rec {
+            tracing::info!(
+                round = rec.round,
+                of = self.total_rounds,
+                participants = rec.participants.len(),
+                test_accuracy = rec
+                    .test_accuracy
+                    .map(|a| format!("{:.2}%", a * 100.0))
+                    .unwrap_or_else(|| "-".into()),
+                test_loss = rec.test_loss.map(|l| format!("{l:.4}")).unwrap_or_else(|| "-".into()),
+                round_s = format!("{:.2}", rec.round_seconds + persist_start.elapsed().as_secs_f64()),
+                bytes_up = rec.bytes_up,
+                bytes_down = rec.bytes_down,
+                "round complete"
+            );
+        }
+        Ok(())
+    }
+
+    fn finish(&mut self) -> Result<RunSummary> {
+        for stream in self.streams.values() {
+            let _ = stream.try_send(Ok(pb::Instruction {
+                kind: Some(pb::instruction::Kind::Stop(pb::Stop {
+                    reason: "run complete".into(),
+                })),
+            }));
+        }
+        let store = self
+            .store
+            .as_mut()
+            .ok_or_else(|| Error::Internal("run store missing".into()))?;
+        store.finish()?;
+        let last = store.history.rounds.last();
+        let summary = RunSummary {
+            rounds_completed: self.machine.version(),
+            final_test_accuracy: last.and_then(|r| r.test_accuracy),
+            final_test_loss: last.and_then(|r| r.test_loss),
+            out_dir: store.dir().to_path_buf(),
+        };
+        tracing::info!(
+            rounds = summary.rounds_completed,
+            test_accuracy = summary.final_test_accuracy.map(|a| format!("{:.2}%", a * 100.0)).unwrap_or_else(|| "-".into()),
+            model = %store.model_path().display(),
+            "run complete; global model saved"
+        );
+        Ok(summary)
+    }
+}

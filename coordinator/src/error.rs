@@ -1,0 +1,36 @@
+//! The one error type of the coordinator library.
+
+/// Result alias of the coordinator library.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What stops the coordinator.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Shared-library failure (data, model, parameters, files).
+    #[error(transparent)]
+    Common(#[from] fedge_common::Error),
+
+    /// A configuration value is out of range.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+
+    /// The gRPC server failed.
+    #[error("grpc server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+
+    /// A background worker (evaluation thread, driver) stopped unexpectedly.
+    #[error("internal: {0}")]
+    Internal(String),
+
+    /// A local fleet could not be started or supervised.
+    #[error("fleet: {0}")]
+    Fleet(String),
+
+    /// An I/O failure outside `fedge-common`'s file helpers.
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+}

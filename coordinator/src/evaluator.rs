@@ -1,0 +1,101 @@
+//! Central evaluation on a dedicated thread that owns the coordinator's
+//! `VarStore`, so tensor work never runs on the async runtime.
+
+use std::sync::Arc;
+use std::sync::mpsc;
+
+use fedge_common::data::{DataSource, Split};
+use fedge_common::model::ModelKind;
+use fedge_common::params::{self, Manifest};
+use fedge_common::train::{EvalMetrics, evaluate};
+use tch::nn::VarStore;
+use tokio::sync::oneshot;
+
+use crate::{Error, Result};
+
+struct Job {
+    params: Arc<Vec<f32>>,
+    reply: oneshot::Sender<Result<EvalMetrics>>,
+}
+
+/// Handle to the evaluation thread.
+#[derive(Debug, Clone)]
+pub struct Evaluator {
+    tx: mpsc::Sender<Job>,
+}
+
+/// What the evaluation thread reports once it is ready.
+#[derive(Debug)]
+pub struct InitialModel {
+    pub manifest: Manifest,
+    pub params: Vec<f32>,
+    pub test_samples: usize,
+}
+
+impl Evaluator {
+    /// Starts the thread: loads the test split of `source`, initializes the
+    /// model with `seed`, and returns the initial parameters.
+    pub async fn spawn(
+        kind: ModelKind,
+        source: DataSource,
+        seed: u64,
+        batch_size: usize,
+        threads: usize,
+    ) -> Result<(Self, InitialModel)> {
+        let (tx, rx) = mpsc::channel::<Job>();
+        let (ready_tx, ready_rx) = oneshot::channel();
+        std::thread::Builder::new()
+            .name("evaluator".into())
+            .spawn(move || {
+                if threads > 0 {
+                    tch::set_num_threads(threads as i32);
+                }
+                let setup = || -> Result<_> {
+                    let test = source.load(Split::Test)?;
+                    tch::manual_seed(seed as i64);
+                    let mut vs = VarStore::new(tch::Device::Cpu);
+                    let net = kind.build(&vs.root());
+                    let manifest = Manifest::of_var_store(&vs);
+                    let params = params::flatten(&vs, &manifest)?;
+                    vs.freeze();
+                    Ok((test, vs, net, manifest, params))
+                };
+                let (test, mut vs, net, manifest, initial) = match setup() {
+                    Ok(s) => s,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                };
+                let _ = ready_tx.send(Ok(InitialModel {
+                    manifest: manifest.clone(),
+                    params: initial,
+                    test_samples: test.len(),
+                }));
+                while let Ok(job) = rx.recv() {
+                    let result = params::load_into(&mut vs, &manifest, &job.params)
+                        .map(|()| evaluate(&net, &test, batch_size, tch::Device::Cpu))
+                        .map_err(Error::from);
+                    let _ = job.reply.send(result);
+                }
+            })
+            .map_err(|e| Error::Io {
+                context: "starting the evaluation thread".into(),
+                source: e,
+            })?;
+        let initial = ready_rx
+            .await
+            .map_err(|_| Error::Internal("evaluation thread stopped during start-up".into()))??;
+        Ok((Self { tx }, initial))
+    }
+
+    /// Evaluates `params` on the test split.
+    pub async fn evaluate(&self, params: Arc<Vec<f32>>) -> Result<EvalMetrics> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Job { params, reply })
+            .map_err(|_| Error::Internal("evaluation thread is gone".into()))?;
+        rx.await
+            .map_err(|_| Error::Internal("evaluation thread dropped a job".into()))?
+    }
+}

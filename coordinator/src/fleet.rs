@@ -1,0 +1,160 @@
+//! A local fleet: this coordinator plus N `edge-node` processes on loopback,
+//! each training on its own IID partition of the same data. It is the quick
+//! way to try a configuration on one machine; every node is a real process
+//! talking gRPC over TCP, exactly as on devices.
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::process::{Child, Command};
+
+use crate::{CoordinatorConfig, Error, Result, RunSummary};
+
+/// How to start the nodes.
+#[derive(Debug, Clone)]
+pub struct FleetOptions {
+    /// Number of edge-node processes.
+    pub nodes: usize,
+    /// The `edge-node` binary; defaults to the one beside this executable.
+    pub node_bin: Option<PathBuf>,
+    /// libtorch threads per node (0: cores divided among nodes, at least 1).
+    pub node_threads: usize,
+    /// `RUST_LOG` of the nodes (their logs go to `out_dir/logs/`).
+    pub node_log: String,
+}
+
+/// Finds the `edge-node` binary beside the running executable.
+pub fn default_node_bin() -> Option<PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    let dir = exe.parent()?;
+    [dir.join("edge-node"), dir.join("../edge-node")]
+        .into_iter()
+        .find(|p| p.is_file())
+}
+
+/// Runs `config` with a local fleet of `opts.nodes` edge nodes.
+pub async fn run_fleet(
+    mut config: CoordinatorConfig,
+    opts: FleetOptions,
+    shutdown: impl Future<Output = ()>,
+) -> Result<Option<RunSummary>> {
+    if opts.nodes == 0 {
+        return Err(Error::Fleet("a fleet needs at least one node".into()));
+    }
+    let bin = opts.node_bin.clone().or_else(default_node_bin).ok_or_else(|| {
+        Error::Fleet("edge-node binary not found beside the coordinator; build it (cargo build --release -p edge-node) or pass --node-bin".into())
+    })?;
+    if !bin.is_file() {
+        return Err(Error::Fleet(format!(
+            "edge-node binary {} does not exist",
+            bin.display()
+        )));
+    }
+    // Every node is asked each round; a round starts once all are connected.
+    config.sampling.min_available = opts.nodes as u32;
+    config.sampling.min_nodes = config.sampling.min_nodes.min(opts.nodes as u32);
+    config.validate()?;
+
+    let listener = TcpListener::bind(config.listen).await.map_err(|e| Error::Io {
+        context: format!("binding {}", config.listen),
+        source: e,
+    })?;
+    let addr = listener.local_addr().map_err(|e| Error::Io {
+        context: "reading the listen address".into(),
+        source: e,
+    })?;
+    let logs = config.out_dir.join("logs");
+    std::fs::create_dir_all(&logs).map_err(|e| Error::Io {
+        context: format!("creating {}", logs.display()),
+        source: e,
+    })?;
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let threads = if opts.node_threads > 0 {
+        opts.node_threads
+    } else {
+        (cores / opts.nodes).max(1)
+    };
+    let mut children = Vec::with_capacity(opts.nodes);
+    for i in 0..opts.nodes {
+        children.push(spawn_node(
+            &bin,
+            &config,
+            &addr.to_string(),
+            i,
+            opts.nodes,
+            threads,
+            &opts.node_log,
+            &logs,
+        )?);
+    }
+    tracing::info!(
+        nodes = opts.nodes,
+        threads_per_node = threads,
+        logs = %logs.display(),
+        "local fleet started"
+    );
+    let outcome = crate::run(config, listener, shutdown).await;
+    // Nodes stop on their own after the run's stop instruction; give them a moment.
+    for (i, child) in children.iter_mut().enumerate() {
+        match tokio::time::timeout(Duration::from_secs(10), child.wait()).await {
+            Ok(Ok(status)) if status.success() => {}
+            Ok(Ok(status)) => tracing::warn!(node = i + 1, %status, "edge node exited with an error; see its log"),
+            _ => {
+                let _ = child.kill().await;
+            }
+        }
+    }
+    outcome
+}
+
+#[allow(clippy::too_many_arguments)]
+fn spawn_node(
+    bin: &Path,
+    config: &CoordinatorConfig,
+    addr: &str,
+    index: usize,
+    count: usize,
+    threads: usize,
+    log_filter: &str,
+    logs: &Path,
+) -> Result<Child> {
+    let name = format!("node-{}", index + 1);
+    let log_path = logs.join(format!("{name}.log"));
+    let log = std::fs::File::create(&log_path).map_err(|e| Error::Io {
+        context: format!("creating {}", log_path.display()),
+        source: e,
+    })?;
+    let mut cmd = Command::new(bin);
+    cmd.arg("--coordinator")
+        .arg(format!("http://{addr}"))
+        .arg("--name")
+        .arg(&name)
+        .arg("--partition")
+        .arg(format!("{index}/{count}"))
+        .arg("--threads")
+        .arg(threads.to_string())
+        .arg("--set")
+        .arg(format!("partition.seed={}", config.seed))
+        .arg("--set")
+        .arg(format!("data.synthetic_seed={}", config.data.synthetic_seed))
+        .arg("--set")
+        .arg(format!(
+            "data.synthetic_train_samples={}",
+            config.data.synthetic_train_samples
+        ));
+    if let Some(p) = config.data.path.as_deref().filter(|p| !p.as_os_str().is_empty()) {
+        cmd.arg("--data-path").arg(p);
+    }
+    cmd.env("RUST_LOG", log_filter)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(log))
+        .kill_on_drop(true);
+    cmd.spawn().map_err(|e| Error::Io {
+        context: format!("starting {}", bin.display()),
+        source: e,
+    })
+}

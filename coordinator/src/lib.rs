@@ -1,0 +1,181 @@
+//! The fedge coordinator: samples edge nodes, runs federated rounds,
+//! aggregates their updates, evaluates and checkpoints the global model.
+//!
+//! # Layout
+//!
+//! - [`config`]: [`CoordinatorConfig`], loaded from defaults, a TOML file,
+//!   `FEDGE_*` variables and flags, then validated.
+//! - [`round`]: the round state machine, pure: membership, sampling, update
+//!   validation, aggregation, closing. Unit-tested without sockets.
+//! - [`strategy`]: aggregation arithmetic (weighted FedAvg).
+//! - [`driver`]: the task that owns the machine and carries out its outputs.
+//! - [`service`]: the gRPC adapter (`fedge.v1.Federation`).
+//! - [`evaluator`]: central evaluation on a dedicated thread.
+//! - [`store`]: durable checkpoints and run history (`model.safetensors`,
+//!   `rounds/`, `run.json`).
+//! - [`fleet`]: a local fleet: this coordinator plus N `edge-node` processes.
+//! - [`run`]: the entry point the binary and the tests call.
+
+pub mod config;
+pub mod driver;
+mod error;
+pub mod evaluator;
+pub mod fleet;
+pub mod round;
+pub mod service;
+pub mod store;
+pub mod strategy;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use config::CoordinatorConfig;
+pub use driver::RunSummary;
+pub use error::{Error, Result};
+use fedge_common::pb;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+
+use crate::driver::{Driver, ModelSnapshot, Traffic, now_ms};
+use crate::evaluator::Evaluator;
+use crate::round::{RoundMachine, RoundSettings};
+use crate::service::FederationService;
+use crate::store::{RunHistory, RunStore};
+
+/// Runs a federated training job on `listener` until its last round is
+/// saved (returns its summary) or `shutdown` resolves (returns `None`).
+pub async fn run(
+    config: CoordinatorConfig,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<Option<RunSummary>> {
+    config.validate()?;
+    let kind = config.model_kind()?;
+    let source = config.data.source()?;
+    tracing::info!(data = %source.describe(), "central evaluation data");
+    if matches!(source, fedge_common::data::DataSource::Synthetic { .. }) {
+        tracing::info!("no CIFAR-10 configured (data.path or FEDGE_DATA__PATH): using the synthetic data set");
+    }
+    let (evaluator, initial) = Evaluator::spawn(
+        kind,
+        source.clone(),
+        config.seed,
+        config.eval.batch_size,
+        config.eval.threads,
+    )
+    .await?;
+    let manifest = Arc::new(initial.manifest);
+    let run_id = format!("run-{}", now_ms());
+    tracing::info!(
+        model = %kind,
+        parameters = manifest.numel(),
+        test_samples = initial.test_samples,
+        rounds = config.rounds,
+        run_id = %run_id,
+        "model initialized"
+    );
+    let history = RunHistory {
+        run_id: run_id.clone(),
+        model: kind.name().into(),
+        parameters: manifest.numel(),
+        data: source.describe(),
+        protocol_version: pb::PROTOCOL_VERSION,
+        fedge_version: env!("CARGO_PKG_VERSION").into(),
+        config: config.clone(),
+        started_unix_ms: now_ms(),
+        finished: false,
+        rounds: Vec::new(),
+    };
+    let store = RunStore::create(
+        &config.out_dir,
+        config.checkpoint.keep_round_models,
+        (*manifest).clone(),
+        history,
+    )?;
+    store.write_history()?;
+
+    let machine = RoundMachine::new(
+        RoundSettings {
+            total_rounds: u64::from(config.rounds),
+            fraction: config.sampling.fraction,
+            min_nodes: config.sampling.min_nodes as usize,
+            min_available: config.sampling.min_available as usize,
+            deadline_ms: config.sampling.round_deadline.as_millis() as u64,
+            seed: config.seed,
+        },
+        initial.params,
+    );
+    let (snapshot_tx, snapshot_rx) =
+        watch::channel(Arc::new(ModelSnapshot::new(0, manifest.clone(), machine.global())));
+    let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
+    let traffic = Arc::new(Traffic::default());
+    let service = FederationService {
+        driver: cmd_tx,
+        snapshot: snapshot_rx,
+        manifest: manifest.clone(),
+        traffic: traffic.clone(),
+        settings: pb::RunSettings {
+            run_id,
+            model: kind.name().into(),
+            total_rounds: config.rounds,
+            encoding: pb::Encoding::F32Le as i32,
+        },
+        chunk_bytes: config.wire.chunk_bytes,
+    };
+    let driver = Driver::new(
+        machine,
+        cmd_rx,
+        snapshot_tx,
+        manifest,
+        evaluator,
+        store,
+        traffic,
+        config.eval.every,
+        u64::from(config.rounds),
+        config.train.clone(),
+    );
+
+    let addr = listener.local_addr().map_err(|e| Error::Io {
+        context: "reading the listen address".into(),
+        source: e,
+    })?;
+    tracing::info!(%addr, "coordinator listening");
+    let server_stop = CancellationToken::new();
+    let driver_stop = CancellationToken::new();
+    let server = {
+        let stop = server_stop.clone();
+        tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(Duration::from_secs(20)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+            .add_service(pb::federation_server::FederationServer::new(service))
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move { stop.cancelled().await })
+    };
+    let mut server = tokio::spawn(server);
+    let mut driver_task = tokio::spawn(driver.run(driver_stop.clone()));
+    tokio::pin!(shutdown);
+    let outcome = tokio::select! {
+        res = &mut driver_task => res.map_err(|e| Error::Internal(format!("driver task failed: {e}")))?,
+        () = &mut shutdown => {
+            tracing::info!("shutdown requested");
+            driver_stop.cancel();
+            driver_task.await.map_err(|e| Error::Internal(format!("driver task failed: {e}")))?
+        }
+        res = &mut server => {
+            res.map_err(|e| Error::Internal(format!("server task failed: {e}")))??;
+            return Err(Error::Internal("grpc server stopped unexpectedly".into()));
+        }
+    };
+    // Give nodes a moment to read their stop instruction, then stop serving.
+    if matches!(outcome, Ok(Some(_))) {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    server_stop.cancel();
+    match tokio::time::timeout(Duration::from_secs(5), server).await {
+        Ok(res) => res.map_err(|e| Error::Internal(format!("server task failed: {e}")))??,
+        Err(_) => tracing::warn!("grpc server did not drain within 5s"),
+    }
+    outcome
+}

@@ -1,0 +1,135 @@
+//! `coordinator`: serve a federated training run, or run one with a local fleet.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use coordinator::CoordinatorConfig;
+use coordinator::fleet::{FleetOptions, run_fleet};
+use fedge_common::config::{LogFormat, parse_override};
+
+#[derive(Parser)]
+#[command(
+    name = "coordinator",
+    version,
+    about = "fedge coordinator: federated training over gRPC"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Serve a run: wait for edge nodes, train for the configured rounds, save the model.
+    Serve(ConfigArgs),
+    /// Run a local fleet: this coordinator plus N edge-node processes on loopback.
+    Fleet {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// Number of edge-node processes.
+        #[arg(long, default_value_t = 4)]
+        nodes: usize,
+        /// Path of the edge-node binary (default: beside this one).
+        #[arg(long)]
+        node_bin: Option<PathBuf>,
+        /// libtorch threads per node (default: cores / nodes, at least 1).
+        #[arg(long, default_value_t = 0)]
+        node_threads: usize,
+        /// Log filter of the nodes (their logs go to OUT_DIR/logs/).
+        #[arg(long, default_value = "info")]
+        node_log: String,
+    },
+}
+
+#[derive(Args)]
+struct ConfigArgs {
+    /// TOML configuration file.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// gRPC listen address (fleet default: a free loopback port).
+    #[arg(long)]
+    listen: Option<String>,
+    /// Number of rounds.
+    #[arg(long)]
+    rounds: Option<u32>,
+    /// Output folder for the model, checkpoints and run history.
+    #[arg(long)]
+    out_dir: Option<PathBuf>,
+    /// CIFAR-10 folder (binary layout) for central evaluation and, in a fleet, the nodes.
+    #[arg(long)]
+    data_path: Option<PathBuf>,
+    /// Model architecture (cnn, cnn-wide).
+    #[arg(long)]
+    model: Option<String>,
+    /// Any other setting, as a dotted key: --set train.learning_rate=0.1
+    #[arg(long = "set", value_name = "KEY=VALUE", value_parser = parse_override)]
+    overrides: Vec<(String, String)>,
+    /// Log format.
+    #[arg(long, value_enum)]
+    log_format: Option<LogFormat>,
+}
+
+impl ConfigArgs {
+    fn load(&self, default_listen: Option<&str>) -> anyhow::Result<CoordinatorConfig> {
+        let mut o = Vec::new();
+        if let Some(l) = self.listen.as_deref().or(default_listen) {
+            o.push(("listen".to_string(), format!("\"{l}\"")));
+        }
+        if let Some(r) = self.rounds {
+            o.push(("rounds".into(), r.to_string()));
+        }
+        if let Some(d) = &self.out_dir {
+            o.push(("out_dir".into(), quoted(d)));
+        }
+        if let Some(d) = &self.data_path {
+            o.push(("data.path".into(), quoted(d)));
+        }
+        if let Some(m) = &self.model {
+            o.push(("model".into(), format!("\"{m}\"")));
+        }
+        o.extend(self.overrides.iter().cloned());
+        let mut cfg = CoordinatorConfig::load(self.config.as_deref(), &o)?;
+        if let Some(f) = self.log_format {
+            cfg.log_format = f;
+        }
+        Ok(cfg)
+    }
+}
+
+fn quoted(p: &std::path::Path) -> String {
+    format!("{:?}", p.display().to_string())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Cmd::Serve(args) => {
+            let cfg = args.load(None)?;
+            fedge_common::telemetry::init(cfg.log_format, "info");
+            let listener = tokio::net::TcpListener::bind(cfg.listen)
+                .await
+                .with_context(|| format!("binding {}", cfg.listen))?;
+            coordinator::run(cfg, listener, fedge_common::shutdown::signal()).await?;
+        }
+        Cmd::Fleet {
+            config,
+            nodes,
+            node_bin,
+            node_threads,
+            node_log,
+        } => {
+            let cfg = config.load(Some("127.0.0.1:0"))?;
+            fedge_common::telemetry::init(cfg.log_format, "info");
+            let opts = FleetOptions {
+                nodes,
+                node_bin,
+                node_threads,
+                node_log,
+            };
+            run_fleet(cfg, opts, fedge_common::shutdown::signal()).await?;
+        }
+    }
+    Ok(())
+}

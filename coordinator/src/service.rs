@@ -1,0 +1,303 @@
+//! The gRPC adapter: turns `fedge.v1.Federation` calls into driver
+//! [`Command`]s, streams model snapshots, reassembles update streams, and maps
+//! every refusal to a gRPC status in one place ([`rejection_status`]).
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::task::{Context, Poll};
+
+use fedge_common::params::Manifest;
+use fedge_common::pb::{self, PROTOCOL_VERSION};
+use fedge_common::train::TrainMetrics;
+use fedge_common::wire::{PayloadReader, chunks};
+use prost::Message;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::driver::{Command, ModelSnapshot, Traffic};
+use crate::round::{Rejection, Update};
+
+/// Implements `fedge.v1.Federation`.
+#[derive(Clone)]
+pub struct FederationService {
+    pub driver: mpsc::UnboundedSender<Command>,
+    pub snapshot: watch::Receiver<Arc<ModelSnapshot>>,
+    pub manifest: Arc<Manifest>,
+    pub traffic: Arc<Traffic>,
+    pub settings: pb::RunSettings,
+    pub chunk_bytes: usize,
+}
+
+/// The one mapping from round-logic refusals to gRPC statuses.
+pub fn rejection_status(r: &Rejection) -> Status {
+    let msg = r.to_string();
+    match r {
+        Rejection::UnknownSession => Status::unauthenticated(msg),
+        Rejection::WrongRound { .. } | Rejection::WrongBaseVersion { .. } => Status::failed_precondition(msg),
+        Rejection::NotSelected { .. } => Status::permission_denied(msg),
+        Rejection::Duplicate { .. } => Status::already_exists(msg),
+        Rejection::WrongSize { .. } | Rejection::NonFinite { .. } | Rejection::NoSamples => {
+            Status::invalid_argument(msg)
+        }
+    }
+}
+
+fn payload_status(e: fedge_common::Error) -> Status {
+    match e {
+        fedge_common::Error::Payload(m) if m.starts_with("checksum") => Status::data_loss(m),
+        fedge_common::Error::Payload(m) => Status::invalid_argument(m),
+        other => Status::invalid_argument(other.to_string()),
+    }
+}
+
+impl FederationService {
+    async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T, Status> {
+        let (tx, rx) = oneshot::channel();
+        self.driver
+            .send(make(tx))
+            .map_err(|_| Status::unavailable("coordinator is shutting down"))?;
+        rx.await
+            .map_err(|_| Status::unavailable("coordinator is shutting down"))
+    }
+}
+
+/// An instruction stream that tells the driver when the node goes away.
+struct InstructionStream {
+    inner: ReceiverStream<Result<pb::Instruction, Status>>,
+    session: String,
+    driver: mpsc::UnboundedSender<Command>,
+}
+
+impl Stream for InstructionStream {
+    type Item = Result<pb::Instruction, Status>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        Pin::new(&mut self.inner).poll_next(cx)
+    }
+}
+
+impl Drop for InstructionStream {
+    fn drop(&mut self) {
+        let _ = self.driver.send(Command::Disconnect {
+            session: std::mem::take(&mut self.session),
+        });
+    }
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::federation_server::Federation for FederationService {
+    async fn join(&self, request: Request<pb::JoinRequest>) -> Result<Response<pb::JoinResponse>, Status> {
+        let req = request.into_inner();
+        if req.protocol_version != PROTOCOL_VERSION {
+            tracing::warn!(node = %req.node_name, theirs = req.protocol_version, ours = PROTOCOL_VERSION, "join refused: protocol version mismatch");
+            return Err(Status::failed_precondition(format!(
+                "protocol version mismatch: node speaks v{}, coordinator speaks v{PROTOCOL_VERSION}",
+                req.protocol_version
+            )));
+        }
+        let name = req.node_name.trim().to_owned();
+        if name.is_empty() || name.len() > 128 || name.chars().any(char::is_control) {
+            return Err(Status::invalid_argument(
+                "node name must be 1 to 128 printable characters",
+            ));
+        }
+        if !req.models.iter().any(|m| *m == self.settings.model) {
+            tracing::warn!(node = %name, model = %self.settings.model, "join refused: node cannot build the run's model");
+            return Err(Status::failed_precondition(format!(
+                "this run trains model `{}`, which node {name} cannot build (it offers: {})",
+                self.settings.model,
+                req.models.join(", ")
+            )));
+        }
+        let num_samples = req.num_samples;
+        let session = self
+            .ask(|reply| Command::Join {
+                name,
+                num_samples,
+                reply,
+            })
+            .await?;
+        Ok(Response::new(pb::JoinResponse {
+            node_id: session,
+            settings: Some(self.settings.clone()),
+        }))
+    }
+
+    type InstructionsStream = BoxStream<pb::Instruction>;
+
+    async fn instructions(
+        &self,
+        request: Request<pb::InstructionsRequest>,
+    ) -> Result<Response<Self::InstructionsStream>, Status> {
+        let session = request.into_inner().node_id;
+        let (tx, rx) = mpsc::channel(16);
+        let s = session.clone();
+        self.ask(|reply| Command::Connect {
+            session: s,
+            stream: tx,
+            reply,
+        })
+        .await?
+        .map_err(|r| rejection_status(&r))?;
+        Ok(Response::new(Box::pin(InstructionStream {
+            inner: ReceiverStream::new(rx),
+            session,
+            driver: self.driver.clone(),
+        })))
+    }
+
+    type FetchModelStream = BoxStream<pb::ModelChunk>;
+
+    async fn fetch_model(
+        &self,
+        request: Request<pb::FetchModelRequest>,
+    ) -> Result<Response<Self::FetchModelStream>, Status> {
+        let req = request.into_inner();
+        let snapshot = self.snapshot.borrow().clone();
+        if req.version != snapshot.version {
+            return Err(Status::not_found(format!(
+                "model version {} is not available; the current version is {}",
+                req.version, snapshot.version
+            )));
+        }
+        // Only joined nodes may fetch.
+        let node = self
+            .ask(|reply| Command::Identify {
+                session: req.node_id.clone(),
+                reply,
+            })
+            .await?;
+        if node.is_none() {
+            return Err(rejection_status(&Rejection::UnknownSession));
+        }
+        let header = pb::ModelChunk {
+            part: Some(pb::model_chunk::Part::Header(pb::ModelHeader {
+                version: snapshot.version,
+                manifest: Some(pb::Manifest::from(snapshot.manifest.as_ref())),
+            })),
+        };
+        let mut msgs = vec![header];
+        msgs.extend(chunks(&snapshot.payload, self.chunk_bytes).map(|c| pb::ModelChunk {
+            part: Some(pb::model_chunk::Part::Data(c)),
+        }));
+        msgs.push(pb::ModelChunk {
+            part: Some(pb::model_chunk::Part::Trailer(pb::Trailer { crc32: snapshot.crc32 })),
+        });
+        let bytes: u64 = msgs.iter().map(|m| m.encoded_len() as u64).sum();
+        self.traffic.bytes_down.fetch_add(bytes, Ordering::Relaxed);
+        Ok(Response::new(Box::pin(tokio_stream::iter(msgs.into_iter().map(Ok)))))
+    }
+
+    async fn submit_update(
+        &self,
+        request: Request<Streaming<pb::UpdateChunk>>,
+    ) -> Result<Response<pb::SubmitAck>, Status> {
+        let mut stream = request.into_inner();
+        let first = stream
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("empty update stream"))?;
+        let mut wire_bytes = first.encoded_len() as u64;
+        let Some(pb::update_chunk::Part::Header(header)) = first.part else {
+            return Err(Status::invalid_argument("an update stream must start with its header"));
+        };
+        let session = header.node_id.clone();
+        let (round, base_version) = (header.round, header.base_version);
+        let node = self
+            .ask(|reply| Command::Admit {
+                session: session.clone(),
+                round,
+                base_version,
+                reply,
+            })
+            .await?
+            .map_err(|r| {
+                tracing::warn!(round, base_version, reason = %r, "update refused");
+                rejection_status(&r)
+            })?;
+        let result = self.read_payload(&mut stream, &header, &mut wire_bytes).await;
+        self.traffic.bytes_up.fetch_add(wire_bytes, Ordering::Relaxed);
+        let delta = match result {
+            Ok(d) => d,
+            Err(status) => {
+                self.traffic.rejected_updates.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(node = %node, round, reason = %status.message(), "update refused");
+                return Err(status);
+            }
+        };
+        let metrics = header.metrics.unwrap_or_default();
+        let update = Update {
+            round,
+            base_version,
+            num_samples: header.num_samples,
+            delta,
+            metrics: TrainMetrics {
+                loss: metrics.loss,
+                accuracy: metrics.accuracy,
+                steps: metrics.steps,
+                examples: metrics.examples,
+                train_seconds: metrics.train_seconds,
+            },
+            wire_bytes,
+        };
+        let accepted = self
+            .ask(|reply| Command::Submit { session, update, reply })
+            .await?
+            .map_err(|r| {
+                tracing::warn!(node = %node, round, reason = %r, "update refused");
+                rejection_status(&r)
+            })?;
+        Ok(Response::new(pb::SubmitAck {
+            round,
+            accepted_in_round: accepted as u32,
+        }))
+    }
+}
+
+impl FederationService {
+    async fn read_payload(
+        &self,
+        stream: &mut Streaming<pb::UpdateChunk>,
+        header: &pb::UpdateHeader,
+        wire_bytes: &mut u64,
+    ) -> Result<Vec<f32>, Status> {
+        let wire_manifest = header
+            .manifest
+            .as_ref()
+            .ok_or_else(|| Status::invalid_argument("update header has no manifest"))?;
+        let manifest = Manifest::try_from(wire_manifest).map_err(payload_status)?;
+        if manifest != *self.manifest {
+            return Err(Status::invalid_argument(format!(
+                "update manifest ({} tensors, {} parameters) does not match the model ({} tensors, {} parameters)",
+                manifest.tensors.len(),
+                manifest.numel(),
+                self.manifest.tensors.len(),
+                self.manifest.numel()
+            )));
+        }
+        let mut reader = PayloadReader::new(manifest.payload_bytes()).map_err(payload_status)?;
+        loop {
+            let Some(msg) = stream.message().await? else {
+                return Err(Status::invalid_argument(format!(
+                    "update stream ended without a trailer after {} of {} payload bytes",
+                    reader.received_bytes(),
+                    manifest.payload_bytes()
+                )));
+            };
+            *wire_bytes += msg.encoded_len() as u64;
+            match msg.part {
+                Some(pb::update_chunk::Part::Data(bytes)) => reader.push(&bytes).map_err(payload_status)?,
+                Some(pb::update_chunk::Part::Trailer(t)) => return reader.finish(t.crc32).map_err(payload_status),
+                Some(pb::update_chunk::Part::Header(_)) => {
+                    return Err(Status::invalid_argument("a second header inside one update stream"));
+                }
+                None => return Err(Status::invalid_argument("an update chunk with no part")),
+            }
+        }
+    }
+}

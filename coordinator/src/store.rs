@@ -1,0 +1,151 @@
+//! What a run leaves on disk, written durably after every round:
+//!
+//! - `model.safetensors`: the latest global model (metadata: run id, model,
+//!   round, version);
+//! - `rounds/round-NNNN.safetensors`: each round's global model, when kept;
+//! - `run.json`: run metadata and per-round history (participants, their
+//!   training metrics and bytes, central test loss and accuracy, traffic).
+//!
+//! Every file is written to a temporary file, fsynced and renamed, so a
+//! crash leaves either the previous round's files or the new ones.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use fedge_common::fsutil::write_atomic;
+use fedge_common::params::{Manifest, save_safetensors};
+use serde::{Deserialize, Serialize};
+
+use crate::config::CoordinatorConfig;
+use crate::round::ClosedRound;
+use crate::{Error, Result};
+
+/// One node's part in a round.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Participant {
+    pub node: String,
+    pub num_samples: u64,
+    pub train_loss: f64,
+    pub train_accuracy: f64,
+    pub steps: u64,
+    pub train_seconds: f64,
+    /// Bytes of this node's update stream, as received.
+    pub bytes_up: u64,
+}
+
+/// One completed round.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RoundRecord {
+    pub round: u64,
+    pub selected: usize,
+    pub participants: Vec<Participant>,
+    /// Central evaluation on the test split (absent when skipped this round).
+    pub test_loss: Option<f64>,
+    pub test_accuracy: Option<f64>,
+    /// Bytes received in update streams during the round.
+    pub bytes_up: u64,
+    /// Bytes sent in model streams during the round.
+    pub bytes_down: u64,
+    /// Updates refused during the round.
+    pub rejected_updates: u64,
+    /// From the round's start to its close, seconds.
+    pub train_phase_seconds: f64,
+    pub eval_seconds: f64,
+    /// From the round's start to its durable checkpoint, seconds.
+    pub round_seconds: f64,
+}
+
+/// `run.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunHistory {
+    pub run_id: String,
+    pub model: String,
+    pub parameters: usize,
+    pub data: String,
+    pub protocol_version: u32,
+    pub fedge_version: String,
+    pub config: CoordinatorConfig,
+    pub started_unix_ms: u64,
+    pub finished: bool,
+    pub rounds: Vec<RoundRecord>,
+}
+
+/// Writes a run's checkpoints and history.
+#[derive(Debug)]
+pub struct RunStore {
+    dir: PathBuf,
+    keep_round_models: bool,
+    manifest: Manifest,
+    pub history: RunHistory,
+}
+
+impl RunStore {
+    /// Prepares `dir` (created if missing).
+    pub fn create(dir: &Path, keep_round_models: bool, manifest: Manifest, history: RunHistory) -> Result<Self> {
+        std::fs::create_dir_all(dir.join("rounds")).map_err(|e| Error::Io {
+            context: format!("creating {}", dir.display()),
+            source: e,
+        })?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            keep_round_models,
+            manifest,
+            history,
+        })
+    }
+
+    /// The output folder.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Path of the latest global model.
+    pub fn model_path(&self) -> PathBuf {
+        self.dir.join("model.safetensors")
+    }
+
+    /// Durably records a closed round: its model files first, then `run.json`.
+    pub fn persist_round(&mut self, closed: &ClosedRound, record: RoundRecord) -> Result<()> {
+        let metadata = HashMap::from([
+            ("run_id".to_string(), self.history.run_id.clone()),
+            ("model".to_string(), self.history.model.clone()),
+            ("round".to_string(), closed.round.to_string()),
+            ("version".to_string(), closed.version.to_string()),
+        ]);
+        if self.keep_round_models {
+            let path = self
+                .dir
+                .join("rounds")
+                .join(format!("round-{:04}.safetensors", closed.round));
+            save_safetensors(&path, &self.manifest, &closed.global, metadata.clone())?;
+        }
+        save_safetensors(&self.model_path(), &self.manifest, &closed.global, metadata)?;
+        self.history.rounds.push(record);
+        self.write_history()
+    }
+
+    /// Marks the run finished in `run.json`.
+    pub fn finish(&mut self) -> Result<()> {
+        self.history.finished = true;
+        self.write_history()
+    }
+
+    /// Writes `run.json`.
+    pub fn write_history(&self) -> Result<()> {
+        let json = serde_json::to_vec_pretty(&self.history).map_err(fedge_common::Error::from)?;
+        Ok(write_atomic(&self.dir.join("run.json"), &json)?)
+    }
+}
+
+/// A participant record from a contribution.
+pub fn participant(c: &crate::round::Contribution) -> Participant {
+    Participant {
+        node: c.node.clone(),
+        num_samples: c.num_samples,
+        train_loss: c.metrics.loss,
+        train_accuracy: c.metrics.accuracy,
+        steps: c.metrics.steps,
+        train_seconds: c.metrics.train_seconds,
+        bytes_up: c.wire_bytes,
+    }
+}

@@ -1,0 +1,171 @@
+//! The edge node's configuration.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use fedge_common::config::{DataConfig, LogFormat, load_layered};
+use serde::{Deserialize, Serialize};
+
+use crate::{Error, Result};
+
+/// Environment prefix of node settings (`FEDGE_NODE_NAME=cam-7`, `FEDGE_NODE_DATA__PATH=/data`).
+pub const ENV_PREFIX: &str = "FEDGE_NODE";
+
+/// Everything an edge node reads at start-up.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NodeConfig {
+    /// The coordinator's gRPC endpoint.
+    pub coordinator: String,
+    /// This node's name, unique in the fleet (default: the host name).
+    pub name: String,
+    /// `cpu`, `cuda`, `cuda:N`, or `auto` (CUDA when available).
+    pub device: String,
+    /// libtorch intra-op threads (0: libtorch's default).
+    pub threads: usize,
+    /// Local training data.
+    pub data: DataConfig,
+    /// Train on one partition of the data (for simulated fleets).
+    pub partition: Option<PartitionConfig>,
+    /// Reconnection backoff.
+    pub reconnect: ReconnectConfig,
+    /// When set, every update this node sends is also written here
+    /// (`round-NNNN.safetensors`), an audit copy of what left the device.
+    pub record_dir: Option<PathBuf>,
+    /// Log output format.
+    pub log_format: LogFormat,
+}
+
+/// One of `count` IID shards of the data, shuffled with `seed`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PartitionConfig {
+    pub index: usize,
+    pub count: usize,
+    #[serde(default)]
+    pub seed: u64,
+}
+
+/// Exponential backoff with jitter between connection attempts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ReconnectConfig {
+    #[serde(with = "humantime_serde")]
+    pub initial: Duration,
+    #[serde(with = "humantime_serde")]
+    pub max: Duration,
+}
+
+impl Default for ReconnectConfig {
+    fn default() -> Self {
+        Self {
+            initial: Duration::from_millis(200),
+            max: Duration::from_secs(10),
+        }
+    }
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        Self {
+            coordinator: "http://127.0.0.1:7070".into(),
+            name: default_name(),
+            device: "cpu".into(),
+            threads: 0,
+            data: DataConfig::default(),
+            partition: None,
+            reconnect: ReconnectConfig::default(),
+            record_dir: None,
+            log_format: LogFormat::Text,
+        }
+    }
+}
+
+fn default_name() -> String {
+    std::fs::read_to_string("/etc/hostname")
+        .ok()
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "edge-node".into())
+}
+
+impl NodeConfig {
+    /// Reads defaults, then `file`, then `FEDGE_NODE_*` variables, then `overrides`, and validates.
+    pub fn load(file: Option<&Path>, overrides: &[(String, String)]) -> Result<Self> {
+        let cfg: Self = load_layered(file, ENV_PREFIX, &[], overrides)?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// The libtorch device to train on.
+    pub fn device(&self) -> Result<tch::Device> {
+        match self.device.as_str() {
+            "cpu" => Ok(tch::Device::Cpu),
+            "auto" => Ok(tch::Device::cuda_if_available()),
+            "cuda" => Ok(tch::Device::Cuda(0)),
+            other => other
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(tch::Device::Cuda)
+                .ok_or_else(|| Error::Config(format!("device must be cpu, cuda, cuda:N or auto, got `{other}`"))),
+        }
+    }
+
+    /// Checks ranges.
+    pub fn validate(&self) -> Result<()> {
+        if !(self.coordinator.starts_with("http://") || self.coordinator.starts_with("https://")) {
+            return Err(Error::Config(format!(
+                "coordinator must be an http:// or https:// URL, got `{}`",
+                self.coordinator
+            )));
+        }
+        if self.name.trim().is_empty() {
+            return Err(Error::Config("name must not be empty".into()));
+        }
+        self.device()?;
+        if let Some(p) = &self.partition {
+            if p.count == 0 || p.index >= p.count {
+                return Err(Error::Config(format!(
+                    "partition index must be below the partition count, got {}/{}",
+                    p.index, p.count
+                )));
+            }
+        }
+        if self.reconnect.initial.is_zero() || self.reconnect.max < self.reconnect.initial {
+            return Err(Error::Config(
+                "reconnect.initial must be positive and at most reconnect.max".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_values_are_named() {
+        let err = |k: &str, v: &str| NodeConfig::load(None, &[(k.into(), v.into())]).unwrap_err().to_string();
+        assert_eq!(
+            err("coordinator", "\"localhost:1\""),
+            "invalid configuration: coordinator must be an http:// or https:// URL, got `localhost:1`"
+        );
+        assert_eq!(
+            err("device", "\"tpu\""),
+            "invalid configuration: device must be cpu, cuda, cuda:N or auto, got `tpu`"
+        );
+        assert_eq!(
+            NodeConfig::load(
+                None,
+                &[
+                    ("partition.index".into(), "3".into()),
+                    ("partition.count".into(), "3".into())
+                ]
+            )
+            .unwrap_err()
+            .to_string(),
+            "invalid configuration: partition index must be below the partition count, got 3/3"
+        );
+    }
+}

@@ -1,0 +1,108 @@
+//! The fedge edge node: joins a coordinator, trains on data that never
+//! leaves the device, and sends back only model updates.
+//!
+//! # Layout
+//!
+//! - [`config`]: [`NodeConfig`], loaded from defaults, a TOML file,
+//!   `FEDGE_NODE_*` variables and flags.
+//! - [`session`]: one connection's life: join, instructions, fetch, train, submit.
+//! - [`trainer`]: the training thread that owns the data and the `VarStore`.
+//! - [`backoff`]: reconnect delays with jitter.
+//! - [`run`]: the entry point the binary and the tests call: load data, then
+//!   run sessions, reconnecting with backoff, until the run stops.
+
+pub mod backoff;
+pub mod config;
+mod error;
+pub mod session;
+pub mod trainer;
+
+use std::future::Future;
+
+pub use config::NodeConfig;
+pub use error::{Error, Result};
+use fedge_common::data::{Split, iid_partition};
+
+use crate::backoff::Backoff;
+use crate::session::{ModelCache, NodeStats, SessionCtx, SessionEnd, run_session};
+use crate::trainer::Trainer;
+
+/// Loads local data, then serves the coordinator until it ends the run
+/// (returns the reason) or `shutdown` resolves (returns `None`).
+pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<Option<String>> {
+    config.validate()?;
+    let device = config.device()?;
+    let source = config.data.source()?;
+    let partition = config.partition.clone();
+    let describe = source.describe();
+    let data = tokio::task::spawn_blocking(move || -> Result<_> {
+        let full = source.load(Split::Train)?;
+        Ok(match partition {
+            Some(p) => {
+                let shards = iid_partition(full.len(), p.count, p.seed);
+                full.subset(&shards[p.index])
+            }
+            None => full,
+        })
+    })
+    .await
+    .map_err(|e| Error::Trainer(format!("data loading task failed: {e}")))??;
+    let num_samples = data.len() as u64;
+    if num_samples == 0 {
+        return Err(Error::Config("this node has no training samples".into()));
+    }
+    tracing::info!(
+        node = %config.name,
+        data = %describe,
+        partition = ?config.partition.as_ref().map(|p| format!("{}/{}", p.index, p.count)),
+        samples = num_samples,
+        ?device,
+        "local data loaded"
+    );
+    let trainer = Trainer::spawn(data, device, config.threads)?;
+    let mut cache = ModelCache::default();
+    let mut stats = NodeStats::default();
+    let mut backoff = Backoff::new(config.reconnect.initial, config.reconnect.max);
+    tokio::pin!(shutdown);
+    loop {
+        let joins_before = stats.joins;
+        let session = run_session(SessionCtx {
+            config: &config,
+            trainer: &trainer,
+            num_samples,
+            cache: &mut cache,
+            stats: &mut stats,
+        });
+        let outcome = tokio::select! {
+            () = &mut shutdown => {
+                tracing::info!("shutdown requested");
+                return Ok(None);
+            }
+            outcome = session => outcome,
+        };
+        if stats.joins != joins_before {
+            backoff.reset();
+        }
+        match outcome {
+            Ok(SessionEnd::Stopped { reason }) => {
+                tracing::info!(
+                    reason = %reason,
+                    rounds_trained = stats.rounds_trained,
+                    bytes_up = stats.bytes_up,
+                    bytes_down = stats.bytes_down,
+                    "run over; stopping"
+                );
+                return Ok(Some(reason));
+            }
+            Ok(SessionEnd::StreamClosed) => tracing::warn!("instruction stream closed"),
+            Err(Error::Refused(reason)) => return Err(Error::Refused(reason)),
+            Err(e) => tracing::warn!(error = %e, "session ended"),
+        }
+        let delay = backoff.next_delay();
+        tracing::info!(delay_ms = delay.as_millis() as u64, "reconnecting");
+        tokio::select! {
+            () = &mut shutdown => return Ok(None),
+            () = tokio::time::sleep(delay) => {}
+        }
+    }
+}

@@ -1,0 +1,96 @@
+//! `edge-node`: the fedge daemon that trains on local data for a coordinator.
+
+use std::path::PathBuf;
+
+use clap::Parser;
+use edge_node::NodeConfig;
+use fedge_common::config::{LogFormat, parse_override};
+
+#[derive(Parser)]
+#[command(
+    name = "edge-node",
+    version,
+    about = "fedge edge node: federated training on local data"
+)]
+struct Cli {
+    /// TOML configuration file.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// Coordinator endpoint, e.g. http://10.0.0.5:7070.
+    #[arg(long)]
+    coordinator: Option<String>,
+    /// This node's name, unique in the fleet.
+    #[arg(long)]
+    name: Option<String>,
+    /// CIFAR-10 folder (binary layout); without it the synthetic set is used.
+    #[arg(long)]
+    data_path: Option<PathBuf>,
+    /// Train on partition INDEX/COUNT of the data (IID), e.g. 0/4.
+    #[arg(long, value_name = "INDEX/COUNT")]
+    partition: Option<String>,
+    /// cpu, cuda, cuda:N or auto.
+    #[arg(long)]
+    device: Option<String>,
+    /// libtorch threads.
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Keep a copy of every update sent in this folder.
+    #[arg(long)]
+    record_dir: Option<PathBuf>,
+    /// Any other setting, as a dotted key: --set reconnect.max=30s
+    #[arg(long = "set", value_name = "KEY=VALUE", value_parser = parse_override)]
+    overrides: Vec<(String, String)>,
+    /// Log format.
+    #[arg(long, value_enum)]
+    log_format: Option<LogFormat>,
+}
+
+fn quoted(s: impl std::fmt::Display) -> String {
+    format!("{:?}", s.to_string())
+}
+
+impl Cli {
+    fn overrides(&self) -> anyhow::Result<Vec<(String, String)>> {
+        let mut o = Vec::new();
+        if let Some(c) = &self.coordinator {
+            o.push(("coordinator".into(), quoted(c)));
+        }
+        if let Some(n) = &self.name {
+            o.push(("name".into(), quoted(n)));
+        }
+        if let Some(p) = &self.data_path {
+            o.push(("data.path".into(), quoted(p.display())));
+        }
+        if let Some(p) = &self.partition {
+            let (i, n) = p
+                .split_once('/')
+                .and_then(|(i, n)| Some((i.parse::<usize>().ok()?, n.parse::<usize>().ok()?)))
+                .ok_or_else(|| anyhow::anyhow!("--partition takes INDEX/COUNT, e.g. 0/4; got `{p}`"))?;
+            o.push(("partition.index".into(), i.to_string()));
+            o.push(("partition.count".into(), n.to_string()));
+        }
+        if let Some(d) = &self.device {
+            o.push(("device".into(), quoted(d)));
+        }
+        if let Some(t) = self.threads {
+            o.push(("threads".into(), t.to_string()));
+        }
+        if let Some(r) = &self.record_dir {
+            o.push(("record_dir".into(), quoted(r.display())));
+        }
+        o.extend(self.overrides.iter().cloned());
+        Ok(o)
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let mut cfg = NodeConfig::load(cli.config.as_deref(), &cli.overrides()?)?;
+    if let Some(f) = cli.log_format {
+        cfg.log_format = f;
+    }
+    fedge_common::telemetry::init(cfg.log_format, "info");
+    edge_node::run(cfg, fedge_common::shutdown::signal()).await?;
+    Ok(())
+}

@@ -1,0 +1,276 @@
+//! One session with the coordinator: join, open the instruction stream, and
+//! for every task fetch the model (when not already held), train on the
+//! training thread, and submit the update, all as chunked streams.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use fedge_common::model::ModelKind;
+use fedge_common::params::{Manifest, save_safetensors};
+use fedge_common::pb::{self, PROTOCOL_VERSION, federation_client::FederationClient};
+use fedge_common::train::Hyperparameters;
+use fedge_common::wire::{PayloadReader, chunks, crc32, encode_f32};
+use tonic::transport::Channel;
+
+use crate::config::NodeConfig;
+use crate::trainer::Trainer;
+use crate::{Error, Result};
+
+/// How a session ended without error.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SessionEnd {
+    /// The coordinator said the run is over.
+    Stopped { reason: String },
+    /// The instruction stream closed (coordinator restarting, say): reconnect.
+    StreamClosed,
+}
+
+/// The global model this node holds, kept across sessions.
+#[derive(Debug, Default)]
+pub struct ModelCache {
+    pub run_id: String,
+    pub version: Option<u64>,
+    pub manifest: Arc<Manifest>,
+    pub params: Arc<Vec<f32>>,
+}
+
+/// Counts kept across sessions, for logs.
+#[derive(Debug, Default, Clone)]
+pub struct NodeStats {
+    pub rounds_trained: u64,
+    pub bytes_up: u64,
+    pub bytes_down: u64,
+    /// Successful joins (a change means the reconnect backoff can reset).
+    pub joins: u64,
+}
+
+/// Everything a session needs from the node.
+pub struct SessionCtx<'a> {
+    pub config: &'a NodeConfig,
+    pub trainer: &'a Trainer,
+    pub num_samples: u64,
+    pub cache: &'a mut ModelCache,
+    pub stats: &'a mut NodeStats,
+}
+
+/// Runs one session until the coordinator stops the run or the stream ends.
+pub async fn run_session(ctx: SessionCtx<'_>) -> Result<SessionEnd> {
+    let mut client = FederationClient::connect(ctx.config.coordinator.clone())
+        .await?
+        .max_decoding_message_size(8 << 20);
+    let joined = client
+        .join(pb::JoinRequest {
+            protocol_version: PROTOCOL_VERSION,
+            node_name: ctx.config.name.clone(),
+            num_samples: ctx.num_samples,
+            models: ModelKind::known_names().into_iter().map(String::from).collect(),
+        })
+        .await
+        .map_err(|s| match s.code() {
+            tonic::Code::FailedPrecondition | tonic::Code::InvalidArgument => Error::Refused(s.message().to_owned()),
+            _ => Error::Status(s),
+        })?
+        .into_inner();
+    let settings = joined
+        .settings
+        .ok_or_else(|| Error::Protocol("join response has no run settings".into()))?;
+    let kind: ModelKind = settings
+        .model
+        .parse()
+        .map_err(|e: fedge_common::Error| Error::Refused(e.to_string()))?;
+    if ctx.cache.run_id != settings.run_id {
+        *ctx.cache = ModelCache {
+            run_id: settings.run_id.clone(),
+            ..Default::default()
+        };
+    }
+    let session = joined.node_id;
+    tracing::info!(run = %settings.run_id, model = %kind, rounds = settings.total_rounds, "joined");
+    ctx.stats.joins += 1;
+
+    let mut instructions = client
+        .instructions(pb::InstructionsRequest {
+            node_id: session.clone(),
+        })
+        .await?
+        .into_inner();
+    while let Some(msg) = instructions.message().await? {
+        match msg.kind {
+            Some(pb::instruction::Kind::Train(task)) => {
+                handle_task(
+                    &mut client,
+                    &session,
+                    kind,
+                    task,
+                    ctx.config,
+                    ctx.trainer,
+                    ctx.num_samples,
+                    ctx.cache,
+                    ctx.stats,
+                )
+                .await?;
+            }
+            Some(pb::instruction::Kind::Stop(stop)) => {
+                return Ok(SessionEnd::Stopped { reason: stop.reason });
+            }
+            None => return Err(Error::Protocol("empty instruction".into())),
+        }
+    }
+    Ok(SessionEnd::StreamClosed)
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn handle_task(
+    client: &mut FederationClient<Channel>,
+    session: &str,
+    kind: ModelKind,
+    task: pb::TrainTask,
+    config: &NodeConfig,
+    trainer: &Trainer,
+    num_samples: u64,
+    cache: &mut ModelCache,
+    stats: &mut NodeStats,
+) -> Result<()> {
+    let round = task.round;
+    if cache.version != Some(task.model_version) {
+        fetch_model(client, session, task.model_version, cache, stats).await?;
+    }
+    let h = task
+        .hyperparameters
+        .ok_or_else(|| Error::Protocol("task without hyper-parameters".into()))?;
+    let hyper = Hyperparameters {
+        epochs: h.epochs,
+        batch_size: h.batch_size,
+        learning_rate: h.learning_rate,
+        momentum: h.momentum,
+        weight_decay: h.weight_decay,
+        max_steps: h.max_steps,
+        seed: h.seed,
+    };
+    tracing::info!(round, version = task.model_version, epochs = hyper.epochs, "training");
+    let result = trainer
+        .train(kind, cache.manifest.clone(), cache.params.clone(), hyper)
+        .await?;
+    let m = &result.metrics;
+    tracing::info!(
+        round,
+        loss = format!("{:.4}", m.loss),
+        accuracy = format!("{:.3}", m.accuracy),
+        steps = m.steps,
+        seconds = format!("{:.2}", m.train_seconds),
+        "local training done"
+    );
+    if let Some(dir) = &config.record_dir {
+        let meta = HashMap::from([
+            ("node".to_string(), config.name.clone()),
+            ("round".to_string(), round.to_string()),
+            ("base_version".to_string(), task.model_version.to_string()),
+            ("num_samples".to_string(), num_samples.to_string()),
+        ]);
+        let path = dir.join(format!("round-{round:04}.safetensors"));
+        save_safetensors(&path, &cache.manifest, &result.delta, meta)?;
+    }
+    let payload = encode_f32(&result.delta);
+    drop(result.delta);
+    let header = pb::UpdateChunk {
+        part: Some(pb::update_chunk::Part::Header(pb::UpdateHeader {
+            node_id: session.to_owned(),
+            round,
+            base_version: task.model_version,
+            num_samples,
+            manifest: Some(pb::Manifest::from(cache.manifest.as_ref())),
+            metrics: Some(pb::TrainMetrics {
+                loss: m.loss,
+                accuracy: m.accuracy,
+                steps: m.steps,
+                examples: m.examples,
+                train_seconds: m.train_seconds,
+            }),
+        })),
+    };
+    let trailer = pb::UpdateChunk {
+        part: Some(pb::update_chunk::Part::Trailer(pb::Trailer { crc32: crc32(&payload) })),
+    };
+    let mut msgs = vec![header];
+    msgs.extend(
+        chunks(&payload, fedge_common::wire::DEFAULT_CHUNK_BYTES).map(|c| pb::UpdateChunk {
+            part: Some(pb::update_chunk::Part::Data(c)),
+        }),
+    );
+    msgs.push(trailer);
+    let sent: u64 = msgs.iter().map(|m| prost::Message::encoded_len(m) as u64).sum();
+    match client.submit_update(tokio_stream::iter(msgs)).await {
+        Ok(ack) => {
+            stats.rounds_trained += 1;
+            stats.bytes_up += sent;
+            tracing::info!(
+                round,
+                bytes = sent,
+                accepted_in_round = ack.get_ref().accepted_in_round,
+                "update submitted"
+            );
+            Ok(())
+        }
+        Err(s) if s.code() == tonic::Code::Unauthenticated => Err(Error::Status(s)),
+        Err(s) => {
+            // The round moved on or the update was refused: wait for the next task.
+            tracing::warn!(round, code = ?s.code(), reason = s.message(), "update refused");
+            Ok(())
+        }
+    }
+}
+
+async fn fetch_model(
+    client: &mut FederationClient<Channel>,
+    session: &str,
+    version: u64,
+    cache: &mut ModelCache,
+    stats: &mut NodeStats,
+) -> Result<()> {
+    let mut stream = client
+        .fetch_model(pb::FetchModelRequest {
+            node_id: session.to_owned(),
+            version,
+        })
+        .await?
+        .into_inner();
+    let first = stream
+        .message()
+        .await?
+        .ok_or_else(|| Error::Protocol("empty model stream".into()))?;
+    let mut bytes = prost::Message::encoded_len(&first) as u64;
+    let Some(pb::model_chunk::Part::Header(header)) = first.part else {
+        return Err(Error::Protocol("model stream did not start with a header".into()));
+    };
+    if header.version != version {
+        return Err(Error::Protocol(format!(
+            "asked for model version {version}, got {}",
+            header.version
+        )));
+    }
+    let manifest = Manifest::try_from(
+        header
+            .manifest
+            .as_ref()
+            .ok_or_else(|| Error::Protocol("model header without a manifest".into()))?,
+    )?;
+    let mut reader = PayloadReader::new(manifest.payload_bytes())?;
+    let params = loop {
+        let msg = stream
+            .message()
+            .await?
+            .ok_or_else(|| Error::Protocol("model stream ended without a trailer".into()))?;
+        bytes += prost::Message::encoded_len(&msg) as u64;
+        match msg.part {
+            Some(pb::model_chunk::Part::Data(d)) => reader.push(&d)?,
+            Some(pb::model_chunk::Part::Trailer(t)) => break reader.finish(t.crc32)?,
+            _ => return Err(Error::Protocol("unexpected part in a model stream".into())),
+        }
+    };
+    stats.bytes_down += bytes;
+    tracing::info!(version, parameters = params.len(), bytes, "model fetched");
+    cache.version = Some(version);
+    cache.manifest = Arc::new(manifest);
+    cache.params = Arc::new(params);
+    Ok(())
+}

@@ -1,0 +1,96 @@
+//! The training thread: owns the node's data, its `VarStore` and model, and
+//! runs local training when the session asks. Async code talks to it over
+//! channels and never touches a tensor.
+
+use std::sync::Arc;
+use std::sync::mpsc;
+
+use fedge_common::data::Dataset;
+use fedge_common::model::{ConvNet, ModelKind};
+use fedge_common::params::{self, Manifest};
+use fedge_common::train::{Hyperparameters, TrainMetrics, train};
+use tch::nn::VarStore;
+use tokio::sync::oneshot;
+
+use crate::{Error, Result};
+
+/// What one round of local training produced.
+#[derive(Debug)]
+pub struct TrainResult {
+    /// `w_local − w_global`, in manifest order.
+    pub delta: Vec<f32>,
+    pub metrics: TrainMetrics,
+}
+
+struct Job {
+    kind: ModelKind,
+    manifest: Arc<Manifest>,
+    global: Arc<Vec<f32>>,
+    hyper: Hyperparameters,
+    reply: oneshot::Sender<Result<TrainResult>>,
+}
+
+/// Handle to the training thread.
+#[derive(Debug, Clone)]
+pub struct Trainer {
+    tx: mpsc::Sender<Job>,
+}
+
+impl Trainer {
+    /// Starts the thread; it takes ownership of `data`.
+    pub fn spawn(data: Dataset, device: tch::Device, threads: usize) -> Result<Self> {
+        let (tx, rx) = mpsc::channel::<Job>();
+        std::thread::Builder::new()
+            .name("trainer".into())
+            .spawn(move || {
+                if threads > 0 {
+                    tch::set_num_threads(threads as i32);
+                }
+                let mut model: Option<(ModelKind, VarStore, ConvNet)> = None;
+                while let Ok(job) = rx.recv() {
+                    if model.as_ref().is_none_or(|(k, _, _)| *k != job.kind) {
+                        let vs = VarStore::new(device);
+                        let net = job.kind.build(&vs.root());
+                        model = Some((job.kind, vs, net));
+                    }
+                    let (_, vs, net) = model.as_mut().expect("model built above");
+                    let result = run_job(vs, net, &data, &job);
+                    let _ = job.reply.send(result);
+                }
+            })
+            .map_err(|e| Error::Trainer(format!("cannot start the training thread: {e}")))?;
+        Ok(Self { tx })
+    }
+
+    /// Trains `kind` from `global` with `hyper` and returns the update.
+    pub async fn train(
+        &self,
+        kind: ModelKind,
+        manifest: Arc<Manifest>,
+        global: Arc<Vec<f32>>,
+        hyper: Hyperparameters,
+    ) -> Result<TrainResult> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Job {
+                kind,
+                manifest,
+                global,
+                hyper,
+                reply,
+            })
+            .map_err(|_| Error::Trainer("training thread is gone".into()))?;
+        rx.await
+            .map_err(|_| Error::Trainer("training thread dropped the job".into()))?
+    }
+}
+
+fn run_job(vs: &mut VarStore, net: &ConvNet, data: &Dataset, job: &Job) -> Result<TrainResult> {
+    params::load_into(vs, &job.manifest, &job.global)?;
+    let metrics = train(net, vs, data, &job.hyper)?;
+    let mut delta = params::flatten(vs, &job.manifest)?;
+    for (d, g) in delta.iter_mut().zip(job.global.iter()) {
+        *d -= g;
+    }
+    Ok(TrainResult { delta, metrics })
+}
