@@ -4,6 +4,7 @@
 #[path = "build/libtorch_rpath.rs"]
 mod libtorch_rpath;
 
+#[allow(clippy::print_stdout)] // build scripts talk to cargo on stdout
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     libtorch_rpath::emit();
     let proto_root = std::path::Path::new("../proto");

@@ -8,6 +8,8 @@
 //! `--disable-new-dtags` writes `DT_RPATH`, which the loader also applies to
 //! libtorch's own dependencies (libcudart, libgomp) found in the same folder.
 
+#![allow(clippy::print_stdout)] // build scripts talk to cargo on stdout
+
 use std::path::PathBuf;
 
 pub fn emit() {

@@ -14,15 +14,16 @@ use config::{Config, Environment, File, FileFormat};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::data::{DataSource, resolve_cifar10_dir};
+use crate::data::{DataSource, detect};
 use crate::{Error, Result};
 
 /// Where a process finds its data.
 #[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct DataConfig {
-    /// A CIFAR-10 folder in the standard binary layout. When unset (or empty)
-    /// the seeded synthetic set below is used instead.
+    /// A data set folder: CIFAR-10 binary, MNIST IDX or an image folder,
+    /// detected from its files. When unset (or empty) the seeded synthetic
+    /// set below is used instead.
     pub path: Option<PathBuf>,
     /// Seed of the synthetic set (coordinator and nodes must agree).
     pub synthetic_seed: u64,
@@ -44,15 +45,10 @@ impl Default for DataConfig {
 }
 
 impl DataConfig {
-    /// The source this configuration names. A configured path must hold CIFAR-10.
+    /// The source this configuration names; a configured path's format is detected.
     pub fn source(&self) -> Result<DataSource> {
         match self.path.as_deref().filter(|p| !p.as_os_str().is_empty()) {
-            Some(p) => resolve_cifar10_dir(p).map(DataSource::Cifar10).ok_or_else(|| {
-                Error::data(
-                    p,
-                    "no CIFAR-10 binary files here (expected data_batch_1.bin .. data_batch_5.bin and test_batch.bin)",
-                )
-            }),
+            Some(p) => detect(p),
             None => Ok(DataSource::Synthetic {
                 seed: self.synthetic_seed,
                 train_samples: self.synthetic_train_samples,
@@ -73,6 +69,10 @@ pub enum LogFormat {
     Json,
 }
 
+/// Variables of fedge's scripts that share the `FEDGE_` prefix but are not
+/// configuration keys; the loader skips them.
+pub const TOOLING_VARS: [&str; 3] = ["FEDGE_CACHE", "FEDGE_SHARED", "FEDGE_NODES"];
+
 /// A `key=value` override from the command line; the value is parsed as
 /// TOML when it can be (numbers, booleans, strings in quotes), else taken as a string.
 pub fn parse_override(s: &str) -> std::result::Result<(String, String), String> {
@@ -82,11 +82,13 @@ pub fn parse_override(s: &str) -> std::result::Result<(String, String), String> 
     Ok((k.trim().to_owned(), v.trim().to_owned()))
 }
 
-/// Loads a `T` from defaults, an optional TOML file, the environment
-/// variables starting with `env_prefix` + `_` (except those starting with any of
-/// `env_exclude`), and `overrides` (dotted keys), in that order.
+/// Loads a `T` from defaults, an optional TOML file, the variables of `env`
+/// starting with `env_prefix` + `_` (except those starting with any of
+/// `env_exclude`), and `overrides` (dotted keys), in that order. Daemons pass
+/// `std::env::vars()`.
 pub fn load_layered<T>(
     file: Option<&Path>,
+    env: impl IntoIterator<Item = (String, String)>,
     env_prefix: &str,
     env_exclude: &[&str],
     overrides: &[(String, String)],
@@ -109,8 +111,10 @@ where
             .map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
     }
     let prefix = format!("{env_prefix}_");
-    let env: HashMap<String, String> = std::env::vars()
+    let env: HashMap<String, String> = env
+        .into_iter()
         .filter(|(k, _)| k.starts_with(&prefix) && !env_exclude.iter().any(|x| k.starts_with(x)))
+        .filter(|(k, _)| !TOOLING_VARS.contains(&k.as_str()))
         .collect();
     builder = builder.add_source(
         Environment::with_prefix(env_prefix)
@@ -175,18 +179,29 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("c.toml");
         std::fs::write(&file, "rounds = 3\nname = \"a\"\n[data]\nsynthetic_seed = 9\n").unwrap();
-        let c: Sample = load_layered(Some(&file), "FEDGE_TEST_NONE", &[], &[("rounds".into(), "7".into())]).unwrap();
-        assert_eq!((c.rounds, c.name.as_str(), c.data.synthetic_seed), (7, "a", 9));
+        let c: Sample = load_layered(
+            Some(&file),
+            [
+                ("FEDGE_NAME".to_string(), "b".to_string()),
+                ("OTHER_ROUNDS".to_string(), "1".to_string()),
+                ("FEDGE_CACHE".to_string(), "/tmp".to_string()),
+            ],
+            "FEDGE",
+            &[],
+            &[("rounds".into(), "7".into())],
+        )
+        .unwrap();
+        assert_eq!((c.rounds, c.name.as_str(), c.data.synthetic_seed), (7, "b", 9));
         assert_eq!(c.data.synthetic_train_samples, 6000);
 
         std::fs::write(&file, "roundz = 3\n").unwrap();
-        let err = load_layered::<Sample>(Some(&file), "FEDGE_TEST_NONE", &[], &[])
+        let err = load_layered::<Sample>(Some(&file), [], "FEDGE", &[], &[])
             .unwrap_err()
             .to_string();
         assert!(err.contains("unknown field `roundz`"), "{err}");
 
         std::fs::write(&file, "rounds = = 3\n").unwrap();
-        let err = load_layered::<Sample>(Some(&file), "FEDGE_TEST_NONE", &[], &[])
+        let err = load_layered::<Sample>(Some(&file), [], "FEDGE", &[], &[])
             .unwrap_err()
             .to_string();
         assert!(
@@ -194,28 +209,23 @@ mod tests {
             "{err}"
         );
 
-        let err = load_layered::<Sample>(Some(&dir.path().join("nope.toml")), "X", &[], &[]).unwrap_err();
+        let err = load_layered::<Sample>(Some(&dir.path().join("nope.toml")), [], "X", &[], &[]).unwrap_err();
         assert!(err.to_string().contains("nope.toml does not exist"));
 
-        let err = load_layered::<Sample>(None, "FEDGE_TEST_NONE", &[], &[("rounds".into(), "many".into())])
+        let err = load_layered::<Sample>(None, [], "FEDGE", &[], &[("rounds".into(), "many".into())])
             .unwrap_err()
             .to_string();
         assert!(err.contains("rounds"), "{err}");
     }
 
     #[test]
-    fn a_configured_data_path_must_hold_cifar10() {
+    fn a_configured_data_path_must_hold_a_data_set() {
         let dir = tempfile::tempdir().unwrap();
         let c = DataConfig {
             path: Some(dir.path().to_path_buf()),
             ..Default::default()
         };
-        assert!(
-            c.source()
-                .unwrap_err()
-                .to_string()
-                .contains("no CIFAR-10 binary files here")
-        );
+        assert!(c.source().unwrap_err().to_string().contains("no data set found here"));
         assert!(matches!(
             DataConfig::default().source().unwrap(),
             DataSource::Synthetic { .. }

@@ -9,8 +9,9 @@
 //!   flat `f32` buffer), to and from a `VarStore`, saved as safetensors.
 //! - [`wire`]: chunked payloads with a manifest and a checksum, and the one
 //!   place where wire manifests convert to domain ones.
-//! - [`data`]: CIFAR-10 binary loading, the synthetic set, IID partitioning,
-//!   normalization.
+//! - [`data`]: CIFAR-10 binary loading, the synthetic set, normalization.
+//! - [`partition`]: how a simulated fleet splits a data set: IID, Dirichlet
+//!   label skew, label shards, log-normal quantity skew.
 //! - [`train`]: local training (SGD) and evaluation, to run on a blocking thread.
 //! - [`config`]: configuration sections both daemons use and the layered
 //!   loader (defaults, TOML file, environment, flags).
@@ -25,6 +26,7 @@ mod error;
 pub mod fsutil;
 pub mod model;
 pub mod params;
+pub mod partition;
 pub mod pb;
 pub mod shutdown;
 pub mod telemetry;

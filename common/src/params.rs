@@ -187,14 +187,14 @@ mod tests {
     #[test]
     fn flatten_and_load_round_trip_through_a_var_store() {
         let vs = VarStore::new(tch::Device::Cpu);
-        let _net = ModelKind::Cnn.build(&vs.root());
+        let _net = ModelKind::Cnn.build(&vs.root(), [3, 32, 32], 10);
         let manifest = Manifest::of_var_store(&vs);
         assert_eq!(manifest.numel(), 160_202);
         assert!(manifest.tensors.windows(2).all(|w| w[0].name < w[1].name));
         let flat = flatten(&vs, &manifest).unwrap();
 
         let mut other = VarStore::new(tch::Device::Cpu);
-        let _net2 = ModelKind::Cnn.build(&other.root());
+        let _net2 = ModelKind::Cnn.build(&other.root(), [3, 32, 32], 10);
         assert_ne!(flatten(&other, &manifest).unwrap(), flat);
         load_into(&mut other, &manifest, &flat).unwrap();
         assert_eq!(flatten(&other, &manifest).unwrap(), flat);
@@ -203,7 +203,7 @@ mod tests {
     #[test]
     fn load_refuses_a_wrong_length() {
         let mut vs = VarStore::new(tch::Device::Cpu);
-        let _net = ModelKind::Cnn.build(&vs.root());
+        let _net = ModelKind::Cnn.build(&vs.root(), [3, 32, 32], 10);
         let manifest = Manifest::of_var_store(&vs);
         let err = load_into(&mut vs, &manifest, &[0.0; 3]).unwrap_err();
         assert_eq!(

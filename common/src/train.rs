@@ -150,7 +150,7 @@ mod tests {
     fn training_on_synthetic_data_beats_chance() {
         tch::manual_seed(0);
         let vs = VarStore::new(Device::Cpu);
-        let net = ModelKind::Cnn.build(&vs.root());
+        let net = ModelKind::Cnn.build(&vs.root(), [3, 32, 32], 10);
         let train_set = synthetic(3, 1, 1500);
         let test_set = synthetic(3, 2, 500);
         let before = evaluate(&net, &test_set, 250, Device::Cpu);
@@ -175,7 +175,7 @@ mod tests {
     #[test]
     fn max_steps_bounds_training() {
         let vs = VarStore::new(Device::Cpu);
-        let net = ModelKind::Cnn.build(&vs.root());
+        let net = ModelKind::Cnn.build(&vs.root(), [3, 32, 32], 10);
         let data = synthetic(3, 1, 200);
         let h = Hyperparameters {
             max_steps: 2,

@@ -55,7 +55,7 @@ pub struct PayloadReader {
 impl PayloadReader {
     /// A reader for a payload of exactly `expected_bytes` (a multiple of 4).
     pub fn new(expected_bytes: u64) -> Result<Self> {
-        if expected_bytes % 4 != 0 {
+        if !expected_bytes.is_multiple_of(4) {
             return Err(Error::Payload(format!(
                 "announced size {expected_bytes} bytes is not a whole number of f32 values"
             )));

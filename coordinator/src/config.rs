@@ -197,7 +197,16 @@ impl Default for CheckpointConfig {
 impl CoordinatorConfig {
     /// Reads defaults, then `file`, then `FEDGE_*` variables, then `overrides`, and validates.
     pub fn load(file: Option<&Path>, overrides: &[(String, String)]) -> Result<Self> {
-        let cfg: Self = load_layered(file, ENV_PREFIX, &["FEDGE_NODE_"], overrides)?;
+        Self::load_with_env(file, std::env::vars(), overrides)
+    }
+
+    /// [`CoordinatorConfig::load`] with the environment given explicitly.
+    pub fn load_with_env(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+        overrides: &[(String, String)],
+    ) -> Result<Self> {
+        let cfg: Self = load_layered(file, env, ENV_PREFIX, &["FEDGE_NODE_"], overrides)?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -256,7 +265,7 @@ impl CoordinatorConfig {
             return bad("eval.batch_size must be at least 1".into());
         }
         let c = self.wire.chunk_bytes;
-        if c < 1024 || c > fedge_common::wire::MAX_CHUNK_BYTES {
+        if !(1024..=fedge_common::wire::MAX_CHUNK_BYTES).contains(&c) {
             return bad(format!(
                 "wire.chunk_bytes must be between 1024 and {}, got {c}",
                 fedge_common::wire::MAX_CHUNK_BYTES
@@ -274,14 +283,19 @@ mod tests {
     use super::*;
 
     fn with(k: &str, v: &str) -> String {
-        CoordinatorConfig::load(None, &[(k.into(), v.into())])
+        CoordinatorConfig::load_with_env(None, [], &[(k.into(), v.into())])
             .unwrap_err()
             .to_string()
     }
 
     #[test]
-    fn defaults_are_valid() {
+    fn defaults_are_valid_and_the_example_file_lists_them() {
         CoordinatorConfig::default().validate().unwrap();
+        let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("coordinator.example.toml");
+        assert_eq!(
+            CoordinatorConfig::load_with_env(Some(&example), [], &[]).unwrap(),
+            CoordinatorConfig::default()
+        );
     }
 
     #[test]
@@ -297,7 +311,7 @@ mod tests {
         );
         assert_eq!(
             with("model", "vgg"),
-            "unknown model `vgg` (this build knows: cnn, cnn-wide)"
+            "unknown model `vgg` (this build knows: cnn, cnn-wide, mnist-cnn, 2nn, resnet20)"
         );
         assert!(with("sampling.round_deadline", "soon").contains("round_deadline"));
         assert!(with("listen", "nowhere").contains("listen"));
@@ -312,7 +326,12 @@ mod tests {
             "rounds = 3\n[sampling]\nround_deadline = \"90s\"\n[train]\nlearning_rate = 0.1\n",
         )
         .unwrap();
-        let c = CoordinatorConfig::load(Some(&f), &[("train.epochs".into(), "2".into())]).unwrap();
+        let env = [
+            ("FEDGE_TRAIN__MOMENTUM".to_string(), "0.5".to_string()),
+            ("FEDGE_NODE_NAME".to_string(), "not-ours".to_string()),
+        ];
+        let c = CoordinatorConfig::load_with_env(Some(&f), env, &[("train.epochs".into(), "2".into())]).unwrap();
+        assert_eq!(c.train.momentum, 0.5);
         assert_eq!(c.rounds, 3);
         assert_eq!(c.sampling.round_deadline, Duration::from_secs(90));
         assert_eq!((c.train.learning_rate, c.train.epochs), (0.1, 2));

@@ -307,7 +307,7 @@ impl Driver {
     async fn close_round(&mut self, closed: ClosedRound) -> Result<()> {
         let train_phase = self.round_started.map(|t| t.elapsed()).unwrap_or_default();
         let eval_due = self.eval_every > 0
-            && (closed.round % u64::from(self.eval_every) == 0 || closed.round == self.total_rounds);
+            && (closed.round.is_multiple_of(u64::from(self.eval_every)) || closed.round == self.total_rounds);
         let eval_start = Instant::now();
         let eval = if eval_due {
             Some(self.evaluator.evaluate(closed.global.clone()).await?)
@@ -393,6 +393,7 @@ impl Driver {
             rounds = summary.rounds_completed,
             test_accuracy = summary.final_test_accuracy.map(|a| format!("{:.2}%", a * 100.0)).unwrap_or_else(|| "-".into()),
             model = %store.model_path().display(),
+            peak_rss_mb = store.history.peak_rss_bytes.map(|b| b / (1 << 20)),
             "run complete; global model saved"
         );
         Ok(summary)

@@ -30,6 +30,9 @@ pub struct InitialModel {
     pub manifest: Manifest,
     pub params: Vec<f32>,
     pub test_samples: usize,
+    /// `[channels, height, width]` of the data, which nodes' data must match.
+    pub input_shape: [i64; 3],
+    pub classes: Vec<String>,
 }
 
 impl Evaluator {
@@ -54,7 +57,7 @@ impl Evaluator {
                     let test = source.load(Split::Test)?;
                     tch::manual_seed(seed as i64);
                     let mut vs = VarStore::new(tch::Device::Cpu);
-                    let net = kind.build(&vs.root());
+                    let net = kind.build(&vs.root(), test.shape(), test.num_classes());
                     let manifest = Manifest::of_var_store(&vs);
                     let params = params::flatten(&vs, &manifest)?;
                     vs.freeze();
@@ -71,6 +74,8 @@ impl Evaluator {
                     manifest: manifest.clone(),
                     params: initial,
                     test_samples: test.len(),
+                    input_shape: test.shape(),
+                    classes: test.classes.clone(),
                 }));
                 while let Ok(job) = rx.recv() {
                     let result = params::load_into(&mut vs, &manifest, &job.params)

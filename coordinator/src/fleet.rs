@@ -24,6 +24,8 @@ pub struct FleetOptions {
     pub node_threads: usize,
     /// `RUST_LOG` of the nodes (their logs go to `out_dir/logs/`).
     pub node_log: String,
+    /// Settings passed to every node as `--set key=value` (partition scheme, say).
+    pub node_overrides: Vec<(String, String)>,
 }
 
 /// Finds the `edge-node` binary beside the running executable.
@@ -53,9 +55,9 @@ pub async fn run_fleet(
             bin.display()
         )));
     }
-    // Every node is asked each round; a round starts once all are connected.
-    config.sampling.min_available = opts.nodes as u32;
+    // A fleet smaller than the configured minimum could never start a round.
     config.sampling.min_nodes = config.sampling.min_nodes.min(opts.nodes as u32);
+    config.sampling.min_available = config.sampling.min_available.min(opts.nodes as u32);
     config.validate()?;
 
     let listener = TcpListener::bind(config.listen).await.map_err(|e| Error::Io {
@@ -86,7 +88,7 @@ pub async fn run_fleet(
             i,
             opts.nodes,
             threads,
-            &opts.node_log,
+            &opts,
             &logs,
         )?);
     }
@@ -118,7 +120,7 @@ fn spawn_node(
     index: usize,
     count: usize,
     threads: usize,
-    log_filter: &str,
+    opts: &FleetOptions,
     logs: &Path,
 ) -> Result<Child> {
     let name = format!("node-{}", index + 1);
@@ -148,7 +150,10 @@ fn spawn_node(
     if let Some(p) = config.data.path.as_deref().filter(|p| !p.as_os_str().is_empty()) {
         cmd.arg("--data-path").arg(p);
     }
-    cmd.env("RUST_LOG", log_filter)
+    for (k, v) in &opts.node_overrides {
+        cmd.arg("--set").arg(format!("{k}={v}"));
+    }
+    cmd.env("RUST_LOG", &opts.node_log)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::from(log))

@@ -13,9 +13,11 @@
 //! - [`evaluator`]: central evaluation on a dedicated thread.
 //! - [`store`]: durable checkpoints and run history (`model.safetensors`,
 //!   `rounds/`, `run.json`).
+//! - [`baseline`]: the centralized floor: same model and training code, one process.
 //! - [`fleet`]: a local fleet: this coordinator plus N `edge-node` processes.
 //! - [`run`]: the entry point the binary and the tests call.
 
+pub mod baseline;
 pub mod config;
 pub mod driver;
 mod error;
@@ -87,6 +89,7 @@ pub async fn run(
         config: config.clone(),
         started_unix_ms: now_ms(),
         finished: false,
+        peak_rss_bytes: None,
         rounds: Vec::new(),
     };
     let store = RunStore::create(
@@ -96,6 +99,7 @@ pub async fn run(
         history,
     )?;
     store.write_history()?;
+    store.persist_initial(&initial.params)?;
 
     let machine = RoundMachine::new(
         RoundSettings {
@@ -122,6 +126,8 @@ pub async fn run(
             model: kind.name().into(),
             total_rounds: config.rounds,
             encoding: pb::Encoding::F32Le as i32,
+            input_shape: initial.input_shape.to_vec(),
+            classes: initial.classes.clone(),
         },
         chunk_bytes: config.wire.chunk_bytes,
     };

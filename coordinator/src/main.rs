@@ -39,6 +39,20 @@ enum Cmd {
         /// Log filter of the nodes (their logs go to OUT_DIR/logs/).
         #[arg(long, default_value = "info")]
         node_log: String,
+        /// A setting for every node, e.g. --node-set partition.scheme=dirichlet --node-set partition.alpha=0.1
+        #[arg(long = "node-set", value_name = "KEY=VALUE", value_parser = parse_override)]
+        node_overrides: Vec<(String, String)>,
+    },
+    /// Train the same model centrally in this process (the floor a federated run is compared with).
+    Baseline {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// Epochs over the whole training set.
+        #[arg(long, default_value_t = 1)]
+        epochs: u32,
+        /// libtorch threads (0: libtorch's default).
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
     },
 }
 
@@ -71,8 +85,9 @@ struct ConfigArgs {
 }
 
 impl ConfigArgs {
-    fn load(&self, default_listen: Option<&str>) -> anyhow::Result<CoordinatorConfig> {
-        let mut o = Vec::new();
+    /// Loads the configuration; `defaults` apply before every flag.
+    fn load(&self, default_listen: Option<&str>, defaults: &[(&str, String)]) -> anyhow::Result<CoordinatorConfig> {
+        let mut o: Vec<(String, String)> = defaults.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
         if let Some(l) = self.listen.as_deref().or(default_listen) {
             o.push(("listen".to_string(), format!("\"{l}\"")));
         }
@@ -106,7 +121,7 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Cmd::Serve(args) => {
-            let cfg = args.load(None)?;
+            let cfg = args.load(None, &[])?;
             fedge_common::telemetry::init(cfg.log_format, "info");
             let listener = tokio::net::TcpListener::bind(cfg.listen)
                 .await
@@ -119,16 +134,37 @@ async fn main() -> anyhow::Result<()> {
             node_bin,
             node_threads,
             node_log,
+            node_overrides,
         } => {
-            let cfg = config.load(Some("127.0.0.1:0"))?;
+            // Every node is asked each round; a round starts once all are connected.
+            let cfg = config.load(Some("127.0.0.1:0"), &[("sampling.min_available", nodes.to_string())])?;
             fedge_common::telemetry::init(cfg.log_format, "info");
             let opts = FleetOptions {
                 nodes,
                 node_bin,
                 node_threads,
                 node_log,
+                node_overrides,
             };
             run_fleet(cfg, opts, fedge_common::shutdown::signal()).await?;
+        }
+        Cmd::Baseline {
+            config,
+            epochs,
+            threads,
+        } => {
+            let cfg = config.load(None, &[])?;
+            fedge_common::telemetry::init(cfg.log_format, "info");
+            let report = tokio::task::spawn_blocking(move || {
+                let report = coordinator::baseline::run_baseline(&cfg, epochs, threads)?;
+                let path = cfg.out_dir.join("baseline.json");
+                let json = serde_json::to_vec_pretty(&report)?;
+                fedge_common::fsutil::write_atomic(&path, &json)?;
+                tracing::info!(path = %path.display(), "baseline report written");
+                anyhow::Ok(report)
+            })
+            .await??;
+            drop(report);
         }
     }
     Ok(())

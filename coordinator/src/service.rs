@@ -106,7 +106,7 @@ impl pb::federation_server::Federation for FederationService {
                 "node name must be 1 to 128 printable characters",
             ));
         }
-        if !req.models.iter().any(|m| *m == self.settings.model) {
+        if !req.models.contains(&self.settings.model) {
             tracing::warn!(node = %name, model = %self.settings.model, "join refused: node cannot build the run's model");
             return Err(Status::failed_precondition(format!(
                 "this run trains model `{}`, which node {name} cannot build (it offers: {})",

@@ -67,6 +67,8 @@ pub struct RunHistory {
     pub config: CoordinatorConfig,
     pub started_unix_ms: u64,
     pub finished: bool,
+    /// Peak resident memory of the coordinator process when the run finished.
+    pub peak_rss_bytes: Option<u64>,
     pub rounds: Vec<RoundRecord>,
 }
 
@@ -104,6 +106,21 @@ impl RunStore {
         self.dir.join("model.safetensors")
     }
 
+    /// Writes the initial global model as `rounds/round-0000.safetensors` (when round models are kept).
+    pub fn persist_initial(&self, params: &[f32]) -> Result<()> {
+        if !self.keep_round_models {
+            return Ok(());
+        }
+        let metadata = HashMap::from([
+            ("run_id".to_string(), self.history.run_id.clone()),
+            ("model".to_string(), self.history.model.clone()),
+            ("round".to_string(), "0".to_string()),
+            ("version".to_string(), "0".to_string()),
+        ]);
+        let path = self.dir.join("rounds").join("round-0000.safetensors");
+        Ok(save_safetensors(&path, &self.manifest, params, metadata)?)
+    }
+
     /// Durably records a closed round: its model files first, then `run.json`.
     pub fn persist_round(&mut self, closed: &ClosedRound, record: RoundRecord) -> Result<()> {
         let metadata = HashMap::from([
@@ -127,6 +144,7 @@ impl RunStore {
     /// Marks the run finished in `run.json`.
     pub fn finish(&mut self) -> Result<()> {
         self.history.finished = true;
+        self.history.peak_rss_bytes = fedge_common::fsutil::peak_rss_bytes();
         self.write_history()
     }
 

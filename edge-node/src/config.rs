@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use fedge_common::config::{DataConfig, LogFormat, load_layered};
+use fedge_common::partition::Scheme;
 use serde::{Deserialize, Serialize};
 
 use crate::{Error, Result};
@@ -36,7 +37,8 @@ pub struct NodeConfig {
     pub log_format: LogFormat,
 }
 
-/// One of `count` IID shards of the data, shuffled with `seed`.
+/// Part `index` of `count` of the data, split by `scheme` with `seed`. Every
+/// node of a simulated fleet computes the same split and keeps its own part.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PartitionConfig {
@@ -44,6 +46,61 @@ pub struct PartitionConfig {
     pub count: usize,
     #[serde(default)]
     pub seed: u64,
+    /// `iid`, `dirichlet`, `shards` or `quantity`.
+    #[serde(default = "default_scheme")]
+    pub scheme: String,
+    /// Dirichlet concentration α (scheme `dirichlet`).
+    #[serde(default = "default_alpha")]
+    pub alpha: f64,
+    /// Fewest samples per node a Dirichlet draw must give (scheme `dirichlet`).
+    #[serde(default = "default_min_size")]
+    pub min_size: usize,
+    /// Shards, so at most this many labels, per node (scheme `shards`).
+    #[serde(default = "default_labels_per_node")]
+    pub labels_per_node: usize,
+    /// σ of the log-normal node sizes (scheme `quantity`).
+    #[serde(default = "default_sigma")]
+    pub sigma: f64,
+}
+
+fn default_scheme() -> String {
+    "iid".into()
+}
+fn default_alpha() -> f64 {
+    0.5
+}
+fn default_min_size() -> usize {
+    10
+}
+fn default_labels_per_node() -> usize {
+    2
+}
+fn default_sigma() -> f64 {
+    1.0
+}
+
+impl PartitionConfig {
+    /// The partitioning scheme this names.
+    pub fn scheme(&self) -> Result<Scheme> {
+        let s = match self.scheme.as_str() {
+            "iid" => Scheme::Iid,
+            "dirichlet" => Scheme::Dirichlet {
+                alpha: self.alpha,
+                min_size: self.min_size,
+            },
+            "shards" => Scheme::Shards {
+                labels_per_node: self.labels_per_node,
+            },
+            "quantity" => Scheme::Quantity { sigma: self.sigma },
+            other => {
+                return Err(Error::Config(format!(
+                    "partition.scheme must be iid, dirichlet, shards or quantity, got `{other}`"
+                )));
+            }
+        };
+        s.validate()?;
+        Ok(s)
+    }
 }
 
 /// Exponential backoff with jitter between connection attempts.
@@ -92,7 +149,16 @@ fn default_name() -> String {
 impl NodeConfig {
     /// Reads defaults, then `file`, then `FEDGE_NODE_*` variables, then `overrides`, and validates.
     pub fn load(file: Option<&Path>, overrides: &[(String, String)]) -> Result<Self> {
-        let cfg: Self = load_layered(file, ENV_PREFIX, &[], overrides)?;
+        Self::load_with_env(file, std::env::vars(), overrides)
+    }
+
+    /// [`NodeConfig::load`] with the environment given explicitly.
+    pub fn load_with_env(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+        overrides: &[(String, String)],
+    ) -> Result<Self> {
+        let cfg: Self = load_layered(file, env, ENV_PREFIX, &[], overrides)?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -130,6 +196,7 @@ impl NodeConfig {
                     p.index, p.count
                 )));
             }
+            p.scheme()?;
         }
         if self.reconnect.initial.is_zero() || self.reconnect.max < self.reconnect.initial {
             return Err(Error::Config(
@@ -145,8 +212,21 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_example_file_lists_the_defaults() {
+        let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("edge-node.example.toml");
+        assert_eq!(
+            NodeConfig::load_with_env(Some(&example), [], &[]).unwrap(),
+            NodeConfig::default()
+        );
+    }
+
+    #[test]
     fn bad_values_are_named() {
-        let err = |k: &str, v: &str| NodeConfig::load(None, &[(k.into(), v.into())]).unwrap_err().to_string();
+        let err = |k: &str, v: &str| {
+            NodeConfig::load_with_env(None, [], &[(k.into(), v.into())])
+                .unwrap_err()
+                .to_string()
+        };
         assert_eq!(
             err("coordinator", "\"localhost:1\""),
             "invalid configuration: coordinator must be an http:// or https:// URL, got `localhost:1`"

@@ -21,7 +21,7 @@ use std::future::Future;
 
 pub use config::NodeConfig;
 pub use error::{Error, Result};
-use fedge_common::data::{Split, iid_partition};
+use fedge_common::data::Split;
 
 use crate::backoff::Backoff;
 use crate::session::{ModelCache, NodeStats, SessionCtx, SessionEnd, run_session};
@@ -39,8 +39,9 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> Resu
         let full = source.load(Split::Train)?;
         Ok(match partition {
             Some(p) => {
-                let shards = iid_partition(full.len(), p.count, p.seed);
-                full.subset(&shards[p.index])
+                let labels = Vec::<i64>::try_from(&full.labels).map_err(fedge_common::Error::from)?;
+                let parts = p.scheme()?.split(&labels, p.count, p.seed)?;
+                full.subset(&parts[p.index])
             }
             None => full,
         })
@@ -48,13 +49,14 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> Resu
     .await
     .map_err(|e| Error::Trainer(format!("data loading task failed: {e}")))??;
     let num_samples = data.len() as u64;
+    let data_shape = data.shape();
     if num_samples == 0 {
         return Err(Error::Config("this node has no training samples".into()));
     }
     tracing::info!(
         node = %config.name,
         data = %describe,
-        partition = ?config.partition.as_ref().map(|p| format!("{}/{}", p.index, p.count)),
+        partition = ?config.partition.as_ref().map(|p| format!("{}/{} {}", p.index, p.count, p.scheme)),
         samples = num_samples,
         ?device,
         "local data loaded"
@@ -70,6 +72,7 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> Resu
             config: &config,
             trainer: &trainer,
             num_samples,
+            data_shape,
             cache: &mut cache,
             stats: &mut stats,
         });
@@ -90,6 +93,7 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> Resu
                     rounds_trained = stats.rounds_trained,
                     bytes_up = stats.bytes_up,
                     bytes_down = stats.bytes_down,
+                    peak_rss_mb = fedge_common::fsutil::peak_rss_bytes().map(|b| b / (1 << 20)),
                     "run over; stopping"
                 );
                 return Ok(Some(reason));

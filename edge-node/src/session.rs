@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use fedge_common::model::ModelKind;
 use fedge_common::params::{Manifest, save_safetensors};
@@ -49,15 +50,23 @@ pub struct SessionCtx<'a> {
     pub config: &'a NodeConfig,
     pub trainer: &'a Trainer,
     pub num_samples: u64,
+    /// `[channels, height, width]` of the local data.
+    pub data_shape: [i64; 3],
     pub cache: &'a mut ModelCache,
     pub stats: &'a mut NodeStats,
 }
 
 /// Runs one session until the coordinator stops the run or the stream ends.
 pub async fn run_session(ctx: SessionCtx<'_>) -> Result<SessionEnd> {
-    let mut client = FederationClient::connect(ctx.config.coordinator.clone())
-        .await?
-        .max_decoding_message_size(8 << 20);
+    let channel = tonic::transport::Endpoint::from_shared(ctx.config.coordinator.clone())
+        .map_err(|e| Error::Config(format!("coordinator URL `{}`: {e}", ctx.config.coordinator)))?
+        .connect_timeout(Duration::from_secs(5))
+        .http2_keep_alive_interval(Duration::from_secs(20))
+        .keep_alive_timeout(Duration::from_secs(20))
+        .keep_alive_while_idle(true)
+        .connect()
+        .await?;
+    let mut client = FederationClient::new(channel).max_decoding_message_size(8 << 20);
     let joined = client
         .join(pb::JoinRequest {
             protocol_version: PROTOCOL_VERSION,
@@ -78,6 +87,13 @@ pub async fn run_session(ctx: SessionCtx<'_>) -> Result<SessionEnd> {
         .model
         .parse()
         .map_err(|e: fedge_common::Error| Error::Refused(e.to_string()))?;
+    if settings.input_shape != ctx.data_shape {
+        return Err(Error::Refused(format!(
+            "this node's data is {:?} (channels, height, width) but the run's model takes {:?}",
+            ctx.data_shape, settings.input_shape
+        )));
+    }
+    let classes = settings.classes.len() as i64;
     if ctx.cache.run_id != settings.run_id {
         *ctx.cache = ModelCache {
             run_id: settings.run_id.clone(),
@@ -97,10 +113,11 @@ pub async fn run_session(ctx: SessionCtx<'_>) -> Result<SessionEnd> {
     while let Some(msg) = instructions.message().await? {
         match msg.kind {
             Some(pb::instruction::Kind::Train(task)) => {
+                let run = RunInfo { kind, classes };
                 handle_task(
                     &mut client,
                     &session,
-                    kind,
+                    run,
                     task,
                     ctx.config,
                     ctx.trainer,
@@ -119,11 +136,18 @@ pub async fn run_session(ctx: SessionCtx<'_>) -> Result<SessionEnd> {
     Ok(SessionEnd::StreamClosed)
 }
 
+/// What the run asks this node to build.
+#[derive(Debug, Clone, Copy)]
+struct RunInfo {
+    kind: ModelKind,
+    classes: i64,
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn handle_task(
     client: &mut FederationClient<Channel>,
     session: &str,
-    kind: ModelKind,
+    run: RunInfo,
     task: pb::TrainTask,
     config: &NodeConfig,
     trainer: &Trainer,
@@ -149,7 +173,13 @@ async fn handle_task(
     };
     tracing::info!(round, version = task.model_version, epochs = hyper.epochs, "training");
     let result = trainer
-        .train(kind, cache.manifest.clone(), cache.params.clone(), hyper)
+        .train(
+            run.kind,
+            run.classes,
+            cache.manifest.clone(),
+            cache.params.clone(),
+            hyper,
+        )
         .await?;
     let m = &result.metrics;
     tracing::info!(

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::mpsc;
 
 use fedge_common::data::Dataset;
-use fedge_common::model::{ConvNet, ModelKind};
+use fedge_common::model::{ModelKind, Net};
 use fedge_common::params::{self, Manifest};
 use fedge_common::train::{Hyperparameters, TrainMetrics, train};
 use tch::nn::VarStore;
@@ -24,6 +24,7 @@ pub struct TrainResult {
 
 struct Job {
     kind: ModelKind,
+    classes: i64,
     manifest: Arc<Manifest>,
     global: Arc<Vec<f32>>,
     hyper: Hyperparameters,
@@ -46,11 +47,11 @@ impl Trainer {
                 if threads > 0 {
                     tch::set_num_threads(threads as i32);
                 }
-                let mut model: Option<(ModelKind, VarStore, ConvNet)> = None;
+                let mut model: Option<(ModelKind, VarStore, Net)> = None;
                 while let Ok(job) = rx.recv() {
                     if model.as_ref().is_none_or(|(k, _, _)| *k != job.kind) {
                         let vs = VarStore::new(device);
-                        let net = job.kind.build(&vs.root());
+                        let net = job.kind.build(&vs.root(), data.shape(), job.classes);
                         model = Some((job.kind, vs, net));
                     }
                     let (_, vs, net) = model.as_mut().expect("model built above");
@@ -66,6 +67,7 @@ impl Trainer {
     pub async fn train(
         &self,
         kind: ModelKind,
+        classes: i64,
         manifest: Arc<Manifest>,
         global: Arc<Vec<f32>>,
         hyper: Hyperparameters,
@@ -74,6 +76,7 @@ impl Trainer {
         self.tx
             .send(Job {
                 kind,
+                classes,
                 manifest,
                 global,
                 hyper,
@@ -85,7 +88,7 @@ impl Trainer {
     }
 }
 
-fn run_job(vs: &mut VarStore, net: &ConvNet, data: &Dataset, job: &Job) -> Result<TrainResult> {
+fn run_job(vs: &mut VarStore, net: &Net, data: &Dataset, job: &Job) -> Result<TrainResult> {
     params::load_into(vs, &job.manifest, &job.global)?;
     let metrics = train(net, vs, data, &job.hyper)?;
     let mut delta = params::flatten(vs, &job.manifest)?;

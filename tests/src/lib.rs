@@ -1,1 +1,149 @@
-//! placeholder
+//! Test harness for fedge's integration tests: builds the real `coordinator`
+//! and `edge-node` binaries, starts them as processes on loopback ports,
+//! waits for them, and reads what they leave on disk.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use fedge_common::params::{LoadedParams, load_safetensors};
+
+/// The folder holding the `coordinator` and `edge-node` binaries of this
+/// build profile, built (or brought up to date) once per test process.
+pub fn bin_dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let exe = std::env::current_exe().expect("test executable path");
+        // target/<profile>/deps/<test> -> target/<profile>
+        let dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("target profile dir")
+            .to_path_buf();
+        let mut cmd = Command::new(env!("CARGO"));
+        cmd.args(["build", "--quiet", "-p", "coordinator", "-p", "edge-node", "--bins"])
+            .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."));
+        if dir.file_name().is_some_and(|n| n == "release") {
+            cmd.arg("--release");
+        }
+        if let Some(target) = dir.parent() {
+            cmd.arg("--target-dir").arg(target);
+        }
+        let status = cmd.status().expect("running cargo build");
+        assert!(status.success(), "building the daemons failed");
+        dir
+    })
+}
+
+/// A free loopback port (bound and released; the daemons bind it right after).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A command for one of the daemons, with no `FEDGE_*` variables from the
+/// caller's environment (tests configure the daemons explicitly).
+fn daemon_command(bin: &str) -> Command {
+    let mut cmd = Command::new(bin_dir().join(bin));
+    for (k, _) in std::env::vars() {
+        if k.starts_with("FEDGE_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.env("NO_COLOR", "1").stdin(Stdio::null());
+    cmd
+}
+
+/// A running daemon whose stderr goes to a log file.
+pub struct Daemon {
+    pub name: String,
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Daemon {
+    /// Starts `bin` with `args`, logging to `dir/<name>.log`.
+    pub fn start(bin: &str, name: &str, args: &[String], dir: &Path) -> Result<Self> {
+        let log = dir.join(format!("{name}.log"));
+        let file = std::fs::File::create(&log)?;
+        let child = daemon_command(bin)
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .with_context(|| format!("starting {bin}"))?;
+        Ok(Self {
+            name: name.into(),
+            child,
+            log,
+        })
+    }
+
+    /// Waits for exit, failing after `timeout`.
+    pub fn wait(&mut self, timeout: Duration) -> Result<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                bail!(
+                    "{} did not exit within {timeout:?}; log:\n{}",
+                    self.name,
+                    self.log_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The daemon's log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs a binary to completion and returns (exit status, stderr).
+pub fn run_to_end(bin: &str, args: &[&str]) -> Result<(ExitStatus, String)> {
+    let out = daemon_command(bin).args(args).output()?;
+    Ok((out.status, String::from_utf8_lossy(&out.stderr).into_owned()))
+}
+
+/// Reads a safetensors file written by the daemons.
+pub fn load_params(path: &Path) -> Result<LoadedParams> {
+    load_safetensors(path).with_context(|| format!("reading {}", path.display()))
+}
+
+/// `run.json` of a run folder.
+pub fn run_history(out_dir: &Path) -> Result<serde_json::Value> {
+    let text = std::fs::read_to_string(out_dir.join("run.json"))?;
+    Ok(serde_json::from_str(&text)?)
+}
+
+/// Metadata value of a loaded parameter file, parsed.
+pub fn meta_u64(p: &LoadedParams, key: &str) -> u64 {
+    p.metadata
+        .get(key)
+        .unwrap_or_else(|| panic!("metadata key {key} missing"))
+        .parse()
+        .unwrap()
+}
+
+/// `k=v` pairs as `--set` arguments.
+pub fn sets(pairs: &[(&str, String)]) -> Vec<String> {
+    pairs
+        .iter()
+        .flat_map(|(k, v)| ["--set".to_string(), format!("{k}={v}")])
+        .collect()
+}
