@@ -16,6 +16,9 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Gamma, LogNormal};
 
+use std::path::{Path, PathBuf};
+
+use crate::data::{DataSource, Dataset, Split, cifar, folder, mnist};
 use crate::{Error, Result};
 
 /// A partitioning scheme and its parameters.
@@ -38,7 +41,40 @@ pub enum Scheme {
     },
 }
 
+/// Parameters of every scheme, as configuration files and flags name them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SchemeParams<'a> {
+    /// `iid`, `dirichlet`, `shards` or `quantity`.
+    pub name: &'a str,
+    pub alpha: f64,
+    pub min_size: usize,
+    pub labels_per_node: usize,
+    pub sigma: f64,
+}
+
 impl Scheme {
+    /// The scheme `p.name` with its parameters, validated.
+    pub fn from_params(p: &SchemeParams<'_>) -> Result<Self> {
+        let s = match p.name {
+            "iid" => Scheme::Iid,
+            "dirichlet" => Scheme::Dirichlet {
+                alpha: p.alpha,
+                min_size: p.min_size,
+            },
+            "shards" => Scheme::Shards {
+                labels_per_node: p.labels_per_node,
+            },
+            "quantity" => Scheme::Quantity { sigma: p.sigma },
+            other => {
+                return Err(Error::Config(format!(
+                    "partition scheme must be iid, dirichlet, shards or quantity, got `{other}`"
+                )));
+            }
+        };
+        s.validate()?;
+        Ok(s)
+    }
+
     /// A short description, for logs and tables.
     pub fn describe(&self) -> String {
         match self {
@@ -223,6 +259,166 @@ pub fn histograms(labels: &[i64], parts: &[Vec<i64>], classes: usize) -> Vec<Vec
         .collect()
 }
 
+/// What `write_partitions` wrote.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PartitionReport {
+    pub source: String,
+    pub scheme: String,
+    pub seed: u64,
+    pub classes: Vec<String>,
+    pub nodes: Vec<NodePart>,
+    /// Folder with the test split for the coordinator, when the source has one.
+    pub coordinator_dir: Option<PathBuf>,
+    /// Seconds spent reading (and decoding) the source.
+    pub load_seconds: f64,
+}
+
+/// One node's share.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct NodePart {
+    pub name: String,
+    pub dir: PathBuf,
+    pub samples: usize,
+    pub histogram: Vec<u64>,
+}
+
+impl PartitionReport {
+    /// The per-node label histogram as a markdown table.
+    pub fn markdown(&self) -> String {
+        let mut s = format!(
+            "Partition of {} by {} (seed {}) into {} nodes.\n\n| node | samples |",
+            self.source,
+            self.scheme,
+            self.seed,
+            self.nodes.len()
+        );
+        for c in &self.classes {
+            s.push_str(&format!(" {c} |"));
+        }
+        s.push_str("\n| --- | ---: |");
+        s.push_str(&" ---: |".repeat(self.classes.len()));
+        s.push('\n');
+        for n in &self.nodes {
+            s.push_str(&format!("| {} | {} |", n.name, n.samples));
+            for h in &n.histogram {
+                s.push_str(&format!(" {h} |"));
+            }
+            s.push('\n');
+        }
+        s
+    }
+}
+
+/// Splits the training half of `source` into `count` node folders under
+/// `out` (`node-1` …), each in the source's own format, plus `coordinator/`
+/// with the test half, `partition.md` (label histograms) and
+/// `partition.json`. Every node of a fleet then mounts only its own folder.
+pub fn write_partitions(
+    source: &DataSource,
+    scheme: &Scheme,
+    count: usize,
+    seed: u64,
+    out: &Path,
+) -> Result<PartitionReport> {
+    let started = std::time::Instant::now();
+    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    let mut nodes = Vec::with_capacity(count);
+    let coordinator_dir = out.join("coordinator");
+    let mut has_test = true;
+    let (classes, load_seconds) = match source {
+        DataSource::ImageFolder(dir) => {
+            let (classes, files) = folder::list_files(dir, Split::Train)?;
+            let load_seconds = started.elapsed().as_secs_f64();
+            let labels: Vec<i64> = files.iter().map(|(_, l)| *l).collect();
+            let parts = scheme.split(&labels, count, seed)?;
+            let hist = histograms(&labels, &parts, classes.len());
+            for (i, part) in parts.iter().enumerate() {
+                let dir = out.join(format!("node-{}", i + 1));
+                copy_images(&dir.join("train"), &classes, part.iter().map(|&j| &files[j as usize]))?;
+                write_classes(&dir, &classes)?;
+                nodes.push(NodePart {
+                    name: format!("node-{}", i + 1),
+                    dir,
+                    samples: part.len(),
+                    histogram: hist[i].clone(),
+                });
+            }
+            match folder::list_files(dir, Split::Test) {
+                Ok((_, test)) => copy_images(&coordinator_dir.join("test"), &classes, test.iter())?,
+                Err(_) => has_test = false,
+            }
+            if has_test {
+                write_classes(&coordinator_dir, &classes)?;
+            }
+            (classes, load_seconds)
+        }
+        _ => {
+            let train = source.load(Split::Train)?;
+            let load_seconds = started.elapsed().as_secs_f64();
+            let labels = train.label_vec();
+            let parts = scheme.split(&labels, count, seed)?;
+            let hist = histograms(&labels, &parts, train.classes.len());
+            for (i, part) in parts.iter().enumerate() {
+                let dir = out.join(format!("node-{}", i + 1));
+                write_dataset(source, &dir, &train.subset(part), Split::Train)?;
+                nodes.push(NodePart {
+                    name: format!("node-{}", i + 1),
+                    dir,
+                    samples: part.len(),
+                    histogram: hist[i].clone(),
+                });
+            }
+            match source.load(Split::Test) {
+                Ok(test) => write_dataset(source, &coordinator_dir, &test, Split::Test)?,
+                Err(_) => has_test = false,
+            }
+            (train.classes.clone(), load_seconds)
+        }
+    };
+    let report = PartitionReport {
+        source: source.describe(),
+        scheme: scheme.describe(),
+        seed,
+        classes,
+        nodes,
+        coordinator_dir: has_test.then_some(coordinator_dir),
+        load_seconds,
+    };
+    crate::fsutil::write_atomic(&out.join("partition.md"), report.markdown().as_bytes())?;
+    crate::fsutil::write_atomic(&out.join("partition.json"), &serde_json::to_vec_pretty(&report)?)?;
+    Ok(report)
+}
+
+fn write_classes(dir: &Path, classes: &[String]) -> Result<()> {
+    crate::fsutil::write_atomic(&dir.join(folder::CLASSES_FILE), (classes.join("\n") + "\n").as_bytes())
+}
+
+/// Copies (hard-links where it can) image files into `root/<class>/`.
+fn copy_images<'a>(root: &Path, classes: &[String], files: impl Iterator<Item = &'a (PathBuf, i64)>) -> Result<()> {
+    for c in classes {
+        let d = root.join(c);
+        std::fs::create_dir_all(&d).map_err(|e| Error::io(&d, e))?;
+    }
+    for (src, label) in files {
+        let name = src.file_name().ok_or_else(|| Error::data(src, "not a file"))?;
+        let dst = root.join(&classes[*label as usize]).join(name);
+        if std::fs::hard_link(src, &dst).is_err() {
+            std::fs::copy(src, &dst).map_err(|e| Error::io(&dst, e))?;
+        }
+    }
+    Ok(())
+}
+
+fn write_dataset(source: &DataSource, dir: &Path, data: &Dataset, split: Split) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    match (source, split) {
+        (DataSource::Mnist(_), Split::Train) => mnist::write(dir, "train", data),
+        (DataSource::Mnist(_), Split::Test) => mnist::write(dir, "t10k", data),
+        (_, Split::Train) => cifar::write_records(&dir.join("data_batch_1.bin"), data),
+        (_, Split::Test) => cifar::write_records(&dir.join("test_batch.bin"), data),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -334,6 +530,58 @@ mod tests {
         assert!(max > 4 * min, "sizes should be skewed: {sizes:?}");
         let flat = Scheme::Quantity { sigma: 0.0 }.split(&l, 10, 4).unwrap();
         assert!(flat.iter().all(|p| p.len() == 1000));
+    }
+
+    #[test]
+    fn partitions_are_written_in_the_source_format_with_histograms() {
+        let src = tempfile::tempdir().unwrap();
+        let data = crate::data::synthetic(1, 1, 300);
+        cifar::write_records(&src.path().join("data_batch_1.bin"), &data).unwrap();
+        cifar::write_records(&src.path().join("test_batch.bin"), &crate::data::synthetic(1, 2, 50)).unwrap();
+        let source = crate::data::detect(src.path()).unwrap();
+        let out = tempfile::tempdir().unwrap();
+        let scheme = Scheme::Dirichlet {
+            alpha: 0.3,
+            min_size: 5,
+        };
+        let report = write_partitions(&source, &scheme, 3, 7, out.path()).unwrap();
+        let mut total = 0;
+        for (i, node) in report.nodes.iter().enumerate() {
+            let back = crate::data::detect(&node.dir).unwrap().load(Split::Train).unwrap();
+            assert_eq!(back.len(), node.samples);
+            assert_eq!(back.label_histogram(), node.histogram, "node {i}");
+            total += node.samples;
+        }
+        assert_eq!(total, 300);
+        let test = crate::data::detect(&out.path().join("coordinator"))
+            .unwrap()
+            .load(Split::Test)
+            .unwrap();
+        assert_eq!(test.len(), 50);
+        let md = std::fs::read_to_string(out.path().join("partition.md")).unwrap();
+        assert!(md.contains("| node-3 |") && md.contains("dirichlet(alpha=0.3)"), "{md}");
+    }
+
+    #[test]
+    fn image_folder_partitions_copy_files_and_list_every_class() {
+        let src = tempfile::tempdir().unwrap();
+        for (class, n) in [("ant", 6), ("bee", 6), ("cow", 6)] {
+            for k in 0..n {
+                let p = src.path().join("train").join(class).join(format!("{k}.png"));
+                std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+                image::save_buffer(&p, &[k as u8; 4 * 4 * 3], 4, 4, image::ExtendedColorType::Rgb8).unwrap();
+            }
+        }
+        let source = crate::data::detect(src.path()).unwrap();
+        let out = tempfile::tempdir().unwrap();
+        let report = write_partitions(&source, &Scheme::Shards { labels_per_node: 1 }, 3, 1, out.path()).unwrap();
+        assert!(report.coordinator_dir.is_none());
+        for node in &report.nodes {
+            let d = crate::data::detect(&node.dir).unwrap().load(Split::Train).unwrap();
+            assert_eq!(d.classes, vec!["ant", "bee", "cow"]);
+            assert_eq!(d.len(), 6);
+            assert_eq!(d.label_histogram().iter().filter(|&&c| c > 0).count(), 1);
+        }
     }
 
     #[test]

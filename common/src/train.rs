@@ -24,8 +24,12 @@ pub struct Hyperparameters {
     pub weight_decay: f64,
     /// Upper bound on optimizer steps; 0 means only the epochs bound.
     pub max_steps: u64,
-    /// Seed of this round's shuffling.
+    /// Seed of this round's shuffling and augmentation.
     pub seed: u64,
+    /// Augmentation: random crops after zero padding by this many pixels (0: off).
+    pub crop_padding: u32,
+    /// Augmentation: random horizontal flips.
+    pub horizontal_flip: bool,
 }
 
 impl Default for Hyperparameters {
@@ -38,6 +42,8 @@ impl Default for Hyperparameters {
             weight_decay: 0.0,
             max_steps: 0,
             seed: 0,
+            crop_padding: 0,
+            horizontal_flip: false,
         }
     }
 }
@@ -87,7 +93,11 @@ pub fn train(net: &impl ModuleT, vs: &VarStore, data: &Dataset, h: &Hyperparamet
             if h.max_steps > 0 && steps >= h.max_steps {
                 break 'epochs;
             }
-            let (x, y) = data.batch(&Tensor::from_slice(idx), device);
+            let (x, y) = if h.crop_padding > 0 || h.horizontal_flip {
+                data.augmented_batch(idx, device, h.crop_padding as i64, h.horizontal_flip, &mut rng)
+            } else {
+                data.batch(&Tensor::from_slice(idx), device)
+            };
             let logits = net.forward_t(&x, true);
             let loss = logits.cross_entropy_for_logits(&y);
             opt.backward_step(&loss);
@@ -170,6 +180,21 @@ mod tests {
             before.accuracy
         );
         assert!(after.loss < before.loss);
+    }
+
+    #[test]
+    fn augmentation_trains_too() {
+        let vs = VarStore::new(Device::Cpu);
+        let net = ModelKind::Cnn.build(&vs.root(), [3, 32, 32], 10);
+        let data = synthetic(3, 1, 64);
+        let h = Hyperparameters {
+            crop_padding: 4,
+            horizontal_flip: true,
+            ..Default::default()
+        };
+        let m = train(&net, &vs, &data, &h).unwrap();
+        assert_eq!(m.examples, 64);
+        assert!(m.loss.is_finite());
     }
 
     #[test]

@@ -7,11 +7,13 @@
 //! and checks a payload as chunks arrive, refusing overlong, truncated and
 //! corrupt ones.
 //!
-//! This is also the one place where `pb::Manifest` and [`Manifest`] convert.
+//! This is also the one place where wire types and domain types convert
+//! (manifests, hyper-parameters, metrics).
 
 use prost::bytes::Bytes;
 
 use crate::params::{Manifest, TensorMeta};
+use crate::train::{EvalMetrics, Hyperparameters, TrainMetrics};
 use crate::{Error, Result, pb};
 
 /// Default size of one data chunk on the wire: 1 MiB.
@@ -128,6 +130,69 @@ impl PayloadReader {
         }
         Ok(self.values)
     }
+}
+
+impl From<&Hyperparameters> for pb::Hyperparameters {
+    fn from(h: &Hyperparameters) -> Self {
+        pb::Hyperparameters {
+            epochs: h.epochs,
+            batch_size: h.batch_size,
+            learning_rate: h.learning_rate,
+            momentum: h.momentum,
+            weight_decay: h.weight_decay,
+            max_steps: h.max_steps,
+            seed: h.seed,
+            crop_padding: h.crop_padding,
+            horizontal_flip: h.horizontal_flip,
+        }
+    }
+}
+
+impl From<&pb::Hyperparameters> for Hyperparameters {
+    fn from(h: &pb::Hyperparameters) -> Self {
+        Hyperparameters {
+            epochs: h.epochs,
+            batch_size: h.batch_size,
+            learning_rate: h.learning_rate,
+            momentum: h.momentum,
+            weight_decay: h.weight_decay,
+            max_steps: h.max_steps,
+            seed: h.seed,
+            crop_padding: h.crop_padding,
+            horizontal_flip: h.horizontal_flip,
+        }
+    }
+}
+
+/// Training metrics and the optional federated evaluation, as sent with an update.
+pub fn metrics_to_wire(m: &TrainMetrics, eval: Option<&EvalMetrics>) -> pb::TrainMetrics {
+    pb::TrainMetrics {
+        loss: m.loss,
+        accuracy: m.accuracy,
+        steps: m.steps,
+        examples: m.examples,
+        train_seconds: m.train_seconds,
+        eval_loss: eval.map_or(0.0, |e| e.loss),
+        eval_accuracy: eval.map_or(0.0, |e| e.accuracy),
+        eval_examples: eval.map_or(0, |e| e.examples),
+    }
+}
+
+/// The inverse of [`metrics_to_wire`].
+pub fn metrics_from_wire(m: &pb::TrainMetrics) -> (TrainMetrics, Option<EvalMetrics>) {
+    let train = TrainMetrics {
+        loss: m.loss,
+        accuracy: m.accuracy,
+        steps: m.steps,
+        examples: m.examples,
+        train_seconds: m.train_seconds,
+    };
+    let eval = (m.eval_examples > 0).then_some(EvalMetrics {
+        loss: m.eval_loss,
+        accuracy: m.eval_accuracy,
+        examples: m.eval_examples,
+    });
+    (train, eval)
 }
 
 impl From<&Manifest> for pb::Manifest {

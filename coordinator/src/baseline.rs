@@ -20,8 +20,10 @@ pub struct BaselineReport {
     pub test_samples: usize,
     pub epochs: u32,
     pub threads: usize,
-    /// Loading and decoding the data, seconds.
-    pub load_seconds: f64,
+    /// Loading and decoding the training split, seconds.
+    pub load_train_seconds: f64,
+    /// Loading and decoding the test split, seconds.
+    pub load_test_seconds: f64,
     /// Training only, seconds.
     pub train_seconds: f64,
     pub eval_seconds: f64,
@@ -42,8 +44,17 @@ pub fn run_baseline(config: &CoordinatorConfig, epochs: u32, threads: usize) -> 
     let source = config.data.source()?;
     let t = Instant::now();
     let train_set = source.load(Split::Train)?;
+    let load_train_seconds = t.elapsed().as_secs_f64();
+    let t = Instant::now();
     let test_set = source.load(Split::Test)?;
-    let load_seconds = t.elapsed().as_secs_f64();
+    let load_test_seconds = t.elapsed().as_secs_f64();
+    tracing::info!(
+        train = train_set.len(),
+        test = test_set.len(),
+        load_train_s = format!("{load_train_seconds:.2}"),
+        load_test_s = format!("{load_test_seconds:.2}"),
+        "data loaded"
+    );
     tch::manual_seed(config.seed as i64);
     let vs = VarStore::new(tch::Device::Cpu);
     let net = kind.build(&vs.root(), train_set.shape(), train_set.num_classes());
@@ -60,7 +71,8 @@ pub fn run_baseline(config: &CoordinatorConfig, epochs: u32, threads: usize) -> 
         test_samples: test_set.len(),
         epochs,
         threads: tch::get_num_threads() as usize,
-        load_seconds,
+        load_train_seconds,
+        load_test_seconds,
         train_seconds: m.train_seconds,
         eval_seconds: t.elapsed().as_secs_f64(),
         train_loss: m.loss,

@@ -108,6 +108,10 @@ pub struct TrainConfig {
     pub weight_decay: f64,
     /// Upper bound on local steps per round; 0: the epochs alone bound training.
     pub max_steps: u64,
+    /// Augmentation: random crops after zero padding by this many pixels (0: off).
+    pub crop_padding: u32,
+    /// Augmentation: random horizontal flips.
+    pub horizontal_flip: bool,
 }
 
 impl Default for TrainConfig {
@@ -120,6 +124,8 @@ impl Default for TrainConfig {
             momentum: h.momentum,
             weight_decay: h.weight_decay,
             max_steps: h.max_steps,
+            crop_padding: h.crop_padding,
+            horizontal_flip: h.horizontal_flip,
         }
     }
 }
@@ -135,6 +141,8 @@ impl TrainConfig {
             weight_decay: self.weight_decay,
             max_steps: self.max_steps,
             seed,
+            crop_padding: self.crop_padding,
+            horizontal_flip: self.horizontal_flip,
         }
     }
 }

@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::evaluator::Evaluator;
 use crate::round::{ClosedRound, Output, Rejection, RoundMachine, Task, Update};
-use crate::store::{RoundRecord, RunStore, participant};
+use crate::store::{RoundRecord, RunStore, federated_eval, participant};
 use crate::{Error, Result};
 
 /// Messages from the service to the driver.
@@ -283,15 +283,7 @@ impl Driver {
             kind: Some(pb::instruction::Kind::Train(pb::TrainTask {
                 round: task.round,
                 model_version: task.version,
-                hyperparameters: Some(pb::Hyperparameters {
-                    epochs: h.epochs,
-                    batch_size: h.batch_size,
-                    learning_rate: h.learning_rate,
-                    momentum: h.momentum,
-                    weight_decay: h.weight_decay,
-                    max_steps: h.max_steps,
-                    seed: h.seed,
-                }),
+                hyperparameters: Some(pb::Hyperparameters::from(&h)),
                 deadline_unix_ms: task.deadline_ms,
             })),
         };
@@ -319,12 +311,16 @@ impl Driver {
         let down = self.traffic.bytes_down.load(Ordering::Relaxed);
         let rejected = self.traffic.rejected_updates.load(Ordering::Relaxed);
         let (up0, down0, rej0) = std::mem::replace(&mut self.last_counters, (up, down, rejected));
+        let federated = federated_eval(&closed.contributions);
         let mut record = RoundRecord {
             round: closed.round,
             selected: closed.selected,
             participants: closed.contributions.iter().map(participant).collect(),
             test_loss: eval.map(|e| e.loss),
             test_accuracy: eval.map(|e| e.accuracy),
+            federated_loss: federated.map(|e| e.loss),
+            federated_accuracy: federated.map(|e| e.accuracy),
+            federated_examples: federated.map_or(0, |e| e.examples),
             bytes_up: up - up0,
             bytes_down: down - down0,
             rejected_updates: rejected - rej0,
@@ -360,6 +356,10 @@ impl Driver {
                     .map(|a| format!("{:.2}%", a * 100.0))
                     .unwrap_or_else(|| "-".into()),
                 test_loss = rec.test_loss.map(|l| format!("{l:.4}")).unwrap_or_else(|| "-".into()),
+                federated_accuracy = rec
+                    .federated_accuracy
+                    .map(|a| format!("{:.2}%", a * 100.0))
+                    .unwrap_or_else(|| "-".into()),
                 round_s = format!("{:.2}", rec.round_seconds + persist_start.elapsed().as_secs_f64()),
                 bytes_up = rec.bytes_up,
                 bytes_down = rec.bytes_down,

@@ -17,7 +17,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::sync::Arc;
 
-use fedge_common::train::TrainMetrics;
+use fedge_common::train::{EvalMetrics, TrainMetrics};
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
@@ -52,6 +52,8 @@ pub struct Contribution {
     pub node: String,
     pub num_samples: u64,
     pub metrics: TrainMetrics,
+    /// The round's starting model on the node's held-out data.
+    pub federated_eval: Option<EvalMetrics>,
     pub wire_bytes: u64,
 }
 
@@ -88,6 +90,7 @@ pub struct Update {
     pub num_samples: u64,
     pub delta: Vec<f32>,
     pub metrics: TrainMetrics,
+    pub federated_eval: Option<EvalMetrics>,
     pub wire_bytes: u64,
 }
 
@@ -352,6 +355,7 @@ impl RoundMachine {
             node: name.clone(),
             num_samples: update.num_samples,
             metrics: update.metrics,
+            federated_eval: update.federated_eval,
             wire_bytes: update.wire_bytes,
         });
         let accepted = r.accepted.len();
@@ -549,6 +553,7 @@ mod tests {
             num_samples: n,
             delta,
             metrics: TrainMetrics::default(),
+            federated_eval: None,
             wire_bytes: 0,
         }
     }

@@ -9,8 +9,7 @@ use std::task::{Context, Poll};
 
 use fedge_common::params::Manifest;
 use fedge_common::pb::{self, PROTOCOL_VERSION};
-use fedge_common::train::TrainMetrics;
-use fedge_common::wire::{PayloadReader, chunks};
+use fedge_common::wire::{PayloadReader, chunks, metrics_from_wire};
 use prost::Message;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_stream::Stream;
@@ -230,19 +229,14 @@ impl pb::federation_server::Federation for FederationService {
                 return Err(status);
             }
         };
-        let metrics = header.metrics.unwrap_or_default();
+        let (metrics, federated_eval) = metrics_from_wire(&header.metrics.unwrap_or_default());
         let update = Update {
             round,
             base_version,
             num_samples: header.num_samples,
             delta,
-            metrics: TrainMetrics {
-                loss: metrics.loss,
-                accuracy: metrics.accuracy,
-                steps: metrics.steps,
-                examples: metrics.examples,
-                train_seconds: metrics.train_seconds,
-            },
+            metrics,
+            federated_eval,
             wire_bytes,
         };
         let accepted = self

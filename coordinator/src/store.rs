@@ -31,6 +31,10 @@ pub struct Participant {
     pub train_seconds: f64,
     /// Bytes of this node's update stream, as received.
     pub bytes_up: u64,
+    /// The round's starting model on this node's held-out data.
+    pub holdout_loss: Option<f64>,
+    pub holdout_accuracy: Option<f64>,
+    pub holdout_examples: u64,
 }
 
 /// One completed round.
@@ -42,6 +46,11 @@ pub struct RoundRecord {
     /// Central evaluation on the test split (absent when skipped this round).
     pub test_loss: Option<f64>,
     pub test_accuracy: Option<f64>,
+    /// Federated evaluation: the round's starting model (version `round - 1`)
+    /// on the participants' held-out data, weighted by their example counts.
+    pub federated_loss: Option<f64>,
+    pub federated_accuracy: Option<f64>,
+    pub federated_examples: u64,
     /// Bytes received in update streams during the round.
     pub bytes_up: u64,
     /// Bytes sent in model streams during the round.
@@ -165,5 +174,25 @@ pub fn participant(c: &crate::round::Contribution) -> Participant {
         steps: c.metrics.steps,
         train_seconds: c.metrics.train_seconds,
         bytes_up: c.wire_bytes,
+        holdout_loss: c.federated_eval.map(|e| e.loss),
+        holdout_accuracy: c.federated_eval.map(|e| e.accuracy),
+        holdout_examples: c.federated_eval.map_or(0, |e| e.examples),
     }
+}
+
+/// Federated evaluation of a round: the participants' held-out metrics
+/// averaged by example count, or `None` when no participant held data out.
+pub fn federated_eval(contributions: &[crate::round::Contribution]) -> Option<fedge_common::train::EvalMetrics> {
+    let evals: Vec<_> = contributions.iter().filter_map(|c| c.federated_eval).collect();
+    let examples: u64 = evals.iter().map(|e| e.examples).sum();
+    (examples > 0).then(|| {
+        let w = |f: fn(&fedge_common::train::EvalMetrics) -> f64| {
+            evals.iter().map(|e| f(e) * e.examples as f64).sum::<f64>() / examples as f64
+        };
+        fedge_common::train::EvalMetrics {
+            loss: w(|e| e.loss),
+            accuracy: w(|e| e.accuracy),
+            examples,
+        }
+    })
 }

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use fedge_common::config::{DataConfig, LogFormat, load_layered};
-use fedge_common::partition::Scheme;
+use fedge_common::partition::{Scheme, SchemeParams};
 use serde::{Deserialize, Serialize};
 
 use crate::{Error, Result};
@@ -26,6 +26,9 @@ pub struct NodeConfig {
     pub threads: usize,
     /// Local training data.
     pub data: DataConfig,
+    /// Fraction of the local data held out of training; the node evaluates
+    /// each global model it receives on it (federated evaluation). 0: none.
+    pub holdout: f64,
     /// Train on one partition of the data (for simulated fleets).
     pub partition: Option<PartitionConfig>,
     /// Reconnection backoff.
@@ -82,24 +85,13 @@ fn default_sigma() -> f64 {
 impl PartitionConfig {
     /// The partitioning scheme this names.
     pub fn scheme(&self) -> Result<Scheme> {
-        let s = match self.scheme.as_str() {
-            "iid" => Scheme::Iid,
-            "dirichlet" => Scheme::Dirichlet {
-                alpha: self.alpha,
-                min_size: self.min_size,
-            },
-            "shards" => Scheme::Shards {
-                labels_per_node: self.labels_per_node,
-            },
-            "quantity" => Scheme::Quantity { sigma: self.sigma },
-            other => {
-                return Err(Error::Config(format!(
-                    "partition.scheme must be iid, dirichlet, shards or quantity, got `{other}`"
-                )));
-            }
-        };
-        s.validate()?;
-        Ok(s)
+        Ok(Scheme::from_params(&SchemeParams {
+            name: &self.scheme,
+            alpha: self.alpha,
+            min_size: self.min_size,
+            labels_per_node: self.labels_per_node,
+            sigma: self.sigma,
+        })?)
     }
 }
 
@@ -130,6 +122,7 @@ impl Default for NodeConfig {
             device: "cpu".into(),
             threads: 0,
             data: DataConfig::default(),
+            holdout: 0.0,
             partition: None,
             reconnect: ReconnectConfig::default(),
             record_dir: None,
@@ -197,6 +190,12 @@ impl NodeConfig {
                 )));
             }
             p.scheme()?;
+        }
+        if !(0.0..1.0).contains(&self.holdout) {
+            return Err(Error::Config(format!(
+                "holdout must be in [0, 1), got {}",
+                self.holdout
+            )));
         }
         if self.reconnect.initial.is_zero() || self.reconnect.max < self.reconnect.initial {
             return Err(Error::Config(

@@ -21,7 +21,10 @@ use std::future::Future;
 
 pub use config::NodeConfig;
 pub use error::{Error, Result};
-use fedge_common::data::Split;
+use fedge_common::data::{Dataset, Split};
+use rand::SeedableRng;
+use rand::seq::SliceRandom;
+use rand_chacha::ChaCha8Rng;
 
 use crate::backoff::Backoff;
 use crate::session::{ModelCache, NodeStats, SessionCtx, SessionEnd, run_session};
@@ -34,20 +37,22 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> Resu
     let device = config.device()?;
     let source = config.data.source()?;
     let partition = config.partition.clone();
+    let holdout = config.holdout;
     let describe = source.describe();
     let data = tokio::task::spawn_blocking(move || -> Result<_> {
         let full = source.load(Split::Train)?;
-        Ok(match partition {
+        let (mine, seed) = match partition {
             Some(p) => {
-                let labels = Vec::<i64>::try_from(&full.labels).map_err(fedge_common::Error::from)?;
-                let parts = p.scheme()?.split(&labels, p.count, p.seed)?;
-                full.subset(&parts[p.index])
+                let parts = p.scheme()?.split(&full.label_vec(), p.count, p.seed)?;
+                (full.subset(&parts[p.index]), p.seed ^ p.index as u64)
             }
-            None => full,
-        })
+            None => (full, 0),
+        };
+        Ok(split_holdout(mine, holdout, seed))
     })
     .await
     .map_err(|e| Error::Trainer(format!("data loading task failed: {e}")))??;
+    let (data, held_out) = data;
     let num_samples = data.len() as u64;
     let data_shape = data.shape();
     if num_samples == 0 {
@@ -58,10 +63,11 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> Resu
         data = %describe,
         partition = ?config.partition.as_ref().map(|p| format!("{}/{} {}", p.index, p.count, p.scheme)),
         samples = num_samples,
+        held_out = held_out.as_ref().map_or(0, |h| h.len()),
         ?device,
         "local data loaded"
     );
-    let trainer = Trainer::spawn(data, device, config.threads)?;
+    let trainer = Trainer::spawn(data, held_out, device, config.threads)?;
     let mut cache = ModelCache::default();
     let mut stats = NodeStats::default();
     let mut backoff = Backoff::new(config.reconnect.initial, config.reconnect.max);
@@ -108,5 +114,33 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> Resu
             () = &mut shutdown => return Ok(None),
             () = tokio::time::sleep(delay) => {}
         }
+    }
+}
+
+/// Splits `fraction` of `data` off for federated evaluation (seeded shuffle).
+fn split_holdout(data: Dataset, fraction: f64, seed: u64) -> (Dataset, Option<Dataset>) {
+    let n = data.len();
+    let k = ((n as f64) * fraction).round() as usize;
+    if k == 0 || k >= n {
+        return (data, None);
+    }
+    let mut idx: Vec<i64> = (0..n as i64).collect();
+    idx.shuffle(&mut ChaCha8Rng::seed_from_u64(seed ^ 0x686f_6c64));
+    let (held, train) = idx.split_at(k);
+    (data.subset(train), Some(data.subset(held)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn holdout_is_a_disjoint_seeded_fraction() {
+        let data = fedge_common::data::synthetic(1, 1, 200);
+        let (train, held) = split_holdout(data, 0.1, 3);
+        let held = held.unwrap();
+        assert_eq!((train.len(), held.len()), (180, 20));
+        let (none_train, none) = split_holdout(fedge_common::data::synthetic(1, 1, 10), 0.0, 3);
+        assert!(none.is_none() && none_train.len() == 10);
     }
 }

@@ -10,7 +10,7 @@ use fedge_common::model::ModelKind;
 use fedge_common::params::{Manifest, save_safetensors};
 use fedge_common::pb::{self, PROTOCOL_VERSION, federation_client::FederationClient};
 use fedge_common::train::Hyperparameters;
-use fedge_common::wire::{PayloadReader, chunks, crc32, encode_f32};
+use fedge_common::wire::{PayloadReader, chunks, crc32, encode_f32, metrics_to_wire};
 use tonic::transport::Channel;
 
 use crate::config::NodeConfig;
@@ -162,15 +162,7 @@ async fn handle_task(
     let h = task
         .hyperparameters
         .ok_or_else(|| Error::Protocol("task without hyper-parameters".into()))?;
-    let hyper = Hyperparameters {
-        epochs: h.epochs,
-        batch_size: h.batch_size,
-        learning_rate: h.learning_rate,
-        momentum: h.momentum,
-        weight_decay: h.weight_decay,
-        max_steps: h.max_steps,
-        seed: h.seed,
-    };
+    let hyper = Hyperparameters::from(&h);
     tracing::info!(round, version = task.model_version, epochs = hyper.epochs, "training");
     let result = trainer
         .train(
@@ -188,6 +180,10 @@ async fn handle_task(
         accuracy = format!("{:.3}", m.accuracy),
         steps = m.steps,
         seconds = format!("{:.2}", m.train_seconds),
+        holdout_accuracy = result
+            .holdout
+            .map(|e| format!("{:.3}", e.accuracy))
+            .unwrap_or_else(|| "-".into()),
         "local training done"
     );
     if let Some(dir) = &config.record_dir {
@@ -209,13 +205,7 @@ async fn handle_task(
             base_version: task.model_version,
             num_samples,
             manifest: Some(pb::Manifest::from(cache.manifest.as_ref())),
-            metrics: Some(pb::TrainMetrics {
-                loss: m.loss,
-                accuracy: m.accuracy,
-                steps: m.steps,
-                examples: m.examples,
-                train_seconds: m.train_seconds,
-            }),
+            metrics: Some(metrics_to_wire(m, result.holdout.as_ref())),
         })),
     };
     let trailer = pb::UpdateChunk {

@@ -8,7 +8,7 @@ use std::sync::mpsc;
 use fedge_common::data::Dataset;
 use fedge_common::model::{ModelKind, Net};
 use fedge_common::params::{self, Manifest};
-use fedge_common::train::{Hyperparameters, TrainMetrics, train};
+use fedge_common::train::{EvalMetrics, Hyperparameters, TrainMetrics, evaluate, train};
 use tch::nn::VarStore;
 use tokio::sync::oneshot;
 
@@ -20,6 +20,8 @@ pub struct TrainResult {
     /// `w_local − w_global`, in manifest order.
     pub delta: Vec<f32>,
     pub metrics: TrainMetrics,
+    /// The received global model on the held-out data, when there is any.
+    pub holdout: Option<EvalMetrics>,
 }
 
 struct Job {
@@ -38,8 +40,8 @@ pub struct Trainer {
 }
 
 impl Trainer {
-    /// Starts the thread; it takes ownership of `data`.
-    pub fn spawn(data: Dataset, device: tch::Device, threads: usize) -> Result<Self> {
+    /// Starts the thread; it takes ownership of the data.
+    pub fn spawn(data: Dataset, held_out: Option<Dataset>, device: tch::Device, threads: usize) -> Result<Self> {
         let (tx, rx) = mpsc::channel::<Job>();
         std::thread::Builder::new()
             .name("trainer".into())
@@ -55,7 +57,7 @@ impl Trainer {
                         model = Some((job.kind, vs, net));
                     }
                     let (_, vs, net) = model.as_mut().expect("model built above");
-                    let result = run_job(vs, net, &data, &job);
+                    let result = run_job(vs, net, &data, held_out.as_ref(), &job);
                     let _ = job.reply.send(result);
                 }
             })
@@ -88,12 +90,17 @@ impl Trainer {
     }
 }
 
-fn run_job(vs: &mut VarStore, net: &Net, data: &Dataset, job: &Job) -> Result<TrainResult> {
+fn run_job(vs: &mut VarStore, net: &Net, data: &Dataset, held_out: Option<&Dataset>, job: &Job) -> Result<TrainResult> {
     params::load_into(vs, &job.manifest, &job.global)?;
+    let holdout = held_out.map(|h| evaluate(net, h, 256, vs.device()));
     let metrics = train(net, vs, data, &job.hyper)?;
     let mut delta = params::flatten(vs, &job.manifest)?;
     for (d, g) in delta.iter_mut().zip(job.global.iter()) {
         *d -= g;
     }
-    Ok(TrainResult { delta, metrics })
+    Ok(TrainResult {
+        delta,
+        metrics,
+        holdout,
+    })
 }

@@ -53,27 +53,63 @@ fn split_root(dir: &Path, split: Split) -> Result<PathBuf> {
     }
 }
 
-/// Loads one split of an image folder.
-pub fn load_image_folder(dir: &Path, split: Split) -> Result<Dataset> {
+/// File name of the optional class list at an image folder's root: one class
+/// name per line, in label order. With it, class folders may be empty or
+/// missing (a skewed partition may hold no sample of some class).
+pub const CLASSES_FILE: &str = "classes.txt";
+
+/// Image files of a split with their labels, sorted by class then name.
+pub type LabeledFiles = Vec<(PathBuf, i64)>;
+
+/// The class names and image files (with labels) of one split, sorted.
+pub fn list_files(dir: &Path, split: Split) -> Result<(Vec<String>, LabeledFiles)> {
     let root = split_root(dir, split)?;
-    let classes = subdirs(&root);
+    let listed = [dir.join(CLASSES_FILE), root.join(CLASSES_FILE)]
+        .into_iter()
+        .find(|p| p.is_file());
+    let classes: Vec<String> = match &listed {
+        Some(p) => std::fs::read_to_string(p)
+            .map_err(|e| Error::io(p, e))?
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(String::from)
+            .collect(),
+        None => subdirs(&root)
+            .iter()
+            .map(|c| {
+                c.file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default()
+            })
+            .collect(),
+    };
     if classes.is_empty() {
         return Err(Error::data(&root, "no class folders"));
     }
     let mut files: Vec<(PathBuf, i64)> = Vec::new();
-    for (label, class) in classes.iter().enumerate() {
-        let mut imgs: Vec<PathBuf> = std::fs::read_dir(class)
-            .map_err(|e| Error::io(class, e))?
-            .flatten()
-            .map(|e| e.path())
-            .filter(|p| is_image(p))
-            .collect();
-        if imgs.is_empty() {
-            return Err(Error::data(class, "class folder has no JPEG or PNG images"));
+    for (label, name) in classes.iter().enumerate() {
+        let class = root.join(name);
+        let mut imgs: Vec<PathBuf> = match std::fs::read_dir(&class) {
+            Ok(rd) => rd.flatten().map(|e| e.path()).filter(|p| is_image(p)).collect(),
+            Err(_) if listed.is_some() => Vec::new(),
+            Err(e) => return Err(Error::io(&class, e)),
+        };
+        if imgs.is_empty() && listed.is_none() {
+            return Err(Error::data(&class, "class folder has no JPEG or PNG images"));
         }
         imgs.sort();
         files.extend(imgs.into_iter().map(|p| (p, label as i64)));
     }
+    if files.is_empty() {
+        return Err(Error::data(&root, "no JPEG or PNG images in any class folder"));
+    }
+    Ok((classes, files))
+}
+
+/// Loads one split of an image folder, decoding in parallel.
+pub fn load_image_folder(dir: &Path, split: Split) -> Result<Dataset> {
+    let (names, files) = list_files(dir, split)?;
     let first = decode(&files[0].0)?;
     let (w, h) = (first.width(), first.height());
     let gray = matches!(
@@ -105,14 +141,6 @@ pub fn load_image_folder(dir: &Path, split: Split) -> Result<Dataset> {
         pixels.extend_from_slice(&d);
     }
     let labels: Vec<i64> = files.iter().map(|(_, l)| *l).collect();
-    let names = classes
-        .iter()
-        .map(|c| {
-            c.file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default()
-        })
-        .collect();
     Ok(Dataset::from_raw(
         &pixels,
         &labels,
@@ -140,38 +168,6 @@ fn chw(img: &DynamicImage, gray: bool) -> Vec<u8> {
         }
     }
     out
-}
-
-/// Writes `data` as an image folder of PNG files under `dir/<split>/<class>/`.
-pub fn write(dir: &Path, split: Split, data: &Dataset) -> Result<()> {
-    let [c, h, w] = data.shape();
-    let images = Vec::<u8>::try_from(&data.images.flatten(0, -1))?;
-    let per = (c * h * w) as usize;
-    let labels = data.label_vec();
-    let root = dir.join(split.name());
-    let classes = &data.classes;
-    for class in classes {
-        let d = root.join(class);
-        std::fs::create_dir_all(&d).map_err(|e| Error::io(&d, e))?;
-    }
-    labels.par_iter().enumerate().try_for_each(|(i, &l)| {
-        let src = &images[i * per..(i + 1) * per];
-        let n = (h * w) as usize;
-        let (buf, color) = if c == 1 {
-            (src.to_vec(), image::ExtendedColorType::L8)
-        } else {
-            let mut hwc = vec![0u8; 3 * n];
-            for p in 0..n {
-                for ch in 0..3 {
-                    hwc[3 * p + ch] = src[ch * n + p];
-                }
-            }
-            (hwc, image::ExtendedColorType::Rgb8)
-        };
-        let path = root.join(&classes[l as usize]).join(format!("{i:06}.png"));
-        image::save_buffer(&path, &buf, w as u32, h as u32, color)
-            .map_err(|e| Error::data(&path, format!("cannot write image: {e}")))
-    })
 }
 
 #[cfg(test)]
@@ -207,12 +203,6 @@ mod tests {
         assert_eq!(train.images.int64_value(&[0, 0, 0, 1]), 5);
         let test = load_image_folder(r, Split::Test).unwrap();
         assert_eq!(test.len(), 2);
-
-        // Round trip through the writer (PNG is lossless).
-        let out = tempfile::tempdir().unwrap();
-        write(out.path(), Split::Train, &train).unwrap();
-        let back = load_image_folder(out.path(), Split::Train).unwrap();
-        assert!(back.images.equal(&train.images) && back.labels.equal(&train.labels));
     }
 
     #[test]
@@ -237,5 +227,16 @@ mod tests {
 
         let err = load_image_folder(r, Split::Test).unwrap_err().to_string();
         assert!(err.ends_with("no test/ folder of class folders"), "{err}");
+    }
+
+    #[test]
+    fn a_class_list_allows_empty_classes_and_keeps_labels() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = dir.path();
+        png(&r.join("train/cat/a.png"), 4, 4, 1);
+        std::fs::write(r.join(CLASSES_FILE), "ant\ncat\ndog\n").unwrap();
+        let d = load_image_folder(r, Split::Train).unwrap();
+        assert_eq!(d.classes, vec!["ant", "cat", "dog"]);
+        assert_eq!(d.label_vec(), vec![1]);
     }
 }

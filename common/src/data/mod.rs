@@ -115,6 +115,39 @@ impl Dataset {
         (x, y)
     }
 
+    /// The batch at `indices` with training augmentation: each image is
+    /// zero-padded by `pad` pixels and randomly cropped back to its size,
+    /// and flipped left-right with probability ½ when `flip` is set.
+    pub fn augmented_batch(
+        &self,
+        indices: &[i64],
+        device: Device,
+        pad: i64,
+        flip: bool,
+        rng: &mut impl rand::Rng,
+    ) -> (Tensor, Tensor) {
+        let imgs = self.images.index_select(0, &Tensor::from_slice(indices));
+        let [_, h, w] = self.shape();
+        let padded = if pad > 0 {
+            imgs.constant_pad_nd([pad, pad, pad, pad])
+        } else {
+            imgs
+        };
+        let crops: Vec<Tensor> = (0..indices.len() as i64)
+            .map(|i| {
+                let (dy, dx) = (rng.random_range(0..=2 * pad), rng.random_range(0..=2 * pad));
+                let c = padded.get(i).narrow(1, dy, h).narrow(2, dx, w);
+                if flip && rng.random_bool(0.5) { c.flip([2]) } else { c }
+            })
+            .collect();
+        let x = normalize(&Tensor::stack(&crops, 0)).to_device(device);
+        let y = self
+            .labels
+            .index_select(0, &Tensor::from_slice(indices))
+            .to_device(device);
+        (x, y)
+    }
+
     /// Samples per class.
     pub fn label_histogram(&self) -> Vec<u64> {
         let mut h = vec![0u64; self.classes.len()];
@@ -228,6 +261,20 @@ mod tests {
         let g = Tensor::full([1, 1, 2, 2], 255, (Kind::Uint8, Device::Cpu));
         let v = normalize(&g).double_value(&[0, 0, 1, 1]);
         assert!((v - (1.0 - 0.1307) / 0.3081).abs() < 1e-5);
+    }
+
+    #[test]
+    fn augmentation_keeps_shapes_and_content() {
+        use rand::SeedableRng;
+        let d = synthetic(1, 1, 8);
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+        let (x, y) = d.augmented_batch(&[0, 3, 5], Device::Cpu, 4, true, &mut rng);
+        assert_eq!(x.size(), vec![3, 3, 32, 32]);
+        assert_eq!(y.size(), vec![3]);
+        // Without padding or flips the batch equals the plain one.
+        let (a, _) = d.augmented_batch(&[0, 3], Device::Cpu, 0, false, &mut rng);
+        let (b, _) = d.batch(&Tensor::from_slice(&[0i64, 3]), Device::Cpu);
+        assert!(a.allclose(&b, 1e-6, 1e-6, false));
     }
 
     #[test]
