@@ -565,17 +565,22 @@ mod tests {
     #[test]
     fn image_folder_partitions_copy_files_and_list_every_class() {
         let src = tempfile::tempdir().unwrap();
-        for (class, n) in [("ant", 6), ("bee", 6), ("cow", 6)] {
-            for k in 0..n {
-                let p = src.path().join("train").join(class).join(format!("{k}.png"));
-                std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-                image::save_buffer(&p, &[k as u8; 4 * 4 * 3], 4, 4, image::ExtendedColorType::Rgb8).unwrap();
+        for (split, n) in [("train", 6), ("test", 2)] {
+            for class in ["ant", "bee", "cow"] {
+                for k in 0..n {
+                    let p = src.path().join(split).join(class).join(format!("{k}.png"));
+                    std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+                    image::save_buffer(&p, &[k as u8; 4 * 4 * 3], 4, 4, image::ExtendedColorType::Rgb8).unwrap();
+                }
             }
         }
         let source = crate::data::detect(src.path()).unwrap();
         let out = tempfile::tempdir().unwrap();
         let report = write_partitions(&source, &Scheme::Shards { labels_per_node: 1 }, 3, 1, out.path()).unwrap();
-        assert!(report.coordinator_dir.is_none());
+        // The coordinator's folder holds the test half and is detected as an image folder.
+        let coord = report.coordinator_dir.clone().unwrap();
+        let test = crate::data::detect(&coord).unwrap().load(Split::Test).unwrap();
+        assert_eq!((test.len(), test.classes.len()), (6, 3));
         for node in &report.nodes {
             let d = crate::data::detect(&node.dir).unwrap().load(Split::Train).unwrap();
             assert_eq!(d.classes, vec!["ant", "bee", "cow"]);

@@ -59,7 +59,7 @@ pub async fn run(
     let source = config.data.source()?;
     tracing::info!(data = %source.describe(), "central evaluation data");
     if matches!(source, fedge_common::data::DataSource::Synthetic { .. }) {
-        tracing::info!("no CIFAR-10 configured (data.path or FEDGE_DATA__PATH): using the synthetic data set");
+        tracing::info!("no data set configured (data.path or FEDGE_DATA__PATH): using the synthetic data set");
     }
     let (evaluator, initial) = Evaluator::spawn(
         kind,

@@ -26,16 +26,16 @@ fn subdirs(dir: &Path) -> Vec<PathBuf> {
     v
 }
 
-/// Whether `dir` looks like an image folder (with or without `train/`).
+/// Whether `dir` looks like an image folder (class folders at its root or
+/// under `train/` or `test/`).
 pub fn looks_like_image_folder(dir: &Path) -> bool {
-    let root = if dir.join("train").is_dir() {
-        dir.join("train")
-    } else {
-        dir.to_path_buf()
-    };
-    subdirs(&root)
+    [dir.join("train"), dir.join("test"), dir.to_path_buf()]
         .iter()
-        .any(|c| std::fs::read_dir(c).is_ok_and(|rd| rd.flatten().any(|e| is_image(&e.path()))))
+        .any(|root| {
+            subdirs(root)
+                .iter()
+                .any(|c| std::fs::read_dir(c).is_ok_and(|rd| rd.flatten().any(|e| is_image(&e.path()))))
+        })
 }
 
 /// The folder holding `split`'s class folders.
