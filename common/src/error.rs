@@ -24,6 +24,10 @@ pub enum Error {
     #[error("payload: {0}")]
     Payload(String),
 
+    /// A payload arrived whole but its bytes differ from what was sent.
+    #[error("payload: {0}")]
+    Checksum(String),
+
     /// A parameter set does not fit the model it is loaded into.
     #[error("parameters: {0}")]
     Params(String),

@@ -124,7 +124,7 @@ impl PayloadReader {
         }
         let actual = self.hasher.finalize();
         if actual != crc32 {
-            return Err(Error::Payload(format!(
+            return Err(Error::Checksum(format!(
                 "checksum mismatch: payload has crc32 {actual:08x}, trailer says {crc32:08x}"
             )));
         }

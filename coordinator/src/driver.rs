@@ -312,7 +312,7 @@ impl Driver {
         let rejected = self.traffic.rejected_updates.load(Ordering::Relaxed);
         let (up0, down0, rej0) = std::mem::replace(&mut self.last_counters, (up, down, rejected));
         let federated = federated_eval(&closed.contributions);
-        let mut record = RoundRecord {
+        let record = RoundRecord {
             round: closed.round,
             selected: closed.selected,
             participants: closed.contributions.iter().map(participant).collect(),
@@ -326,7 +326,7 @@ impl Driver {
             rejected_updates: rejected - rej0,
             train_phase_seconds: train_phase.as_secs_f64(),
             eval_seconds,
-            round_seconds: 0.0,
+            round_seconds: train_phase.as_secs_f64() + eval_seconds,
         };
         let mut store = self
             .store
@@ -334,7 +334,6 @@ impl Driver {
             .ok_or_else(|| Error::Internal("run store missing".into()))?;
         let persist_start = Instant::now();
         let closed_for_store = closed.clone();
-        record.round_seconds = train_phase.as_secs_f64() + eval_seconds;
         let (store, res) = tokio::task::spawn_blocking(move || {
             let res = store.persist_round(&closed_for_store, record);
             (store, res)

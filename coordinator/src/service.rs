@@ -46,7 +46,7 @@ pub fn rejection_status(r: &Rejection) -> Status {
 
 fn payload_status(e: fedge_common::Error) -> Status {
     match e {
-        fedge_common::Error::Payload(m) if m.starts_with("checksum") => Status::data_loss(m),
+        fedge_common::Error::Checksum(m) => Status::data_loss(m),
         fedge_common::Error::Payload(m) => Status::invalid_argument(m),
         other => Status::invalid_argument(other.to_string()),
     }

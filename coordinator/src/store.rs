@@ -60,7 +60,8 @@ pub struct RoundRecord {
     /// From the round's start to its close, seconds.
     pub train_phase_seconds: f64,
     pub eval_seconds: f64,
-    /// From the round's start to its durable checkpoint, seconds.
+    /// From the round's start to the end of its central evaluation, seconds
+    /// (`train_phase_seconds + eval_seconds`; the checkpoint write follows).
     pub round_seconds: f64,
 }
 
@@ -120,24 +121,13 @@ impl RunStore {
         if !self.keep_round_models {
             return Ok(());
         }
-        let metadata = HashMap::from([
-            ("run_id".to_string(), self.history.run_id.clone()),
-            ("model".to_string(), self.history.model.clone()),
-            ("round".to_string(), "0".to_string()),
-            ("version".to_string(), "0".to_string()),
-        ]);
         let path = self.dir.join("rounds").join("round-0000.safetensors");
-        Ok(save_safetensors(&path, &self.manifest, params, metadata)?)
+        Ok(save_safetensors(&path, &self.manifest, params, self.metadata(0, 0))?)
     }
 
     /// Durably records a closed round: its model files first, then `run.json`.
     pub fn persist_round(&mut self, closed: &ClosedRound, record: RoundRecord) -> Result<()> {
-        let metadata = HashMap::from([
-            ("run_id".to_string(), self.history.run_id.clone()),
-            ("model".to_string(), self.history.model.clone()),
-            ("round".to_string(), closed.round.to_string()),
-            ("version".to_string(), closed.version.to_string()),
-        ]);
+        let metadata = self.metadata(closed.round, closed.version);
         if self.keep_round_models {
             let path = self
                 .dir
@@ -148,6 +138,16 @@ impl RunStore {
         save_safetensors(&self.model_path(), &self.manifest, &closed.global, metadata)?;
         self.history.rounds.push(record);
         self.write_history()
+    }
+
+    /// Metadata stored in every checkpoint file.
+    fn metadata(&self, round: u64, version: u64) -> HashMap<String, String> {
+        HashMap::from([
+            ("run_id".to_string(), self.history.run_id.clone()),
+            ("model".to_string(), self.history.model.clone()),
+            ("round".to_string(), round.to_string()),
+            ("version".to_string(), version.to_string()),
+        ])
     }
 
     /// Marks the run finished in `run.json`.

@@ -126,7 +126,8 @@ impl Dataset {
         flip: bool,
         rng: &mut impl rand::Rng,
     ) -> (Tensor, Tensor) {
-        let imgs = self.images.index_select(0, &Tensor::from_slice(indices));
+        let idx = Tensor::from_slice(indices);
+        let imgs = self.images.index_select(0, &idx);
         let [_, h, w] = self.shape();
         let padded = if pad > 0 {
             imgs.constant_pad_nd([pad, pad, pad, pad])
@@ -141,10 +142,7 @@ impl Dataset {
             })
             .collect();
         let x = normalize(&Tensor::stack(&crops, 0)).to_device(device);
-        let y = self
-            .labels
-            .index_select(0, &Tensor::from_slice(indices))
-            .to_device(device);
+        let y = self.labels.index_select(0, &idx).to_device(device);
         (x, y)
     }
 
