@@ -108,6 +108,28 @@ pub fn load_into(vs: &mut VarStore, manifest: &Manifest, flat: &[f32]) -> Result
     })
 }
 
+/// Splits `flat` into one tensor per manifest entry, on `device`.
+pub fn to_tensors(manifest: &Manifest, flat: &[f32], device: tch::Device) -> Result<Vec<(String, tch::Tensor)>> {
+    if flat.len() != manifest.numel() {
+        return Err(Error::Params(format!(
+            "{} values for a manifest of {} parameters",
+            flat.len(),
+            manifest.numel()
+        )));
+    }
+    let mut out = Vec::with_capacity(manifest.tensors.len());
+    let mut offset = 0;
+    for meta in &manifest.tensors {
+        let n = meta.numel();
+        let t = tch::Tensor::from_slice(&flat[offset..offset + n])
+            .reshape(&meta.shape)
+            .to_device(device);
+        out.push((meta.name.clone(), t));
+        offset += n;
+    }
+    Ok(out)
+}
+
 /// Writes a parameter set as a safetensors file (atomically: temp file, fsync, rename).
 pub fn save_safetensors(
     path: &Path,

@@ -14,6 +14,45 @@ use tch::{Device, Tensor};
 use crate::Result;
 use crate::data::Dataset;
 
+/// What a node computes in a round and sends back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Algorithm {
+    /// Train locally; send `w_local − w_global` (McMahan et al. 2017).
+    #[default]
+    FedAvg,
+    /// One gradient over the local data at `w_global`, sent as the gradient.
+    FedSgd,
+    /// FedAvg with the proximal term `μ/2·‖w − w_global‖²` (Li et al. 2020).
+    FedProx,
+    /// FedAvg with client and server control variates (Karimireddy et al.
+    /// 2020, option II); the update also carries the control delta.
+    Scaffold,
+}
+
+impl Algorithm {
+    /// Name as written in configuration.
+    pub fn name(self) -> &'static str {
+        match self {
+            Algorithm::FedAvg => "fedavg",
+            Algorithm::FedSgd => "fedsgd",
+            Algorithm::FedProx => "fedprox",
+            Algorithm::Scaffold => "scaffold",
+        }
+    }
+}
+
+/// The local optimizer; its state is fresh every round.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LocalOptimizer {
+    /// SGD with momentum and weight decay.
+    #[default]
+    Sgd,
+    /// Adam (β₁ 0.9, β₂ 0.999, ε 1e-8) with L2 weight decay.
+    Adam,
+}
+
 /// Hyper-parameters of one round of local training.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Hyperparameters {
@@ -30,6 +69,12 @@ pub struct Hyperparameters {
     pub crop_padding: u32,
     /// Augmentation: random horizontal flips.
     pub horizontal_flip: bool,
+    pub algorithm: Algorithm,
+    /// FedProx's μ (ignored by the other algorithms).
+    pub proximal_mu: f64,
+    pub optimizer: LocalOptimizer,
+    /// Evaluate the received model on held-out data this round.
+    pub evaluate: bool,
 }
 
 impl Default for Hyperparameters {
@@ -44,6 +89,10 @@ impl Default for Hyperparameters {
             seed: 0,
             crop_padding: 0,
             horizontal_flip: false,
+            algorithm: Algorithm::FedAvg,
+            proximal_mu: 0.0,
+            optimizer: LocalOptimizer::Sgd,
+            evaluate: true,
         }
     }
 }
@@ -68,19 +117,60 @@ pub struct EvalMetrics {
     pub examples: u64,
 }
 
-/// Trains `net` (whose variables live in `vs`) on `data` with SGD (momentum,
-/// weight decay), fresh optimizer state, for `epochs` passes or `max_steps`
-/// steps, whichever comes first.
-pub fn train(net: &impl ModuleT, vs: &VarStore, data: &Dataset, h: &Hyperparameters) -> Result<TrainMetrics> {
+/// Extra terms of the local objective, per trainable variable.
+#[derive(Default)]
+pub struct LocalObjective {
+    /// FedProx: `(μ, w_global)`; adds `μ·(w − w_global)` to each gradient.
+    pub proximal: Option<(f64, Vec<(String, Tensor)>)>,
+    /// SCAFFOLD: `c − cᵢ` per variable, added to each gradient.
+    pub correction: Vec<(String, Tensor)>,
+}
+
+/// Trains `net` (whose variables live in `vs`) on `data` with a fresh
+/// optimizer (SGD with momentum and weight decay, or Adam) for `epochs`
+/// passes or `max_steps` steps, whichever comes first, adding `objective`'s
+/// terms to every gradient.
+pub fn train(
+    net: &impl ModuleT,
+    vs: &VarStore,
+    data: &Dataset,
+    h: &Hyperparameters,
+    objective: &LocalObjective,
+) -> Result<TrainMetrics> {
     let start = Instant::now();
     let device = vs.device();
-    let mut opt = nn::Sgd {
-        momentum: h.momentum,
-        dampening: 0.0,
-        wd: h.weight_decay,
-        nesterov: false,
-    }
-    .build(vs, h.learning_rate)?;
+    let mut opt = match h.optimizer {
+        LocalOptimizer::Sgd => nn::Sgd {
+            momentum: h.momentum,
+            dampening: 0.0,
+            wd: h.weight_decay,
+            nesterov: false,
+        }
+        .build(vs, h.learning_rate)?,
+        LocalOptimizer::Adam => nn::Adam {
+            wd: h.weight_decay,
+            ..Default::default()
+        }
+        .build(vs, h.learning_rate)?,
+    };
+    let vars = vs.variables();
+    let var = |name: &str| -> Result<Tensor> {
+        vars.get(name)
+            .map(Tensor::shallow_clone)
+            .ok_or_else(|| crate::Error::Params(format!("model has no tensor `{name}`")))
+    };
+    let proximal: Vec<(Tensor, Tensor, f64)> = match &objective.proximal {
+        Some((mu, anchors)) => anchors
+            .iter()
+            .map(|(name, anchor)| Ok((var(name)?, anchor.shallow_clone(), *mu)))
+            .collect::<Result<_>>()?,
+        None => Vec::new(),
+    };
+    let correction: Vec<(Tensor, Tensor)> = objective
+        .correction
+        .iter()
+        .map(|(name, c)| Ok((var(name)?, c.shallow_clone())))
+        .collect::<Result<_>>()?;
     let n = data.len();
     let batch = (h.batch_size.max(1) as usize).min(n.max(1));
     let mut rng = ChaCha8Rng::seed_from_u64(h.seed);
@@ -100,7 +190,25 @@ pub fn train(net: &impl ModuleT, vs: &VarStore, data: &Dataset, h: &Hyperparamet
             };
             let logits = net.forward_t(&x, true);
             let loss = logits.cross_entropy_for_logits(&y);
-            opt.backward_step(&loss);
+            opt.zero_grad();
+            loss.backward();
+            if !proximal.is_empty() || !correction.is_empty() {
+                tch::no_grad(|| {
+                    for (w, anchor, mu) in &proximal {
+                        let mut g = w.grad();
+                        if g.defined() {
+                            let _ = g.g_add_(&((w - anchor) * *mu));
+                        }
+                    }
+                    for (w, c) in &correction {
+                        let mut g = w.grad();
+                        if g.defined() {
+                            let _ = g.g_add_(c);
+                        }
+                    }
+                });
+            }
+            opt.step();
             loss_sum += loss.double_value(&[]);
             correct += logits
                 .argmax(-1, false)
@@ -118,6 +226,81 @@ pub fn train(net: &impl ModuleT, vs: &VarStore, data: &Dataset, h: &Hyperparamet
         examples,
         train_seconds: start.elapsed().as_secs_f64(),
     })
+}
+
+/// FedSGD's local step: the gradient of the mean loss over the local data
+/// (or its first `max_steps` batches) at the model's current weights, plus
+/// `weight_decay · w`, in `manifest` order. Variables without a gradient
+/// (running statistics) get zeros. The model is not changed.
+pub fn gradient(
+    net: &impl ModuleT,
+    vs: &VarStore,
+    data: &Dataset,
+    h: &Hyperparameters,
+    manifest: &crate::params::Manifest,
+) -> Result<(Vec<f32>, TrainMetrics)> {
+    let start = Instant::now();
+    let device = vs.device();
+    let vars = vs.variables();
+    for t in vars.values() {
+        let mut g = t.grad();
+        if g.defined() {
+            let _ = g.zero_();
+        }
+    }
+    let n = data.len();
+    let batch = (h.batch_size.max(1) as usize).min(n.max(1));
+    let mut rng = ChaCha8Rng::seed_from_u64(h.seed);
+    let mut order: Vec<i64> = (0..n as i64).collect();
+    order.shuffle(&mut rng);
+    let (mut steps, mut examples, mut correct, mut loss_sum) = (0u64, 0u64, 0f64, 0f64);
+    for idx in order.chunks(batch) {
+        if h.max_steps > 0 && steps >= h.max_steps {
+            break;
+        }
+        let (x, y) = data.batch(&Tensor::from_slice(idx), device);
+        let logits = net.forward_t(&x, true);
+        // Sum of per-example losses; divided by the example count below.
+        let loss = logits.cross_entropy_for_logits(&y) * idx.len() as f64;
+        loss.backward();
+        loss_sum += loss.double_value(&[]);
+        correct += logits
+            .argmax(-1, false)
+            .eq_tensor(&y)
+            .sum(tch::Kind::Int64)
+            .double_value(&[]);
+        steps += 1;
+        examples += idx.len() as u64;
+    }
+    let mut out = vec![0f32; manifest.numel()];
+    let mut offset = 0;
+    let scale = 1.0 / examples.max(1) as f64;
+    tch::no_grad(|| -> Result<()> {
+        for meta in &manifest.tensors {
+            let w = vars
+                .get(&meta.name)
+                .ok_or_else(|| crate::Error::Params(format!("model has no tensor `{}`", meta.name)))?;
+            let k = meta.numel();
+            let g = w.grad();
+            if g.defined() {
+                let total = g * scale + w * h.weight_decay;
+                let total = total.to_device(Device::Cpu).to_kind(tch::Kind::Float).contiguous();
+                total.f_copy_data(&mut out[offset..offset + k], k)?;
+            }
+            offset += k;
+        }
+        Ok(())
+    })?;
+    Ok((
+        out,
+        TrainMetrics {
+            loss: if examples > 0 { loss_sum / examples as f64 } else { 0.0 },
+            accuracy: if examples > 0 { correct / examples as f64 } else { 0.0 },
+            steps,
+            examples,
+            train_seconds: start.elapsed().as_secs_f64(),
+        },
+    ))
 }
 
 /// Evaluates `net` on `data` in batches of `batch_size`.
@@ -169,7 +352,7 @@ mod tests {
             learning_rate: 0.02,
             ..Default::default()
         };
-        let m = train(&net, &vs, &train_set, &h).unwrap();
+        let m = train(&net, &vs, &train_set, &h, &LocalObjective::default()).unwrap();
         assert_eq!(m.examples, 3000);
         assert_eq!(m.steps, 2 * 1500_u64.div_ceil(32));
         let after = evaluate(&net, &test_set, 250, Device::Cpu);
@@ -192,7 +375,7 @@ mod tests {
             horizontal_flip: true,
             ..Default::default()
         };
-        let m = train(&net, &vs, &data, &h).unwrap();
+        let m = train(&net, &vs, &data, &h, &LocalObjective::default()).unwrap();
         assert_eq!(m.examples, 64);
         assert!(m.loss.is_finite());
     }
@@ -207,7 +390,122 @@ mod tests {
             epochs: 5,
             ..Default::default()
         };
-        let m = train(&net, &vs, &data, &h).unwrap();
+        let m = train(&net, &vs, &data, &h, &LocalObjective::default()).unwrap();
         assert_eq!((m.steps, m.examples), (2, 64));
+    }
+
+    fn small() -> (VarStore, crate::model::Net, crate::params::Manifest) {
+        tch::manual_seed(3);
+        let vs = VarStore::new(Device::Cpu);
+        let net = ModelKind::Mlp2nn.build(&vs.root(), [3, 32, 32], 10);
+        let manifest = crate::params::Manifest::of_var_store(&vs);
+        (vs, net, manifest)
+    }
+
+    #[test]
+    fn the_fedsgd_gradient_does_not_depend_on_the_batching() {
+        let (vs, net, manifest) = small();
+        let data = synthetic(1, 4, 20);
+        let whole = Hyperparameters {
+            batch_size: 20,
+            weight_decay: 0.01,
+            ..Default::default()
+        };
+        let before = crate::params::flatten(&vs, &manifest).unwrap();
+        let (g1, m1) = gradient(&net, &vs, &data, &whole, &manifest).unwrap();
+        let (g2, m2) = gradient(
+            &net,
+            &vs,
+            &data,
+            &Hyperparameters {
+                batch_size: 7,
+                ..whole.clone()
+            },
+            &manifest,
+        )
+        .unwrap();
+        assert_eq!((m1.examples, m2.examples, m2.steps), (20, 20, 3));
+        assert!((m1.loss - m2.loss).abs() < 1e-5);
+        for (a, b) in g1.iter().zip(&g2) {
+            assert!((a - b).abs() <= 1e-5 * a.abs().max(1e-2), "{a} vs {b}");
+        }
+        assert_eq!(crate::params::flatten(&vs, &manifest).unwrap(), before, "weights moved");
+        // A step against the gradient lowers the loss.
+        let mut vs = vs;
+        let stepped: Vec<f32> = before.iter().zip(&g1).map(|(w, g)| w - 0.1 * g).collect();
+        crate::params::load_into(&mut vs, &manifest, &stepped).unwrap();
+        let (_, m3) = gradient(&net, &vs, &data, &whole, &manifest).unwrap();
+        assert!(m3.loss < m1.loss, "{} !< {}", m3.loss, m1.loss);
+    }
+
+    #[test]
+    fn a_scaffold_correction_shifts_each_step_by_minus_lr_times_it() {
+        let data = synthetic(1, 4, 16);
+        let h = Hyperparameters {
+            batch_size: 16,
+            max_steps: 1,
+            momentum: 0.0,
+            learning_rate: 0.1,
+            ..Default::default()
+        };
+        let run = |objective: &LocalObjective| {
+            let (vs, net, manifest) = small();
+            train(&net, &vs, &data, &h, objective).unwrap();
+            crate::params::flatten(&vs, &manifest).unwrap()
+        };
+        let plain = run(&LocalObjective::default());
+        let (vs, _, manifest) = small();
+        let correction = manifest
+            .tensors
+            .iter()
+            .map(|t| {
+                (
+                    t.name.clone(),
+                    Tensor::full(t.shape.as_slice(), 0.5, (tch::Kind::Float, Device::Cpu)),
+                )
+            })
+            .collect();
+        drop(vs);
+        let corrected = run(&LocalObjective {
+            correction,
+            ..Default::default()
+        });
+        for (a, b) in plain.iter().zip(&corrected) {
+            assert!((a - 0.05 - b).abs() < 1e-5, "{a} - 0.05 != {b}");
+        }
+    }
+
+    #[test]
+    fn a_large_proximal_term_keeps_the_model_near_the_global_one() {
+        let data = synthetic(1, 4, 64);
+        let h = Hyperparameters {
+            epochs: 3,
+            batch_size: 8,
+            learning_rate: 0.05,
+            ..Default::default()
+        };
+        let drift = |mu: f64| {
+            let (vs, net, manifest) = small();
+            let start = crate::params::flatten(&vs, &manifest).unwrap();
+            let anchors = vs
+                .variables()
+                .into_iter()
+                .map(|(k, v)| (k, v.detach().copy()))
+                .collect();
+            let objective = LocalObjective {
+                proximal: (mu > 0.0).then_some((mu, anchors)),
+                ..Default::default()
+            };
+            train(&net, &vs, &data, &h, &objective).unwrap();
+            let end = crate::params::flatten(&vs, &manifest).unwrap();
+            start
+                .iter()
+                .zip(&end)
+                .map(|(a, b)| f64::from(a - b).powi(2))
+                .sum::<f64>()
+                .sqrt()
+        };
+        let (free, held) = (drift(0.0), drift(5.0));
+        assert!(held < 0.5 * free, "drift with mu=5: {held}, without: {free}");
     }
 }

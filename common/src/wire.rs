@@ -13,7 +13,7 @@
 use prost::bytes::Bytes;
 
 use crate::params::{Manifest, TensorMeta};
-use crate::train::{EvalMetrics, Hyperparameters, TrainMetrics};
+use crate::train::{Algorithm, EvalMetrics, Hyperparameters, LocalOptimizer, TrainMetrics};
 use crate::{Error, Result, pb};
 
 /// Default size of one data chunk on the wire: 1 MiB.
@@ -144,13 +144,49 @@ impl From<&Hyperparameters> for pb::Hyperparameters {
             seed: h.seed,
             crop_padding: h.crop_padding,
             horizontal_flip: h.horizontal_flip,
+            algorithm: match h.algorithm {
+                Algorithm::FedAvg => pb::Algorithm::Fedavg,
+                Algorithm::FedSgd => pb::Algorithm::Fedsgd,
+                Algorithm::FedProx => pb::Algorithm::Fedprox,
+                Algorithm::Scaffold => pb::Algorithm::Scaffold,
+            } as i32,
+            proximal_mu: h.proximal_mu,
+            optimizer: match h.optimizer {
+                LocalOptimizer::Sgd => pb::LocalOptimizer::Sgd,
+                LocalOptimizer::Adam => pb::LocalOptimizer::Adam,
+            } as i32,
+            evaluate: h.evaluate,
         }
     }
 }
 
-impl From<&pb::Hyperparameters> for Hyperparameters {
-    fn from(h: &pb::Hyperparameters) -> Self {
-        Hyperparameters {
+impl TryFrom<&pb::Hyperparameters> for Hyperparameters {
+    type Error = Error;
+
+    fn try_from(h: &pb::Hyperparameters) -> Result<Self> {
+        let algorithm = match pb::Algorithm::try_from(h.algorithm) {
+            Ok(pb::Algorithm::Fedavg) => Algorithm::FedAvg,
+            Ok(pb::Algorithm::Fedsgd) => Algorithm::FedSgd,
+            Ok(pb::Algorithm::Fedprox) => Algorithm::FedProx,
+            Ok(pb::Algorithm::Scaffold) => Algorithm::Scaffold,
+            _ => {
+                return Err(Error::Payload(format!(
+                    "task asks for unknown training algorithm {}",
+                    h.algorithm
+                )));
+            }
+        };
+        let optimizer = match pb::LocalOptimizer::try_from(h.optimizer) {
+            Ok(pb::LocalOptimizer::Sgd) => LocalOptimizer::Sgd,
+            Ok(pb::LocalOptimizer::Adam) => LocalOptimizer::Adam,
+            _ => {
+                return Err(Error::Payload(format!(
+                    "task asks for unknown local optimizer {}",
+                    h.optimizer
+                )));
+            }
+        };
+        Ok(Hyperparameters {
             epochs: h.epochs,
             batch_size: h.batch_size,
             learning_rate: h.learning_rate,
@@ -160,7 +196,11 @@ impl From<&pb::Hyperparameters> for Hyperparameters {
             seed: h.seed,
             crop_padding: h.crop_padding,
             horizontal_flip: h.horizontal_flip,
-        }
+            algorithm,
+            proximal_mu: h.proximal_mu,
+            optimizer,
+            evaluate: h.evaluate,
+        })
     }
 }
 

@@ -5,7 +5,7 @@
 use std::time::Instant;
 
 use fedge_common::data::Split;
-use fedge_common::train::{evaluate, train};
+use fedge_common::train::{LocalObjective, evaluate, train};
 use serde::{Deserialize, Serialize};
 use tch::nn::VarStore;
 
@@ -58,10 +58,11 @@ pub fn run_baseline(config: &CoordinatorConfig, epochs: u32, threads: usize) -> 
     tch::manual_seed(config.seed as i64);
     let vs = VarStore::new(tch::Device::Cpu);
     let net = kind.build(&vs.root(), train_set.shape(), train_set.num_classes());
-    let mut hyper = config.train.hyperparameters(config.seed);
+    // The floor trains plainly: the first round's learning rate, no federated terms.
+    let mut hyper = config.train.hyperparameters(1, 1, config.seed, false);
     hyper.epochs = epochs;
     tracing::info!(model = %kind, data = %source.describe(), samples = train_set.len(), epochs, "centralized training");
-    let m = train(&net, &vs, &train_set, &hyper)?;
+    let m = train(&net, &vs, &train_set, &hyper, &LocalObjective::default())?;
     let t = Instant::now();
     let eval = evaluate(&net, &test_set, config.eval.batch_size, tch::Device::Cpu);
     let report = BaselineReport {

@@ -8,9 +8,10 @@ use std::time::Duration;
 
 use fedge_common::config::{DataConfig, LogFormat, load_layered};
 use fedge_common::model::ModelKind;
-use fedge_common::train::Hyperparameters;
+use fedge_common::train::{Algorithm, Hyperparameters, LocalOptimizer};
 use serde::{Deserialize, Serialize};
 
+use crate::strategy::{Aggregator, ServerOpt};
 use crate::{Error, Result};
 
 /// Environment prefix of coordinator settings (`FEDGE_ROUNDS=5`, `FEDGE_TRAIN__LEARNING_RATE=0.1`).
@@ -34,6 +35,8 @@ pub struct CoordinatorConfig {
     pub sampling: SamplingConfig,
     /// Local training hyper-parameters sent to nodes with each task.
     pub train: TrainConfig,
+    /// How updates are bounded, combined and applied to the global model.
+    pub strategy: StrategyConfig,
     /// Central evaluation data (the test split).
     pub data: DataConfig,
     /// Central evaluation.
@@ -56,6 +59,7 @@ impl Default for CoordinatorConfig {
             out_dir: PathBuf::from("runs/latest"),
             sampling: SamplingConfig::default(),
             train: TrainConfig::default(),
+            strategy: StrategyConfig::default(),
             data: DataConfig::default(),
             eval: EvalConfig::default(),
             wire: WireConfig::default(),
@@ -79,6 +83,12 @@ pub struct SamplingConfig {
     /// How long a round waits for updates before closing with what it has.
     #[serde(with = "humantime_serde")]
     pub round_deadline: Duration,
+    /// Attempts a round gets (retries after too few updates) before the run
+    /// stops with an error; 0: retry forever.
+    pub max_attempts: u32,
+    /// Nodes that were asked to train and did not deliver within this many
+    /// rounds are picked only after every other available node (0: off).
+    pub failure_cooldown_rounds: u32,
 }
 
 impl Default for SamplingConfig {
@@ -88,6 +98,8 @@ impl Default for SamplingConfig {
             min_nodes: 2,
             min_available: 2,
             round_deadline: Duration::from_secs(600),
+            max_attempts: 10,
+            failure_cooldown_rounds: 3,
         }
     }
 }
@@ -96,6 +108,12 @@ impl Default for SamplingConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TrainConfig {
+    /// What nodes compute: `fedavg`, `fedsgd`, `fedprox` or `scaffold`.
+    pub algorithm: Algorithm,
+    /// FedProx's proximal weight μ.
+    pub proximal_mu: f64,
+    /// Local optimizer: `sgd` (momentum, weight decay) or `adam`.
+    pub optimizer: LocalOptimizer,
     /// Local epochs per round.
     pub epochs: u32,
     /// Local batch size.
@@ -112,12 +130,33 @@ pub struct TrainConfig {
     pub crop_padding: u32,
     /// Augmentation: random horizontal flips.
     pub horizontal_flip: bool,
+    /// Learning rate by round: `constant`, `step` (× `lr_decay` every
+    /// `lr_step_rounds`), `exponential` (× `lr_decay` every round) or `cosine`
+    /// (from `learning_rate` down to `lr_min` at the last round).
+    pub lr_schedule: LrSchedule,
+    pub lr_decay: f64,
+    pub lr_step_rounds: u32,
+    pub lr_min: f64,
+}
+
+/// Learning-rate schedules over rounds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LrSchedule {
+    #[default]
+    Constant,
+    Step,
+    Exponential,
+    Cosine,
 }
 
 impl Default for TrainConfig {
     fn default() -> Self {
         let h = Hyperparameters::default();
         Self {
+            algorithm: h.algorithm,
+            proximal_mu: 0.01,
+            optimizer: h.optimizer,
             epochs: h.epochs,
             batch_size: h.batch_size,
             learning_rate: h.learning_rate,
@@ -126,24 +165,160 @@ impl Default for TrainConfig {
             max_steps: h.max_steps,
             crop_padding: h.crop_padding,
             horizontal_flip: h.horizontal_flip,
+            lr_schedule: LrSchedule::Constant,
+            lr_decay: 0.5,
+            lr_step_rounds: 10,
+            lr_min: 0.0,
         }
     }
 }
 
 impl TrainConfig {
-    /// The hyper-parameters for one round, with that round's shuffling seed.
-    pub fn hyperparameters(&self, seed: u64) -> Hyperparameters {
+    /// The local learning rate of round `round` (1-based) of `total`.
+    pub fn learning_rate_at(&self, round: u64, total: u64) -> f64 {
+        let done = round.saturating_sub(1) as f64;
+        match self.lr_schedule {
+            LrSchedule::Constant => self.learning_rate,
+            LrSchedule::Step => {
+                let steps = round.saturating_sub(1) / u64::from(self.lr_step_rounds.max(1));
+                self.learning_rate * self.lr_decay.powi(steps as i32)
+            }
+            LrSchedule::Exponential => self.learning_rate * self.lr_decay.powf(done),
+            LrSchedule::Cosine => {
+                let span = total.saturating_sub(1).max(1) as f64;
+                let t = (done / span).min(1.0);
+                self.lr_min + (self.learning_rate - self.lr_min) * (1.0 + (std::f64::consts::PI * t).cos()) / 2.0
+            }
+        }
+    }
+
+    /// The hyper-parameters of round `round` of `total`, with that node's seed.
+    pub fn hyperparameters(&self, round: u64, total: u64, seed: u64, evaluate: bool) -> Hyperparameters {
         Hyperparameters {
             epochs: self.epochs,
             batch_size: self.batch_size,
-            learning_rate: self.learning_rate,
+            learning_rate: self.learning_rate_at(round, total),
             momentum: self.momentum,
             weight_decay: self.weight_decay,
             max_steps: self.max_steps,
             seed,
             crop_padding: self.crop_padding,
             horizontal_flip: self.horizontal_flip,
+            algorithm: self.algorithm,
+            proximal_mu: self.proximal_mu,
+            optimizer: self.optimizer,
+            evaluate,
         }
+    }
+}
+
+/// The server side of the algorithm: update bounding, aggregation, server optimizer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StrategyConfig {
+    /// `mean` (FedAvg, weighted by samples), `median`, `trimmed-mean`,
+    /// `krum`, `multi-krum` or `bulyan`.
+    pub aggregator: AggregatorName,
+    /// Trimmed mean: fraction β of values dropped at each end, per coordinate, in [0, 0.5).
+    pub trim_fraction: f64,
+    /// Krum, Multi-Krum, Bulyan: number f of Byzantine updates to tolerate.
+    pub byzantine: u32,
+    /// Multi-Krum: updates averaged (0: all but `byzantine`).
+    pub multi_krum_m: u32,
+    /// Bound on each update's L2 norm; larger updates are scaled down to it (0: off).
+    pub clip_norm: f64,
+    /// `sgd` (FedAvg when `server_lr` = 1), `momentum` (FedAvgM), `adagrad`,
+    /// `adam` or `yogi` (FedAdagrad, FedAdam, FedYogi).
+    pub server_optimizer: ServerOptName,
+    /// Server learning rate η (adaptive optimizers usually want 0.01 to 0.1).
+    pub server_lr: f64,
+    /// FedAvgM's server momentum β.
+    pub server_momentum: f64,
+    /// Adaptive optimizers' β₁, β₂ and τ (Reddi et al. 2021).
+    pub beta1: f64,
+    pub beta2: f64,
+    pub tau: f64,
+}
+
+/// Aggregator names in configuration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AggregatorName {
+    #[default]
+    Mean,
+    Median,
+    TrimmedMean,
+    Krum,
+    MultiKrum,
+    Bulyan,
+}
+
+/// Server optimizer names in configuration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ServerOptName {
+    #[default]
+    Sgd,
+    Momentum,
+    Adagrad,
+    Adam,
+    Yogi,
+}
+
+impl Default for StrategyConfig {
+    fn default() -> Self {
+        Self {
+            aggregator: AggregatorName::Mean,
+            trim_fraction: 0.1,
+            byzantine: 1,
+            multi_krum_m: 0,
+            clip_norm: 0.0,
+            server_optimizer: ServerOptName::Sgd,
+            server_lr: 1.0,
+            server_momentum: 0.9,
+            beta1: 0.9,
+            beta2: 0.99,
+            tau: 1e-3,
+        }
+    }
+}
+
+impl StrategyConfig {
+    /// The configured aggregator.
+    pub fn aggregator(&self) -> Aggregator {
+        let f = self.byzantine as usize;
+        match self.aggregator {
+            AggregatorName::Mean => Aggregator::Mean,
+            AggregatorName::Median => Aggregator::Median,
+            AggregatorName::TrimmedMean => Aggregator::TrimmedMean {
+                beta: self.trim_fraction,
+            },
+            AggregatorName::Krum => Aggregator::Krum { f },
+            AggregatorName::MultiKrum => Aggregator::MultiKrum {
+                f,
+                m: self.multi_krum_m as usize,
+            },
+            AggregatorName::Bulyan => Aggregator::Bulyan { f },
+        }
+    }
+
+    /// The configured server optimizer.
+    pub fn server_opt(&self) -> ServerOpt {
+        let (beta1, beta2, tau) = (self.beta1, self.beta2, self.tau);
+        match self.server_optimizer {
+            ServerOptName::Sgd => ServerOpt::Sgd,
+            ServerOptName::Momentum => ServerOpt::Momentum {
+                beta: self.server_momentum,
+            },
+            ServerOptName::Adagrad => ServerOpt::Adagrad { beta1, tau },
+            ServerOptName::Adam => ServerOpt::Adam { beta1, beta2, tau },
+            ServerOptName::Yogi => ServerOpt::Yogi { beta1, beta2, tau },
+        }
+    }
+
+    /// The bound on update norms, if any.
+    pub fn clip(&self) -> Option<f64> {
+        (self.clip_norm > 0.0).then_some(self.clip_norm)
     }
 }
 
@@ -153,6 +328,9 @@ impl TrainConfig {
 pub struct EvalConfig {
     /// Evaluate after every `every` rounds (and always after the last); 0 disables.
     pub every: u32,
+    /// Federated evaluation (nodes' held-out data) every this many rounds
+    /// (and always in the last); 0 disables.
+    pub federated_every: u32,
     /// Evaluation batch size.
     pub batch_size: usize,
     /// libtorch intra-op threads of the coordinator (0: libtorch's default).
@@ -163,6 +341,7 @@ impl Default for EvalConfig {
     fn default() -> Self {
         Self {
             every: 1,
+            federated_every: 1,
             batch_size: 500,
             threads: 0,
         }
@@ -192,12 +371,16 @@ pub struct CheckpointConfig {
     /// Keep every round's global model under `out_dir/rounds/` (besides the
     /// latest in `out_dir/model.safetensors`).
     pub keep_round_models: bool,
+    /// Continue an unfinished run found in `out_dir` (its model, strategy
+    /// state and history) instead of starting over.
+    pub resume: bool,
 }
 
 impl Default for CheckpointConfig {
     fn default() -> Self {
         Self {
             keep_round_models: true,
+            resume: true,
         }
     }
 }
@@ -269,6 +452,25 @@ impl CoordinatorConfig {
                 t.weight_decay
             ));
         }
+        if !(t.proximal_mu.is_finite() && t.proximal_mu >= 0.0) {
+            return bad(format!(
+                "train.proximal_mu must be zero or positive, got {}",
+                t.proximal_mu
+            ));
+        }
+        if !(t.lr_decay.is_finite() && t.lr_decay > 0.0 && t.lr_decay <= 1.0) {
+            return bad(format!("train.lr_decay must be in (0, 1], got {}", t.lr_decay));
+        }
+        if t.lr_step_rounds == 0 {
+            return bad("train.lr_step_rounds must be at least 1".into());
+        }
+        if !(t.lr_min.is_finite() && t.lr_min >= 0.0 && t.lr_min <= t.learning_rate) {
+            return bad(format!(
+                "train.lr_min must be in [0, train.learning_rate], got {}",
+                t.lr_min
+            ));
+        }
+        self.validate_strategy()?;
         if self.eval.batch_size == 0 {
             return bad("eval.batch_size must be at least 1".into());
         }
@@ -282,6 +484,65 @@ impl CoordinatorConfig {
         if self.out_dir.as_os_str().is_empty() {
             return bad("out_dir must not be empty".into());
         }
+        Ok(())
+    }
+
+    fn validate_strategy(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::Config(m));
+        let st = &self.strategy;
+        if !(0.0..0.5).contains(&st.trim_fraction) {
+            return bad(format!(
+                "strategy.trim_fraction must be in [0, 0.5), got {}",
+                st.trim_fraction
+            ));
+        }
+        if !(st.clip_norm.is_finite() && st.clip_norm >= 0.0) {
+            return bad(format!(
+                "strategy.clip_norm must be zero (off) or positive, got {}",
+                st.clip_norm
+            ));
+        }
+        if !(st.server_lr.is_finite() && st.server_lr > 0.0) {
+            return bad(format!(
+                "strategy.server_lr must be a positive number, got {}",
+                st.server_lr
+            ));
+        }
+        for (name, v) in [
+            ("server_momentum", st.server_momentum),
+            ("beta1", st.beta1),
+            ("beta2", st.beta2),
+        ] {
+            if !(0.0..1.0).contains(&v) {
+                return bad(format!("strategy.{name} must be in [0, 1), got {v}"));
+            }
+        }
+        if !(st.tau.is_finite() && st.tau > 0.0) {
+            return bad(format!("strategy.tau must be positive, got {}", st.tau));
+        }
+        let agg = st.aggregator();
+        let need = agg.min_updates();
+        if (self.sampling.min_nodes as usize) < need {
+            return bad(format!(
+                "strategy {agg} needs at least {need} updates per round; set sampling.min_nodes to {need} or more (it is {})",
+                self.sampling.min_nodes
+            ));
+        }
+        if let Aggregator::MultiKrum { f, m } = agg
+            && m > 0
+            && m + f > self.sampling.min_nodes as usize
+        {
+            return bad(format!(
+                "strategy.multi_krum_m ({m}) plus strategy.byzantine ({f}) must not exceed sampling.min_nodes ({})",
+                self.sampling.min_nodes
+            ));
+        }
+        if self.train.algorithm == Algorithm::Scaffold && agg != Aggregator::Mean {
+            return bad(format!(
+                "train.algorithm = \"scaffold\" averages control variates and needs strategy.aggregator = \"mean\", not {agg}"
+            ));
+        }
+        let _: ServerOpt = st.server_opt();
         Ok(())
     }
 }

@@ -39,6 +39,10 @@ pub enum Command {
     Disconnect {
         session: String,
     },
+    /// An admitted update stream broke or failed its checks before it was complete.
+    Refuse {
+        session: String,
+    },
     Identify {
         session: String,
         reply: oneshot::Sender<Option<String>>,
@@ -63,17 +67,25 @@ pub struct ModelSnapshot {
     pub manifest: Arc<Manifest>,
     pub payload: Bytes,
     pub crc32: u32,
+    /// SCAFFOLD's server control variate at this version, encoded, with its checksum.
+    pub control: Option<(Bytes, u32)>,
 }
 
 impl ModelSnapshot {
-    /// Encodes `params` as version `version`.
-    pub fn new(version: u64, manifest: Arc<Manifest>, params: &[f32]) -> Self {
+    /// Encodes `params` (and the server control variate, if any) as version `version`.
+    pub fn new(version: u64, manifest: Arc<Manifest>, params: &[f32], control: Option<&[f32]>) -> Self {
         let payload = encode_f32(params);
+        let control = control.map(|c| {
+            let bytes = encode_f32(c);
+            let crc = crc32(&bytes);
+            (bytes, crc)
+        });
         Self {
             version,
             crc32: crc32(&payload),
             manifest,
             payload,
+            control,
         }
     }
 }
@@ -106,10 +118,10 @@ pub struct Driver {
     pub traffic: Arc<Traffic>,
     pub eval_every: u32,
     pub total_rounds: u64,
-    pub hyper: crate::config::TrainConfig,
     streams: HashMap<String, mpsc::Sender<Result<pb::Instruction, tonic::Status>>>,
     round_started: Option<Instant>,
     last_counters: (u64, u64, u64),
+    aggregation_seconds: f64,
 }
 
 /// Milliseconds since the Unix epoch.
@@ -132,7 +144,6 @@ impl Driver {
         traffic: Arc<Traffic>,
         eval_every: u32,
         total_rounds: u64,
-        hyper: crate::config::TrainConfig,
     ) -> Self {
         Self {
             machine,
@@ -144,10 +155,10 @@ impl Driver {
             traffic,
             eval_every,
             total_rounds,
-            hyper,
             streams: HashMap::new(),
             round_started: None,
             last_counters: (0, 0, 0),
+            aggregation_seconds: 0.0,
         }
     }
 
@@ -213,6 +224,7 @@ impl Driver {
                     Vec::new()
                 }
             }
+            Command::Refuse { session } => self.machine.refuse(&session, now),
             Command::Identify { session, reply } => {
                 let _ = reply.send(self.machine.node_of(&session).map(str::to_owned));
                 Vec::new()
@@ -241,8 +253,13 @@ impl Driver {
                     }
                     Err(e) => {
                         self.traffic.rejected_updates.fetch_add(1, Ordering::Relaxed);
+                        let content = e.is_content();
                         let _ = reply.send(Err(e));
-                        Vec::new()
+                        if content {
+                            self.machine.refuse(&session, now)
+                        } else {
+                            Vec::new()
+                        }
                     }
                 }
             }
@@ -259,12 +276,26 @@ impl Driver {
                     }
                     self.send_task(&node, &task);
                 }
+                Output::Aggregate(job) => {
+                    let round = job.round();
+                    let done = tokio::task::spawn_blocking(move || job.run())
+                        .await
+                        .map_err(|e| Error::Internal(format!("aggregation task failed: {e}")))?;
+                    tracing::debug!(round, seconds = format!("{:.3}", done.seconds()), "aggregation done");
+                    self.aggregation_seconds = done.seconds();
+                    queue.extend(self.machine.aggregated(done, now_ms()));
+                }
                 Output::Close(closed) => {
                     self.close_round(closed).await?;
                     self.round_started = None;
                     queue.extend(self.machine.persisted(now_ms()));
                 }
                 Output::Finished => return self.finish().map(Some),
+                Output::Abort(reason) => {
+                    tracing::error!(reason, "run stopped");
+                    self.stop_nodes(&reason);
+                    return Err(Error::RunFailed(reason));
+                }
             }
         }
         Ok(None)
@@ -278,12 +309,11 @@ impl Driver {
             tracing::warn!(node, round = task.round, "selected node has no open instruction stream");
             return;
         };
-        let h = self.hyper.hyperparameters(task.seed);
         let msg = pb::Instruction {
             kind: Some(pb::instruction::Kind::Train(pb::TrainTask {
                 round: task.round,
                 model_version: task.version,
-                hyperparameters: Some(pb::Hyperparameters::from(&h)),
+                hyperparameters: Some(pb::Hyperparameters::from(&task.hyper)),
                 deadline_unix_ms: task.deadline_ms,
             })),
         };
@@ -325,6 +355,7 @@ impl Driver {
             bytes_down: down - down0,
             rejected_updates: rejected - rej0,
             train_phase_seconds: train_phase.as_secs_f64(),
+            aggregation_seconds: self.aggregation_seconds,
             eval_seconds,
             round_seconds: train_phase.as_secs_f64() + eval_seconds,
         };
@@ -342,7 +373,12 @@ impl Driver {
         .map_err(|e| Error::Internal(format!("checkpoint task failed: {e}")))?;
         self.store = Some(store);
         res?;
-        let snapshot = ModelSnapshot::new(closed.version, self.manifest.clone(), &closed.global);
+        let snapshot = ModelSnapshot::new(
+            closed.version,
+            self.manifest.clone(),
+            &closed.global,
+            closed.control.as_deref().map(Vec::as_slice),
+        );
         self.snapshot.send_replace(Arc::new(snapshot));
         let rec = self.store.as_ref().and_then(|s| s.history.rounds.last()).cloned();
         if let Some(rec) = rec {
@@ -368,14 +404,16 @@ impl Driver {
         Ok(())
     }
 
-    fn finish(&mut self) -> Result<RunSummary> {
+    fn stop_nodes(&self, reason: &str) {
         for stream in self.streams.values() {
             let _ = stream.try_send(Ok(pb::Instruction {
-                kind: Some(pb::instruction::Kind::Stop(pb::Stop {
-                    reason: "run complete".into(),
-                })),
+                kind: Some(pb::instruction::Kind::Stop(pb::Stop { reason: reason.into() })),
             }));
         }
+    }
+
+    fn finish(&mut self) -> Result<RunSummary> {
+        self.stop_nodes("run complete");
         let store = self
             .store
             .as_mut()

@@ -22,6 +22,14 @@ pub enum Error {
     #[error("internal: {0}")]
     Internal(String),
 
+    /// The run could not go on.
+    #[error("run failed: {0}")]
+    RunFailed(String),
+
+    /// A checkpoint to resume from is unreadable or does not fit the run.
+    #[error("checkpoint: {0}")]
+    Checkpoint(String),
+
     /// A local fleet could not be started or supervised.
     #[error("fleet: {0}")]
     Fleet(String),

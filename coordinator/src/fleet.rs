@@ -150,6 +150,10 @@ fn spawn_node(
     if let Some(p) = config.data.path.as_deref().filter(|p| !p.as_os_str().is_empty()) {
         cmd.arg("--data-path").arg(p);
     }
+    // Each node keeps its algorithm state (SCAFFOLD's control variate) beside the run.
+    let state = config.out_dir.join("nodes").join(&name);
+    let state = serde_json::to_string(&state.display().to_string()).unwrap_or_default();
+    cmd.arg("--set").arg(format!("state_dir={state}"));
     for (k, v) in &opts.node_overrides {
         cmd.arg("--set").arg(format!("{k}={v}"));
     }

@@ -7,11 +7,12 @@
 //!   `FEDGE_*` variables and flags, then validated.
 //! - [`round`]: the round state machine, pure: membership, sampling, update
 //!   validation, aggregation, closing. Unit-tested without sockets.
-//! - [`strategy`]: aggregation arithmetic (weighted FedAvg).
+//! - [`strategy`]: update bounding, aggregators (mean, median, trimmed mean,
+//!   Krum, Multi-Krum, Bulyan) and server optimizers (FedAvgM, FedAdam, ...).
 //! - [`driver`]: the task that owns the machine and carries out its outputs.
 //! - [`service`]: the gRPC adapter (`fedge.v1.Federation`).
 //! - [`evaluator`]: central evaluation on a dedicated thread.
-//! - [`store`]: durable checkpoints and run history (`model.safetensors`,
+//! - [`store`]: durable checkpoints, resume and run history (`model.safetensors`,
 //!   `rounds/`, `run.json`).
 //! - [`baseline`]: the centralized floor: same model and training code, one process.
 //! - [`fleet`]: a local fleet: this coordinator plus N `edge-node` processes.
@@ -46,6 +47,8 @@ use crate::evaluator::Evaluator;
 use crate::round::{RoundMachine, RoundSettings};
 use crate::service::FederationService;
 use crate::store::{RunHistory, RunStore};
+use crate::strategy::{ServerOptimizer, Strategy};
+use fedge_common::train::Algorithm;
 
 /// Runs a federated training job on `listener` until its last round is
 /// saved (returns its summary) or `shutdown` resolves (returns `None`).
@@ -70,38 +73,96 @@ pub async fn run(
     )
     .await?;
     let manifest = Arc::new(initial.manifest);
-    let run_id = format!("run-{}", now_ms());
+    let numel = manifest.numel();
+    let st = &config.strategy;
+    let mut strategy = Strategy::new(
+        st.aggregator(),
+        ServerOptimizer::new(st.server_opt(), st.server_lr, numel),
+        st.clip(),
+        config.train.algorithm == Algorithm::Scaffold,
+        numel,
+    );
+    tracing::info!(
+        algorithm = config.train.algorithm.name(),
+        aggregator = %strategy.aggregator,
+        server_optimizer = strategy.server.kind().name(),
+        server_lr = st.server_lr,
+        clip_norm = st.clip(),
+        "strategy"
+    );
+    let keep = config.checkpoint.keep_round_models;
+    let resumed = if config.checkpoint.resume {
+        RunStore::resume(&config.out_dir, keep, (*manifest).clone())?
+    } else {
+        None
+    };
+    let (store, version, global) = match resumed {
+        Some((mut store, cp)) => {
+            strategy
+                .restore(cp.strategy, cp.server_steps)
+                .map_err(|e| Error::Checkpoint(format!("{e} (was the strategy changed since the run started?)")))?;
+            store.history.resumed += 1;
+            store.history.config = config.clone();
+            store.write_history()?;
+            tracing::info!(
+                run_id = %store.history.run_id,
+                rounds_completed = cp.round,
+                of = config.rounds,
+                out_dir = %config.out_dir.display(),
+                "resuming an unfinished run from its checkpoint"
+            );
+            (store, cp.round, cp.global)
+        }
+        None => {
+            let history = RunHistory {
+                run_id: format!("run-{}", now_ms()),
+                model: kind.name().into(),
+                parameters: numel,
+                data: source.describe(),
+                protocol_version: pb::PROTOCOL_VERSION,
+                fedge_version: env!("CARGO_PKG_VERSION").into(),
+                config: config.clone(),
+                started_unix_ms: now_ms(),
+                finished: false,
+                resumed: 0,
+                peak_rss_bytes: None,
+                rounds: Vec::new(),
+            };
+            let store = RunStore::create(&config.out_dir, keep, (*manifest).clone(), history)?;
+            let (named, _) = strategy.state();
+            let named = named.into_iter().map(|(k, v)| (k, v.to_vec())).collect();
+            store.persist_initial(&initial.params, &named)?;
+            (store, 0, initial.params)
+        }
+    };
+    if version >= u64::from(config.rounds) {
+        // The last round was saved but the run not yet marked finished.
+        let mut store = store;
+        store.finish()?;
+        let last = store.history.rounds.last();
+        tracing::info!(
+            rounds = version,
+            "every round was already complete; run marked finished"
+        );
+        return Ok(Some(RunSummary {
+            rounds_completed: version,
+            final_test_accuracy: last.and_then(|r| r.test_accuracy),
+            final_test_loss: last.and_then(|r| r.test_loss),
+            out_dir: store.dir().to_path_buf(),
+        }));
+    }
+    let run_id = store.history.run_id.clone();
     tracing::info!(
         model = %kind,
-        parameters = manifest.numel(),
+        parameters = numel,
         test_samples = initial.test_samples,
         rounds = config.rounds,
         run_id = %run_id,
         "model initialized"
     );
-    let history = RunHistory {
-        run_id: run_id.clone(),
-        model: kind.name().into(),
-        parameters: manifest.numel(),
-        data: source.describe(),
-        protocol_version: pb::PROTOCOL_VERSION,
-        fedge_version: env!("CARGO_PKG_VERSION").into(),
-        config: config.clone(),
-        started_unix_ms: now_ms(),
-        finished: false,
-        peak_rss_bytes: None,
-        rounds: Vec::new(),
-    };
-    let store = RunStore::create(
-        &config.out_dir,
-        config.checkpoint.keep_round_models,
-        (*manifest).clone(),
-        history,
-    )?;
-    store.write_history()?;
-    store.persist_initial(&initial.params)?;
 
-    let machine = RoundMachine::new(
+    let control = strategy.control.clone();
+    let machine = RoundMachine::resume(
         RoundSettings {
             total_rounds: u64::from(config.rounds),
             fraction: config.sampling.fraction,
@@ -109,11 +170,21 @@ pub async fn run(
             min_available: config.sampling.min_available as usize,
             deadline_ms: config.sampling.round_deadline.as_millis() as u64,
             seed: config.seed,
+            max_attempts: config.sampling.max_attempts,
+            failure_cooldown_rounds: u64::from(config.sampling.failure_cooldown_rounds),
+            federated_every: u64::from(config.eval.federated_every),
+            train: config.train.clone(),
         },
-        initial.params,
+        version,
+        global,
+        strategy,
     );
-    let (snapshot_tx, snapshot_rx) =
-        watch::channel(Arc::new(ModelSnapshot::new(0, manifest.clone(), machine.global())));
+    let (snapshot_tx, snapshot_rx) = watch::channel(Arc::new(ModelSnapshot::new(
+        version,
+        manifest.clone(),
+        machine.global(),
+        control.as_deref(),
+    )));
     let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
     let traffic = Arc::new(Traffic::default());
     let service = FederationService {
@@ -141,7 +212,6 @@ pub async fn run(
         traffic,
         config.eval.every,
         u64::from(config.rounds),
-        config.train.clone(),
     );
 
     let addr = listener.local_addr().map_err(|e| Error::Io {

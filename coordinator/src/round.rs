@@ -7,22 +7,30 @@
 //! [`Output`]s it returns (send a task, persist and evaluate a closed round,
 //! stop the fleet). Unit tests drive it without sockets or threads.
 //!
-//! A round goes `Training → Closing → (next round's) Training`, or back to
-//! `Waiting` when too few nodes are connected. It closes when every selected
-//! node that is still connected has submitted (at least `min_nodes` of them),
-//! or at its deadline with at least `min_nodes` updates; otherwise it is
-//! retried with a fresh sample.
+//! A round goes `Training → Aggregating → Closing → (next round's)
+//! Training`, or back to `Waiting` when too few nodes are connected. It
+//! closes when every selected node that is still connected has submitted (at
+//! least `min_nodes` of them), or at its deadline with at least `min_nodes`
+//! updates; otherwise it is retried with a fresh sample. Aggregation is
+//! handed to the driver as an [`AggregationJob`] (it may take seconds for
+//! large models or robust aggregators), which runs it off the async runtime
+//! and returns the result through [`RoundMachine::aggregated`].
+//!
+//! Sampling is seeded by `(seed, round, attempt)`; nodes that were asked to
+//! train and did not deliver within the last `failure_cooldown_rounds`
+//! rounds are picked only after every other available node.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::sync::Arc;
 
-use fedge_common::train::{EvalMetrics, TrainMetrics};
+use fedge_common::train::{Algorithm, EvalMetrics, Hyperparameters, TrainMetrics};
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
 
-use crate::strategy::FedAvg;
+use crate::config::TrainConfig;
+use crate::strategy::{RoundAggregate, Strategy, clip};
 
 /// Settings of the round logic.
 #[derive(Debug, Clone, PartialEq)]
@@ -33,16 +41,24 @@ pub struct RoundSettings {
     pub min_available: usize,
     pub deadline_ms: u64,
     pub seed: u64,
+    /// Attempts a round gets before the run stops with an error (0: unlimited).
+    pub max_attempts: u32,
+    /// Rounds during which a node that failed to deliver is picked last (0: off).
+    pub failure_cooldown_rounds: u64,
+    /// Federated evaluation every this many rounds (and in the last); 0: never.
+    pub federated_every: u64,
+    /// What nodes are asked to compute, and with which hyper-parameters.
+    pub train: TrainConfig,
 }
 
 /// A training task for one node.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Task {
     pub round: u64,
     /// Global model version to start from.
     pub version: u64,
-    /// Seed for the node's shuffling this round.
-    pub seed: u64,
+    /// This round's hyper-parameters, with the node's own seed.
+    pub hyper: Hyperparameters,
     pub deadline_ms: u64,
 }
 
@@ -55,6 +71,10 @@ pub struct Contribution {
     /// The round's starting model on the node's held-out data.
     pub federated_eval: Option<EvalMetrics>,
     pub wire_bytes: u64,
+    /// L2 norm of the update as received (before any bounding).
+    pub update_norm: f64,
+    /// Whether the update was scaled down to the norm bound.
+    pub clipped: bool,
 }
 
 /// A round that reached its end; the driver persists and evaluates it, then
@@ -69,17 +89,87 @@ pub struct ClosedRound {
     pub selected: usize,
     pub started_ms: u64,
     pub closed_ms: u64,
+    /// SCAFFOLD's server control variate after the round, if the run uses it.
+    pub control: Option<Arc<Vec<f32>>>,
+    /// Strategy state to checkpoint: named vectors and the server optimizer's steps.
+    pub strategy_state: Arc<(BTreeMap<String, Vec<f32>>, u64)>,
+}
+
+/// A round's aggregation, to run off the async runtime.
+#[derive(Debug)]
+pub struct AggregationJob {
+    round: u64,
+    global: Arc<Vec<f32>>,
+    aggregate: RoundAggregate,
+    control_sum: Option<Vec<f64>>,
+    count: usize,
+    total_nodes: usize,
+    strategy: Strategy,
+}
+
+/// What an [`AggregationJob`] produced.
+#[derive(Debug)]
+pub struct Aggregated {
+    round: u64,
+    result: Result<Vec<f32>, String>,
+    strategy: Strategy,
+    seconds: f64,
+}
+
+impl AggregationJob {
+    /// The round being aggregated.
+    pub fn round(&self) -> u64 {
+        self.round
+    }
+
+    /// Combines the updates and applies the server optimizer (blocking, CPU-bound).
+    pub fn run(mut self) -> Aggregated {
+        let start = std::time::Instant::now();
+        let result = self.aggregate.finish().map(|delta| {
+            let next = self.strategy.server.step(&self.global, &delta);
+            if let Some(sum) = &self.control_sum {
+                self.strategy.update_control(sum, self.count, self.total_nodes);
+            }
+            next
+        });
+        Aggregated {
+            round: self.round,
+            result,
+            strategy: self.strategy,
+            seconds: start.elapsed().as_secs_f64(),
+        }
+    }
+}
+
+impl Aggregated {
+    /// Seconds the aggregation took.
+    pub fn seconds(&self) -> f64 {
+        self.seconds
+    }
 }
 
 /// What the driver must do.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub enum Output {
     /// Send `task` to the node named `node`.
     Assign { node: String, task: Task },
+    /// Run the aggregation off the runtime, then call [`RoundMachine::aggregated`].
+    Aggregate(AggregationJob),
     /// Persist, evaluate and publish a closed round.
     Close(ClosedRound),
     /// The last round is persisted: stop the nodes and the service.
     Finished,
+    /// The run cannot go on (a round kept failing): stop with this error.
+    Abort(String),
+}
+
+/// What an update's main section holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpdateKind {
+    /// `w_local − w_global`.
+    Delta,
+    /// The loss gradient at `w_global` (FedSGD).
+    Gradient,
 }
 
 /// An update the driver received in full and decoded.
@@ -88,7 +178,10 @@ pub struct Update {
     pub round: u64,
     pub base_version: u64,
     pub num_samples: u64,
+    pub kind: UpdateKind,
     pub delta: Vec<f32>,
+    /// SCAFFOLD's control variate delta `cᵢ⁺ − cᵢ`.
+    pub control_delta: Option<Vec<f32>>,
     pub metrics: TrainMetrics,
     pub federated_eval: Option<EvalMetrics>,
     pub wire_bytes: u64,
@@ -113,6 +206,21 @@ pub enum Rejection {
     NonFinite { index: usize },
     /// The update claims no training samples.
     NoSamples,
+    /// The update is not what the run's algorithm produces.
+    WrongKind { expected: String, got: String },
+}
+
+impl Rejection {
+    /// Whether the update itself was bad (as opposed to its timing or sender).
+    pub fn is_content(&self) -> bool {
+        matches!(
+            self,
+            Rejection::WrongSize { .. }
+                | Rejection::NonFinite { .. }
+                | Rejection::NoSamples
+                | Rejection::WrongKind { .. }
+        )
+    }
 }
 
 impl fmt::Display for Rejection {
@@ -121,6 +229,12 @@ impl fmt::Display for Rejection {
             Rejection::UnknownSession => write!(f, "unknown node session; join again"),
             Rejection::WrongRound { got, current: Some(c) } if got < c => {
                 write!(f, "late update for round {got}; round {c} is in progress")
+            }
+            Rejection::WrongRound { got, current: Some(c) } if got == c => {
+                write!(
+                    f,
+                    "late update for round {got}; the round has closed and no longer accepts updates"
+                )
             }
             Rejection::WrongRound { got, current: Some(c) } => {
                 write!(f, "update for round {got}; round {c} is in progress")
@@ -143,6 +257,9 @@ impl fmt::Display for Rejection {
             }
             Rejection::NonFinite { index } => write!(f, "update value {index} is not finite"),
             Rejection::NoSamples => write!(f, "update claims zero training samples"),
+            Rejection::WrongKind { expected, got } => {
+                write!(f, "this run's algorithm expects {expected}; the update carries {got}")
+            }
         }
     }
 }
@@ -153,6 +270,8 @@ struct NodeRecord {
     connected: bool,
     num_samples: u64,
     rounds_contributed: u64,
+    /// The last round this node was asked to train in and did not deliver.
+    last_failure: Option<u64>,
 }
 
 #[derive(Debug)]
@@ -161,7 +280,10 @@ struct RoundState {
     attempt: u32,
     selected: BTreeSet<String>,
     accepted: Vec<Contribution>,
-    aggregate: FedAvg,
+    /// Selected nodes whose update was refused: the round does not wait for them.
+    refused: BTreeSet<String>,
+    aggregate: RoundAggregate,
+    control_sum: Option<Vec<f64>>,
     started_ms: u64,
     deadline_ms: u64,
 }
@@ -169,9 +291,20 @@ struct RoundState {
 #[derive(Debug)]
 enum Phase {
     Waiting,
-    Training(RoundState),
+    Training(Box<RoundState>),
+    Aggregating { round: u64, state: ClosingState },
     Closing { round: u64 },
     Finished,
+}
+
+/// What a round keeps while its aggregation runs.
+#[derive(Debug)]
+struct ClosingState {
+    selected: usize,
+    accepted: Vec<Contribution>,
+    started_ms: u64,
+    closed_ms: u64,
+    attempt: u32,
 }
 
 /// Where a run stands, for status reports.
@@ -179,6 +312,7 @@ enum Phase {
 pub enum PhaseKind {
     Waiting,
     Training,
+    Aggregating,
     Closing,
     Finished,
 }
@@ -191,18 +325,32 @@ pub struct RoundMachine {
     global: Arc<Vec<f32>>,
     nodes: BTreeMap<String, NodeRecord>,
     phase: Phase,
+    /// Taken while an aggregation job runs.
+    strategy: Option<Strategy>,
 }
 
 impl RoundMachine {
     /// A machine at model version 0 holding `initial` as the global model.
-    pub fn new(settings: RoundSettings, initial: Vec<f32>) -> Self {
+    pub fn new(settings: RoundSettings, initial: Vec<f32>, strategy: Strategy) -> Self {
+        Self::resume(settings, 0, initial, strategy)
+    }
+
+    /// A machine that continues after `version` completed rounds, from the
+    /// checkpointed global model and strategy state.
+    pub fn resume(settings: RoundSettings, version: u64, global: Vec<f32>, strategy: Strategy) -> Self {
         Self {
             settings,
-            version: 0,
-            global: Arc::new(initial),
+            version,
+            global: Arc::new(global),
             nodes: BTreeMap::new(),
             phase: Phase::Waiting,
+            strategy: Some(strategy),
         }
+    }
+
+    /// SCAFFOLD's current server control variate, if the run uses it.
+    pub fn control(&self) -> Option<&[f32]> {
+        self.strategy.as_ref().and_then(|s| s.control.as_deref())
     }
 
     /// The current global model version (rounds completed).
@@ -219,7 +367,7 @@ impl RoundMachine {
     pub fn current_round(&self) -> Option<u64> {
         match &self.phase {
             Phase::Training(r) => Some(r.round),
-            Phase::Closing { round } => Some(*round),
+            Phase::Aggregating { round, .. } | Phase::Closing { round } => Some(*round),
             _ => None,
         }
     }
@@ -229,6 +377,7 @@ impl RoundMachine {
         match self.phase {
             Phase::Waiting => PhaseKind::Waiting,
             Phase::Training(_) => PhaseKind::Training,
+            Phase::Aggregating { .. } => PhaseKind::Aggregating,
             Phase::Closing { .. } => PhaseKind::Closing,
             Phase::Finished => PhaseKind::Finished,
         }
@@ -260,6 +409,7 @@ impl RoundMachine {
             connected: false,
             num_samples,
             rounds_contributed: 0,
+            last_failure: None,
         });
         rec.session = session.to_owned();
         rec.connected = false;
@@ -347,20 +497,97 @@ impl RoundMachine {
         if update.num_samples == 0 {
             return Err(Rejection::NoSamples);
         }
+        let algorithm = self.settings.train.algorithm;
+        let expected = match algorithm {
+            Algorithm::FedSgd => UpdateKind::Gradient,
+            _ => UpdateKind::Delta,
+        };
+        if update.kind != expected {
+            return Err(Rejection::WrongKind {
+                expected: describe(expected, false),
+                got: describe(update.kind, update.control_delta.is_some()),
+            });
+        }
+        let scaffold = algorithm == Algorithm::Scaffold;
+        match &update.control_delta {
+            Some(_) if !scaffold => {
+                return Err(Rejection::WrongKind {
+                    expected: describe(expected, false),
+                    got: describe(update.kind, true),
+                });
+            }
+            None if scaffold => {
+                return Err(Rejection::WrongKind {
+                    expected: describe(expected, true),
+                    got: describe(update.kind, false),
+                });
+            }
+            Some(c) if c.len() != self.global.len() => {
+                return Err(Rejection::WrongSize {
+                    got: c.len(),
+                    expected: self.global.len(),
+                });
+            }
+            Some(c) => {
+                if let Some(index) = c.iter().position(|v| !v.is_finite()) {
+                    return Err(Rejection::NonFinite {
+                        index: self.global.len() + index,
+                    });
+                }
+            }
+            None => {}
+        }
+        let mut delta = update.delta;
+        if update.kind == UpdateKind::Gradient {
+            // FedSGD: the node's step is −η·g with this round's learning rate.
+            let lr = self
+                .settings
+                .train
+                .learning_rate_at(update.round, self.settings.total_rounds);
+            for v in &mut delta {
+                *v = (-lr * f64::from(*v)) as f32;
+            }
+        }
+        let bound = self.strategy.as_ref().and_then(|s| s.clip_norm);
+        let update_norm = clip(&mut delta, bound);
+        let clipped = bound.is_some_and(|b| update_norm > b);
         let Phase::Training(r) = &mut self.phase else {
             unreachable!("admit checked the phase");
         };
-        r.aggregate.add(&update.delta, update.num_samples as f64);
+        r.aggregate.add(delta, update.num_samples as f64);
+        if let (Some(sum), Some(c)) = (&mut r.control_sum, &update.control_delta) {
+            for (s, &v) in sum.iter_mut().zip(c) {
+                *s += f64::from(v);
+            }
+        }
         r.accepted.push(Contribution {
             node: name.clone(),
             num_samples: update.num_samples,
             metrics: update.metrics,
             federated_eval: update.federated_eval,
             wire_bytes: update.wire_bytes,
+            update_norm,
+            clipped,
         });
         let accepted = r.accepted.len();
         self.nodes.get_mut(&name).expect("known node").rounds_contributed += 1;
         Ok((accepted, self.maybe_close(now_ms)))
+    }
+
+    /// The update of the node behind `session` for the round in progress was
+    /// refused for its content (or its stream broke): the round stops waiting
+    /// for that node, and may now close.
+    pub fn refuse(&mut self, session: &str, now_ms: u64) -> Vec<Output> {
+        let Some(name) = self.node_of(session).map(str::to_owned) else {
+            return Vec::new();
+        };
+        let Phase::Training(r) = &mut self.phase else {
+            return Vec::new();
+        };
+        if r.selected.contains(&name) && !r.accepted.iter().any(|c| c.node == name) {
+            r.refused.insert(name);
+        }
+        self.maybe_close(now_ms)
     }
 
     /// Time passed: closes or retries a round whose deadline is over.
@@ -390,6 +617,45 @@ impl RoundMachine {
         }
     }
 
+    /// The round's aggregation finished: publish the new model for
+    /// persisting, or retry the round when the aggregator could not be applied.
+    pub fn aggregated(&mut self, done: Aggregated, now_ms: u64) -> Vec<Output> {
+        let Phase::Aggregating { round, .. } = &self.phase else {
+            return Vec::new();
+        };
+        if *round != done.round {
+            return Vec::new();
+        }
+        let Phase::Aggregating { round, state } = std::mem::replace(&mut self.phase, Phase::Waiting) else {
+            unreachable!("checked above");
+        };
+        self.strategy = Some(done.strategy);
+        let global = match done.result {
+            Ok(g) => g,
+            Err(reason) => {
+                tracing::warn!(round, reason, "aggregation failed; retrying the round");
+                return self.start_attempt(round, state.attempt + 1, now_ms);
+            }
+        };
+        self.global = Arc::new(global);
+        self.version = round;
+        self.phase = Phase::Closing { round };
+        let strategy = self.strategy.as_ref().expect("restored above");
+        let (named, steps) = strategy.state();
+        let strategy_state = Arc::new((named.into_iter().map(|(k, v)| (k, v.to_vec())).collect(), steps));
+        vec![Output::Close(ClosedRound {
+            round,
+            version: self.version,
+            global: self.global.clone(),
+            contributions: state.accepted,
+            selected: state.selected,
+            started_ms: state.started_ms,
+            closed_ms: state.closed_ms,
+            control: strategy.control.clone().map(Arc::new),
+            strategy_state,
+        })]
+    }
+
     /// The closed round is durable and evaluated: start the next one, or finish.
     pub fn persisted(&mut self, now_ms: u64) -> Vec<Output> {
         let Phase::Closing { round } = self.phase else {
@@ -412,28 +678,40 @@ impl RoundMachine {
     }
 
     fn try_start(&mut self, round: u64, attempt: u32, now_ms: u64) -> Vec<Output> {
-        let mut available: Vec<String> = self
-            .nodes
-            .iter()
-            .filter(|(_, n)| n.connected && n.num_samples > 0)
-            .map(|(k, _)| k.clone())
-            .collect();
-        if available.len() < self.settings.min_available.max(self.settings.min_nodes) {
+        let cooldown = self.settings.failure_cooldown_rounds;
+        let recently_failed = |n: &NodeRecord| cooldown > 0 && n.last_failure.is_some_and(|f| f + cooldown >= round);
+        let (mut fresh, mut failed): (Vec<String>, Vec<String>) = (Vec::new(), Vec::new());
+        for (name, n) in self.nodes.iter().filter(|(_, n)| n.connected && n.num_samples > 0) {
+            if recently_failed(n) {
+                failed.push(name.clone());
+            } else {
+                fresh.push(name.clone());
+            }
+        }
+        let available = fresh.len() + failed.len();
+        if available < self.settings.min_available.max(self.settings.min_nodes) {
             self.phase = Phase::Waiting;
             return Vec::new();
         }
-        let wanted = ((self.settings.fraction * available.len() as f64).ceil() as usize)
+        let wanted = ((self.settings.fraction * available as f64).ceil() as usize)
             .max(self.settings.min_nodes)
-            .min(available.len());
+            .min(available);
         let mut rng = ChaCha8Rng::seed_from_u64(mix(self.settings.seed, round, u64::from(attempt)));
-        available.shuffle(&mut rng);
-        let selected: BTreeSet<String> = available.into_iter().take(wanted).collect();
+        fresh.shuffle(&mut rng);
+        failed.shuffle(&mut rng);
+        let deprioritised = failed.len();
+        let selected: BTreeSet<String> = fresh.into_iter().chain(failed).take(wanted).collect();
+        let Some(strategy) = &self.strategy else {
+            return Vec::new();
+        };
         let state = RoundState {
             round,
             attempt,
             selected,
             accepted: Vec::new(),
-            aggregate: FedAvg::new(self.global.len()),
+            refused: BTreeSet::new(),
+            aggregate: RoundAggregate::new(strategy.aggregator, self.global.len()),
+            control_sum: strategy.control.as_ref().map(|c| vec![0.0; c.len()]),
             started_ms: now_ms,
             deadline_ms: now_ms + self.settings.deadline_ms,
         };
@@ -442,6 +720,7 @@ impl RoundMachine {
             attempt,
             selected = state.selected.len(),
             connected = self.connected_nodes(),
+            deprioritised,
             "round started"
         );
         let out = state
@@ -452,7 +731,7 @@ impl RoundMachine {
                 task: self.task_for(&state, n),
             })
             .collect();
-        self.phase = Phase::Training(state);
+        self.phase = Phase::Training(Box::new(state));
         out
     }
 
@@ -460,10 +739,18 @@ impl RoundMachine {
         let node_hash = node.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
             (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
         });
+        let total = self.settings.total_rounds;
+        let every = self.settings.federated_every;
+        let evaluate = every > 0 && (r.round.is_multiple_of(every) || r.round == total);
         Task {
             round: r.round,
             version: self.version,
-            seed: mix(self.settings.seed, r.round, node_hash),
+            hyper: self.settings.train.hyperparameters(
+                r.round,
+                total,
+                mix(self.settings.seed, r.round, node_hash),
+                evaluate,
+            ),
             deadline_ms: r.deadline_ms,
         }
     }
@@ -475,7 +762,7 @@ impl RoundMachine {
         let pending = r
             .selected
             .iter()
-            .filter(|n| !r.accepted.iter().any(|c| &c.node == *n))
+            .filter(|n| !r.accepted.iter().any(|c| &c.node == *n) && !r.refused.contains(*n))
             .filter(|n| self.nodes.get(*n).is_some_and(|rec| rec.connected))
             .count();
         if pending > 0 {
@@ -499,26 +786,79 @@ impl RoundMachine {
             return Vec::new();
         };
         let (round, attempt) = (r.round, r.attempt + 1);
+        self.mark_failures();
         self.phase = Phase::Waiting;
+        self.start_attempt(round, attempt, now_ms)
+    }
+
+    /// Starts attempt `attempt` of `round`, or gives the run up when the
+    /// round has failed `max_attempts` times in a row.
+    fn start_attempt(&mut self, round: u64, attempt: u32, now_ms: u64) -> Vec<Output> {
+        let max = self.settings.max_attempts;
+        if max > 0 && attempt >= max {
+            self.phase = Phase::Finished;
+            return vec![Output::Abort(format!(
+                "round {round} failed {attempt} times in a row; stopping the run (the last completed round, {}, is saved)",
+                self.version
+            ))];
+        }
         self.try_start(round, attempt, now_ms)
     }
 
+    /// Records the selected nodes that have not delivered in the round in progress.
+    fn mark_failures(&mut self) {
+        let Phase::Training(r) = &self.phase else {
+            return;
+        };
+        for name in &r.selected {
+            if !r.accepted.iter().any(|c| &c.node == name)
+                && let Some(n) = self.nodes.get_mut(name)
+            {
+                n.last_failure = Some(r.round);
+            }
+        }
+    }
+
     fn close(&mut self, now_ms: u64) -> Vec<Output> {
+        self.mark_failures();
         let Phase::Training(r) = std::mem::replace(&mut self.phase, Phase::Waiting) else {
             return Vec::new();
         };
-        self.global = Arc::new(r.aggregate.apply(&self.global));
-        self.version = r.round;
-        self.phase = Phase::Closing { round: r.round };
-        vec![Output::Close(ClosedRound {
+        let Some(strategy) = self.strategy.take() else {
+            return Vec::new();
+        };
+        let job = AggregationJob {
             round: r.round,
-            version: self.version,
             global: self.global.clone(),
-            contributions: r.accepted,
-            selected: r.selected.len(),
-            started_ms: r.started_ms,
-            closed_ms: now_ms,
-        })]
+            count: r.accepted.len(),
+            aggregate: r.aggregate,
+            control_sum: r.control_sum,
+            total_nodes: self.nodes.len(),
+            strategy,
+        };
+        self.phase = Phase::Aggregating {
+            round: r.round,
+            state: ClosingState {
+                selected: r.selected.len(),
+                accepted: r.accepted,
+                started_ms: r.started_ms,
+                closed_ms: now_ms,
+                attempt: r.attempt,
+            },
+        };
+        vec![Output::Aggregate(job)]
+    }
+}
+
+fn describe(kind: UpdateKind, control: bool) -> String {
+    let main = match kind {
+        UpdateKind::Delta => "a model delta",
+        UpdateKind::Gradient => "a gradient",
+    };
+    if control {
+        format!("{main} with a control-variate delta")
+    } else {
+        main.to_string()
     }
 }
 
@@ -535,6 +875,8 @@ fn mix(a: u64, b: u64, c: u64) -> u64 {
 mod tests {
     use super::*;
 
+    use crate::strategy::{Aggregator, ServerOpt, ServerOptimizer};
+
     fn settings(min_nodes: usize, fraction: f64) -> RoundSettings {
         RoundSettings {
             total_rounds: 2,
@@ -543,7 +885,26 @@ mod tests {
             min_available: min_nodes,
             deadline_ms: 1000,
             seed: 1,
+            max_attempts: 0,
+            failure_cooldown_rounds: 3,
+            federated_every: 1,
+            train: TrainConfig::default(),
         }
+    }
+
+    fn mean(numel: usize) -> Strategy {
+        Strategy::new(
+            Aggregator::Mean,
+            ServerOptimizer::new(ServerOpt::Sgd, 1.0, numel),
+            None,
+            false,
+            numel,
+        )
+    }
+
+    fn machine(settings: RoundSettings, initial: Vec<f32>) -> RoundMachine {
+        let n = initial.len();
+        RoundMachine::new(settings, initial, mean(n))
     }
 
     fn update(round: u64, version: u64, delta: Vec<f32>, n: u64) -> Update {
@@ -551,11 +912,25 @@ mod tests {
             round,
             base_version: version,
             num_samples: n,
+            kind: UpdateKind::Delta,
             delta,
+            control_delta: None,
             metrics: TrainMetrics::default(),
             federated_eval: None,
             wire_bytes: 0,
         }
+    }
+
+    /// Runs any aggregation job in `out` as the driver would.
+    fn settle(m: &mut RoundMachine, out: Vec<Output>, now: u64) -> Vec<Output> {
+        let mut result = Vec::new();
+        for o in out {
+            match o {
+                Output::Aggregate(job) => result.extend(m.aggregated(job.run(), now)),
+                other => result.push(other),
+            }
+        }
+        result
     }
 
     fn assigned(out: &[Output]) -> Vec<String> {
@@ -582,7 +957,7 @@ mod tests {
 
     #[test]
     fn a_round_starts_when_enough_nodes_connect_and_closes_at_quorum() {
-        let mut m = RoundMachine::new(settings(3, 1.0), vec![0.0, 0.0]);
+        let mut m = machine(settings(3, 1.0), vec![0.0, 0.0]);
         let out = fleet(&mut m);
         assert_eq!(assigned(&out), ["a", "b", "c"]);
         assert_eq!(m.current_round(), Some(1));
@@ -591,6 +966,9 @@ mod tests {
         assert_eq!((n, out.len()), (1, 0));
         m.submit("s-b", update(1, 0, vec![3.0, 2.0], 30), 6).unwrap();
         let (_, out) = m.submit("s-c", update(1, 0, vec![0.0, 2.0], 60), 7).unwrap();
+        assert!(matches!(out.as_slice(), [Output::Aggregate(_)]));
+        assert_eq!(m.phase(), PhaseKind::Aggregating);
+        let out = settle(&mut m, out, 7);
         let [Output::Close(closed)] = out.as_slice() else {
             panic!("expected a close, got {out:?}")
         };
@@ -606,7 +984,7 @@ mod tests {
 
     #[test]
     fn the_last_persisted_round_finishes_the_run() {
-        let mut m = RoundMachine::new(
+        let mut m = machine(
             RoundSettings {
                 min_available: 3,
                 ..settings(1, 1.0)
@@ -616,8 +994,10 @@ mod tests {
         fleet(&mut m);
         for round in 1..=2 {
             for n in ["a", "b", "c"] {
-                m.submit(&format!("s-{n}"), update(round, round - 1, vec![1.0], 1), 0)
+                let (_, out) = m
+                    .submit(&format!("s-{n}"), update(round, round - 1, vec![1.0], 1), 0)
                     .unwrap();
+                settle(&mut m, out, 0);
             }
             let out = m.persisted(0);
             if round == 2 {
@@ -630,7 +1010,7 @@ mod tests {
 
     #[test]
     fn bad_updates_are_refused_and_change_nothing() {
-        let mut m = RoundMachine::new(settings(3, 1.0), vec![0.0, 0.0]);
+        let mut m = machine(settings(3, 1.0), vec![0.0, 0.0]);
         fleet(&mut m);
         let refused = |m: &mut RoundMachine, s: &str, u: Update| m.submit(s, u, 0).unwrap_err();
         assert_eq!(
@@ -655,6 +1035,7 @@ mod tests {
         assert_eq!(e.to_string(), "node a already contributed to round 1");
         m.submit("s-b", update(1, 0, vec![1.0; 2], 1), 0).unwrap();
         let (_, out) = m.submit("s-c", update(1, 0, vec![1.0; 2], 1), 0).unwrap();
+        let out = settle(&mut m, out, 0);
         let [Output::Close(closed)] = out.as_slice() else {
             panic!()
         };
@@ -664,7 +1045,7 @@ mod tests {
     #[test]
     fn sampling_takes_a_fraction_with_a_minimum_and_is_reproducible() {
         let run = || {
-            let mut m = RoundMachine::new(
+            let mut m = machine(
                 RoundSettings {
                     min_available: 6,
                     ..settings(2, 0.3)
@@ -686,7 +1067,7 @@ mod tests {
 
     #[test]
     fn deadline_closes_with_the_minimum_or_retries() {
-        let mut m = RoundMachine::new(
+        let mut m = machine(
             RoundSettings {
                 min_available: 3,
                 ..settings(2, 1.0)
@@ -704,6 +1085,7 @@ mod tests {
         m.submit("s-a", update(1, 0, vec![1.0], 1), 1600).unwrap();
         m.submit("s-b", update(1, 0, vec![3.0], 1), 1700).unwrap();
         let out = m.tick(2000);
+        let out = settle(&mut m, out, 2000);
         let [Output::Close(closed)] = out.as_slice() else {
             panic!("{out:?}")
         };
@@ -713,7 +1095,7 @@ mod tests {
 
     #[test]
     fn a_node_that_leaves_costs_only_its_contribution() {
-        let mut m = RoundMachine::new(
+        let mut m = machine(
             RoundSettings {
                 min_available: 3,
                 ..settings(2, 1.0)
@@ -724,6 +1106,7 @@ mod tests {
         m.submit("s-a", update(1, 0, vec![1.0], 1), 0).unwrap();
         m.submit("s-b", update(1, 0, vec![3.0], 1), 0).unwrap();
         let out = m.disconnect("s-c", 5);
+        let out = settle(&mut m, out, 5);
         let [Output::Close(closed)] = out.as_slice() else {
             panic!("{out:?}")
         };
@@ -732,7 +1115,7 @@ mod tests {
 
     #[test]
     fn a_rejoining_node_is_handed_the_current_task() {
-        let mut m = RoundMachine::new(settings(3, 1.0), vec![0.0]);
+        let mut m = machine(settings(3, 1.0), vec![0.0]);
         fleet(&mut m);
         assert!(m.disconnect("s-b", 1).is_empty() || m.phase() == PhaseKind::Training);
         m.join("b", "s-b2", 10);
@@ -742,5 +1125,224 @@ mod tests {
         );
         let out = m.connect("s-b2", 2).unwrap();
         assert_eq!(assigned(&out), ["b"]);
+    }
+
+    fn four(m: &mut RoundMachine) -> Vec<Output> {
+        let mut last = Vec::new();
+        for n in ["w", "x", "y", "z"] {
+            m.join(n, &format!("s-{n}"), 10);
+            last = m.connect(&format!("s-{n}"), 0).unwrap();
+        }
+        last
+    }
+
+    #[test]
+    fn a_node_that_failed_recently_is_picked_last() {
+        for seed in 0..20 {
+            let mut m = machine(
+                RoundSettings {
+                    seed,
+                    min_available: 4,
+                    total_rounds: 5,
+                    ..settings(1, 0.5)
+                },
+                vec![0.0],
+            );
+            let picked = assigned(&four(&mut m));
+            assert_eq!(picked.len(), 2);
+            // The first delivers, the second stays silent past the deadline.
+            let (good, bad) = (&picked[0], &picked[1]);
+            m.submit(&format!("s-{good}"), update(1, 0, vec![1.0], 1), 10).unwrap();
+            let out = m.tick(1000);
+            settle(&mut m, out, 1000);
+            let next = assigned(&m.persisted(1001));
+            assert_eq!(next.len(), 2);
+            assert!(
+                !next.contains(bad),
+                "seed {seed}: {bad} failed in round 1 yet was picked: {next:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn fedsgd_gradients_become_steps_of_the_rounds_learning_rate() {
+        let mut s = settings(3, 1.0);
+        s.train.algorithm = Algorithm::FedSgd;
+        s.train.learning_rate = 0.1;
+        let mut m = machine(s, vec![1.0, 1.0]);
+        let out = fleet(&mut m);
+        let Output::Assign { task, .. } = &out[0] else { panic!() };
+        assert_eq!(task.hyper.algorithm, Algorithm::FedSgd);
+        let e = m.submit("s-a", update(1, 0, vec![1.0, 1.0], 1), 0).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "this run's algorithm expects a gradient; the update carries a model delta"
+        );
+        let grad = |g: Vec<f32>| Update {
+            kind: UpdateKind::Gradient,
+            ..update(1, 0, g, 1)
+        };
+        m.submit("s-a", grad(vec![1.0, -2.0]), 0).unwrap();
+        m.submit("s-b", grad(vec![1.0, -2.0]), 0).unwrap();
+        let (_, out) = m.submit("s-c", grad(vec![1.0, -2.0]), 0).unwrap();
+        let out = settle(&mut m, out, 0);
+        let [Output::Close(closed)] = out.as_slice() else {
+            panic!("{out:?}")
+        };
+        assert!((closed.global[0] - 0.9).abs() < 1e-6 && (closed.global[1] - 1.2).abs() < 1e-6);
+    }
+
+    #[test]
+    fn scaffold_updates_carry_control_deltas_that_move_the_server_control() {
+        let mut s = settings(2, 1.0);
+        s.train.algorithm = Algorithm::Scaffold;
+        s.min_available = 3;
+        let strategy = Strategy::new(
+            Aggregator::Mean,
+            ServerOptimizer::new(ServerOpt::Sgd, 1.0, 2),
+            None,
+            true,
+            2,
+        );
+        let mut m = RoundMachine::new(s, vec![0.0, 0.0], strategy);
+        fleet(&mut m);
+        let e = m.submit("s-a", update(1, 0, vec![1.0, 1.0], 1), 0).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "this run's algorithm expects a model delta with a control-variate delta; the update carries a model delta"
+        );
+        let with = |c: Vec<f32>| Update {
+            control_delta: Some(c),
+            ..update(1, 0, vec![1.0, 1.0], 1)
+        };
+        let e = m.submit("s-a", with(vec![1.0]), 0).unwrap_err();
+        assert_eq!(e.to_string(), "update has 1 values; the model has 2");
+        m.submit("s-a", with(vec![3.0, 0.0]), 0).unwrap();
+        m.submit("s-b", with(vec![3.0, 6.0]), 0).unwrap();
+        // Node c leaves: two of three nodes took part, c += (2/3)·mean = sum/3.
+        let out = m.disconnect("s-c", 1);
+        let out = settle(&mut m, out, 1);
+        let [Output::Close(closed)] = out.as_slice() else {
+            panic!("{out:?}")
+        };
+        assert_eq!(closed.control.as_deref().map(Vec::as_slice), Some(&[2.0f32, 2.0][..]));
+        assert_eq!(m.control(), Some(&[2.0f32, 2.0][..]));
+        assert!(closed.strategy_state.0.contains_key("scaffold.c"));
+    }
+
+    #[test]
+    fn updates_above_the_norm_bound_are_scaled_down() {
+        let strategy = Strategy::new(
+            Aggregator::Mean,
+            ServerOptimizer::new(ServerOpt::Sgd, 1.0, 2),
+            Some(1.0),
+            false,
+            2,
+        );
+        let mut m = RoundMachine::new(settings(3, 1.0), vec![0.0, 0.0], strategy);
+        fleet(&mut m);
+        m.submit("s-a", update(1, 0, vec![30.0, 40.0], 1), 0).unwrap();
+        m.submit("s-b", update(1, 0, vec![0.3, 0.4], 1), 0).unwrap();
+        let (_, out) = m.submit("s-c", update(1, 0, vec![0.3, 0.4], 1), 0).unwrap();
+        let out = settle(&mut m, out, 0);
+        let [Output::Close(closed)] = out.as_slice() else {
+            panic!()
+        };
+        // mean of [0.6, 0.8], [0.3, 0.4], [0.3, 0.4]
+        assert!((closed.global[0] - 0.4).abs() < 1e-6 && (closed.global[1] - 1.6 / 3.0).abs() < 1e-6);
+        let a = &closed.contributions[0];
+        assert!(a.clipped && (a.update_norm - 50.0).abs() < 1e-9);
+        assert!(!closed.contributions[1].clipped);
+    }
+
+    #[test]
+    fn an_aggregator_that_cannot_apply_retries_the_round() {
+        let strategy = Strategy::new(
+            Aggregator::Krum { f: 1 },
+            ServerOptimizer::new(ServerOpt::Sgd, 1.0, 1),
+            None,
+            false,
+            1,
+        );
+        let mut m = RoundMachine::new(settings(3, 1.0), vec![0.0], strategy);
+        fleet(&mut m);
+        for n in ["a", "b"] {
+            m.submit(&format!("s-{n}"), update(1, 0, vec![1.0], 1), 0).unwrap();
+        }
+        let (_, out) = m.submit("s-c", update(1, 0, vec![1.0], 1), 0).unwrap();
+        let out = settle(&mut m, out, 0);
+        // Krum with f = 1 needs 5 updates: the round starts again.
+        assert_eq!(assigned(&out), ["a", "b", "c"]);
+        assert_eq!((m.current_round(), m.version()), (Some(1), 0));
+    }
+
+    #[test]
+    fn tasks_carry_the_rounds_learning_rate_and_evaluation_cadence() {
+        let mut s = settings(3, 1.0);
+        s.total_rounds = 4;
+        s.federated_every = 3;
+        s.train.lr_schedule = crate::config::LrSchedule::Step;
+        s.train.lr_step_rounds = 2;
+        s.train.lr_decay = 0.5;
+        s.train.learning_rate = 0.2;
+        let mut m = machine(s, vec![0.0]);
+        let mut out = fleet(&mut m);
+        let mut seen = Vec::new();
+        for round in 1..=4 {
+            let Output::Assign { task, .. } = &out[0] else {
+                panic!("{out:?}")
+            };
+            seen.push((task.hyper.learning_rate, task.hyper.evaluate));
+            for n in ["a", "b"] {
+                m.submit(&format!("s-{n}"), update(round, round - 1, vec![0.0], 1), 0)
+                    .unwrap();
+            }
+            let (_, o) = m.submit("s-c", update(round, round - 1, vec![0.0], 1), 0).unwrap();
+            settle(&mut m, o, 0);
+            out = m.persisted(0);
+        }
+        assert_eq!(seen, [(0.2, false), (0.2, false), (0.1, true), (0.1, true)]);
+    }
+
+    #[test]
+    fn a_refused_update_does_not_hold_the_round_open() {
+        let mut m = machine(
+            RoundSettings {
+                min_available: 3,
+                ..settings(2, 1.0)
+            },
+            vec![0.0],
+        );
+        fleet(&mut m);
+        m.submit("s-a", update(1, 0, vec![1.0], 1), 0).unwrap();
+        m.submit("s-b", update(1, 0, vec![3.0], 1), 0).unwrap();
+        let e = m.submit("s-c", update(1, 0, vec![f32::INFINITY], 1), 0).unwrap_err();
+        assert!(e.is_content());
+        let out = m.refuse("s-c", 0);
+        let out = settle(&mut m, out, 0);
+        let [Output::Close(closed)] = out.as_slice() else {
+            panic!("{out:?}")
+        };
+        assert_eq!(*closed.global, vec![2.0]);
+    }
+
+    #[test]
+    fn a_round_that_keeps_failing_stops_the_run() {
+        let mut s = settings(2, 1.0);
+        s.max_attempts = 2;
+        s.min_available = 3;
+        let mut m = machine(s, vec![0.0]);
+        fleet(&mut m);
+        m.submit("s-a", update(1, 0, vec![1.0], 1), 0).unwrap();
+        assert_eq!(assigned(&m.tick(1000)).len(), 3);
+        let out = m.tick(2000);
+        let [Output::Abort(reason)] = out.as_slice() else {
+            panic!("{out:?}")
+        };
+        assert_eq!(
+            reason,
+            "round 1 failed 2 times in a row; stopping the run (the last completed round, 0, is saved)"
+        );
+        assert_eq!(m.phase(), PhaseKind::Finished);
     }
 }

@@ -17,7 +17,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::driver::{Command, ModelSnapshot, Traffic};
-use crate::round::{Rejection, Update};
+use crate::round::{Rejection, Update, UpdateKind};
 
 /// Implements `fedge.v1.Federation`.
 #[derive(Clone)]
@@ -38,9 +38,10 @@ pub fn rejection_status(r: &Rejection) -> Status {
         Rejection::WrongRound { .. } | Rejection::WrongBaseVersion { .. } => Status::failed_precondition(msg),
         Rejection::NotSelected { .. } => Status::permission_denied(msg),
         Rejection::Duplicate { .. } => Status::already_exists(msg),
-        Rejection::WrongSize { .. } | Rejection::NonFinite { .. } | Rejection::NoSamples => {
-            Status::invalid_argument(msg)
-        }
+        Rejection::WrongSize { .. }
+        | Rejection::NonFinite { .. }
+        | Rejection::NoSamples
+        | Rejection::WrongKind { .. } => Status::invalid_argument(msg),
     }
 }
 
@@ -174,6 +175,18 @@ impl pb::federation_server::Federation for FederationService {
         if node.is_none() {
             return Err(rejection_status(&Rejection::UnknownSession));
         }
+        let (payload, crc32) = match pb::ModelPart::try_from(req.part) {
+            Ok(pb::ModelPart::Parameters) => (&snapshot.payload, snapshot.crc32),
+            Ok(pb::ModelPart::ServerControl) => match &snapshot.control {
+                Some((payload, crc)) => (payload, *crc),
+                None => {
+                    return Err(Status::failed_precondition(
+                        "this run has no server control variate (its algorithm is not scaffold)",
+                    ));
+                }
+            },
+            Err(_) => return Err(Status::invalid_argument(format!("unknown model part {}", req.part))),
+        };
         let header = pb::ModelChunk {
             part: Some(pb::model_chunk::Part::Header(pb::ModelHeader {
                 version: snapshot.version,
@@ -181,11 +194,11 @@ impl pb::federation_server::Federation for FederationService {
             })),
         };
         let mut msgs = vec![header];
-        msgs.extend(chunks(&snapshot.payload, self.chunk_bytes).map(|c| pb::ModelChunk {
+        msgs.extend(chunks(payload, self.chunk_bytes).map(|c| pb::ModelChunk {
             part: Some(pb::model_chunk::Part::Data(c)),
         }));
         msgs.push(pb::ModelChunk {
-            part: Some(pb::model_chunk::Part::Trailer(pb::Trailer { crc32: snapshot.crc32 })),
+            part: Some(pb::model_chunk::Part::Trailer(pb::Trailer { crc32 })),
         });
         let bytes: u64 = msgs.iter().map(|m| m.encoded_len() as u64).sum();
         self.traffic.bytes_down.fetch_add(bytes, Ordering::Relaxed);
@@ -221,20 +234,33 @@ impl pb::federation_server::Federation for FederationService {
             })?;
         let result = self.read_payload(&mut stream, &header, &mut wire_bytes).await;
         self.traffic.bytes_up.fetch_add(wire_bytes, Ordering::Relaxed);
-        let delta = match result {
+        let mut delta = match result {
             Ok(d) => d,
             Err(status) => {
                 self.traffic.rejected_updates.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(node = %node, round, reason = %status.message(), "update refused");
+                let _ = self.driver.send(Command::Refuse { session });
                 return Err(status);
             }
         };
         let (metrics, federated_eval) = metrics_from_wire(&header.metrics.unwrap_or_default());
+        let control_delta = header.has_control_delta.then(|| delta.split_off(self.manifest.numel()));
+        let kind = match pb::UpdateKind::try_from(header.kind) {
+            Ok(pb::UpdateKind::Delta) => UpdateKind::Delta,
+            Ok(pb::UpdateKind::Gradient) => UpdateKind::Gradient,
+            Err(_) => {
+                self.traffic.rejected_updates.fetch_add(1, Ordering::Relaxed);
+                let _ = self.driver.send(Command::Refuse { session });
+                return Err(Status::invalid_argument(format!("unknown update kind {}", header.kind)));
+            }
+        };
         let update = Update {
             round,
             base_version,
             num_samples: header.num_samples,
+            kind,
             delta,
+            control_delta,
             metrics,
             federated_eval,
             wire_bytes,
@@ -274,13 +300,15 @@ impl FederationService {
                 self.manifest.numel()
             )));
         }
-        let mut reader = PayloadReader::new(manifest.payload_bytes()).map_err(payload_status)?;
+        let sections = if header.has_control_delta { 2 } else { 1 };
+        let expected = manifest.payload_bytes() * sections;
+        let mut reader = PayloadReader::new(expected).map_err(payload_status)?;
         loop {
             let Some(msg) = stream.message().await? else {
                 return Err(Status::invalid_argument(format!(
                     "update stream ended without a trailer after {} of {} payload bytes",
                     reader.received_bytes(),
-                    manifest.payload_bytes()
+                    expected
                 )));
             };
             *wire_bytes += msg.encoded_len() as u64;

@@ -4,16 +4,21 @@
 //!   round, version);
 //! - `rounds/round-NNNN.safetensors`: each round's global model, when kept;
 //! - `run.json`: run metadata and per-round history (participants, their
-//!   training metrics and bytes, central test loss and accuracy, traffic).
+//!   training metrics and bytes, central test loss and accuracy, traffic);
+//! - `checkpoint/round-NNNN.safetensors`: what a restart needs besides the
+//!   history: the global model (`model/…` tensors) and the strategy's state
+//!   (`strategy/…`: server optimizer moments, SCAFFOLD's control variate).
 //!
-//! Every file is written to a temporary file, fsynced and renamed, so a
-//! crash leaves either the previous round's files or the new ones.
+//! Every file is written to a temporary file, fsynced and renamed, and
+//! `run.json` is written last: the round it lists last is the one a restart
+//! continues from ([`RunStore::resume`]), and its checkpoint file is on disk
+//! (the previous one is removed only after `run.json` moved past it).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use fedge_common::fsutil::write_atomic;
-use fedge_common::params::{Manifest, save_safetensors};
+use fedge_common::params::{Manifest, TensorMeta, load_safetensors, save_safetensors};
 use serde::{Deserialize, Serialize};
 
 use crate::config::CoordinatorConfig;
@@ -35,6 +40,10 @@ pub struct Participant {
     pub holdout_loss: Option<f64>,
     pub holdout_accuracy: Option<f64>,
     pub holdout_examples: u64,
+    /// L2 norm of the update as received.
+    pub update_norm: f64,
+    /// Whether the update was scaled down to `strategy.clip_norm`.
+    pub clipped: bool,
 }
 
 /// One completed round.
@@ -57,8 +66,11 @@ pub struct RoundRecord {
     pub bytes_down: u64,
     /// Updates refused during the round.
     pub rejected_updates: u64,
-    /// From the round's start to its close, seconds.
+    /// From the round's start to the aggregated model, seconds.
     pub train_phase_seconds: f64,
+    /// Aggregation and server optimizer step, seconds (part of `train_phase_seconds`).
+    #[serde(default)]
+    pub aggregation_seconds: f64,
     pub eval_seconds: f64,
     /// From the round's start to the end of its central evaluation, seconds
     /// (`train_phase_seconds + eval_seconds`; the checkpoint write follows).
@@ -77,9 +89,22 @@ pub struct RunHistory {
     pub config: CoordinatorConfig,
     pub started_unix_ms: u64,
     pub finished: bool,
+    /// Times the coordinator restarted and resumed this run from its checkpoint.
+    #[serde(default)]
+    pub resumed: u32,
     /// Peak resident memory of the coordinator process when the run finished.
     pub peak_rss_bytes: Option<u64>,
     pub rounds: Vec<RoundRecord>,
+}
+
+/// What a restart continues from.
+#[derive(Debug, Clone)]
+pub struct Checkpoint {
+    /// Rounds completed.
+    pub round: u64,
+    pub global: Vec<f32>,
+    pub strategy: BTreeMap<String, Vec<f32>>,
+    pub server_steps: u64,
 }
 
 /// Writes a run's checkpoints and history.
@@ -94,10 +119,12 @@ pub struct RunStore {
 impl RunStore {
     /// Prepares `dir` (created if missing).
     pub fn create(dir: &Path, keep_round_models: bool, manifest: Manifest, history: RunHistory) -> Result<Self> {
-        std::fs::create_dir_all(dir.join("rounds")).map_err(|e| Error::Io {
-            context: format!("creating {}", dir.display()),
-            source: e,
-        })?;
+        for sub in ["rounds", "checkpoint"] {
+            std::fs::create_dir_all(dir.join(sub)).map_err(|e| Error::Io {
+                context: format!("creating {}", dir.display()),
+                source: e,
+            })?;
+        }
         Ok(Self {
             dir: dir.to_path_buf(),
             keep_round_models,
@@ -116,18 +143,23 @@ impl RunStore {
         self.dir.join("model.safetensors")
     }
 
-    /// Writes the initial global model as `rounds/round-0000.safetensors` (when round models are kept).
-    pub fn persist_initial(&self, params: &[f32]) -> Result<()> {
-        if !self.keep_round_models {
-            return Ok(());
+    /// Writes the initial global model as `rounds/round-0000.safetensors`
+    /// (when round models are kept), the round-0 checkpoint, and `run.json`.
+    pub fn persist_initial(&self, params: &[f32], strategy: &BTreeMap<String, Vec<f32>>) -> Result<()> {
+        self.write_checkpoint(0, params, strategy, 0)?;
+        if self.keep_round_models {
+            let path = self.dir.join("rounds").join("round-0000.safetensors");
+            save_safetensors(&path, &self.manifest, params, self.metadata(0, 0))?;
         }
-        let path = self.dir.join("rounds").join("round-0000.safetensors");
-        Ok(save_safetensors(&path, &self.manifest, params, self.metadata(0, 0))?)
+        self.write_history()
     }
 
-    /// Durably records a closed round: its model files first, then `run.json`.
+    /// Durably records a closed round: its model and checkpoint files first,
+    /// then `run.json`, then the previous checkpoint is removed.
     pub fn persist_round(&mut self, closed: &ClosedRound, record: RoundRecord) -> Result<()> {
         let metadata = self.metadata(closed.round, closed.version);
+        let (named, steps) = closed.strategy_state.as_ref();
+        self.write_checkpoint(closed.round, &closed.global, named, *steps)?;
         if self.keep_round_models {
             let path = self
                 .dir
@@ -137,7 +169,132 @@ impl RunStore {
         }
         save_safetensors(&self.model_path(), &self.manifest, &closed.global, metadata)?;
         self.history.rounds.push(record);
-        self.write_history()
+        self.write_history()?;
+        if closed.round > 0 {
+            let old = self.checkpoint_path(closed.round - 1);
+            if old.exists() {
+                std::fs::remove_file(&old).map_err(|e| Error::Io {
+                    context: format!("removing {}", old.display()),
+                    source: e,
+                })?;
+            }
+        }
+        Ok(())
+    }
+
+    fn checkpoint_path(&self, round: u64) -> PathBuf {
+        self.dir
+            .join("checkpoint")
+            .join(format!("round-{round:04}.safetensors"))
+    }
+
+    /// Writes the restart checkpoint of `round`: global model and strategy state.
+    pub fn write_checkpoint(
+        &self,
+        round: u64,
+        global: &[f32],
+        strategy: &BTreeMap<String, Vec<f32>>,
+        steps: u64,
+    ) -> Result<()> {
+        let mut manifest = Manifest::default();
+        let mut flat = Vec::with_capacity(global.len() + strategy.values().map(Vec::len).sum::<usize>());
+        for t in &self.manifest.tensors {
+            manifest.tensors.push(TensorMeta {
+                name: format!("model/{}", t.name),
+                shape: t.shape.clone(),
+            });
+        }
+        flat.extend_from_slice(global);
+        for (name, values) in strategy {
+            manifest.tensors.push(TensorMeta {
+                name: format!("strategy/{name}"),
+                shape: vec![values.len() as i64],
+            });
+            flat.extend_from_slice(values);
+        }
+        let mut meta = self.metadata(round, round);
+        meta.insert("server_steps".into(), steps.to_string());
+        Ok(save_safetensors(&self.checkpoint_path(round), &manifest, &flat, meta)?)
+    }
+
+    /// Reads back a run left unfinished in `dir`: its history, the global
+    /// model and strategy state of the last round `run.json` lists. `None`
+    /// when `dir` holds no run, or a finished one.
+    pub fn resume(dir: &Path, keep_round_models: bool, manifest: Manifest) -> Result<Option<(Self, Checkpoint)>> {
+        let path = dir.join("run.json");
+        let text = match std::fs::read(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => {
+                return Err(Error::Io {
+                    context: format!("reading {}", path.display()),
+                    source: e,
+                });
+            }
+        };
+        let history: RunHistory = serde_json::from_slice(&text).map_err(|e| {
+            Error::Checkpoint(format!(
+                "{} is not a fedge run history ({e}); move it away or choose another out_dir",
+                path.display()
+            ))
+        })?;
+        if history.finished {
+            return Ok(None);
+        }
+        let store = Self::create(dir, keep_round_models, manifest, history)?;
+        let round = store.history.rounds.last().map_or(0, |r| r.round);
+        let file = store.checkpoint_path(round);
+        let loaded = load_safetensors(&file)
+            .map_err(|e| Error::Checkpoint(format!("cannot read the checkpoint of round {round} ({e})")))?;
+        if loaded.metadata.get("run_id") != Some(&store.history.run_id) {
+            return Err(Error::Checkpoint(format!(
+                "{} belongs to another run than {}",
+                file.display(),
+                path.display()
+            )));
+        }
+        let steps = loaded
+            .metadata
+            .get("server_steps")
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        let mut global = Vec::with_capacity(store.manifest.numel());
+        let mut strategy = BTreeMap::new();
+        let mut offset = 0;
+        let mut model_tensors = Manifest::default();
+        for t in &loaded.manifest.tensors {
+            let n = t.numel();
+            let values = &loaded.values[offset..offset + n];
+            offset += n;
+            if let Some(name) = t.name.strip_prefix("model/") {
+                model_tensors.tensors.push(TensorMeta {
+                    name: name.to_owned(),
+                    shape: t.shape.clone(),
+                });
+                global.extend_from_slice(values);
+            } else if let Some(name) = t.name.strip_prefix("strategy/") {
+                strategy.insert(name.to_owned(), values.to_vec());
+            }
+        }
+        if model_tensors != store.manifest {
+            return Err(Error::Checkpoint(format!(
+                "{} holds a model of {} parameters in {} tensors; this run's model has {} in {}",
+                file.display(),
+                model_tensors.numel(),
+                model_tensors.tensors.len(),
+                store.manifest.numel(),
+                store.manifest.tensors.len()
+            )));
+        }
+        Ok(Some((
+            store,
+            Checkpoint {
+                round,
+                global,
+                strategy,
+                server_steps: steps,
+            },
+        )))
     }
 
     /// Metadata stored in every checkpoint file.
@@ -177,6 +334,8 @@ pub fn participant(c: &crate::round::Contribution) -> Participant {
         holdout_loss: c.federated_eval.map(|e| e.loss),
         holdout_accuracy: c.federated_eval.map(|e| e.accuracy),
         holdout_examples: c.federated_eval.map_or(0, |e| e.examples),
+        update_norm: c.update_norm,
+        clipped: c.clipped,
     }
 }
 

@@ -36,8 +36,42 @@ pub struct NodeConfig {
     /// When set, every update this node sends is also written here
     /// (`round-NNNN.safetensors`), an audit copy of what left the device.
     pub record_dir: Option<PathBuf>,
+    /// Where the node keeps state across restarts (SCAFFOLD's client control
+    /// variate). Unset: kept in memory only, lost when the node restarts.
+    pub state_dir: Option<PathBuf>,
+    /// Robustness experiments only: make this node send corrupted updates.
+    pub adversary: AdversaryConfig,
     /// Log output format.
     pub log_format: LogFormat,
+}
+
+/// A simulated Byzantine node, to measure how an aggregator copes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdversaryConfig {
+    /// `none`, `sign-flip` (send `−scale ×` the honest update) or `noise`
+    /// (send Gaussian noise of standard deviation `scale`).
+    pub kind: AdversaryKind,
+    pub scale: f64,
+}
+
+/// Kinds of corrupted updates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AdversaryKind {
+    #[default]
+    None,
+    SignFlip,
+    Noise,
+}
+
+impl Default for AdversaryConfig {
+    fn default() -> Self {
+        Self {
+            kind: AdversaryKind::None,
+            scale: 10.0,
+        }
+    }
 }
 
 /// Part `index` of `count` of the data, split by `scheme` with `seed`. Every
@@ -126,6 +160,8 @@ impl Default for NodeConfig {
             partition: None,
             reconnect: ReconnectConfig::default(),
             record_dir: None,
+            state_dir: None,
+            adversary: AdversaryConfig::default(),
             log_format: LogFormat::Text,
         }
     }
@@ -195,6 +231,12 @@ impl NodeConfig {
             return Err(Error::Config(format!(
                 "holdout must be in [0, 1), got {}",
                 self.holdout
+            )));
+        }
+        if !(self.adversary.scale.is_finite() && self.adversary.scale > 0.0) {
+            return Err(Error::Config(format!(
+                "adversary.scale must be a positive number, got {}",
+                self.adversary.scale
             )));
         }
         if self.reconnect.initial.is_zero() || self.reconnect.max < self.reconnect.initial {

@@ -67,7 +67,21 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> Resu
         ?device,
         "local data loaded"
     );
-    let trainer = Trainer::spawn(data, held_out, device, config.threads)?;
+    if config.adversary.kind != crate::config::AdversaryKind::None {
+        tracing::warn!(
+            kind = ?config.adversary.kind,
+            scale = config.adversary.scale,
+            "adversary mode: this node sends corrupted updates (robustness experiments only)"
+        );
+    }
+    let trainer = Trainer::spawn(
+        data,
+        held_out,
+        device,
+        config.threads,
+        config.state_dir.clone(),
+        config.adversary.clone(),
+    )?;
     let mut cache = ModelCache::default();
     let mut stats = NodeStats::default();
     let mut backoff = Backoff::new(config.reconnect.initial, config.reconnect.max);

@@ -9,12 +9,12 @@ use std::time::Duration;
 use fedge_common::model::ModelKind;
 use fedge_common::params::{Manifest, save_safetensors};
 use fedge_common::pb::{self, PROTOCOL_VERSION, federation_client::FederationClient};
-use fedge_common::train::Hyperparameters;
+use fedge_common::train::{Algorithm, Hyperparameters};
 use fedge_common::wire::{PayloadReader, chunks, crc32, encode_f32, metrics_to_wire};
 use tonic::transport::Channel;
 
 use crate::config::NodeConfig;
-use crate::trainer::Trainer;
+use crate::trainer::{Job, Trainer};
 use crate::{Error, Result};
 
 /// How a session ended without error.
@@ -33,6 +33,8 @@ pub struct ModelCache {
     pub version: Option<u64>,
     pub manifest: Arc<Manifest>,
     pub params: Arc<Vec<f32>>,
+    /// SCAFFOLD's server control variate and the version it belongs to.
+    pub control: Option<(u64, Arc<Vec<f32>>)>,
 }
 
 /// Counts kept across sessions, for logs.
@@ -113,7 +115,11 @@ pub async fn run_session(ctx: SessionCtx<'_>) -> Result<SessionEnd> {
     while let Some(msg) = instructions.message().await? {
         match msg.kind {
             Some(pb::instruction::Kind::Train(task)) => {
-                let run = RunInfo { kind, classes };
+                let run = RunInfo {
+                    kind,
+                    classes,
+                    run_id: &settings.run_id,
+                };
                 handle_task(
                     &mut client,
                     &session,
@@ -138,16 +144,17 @@ pub async fn run_session(ctx: SessionCtx<'_>) -> Result<SessionEnd> {
 
 /// What the run asks this node to build.
 #[derive(Debug, Clone, Copy)]
-struct RunInfo {
+struct RunInfo<'a> {
     kind: ModelKind,
     classes: i64,
+    run_id: &'a str,
 }
 
 #[allow(clippy::too_many_arguments)]
 async fn handle_task(
     client: &mut FederationClient<Channel>,
     session: &str,
-    run: RunInfo,
+    run: RunInfo<'_>,
     task: pb::TrainTask,
     config: &NodeConfig,
     trainer: &Trainer,
@@ -156,22 +163,47 @@ async fn handle_task(
     stats: &mut NodeStats,
 ) -> Result<()> {
     let round = task.round;
-    if cache.version != Some(task.model_version) {
-        fetch_model(client, session, task.model_version, cache, stats).await?;
-    }
     let h = task
         .hyperparameters
         .ok_or_else(|| Error::Protocol("task without hyper-parameters".into()))?;
-    let hyper = Hyperparameters::from(&h);
-    tracing::info!(round, version = task.model_version, epochs = hyper.epochs, "training");
+    let hyper = Hyperparameters::try_from(&h)?;
+    if cache.version != Some(task.model_version) {
+        let (manifest, params) = fetch(client, session, task.model_version, pb::ModelPart::Parameters, stats).await?;
+        cache.version = Some(task.model_version);
+        cache.manifest = Arc::new(manifest);
+        cache.params = Arc::new(params);
+    }
+    let server_control = if hyper.algorithm == Algorithm::Scaffold {
+        match &cache.control {
+            Some((v, c)) if *v == task.model_version => Some(c.clone()),
+            _ => {
+                let (_, c) = fetch(client, session, task.model_version, pb::ModelPart::ServerControl, stats).await?;
+                let c = Arc::new(c);
+                cache.control = Some((task.model_version, c.clone()));
+                Some(c)
+            }
+        }
+    } else {
+        None
+    };
+    tracing::info!(
+        round,
+        version = task.model_version,
+        algorithm = hyper.algorithm.name(),
+        epochs = hyper.epochs,
+        lr = hyper.learning_rate,
+        "training"
+    );
     let result = trainer
-        .train(
-            run.kind,
-            run.classes,
-            cache.manifest.clone(),
-            cache.params.clone(),
+        .train(Job {
+            run_id: run.run_id.to_owned(),
+            kind: run.kind,
+            classes: run.classes,
+            manifest: cache.manifest.clone(),
+            global: cache.params.clone(),
+            server_control,
             hyper,
-        )
+        })
         .await?;
     let m = &result.metrics;
     tracing::info!(
@@ -196,8 +228,15 @@ async fn handle_task(
         let path = dir.join(format!("round-{round:04}.safetensors"));
         save_safetensors(&path, &cache.manifest, &result.delta, meta)?;
     }
-    let payload = encode_f32(&result.delta);
-    drop(result.delta);
+    let has_control_delta = result.control_delta.is_some();
+    let payload = match result.control_delta {
+        Some(c) => {
+            let mut both = result.delta;
+            both.extend_from_slice(&c);
+            encode_f32(&both)
+        }
+        None => encode_f32(&result.delta),
+    };
     let header = pb::UpdateChunk {
         part: Some(pb::update_chunk::Part::Header(pb::UpdateHeader {
             node_id: session.to_owned(),
@@ -206,6 +245,12 @@ async fn handle_task(
             num_samples,
             manifest: Some(pb::Manifest::from(cache.manifest.as_ref())),
             metrics: Some(metrics_to_wire(m, result.holdout.as_ref())),
+            kind: if result.is_gradient {
+                pb::UpdateKind::Gradient
+            } else {
+                pb::UpdateKind::Delta
+            } as i32,
+            has_control_delta,
         })),
     };
     let trailer = pb::UpdateChunk {
@@ -240,17 +285,20 @@ async fn handle_task(
     }
 }
 
-async fn fetch_model(
+/// Fetches one part (parameters, or SCAFFOLD's server control variate) of
+/// global model version `version`.
+async fn fetch(
     client: &mut FederationClient<Channel>,
     session: &str,
     version: u64,
-    cache: &mut ModelCache,
+    part: pb::ModelPart,
     stats: &mut NodeStats,
-) -> Result<()> {
+) -> Result<(Manifest, Vec<f32>)> {
     let mut stream = client
         .fetch_model(pb::FetchModelRequest {
             node_id: session.to_owned(),
             version,
+            part: part as i32,
         })
         .await?
         .into_inner();
@@ -288,9 +336,12 @@ async fn fetch_model(
         }
     };
     stats.bytes_down += bytes;
-    tracing::info!(version, parameters = params.len(), bytes, "model fetched");
-    cache.version = Some(version);
-    cache.manifest = Arc::new(manifest);
-    cache.params = Arc::new(params);
-    Ok(())
+    tracing::info!(
+        version,
+        part = part.as_str_name(),
+        parameters = params.len(),
+        bytes,
+        "model fetched"
+    );
+    Ok((manifest, params))
 }

@@ -1,48 +1,119 @@
 //! The training thread: owns the node's data, its `VarStore` and model, and
-//! runs local training when the session asks. Async code talks to it over
+//! the node's algorithm state (SCAFFOLD's client control variate), and runs
+//! local training when the session asks. Async code talks to it over
 //! channels and never touches a tensor.
 
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::mpsc;
 
 use fedge_common::data::Dataset;
 use fedge_common::model::{ModelKind, Net};
 use fedge_common::params::{self, Manifest};
-use fedge_common::train::{EvalMetrics, Hyperparameters, TrainMetrics, evaluate, train};
+use fedge_common::train::{
+    Algorithm, EvalMetrics, Hyperparameters, LocalObjective, TrainMetrics, evaluate, gradient, train,
+};
+use rand::SeedableRng;
+use rand_distr::{Distribution, Normal};
 use tch::nn::VarStore;
 use tokio::sync::oneshot;
 
+use crate::config::{AdversaryConfig, AdversaryKind};
 use crate::{Error, Result};
 
-/// What one round of local training produced.
+/// What one round of local work produced.
 #[derive(Debug)]
 pub struct TrainResult {
-    /// `w_local − w_global`, in manifest order.
+    /// `w_local − w_global` in manifest order, or the gradient for FedSGD.
     pub delta: Vec<f32>,
+    /// Whether `delta` is a gradient (FedSGD).
+    pub is_gradient: bool,
+    /// SCAFFOLD: the client control variate's change this round.
+    pub control_delta: Option<Vec<f32>>,
     pub metrics: TrainMetrics,
-    /// The received global model on the held-out data, when there is any.
+    /// The received global model on the held-out data, when asked and there is any.
     pub holdout: Option<EvalMetrics>,
 }
 
-struct Job {
-    kind: ModelKind,
-    classes: i64,
-    manifest: Arc<Manifest>,
-    global: Arc<Vec<f32>>,
-    hyper: Hyperparameters,
+/// One round's work order.
+pub struct Job {
+    pub run_id: String,
+    pub kind: ModelKind,
+    pub classes: i64,
+    pub manifest: Arc<Manifest>,
+    pub global: Arc<Vec<f32>>,
+    /// SCAFFOLD's server control variate for this round.
+    pub server_control: Option<Arc<Vec<f32>>>,
+    pub hyper: Hyperparameters,
+}
+
+struct Envelope {
+    job: Job,
     reply: oneshot::Sender<Result<TrainResult>>,
 }
 
 /// Handle to the training thread.
 #[derive(Debug, Clone)]
 pub struct Trainer {
-    tx: mpsc::Sender<Job>,
+    tx: mpsc::Sender<Envelope>,
+}
+
+/// State a node keeps across rounds (and, with a state folder, across restarts).
+struct NodeState {
+    dir: Option<PathBuf>,
+    /// SCAFFOLD's client control variate cᵢ and the run it belongs to.
+    control: Option<(String, Vec<f32>)>,
+}
+
+impl NodeState {
+    fn path(dir: &Path) -> PathBuf {
+        dir.join("scaffold-control.safetensors")
+    }
+
+    /// cᵢ for `run_id`: kept, or read back from the state folder, or zeros.
+    fn control(&mut self, run_id: &str, manifest: &Manifest) -> Result<Vec<f32>> {
+        if let Some((id, c)) = &self.control
+            && id == run_id
+            && c.len() == manifest.numel()
+        {
+            return Ok(c.clone());
+        }
+        if let Some(dir) = &self.dir {
+            let path = Self::path(dir);
+            if path.exists() {
+                let loaded = params::load_safetensors(&path)?;
+                if loaded.metadata.get("run_id").map(String::as_str) == Some(run_id) && loaded.manifest == *manifest {
+                    tracing::info!(path = %path.display(), "scaffold control variate restored");
+                    return Ok(loaded.values);
+                }
+            }
+        }
+        Ok(vec![0.0; manifest.numel()])
+    }
+
+    fn store_control(&mut self, run_id: &str, manifest: &Manifest, c: Vec<f32>) -> Result<()> {
+        if let Some(dir) = &self.dir {
+            std::fs::create_dir_all(dir).map_err(|e| fedge_common::Error::io(dir, e))?;
+            let meta = HashMap::from([("run_id".to_string(), run_id.to_string())]);
+            params::save_safetensors(&Self::path(dir), manifest, &c, meta)?;
+        }
+        self.control = Some((run_id.to_owned(), c));
+        Ok(())
+    }
 }
 
 impl Trainer {
     /// Starts the thread; it takes ownership of the data.
-    pub fn spawn(data: Dataset, held_out: Option<Dataset>, device: tch::Device, threads: usize) -> Result<Self> {
-        let (tx, rx) = mpsc::channel::<Job>();
+    pub fn spawn(
+        data: Dataset,
+        held_out: Option<Dataset>,
+        device: tch::Device,
+        threads: usize,
+        state_dir: Option<PathBuf>,
+        adversary: AdversaryConfig,
+    ) -> Result<Self> {
+        let (tx, rx) = mpsc::channel::<Envelope>();
         std::thread::Builder::new()
             .name("trainer".into())
             .spawn(move || {
@@ -50,57 +121,158 @@ impl Trainer {
                     tch::set_num_threads(threads as i32);
                 }
                 let mut model: Option<(ModelKind, VarStore, Net)> = None;
-                while let Ok(job) = rx.recv() {
+                let mut state = NodeState {
+                    dir: state_dir,
+                    control: None,
+                };
+                while let Ok(Envelope { job, reply }) = rx.recv() {
                     if model.as_ref().is_none_or(|(k, _, _)| *k != job.kind) {
                         let vs = VarStore::new(device);
                         let net = job.kind.build(&vs.root(), data.shape(), job.classes);
                         model = Some((job.kind, vs, net));
                     }
                     let (_, vs, net) = model.as_mut().expect("model built above");
-                    let result = run_job(vs, net, &data, held_out.as_ref(), &job);
-                    let _ = job.reply.send(result);
+                    let result = run_job(vs, net, &data, held_out.as_ref(), &job, &mut state).map(|mut r| {
+                        adversary.apply(&mut r.delta, job.hyper.seed);
+                        r
+                    });
+                    let _ = reply.send(result);
                 }
             })
             .map_err(|e| Error::Trainer(format!("cannot start the training thread: {e}")))?;
         Ok(Self { tx })
     }
 
-    /// Trains `kind` from `global` with `hyper` and returns the update.
-    pub async fn train(
-        &self,
-        kind: ModelKind,
-        classes: i64,
-        manifest: Arc<Manifest>,
-        global: Arc<Vec<f32>>,
-        hyper: Hyperparameters,
-    ) -> Result<TrainResult> {
+    /// Runs `job` on the training thread and returns the update.
+    pub async fn train(&self, job: Job) -> Result<TrainResult> {
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send(Job {
-                kind,
-                classes,
-                manifest,
-                global,
-                hyper,
-                reply,
-            })
+            .send(Envelope { job, reply })
             .map_err(|_| Error::Trainer("training thread is gone".into()))?;
         rx.await
             .map_err(|_| Error::Trainer("training thread dropped the job".into()))?
     }
 }
 
-fn run_job(vs: &mut VarStore, net: &Net, data: &Dataset, held_out: Option<&Dataset>, job: &Job) -> Result<TrainResult> {
+fn run_job(
+    vs: &mut VarStore,
+    net: &Net,
+    data: &Dataset,
+    held_out: Option<&Dataset>,
+    job: &Job,
+    state: &mut NodeState,
+) -> Result<TrainResult> {
+    let h = &job.hyper;
     params::load_into(vs, &job.manifest, &job.global)?;
-    let holdout = held_out.map(|h| evaluate(net, h, 256, vs.device()));
-    let metrics = train(net, vs, data, &job.hyper)?;
+    let holdout = if h.evaluate {
+        held_out.map(|d| evaluate(net, d, 256, vs.device()))
+    } else {
+        None
+    };
+    if h.algorithm == Algorithm::FedSgd {
+        let (grad, metrics) = gradient(net, vs, data, h, &job.manifest)?;
+        return Ok(TrainResult {
+            delta: grad,
+            is_gradient: true,
+            control_delta: None,
+            metrics,
+            holdout,
+        });
+    }
+    let device = vs.device();
+    let mut objective = LocalObjective::default();
+    let mut client_control = None;
+    match h.algorithm {
+        Algorithm::FedProx if h.proximal_mu > 0.0 => {
+            objective.proximal = Some((h.proximal_mu, params::to_tensors(&job.manifest, &job.global, device)?));
+        }
+        Algorithm::Scaffold => {
+            let c = job
+                .server_control
+                .as_ref()
+                .ok_or_else(|| Error::Protocol("a scaffold task without the server control variate".into()))?;
+            let ci = state.control(&job.run_id, &job.manifest)?;
+            let correction: Vec<f32> = c.iter().zip(&ci).map(|(c, ci)| c - ci).collect();
+            objective.correction = params::to_tensors(&job.manifest, &correction, device)?;
+            client_control = Some(ci);
+        }
+        _ => {}
+    }
+    let metrics = train(net, vs, data, h, &objective)?;
     let mut delta = params::flatten(vs, &job.manifest)?;
     for (d, g) in delta.iter_mut().zip(job.global.iter()) {
         *d -= g;
     }
+    let control_delta = match (client_control, &job.server_control) {
+        (Some(ci), Some(c)) => {
+            // Option II of Karimireddy et al. 2020:
+            // cᵢ⁺ = cᵢ − c + (x − yᵢ)/(K·η) = cᵢ − c − Δ/(K·η).
+            let k_eta = metrics.steps.max(1) as f64 * h.learning_rate;
+            let new: Vec<f32> = ci
+                .iter()
+                .zip(c.iter())
+                .zip(&delta)
+                .map(|((&ci, &c), &d)| (f64::from(ci) - f64::from(c) - f64::from(d) / k_eta) as f32)
+                .collect();
+            let change = new.iter().zip(&ci).map(|(n, o)| n - o).collect();
+            state.store_control(&job.run_id, &job.manifest, new)?;
+            Some(change)
+        }
+        _ => None,
+    };
     Ok(TrainResult {
         delta,
+        is_gradient: false,
+        control_delta,
         metrics,
         holdout,
     })
+}
+
+impl AdversaryConfig {
+    /// Corrupts an honest update as configured (robustness experiments only).
+    pub fn apply(&self, update: &mut [f32], seed: u64) {
+        match self.kind {
+            AdversaryKind::None => {}
+            AdversaryKind::SignFlip => {
+                for v in update.iter_mut() {
+                    *v = (-self.scale * f64::from(*v)) as f32;
+                }
+            }
+            AdversaryKind::Noise => {
+                let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ 0xad5e_25a1);
+                let normal = Normal::new(0.0, self.scale).expect("scale validated positive");
+                for v in update.iter_mut() {
+                    *v = normal.sample(&mut rng) as f32;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn adversaries_corrupt_as_configured() {
+        let mut u = vec![1.0f32, -2.0];
+        AdversaryConfig {
+            kind: AdversaryKind::SignFlip,
+            scale: 10.0,
+        }
+        .apply(&mut u, 0);
+        assert_eq!(u, vec![-10.0, 20.0]);
+        let mut honest = vec![1.0f32, -2.0];
+        AdversaryConfig::default().apply(&mut honest, 0);
+        assert_eq!(honest, vec![1.0, -2.0]);
+        let mut noisy = vec![0.0f32; 10_000];
+        AdversaryConfig {
+            kind: AdversaryKind::Noise,
+            scale: 3.0,
+        }
+        .apply(&mut noisy, 7);
+        let var = noisy.iter().map(|v| f64::from(*v).powi(2)).sum::<f64>() / 10_000.0;
+        assert!((var.sqrt() - 3.0).abs() < 0.1, "std {}", var.sqrt());
+    }
 }

@@ -147,3 +147,81 @@ pub fn sets(pairs: &[(&str, String)]) -> Vec<String> {
         .flat_map(|(k, v)| ["--set".to_string(), format!("{k}={v}")])
         .collect()
 }
+
+/// Arguments of `coordinator serve` on loopback `port`, writing to `out`.
+pub fn coordinator_args(port: u16, out: &Path, extra: &[(&str, String)]) -> Vec<String> {
+    let mut args = vec![
+        "serve".to_string(),
+        "--listen".into(),
+        format!("127.0.0.1:{port}"),
+        "--out-dir".into(),
+        out.display().to_string(),
+    ];
+    args.extend(sets(extra));
+    args
+}
+
+/// Arguments of an edge node on loopback `port` training on `partition` ("i/n").
+pub fn node_args(port: u16, name: &str, partition: &str, extra: &[(&str, String)]) -> Vec<String> {
+    let mut args = vec![
+        "--coordinator".to_string(),
+        format!("http://127.0.0.1:{port}"),
+        "--name".into(),
+        name.into(),
+        "--partition".into(),
+        partition.into(),
+        "--threads".into(),
+        "1".into(),
+        "--set".into(),
+        "reconnect.max=\"1s\"".into(),
+    ];
+    args.extend(sets(extra));
+    args
+}
+
+/// A coordinator and `nodes` edge nodes on loopback, run to the end.
+/// `node_extra(i)` gives node `i`'s own settings (besides `shared`, which
+/// both sides get). Returns the run's `run.json`.
+pub fn run_fleet(
+    dir: &Path,
+    out: &Path,
+    nodes: usize,
+    shared: &[(&str, String)],
+    coordinator_extra: &[(&str, String)],
+    node_extra: impl Fn(usize) -> Vec<(&'static str, String)>,
+) -> Result<serde_json::Value> {
+    let port = free_port();
+    let mut extra = coordinator_extra.to_vec();
+    extra.extend(shared.iter().cloned());
+    let mut coord = Daemon::start("coordinator", "coordinator", &coordinator_args(port, out, &extra), dir)?;
+    let mut daemons = Vec::new();
+    for i in 0..nodes {
+        let name = format!("node-{}", i + 1);
+        let mut settings = shared.to_vec();
+        settings.extend(node_extra(i));
+        daemons.push(Daemon::start(
+            "edge-node",
+            &name,
+            &node_args(port, &name, &format!("{i}/{nodes}"), &settings),
+            dir,
+        )?);
+    }
+    let status = coord.wait(Duration::from_secs(300))?;
+    if !status.success() {
+        bail!("coordinator failed:\n{}", coord.log_text());
+    }
+    for n in &mut daemons {
+        if !n.wait(Duration::from_secs(30))?.success() {
+            bail!("{} failed:\n{}", n.name, n.log_text());
+        }
+    }
+    run_history(out)
+}
+
+/// Central test accuracy after each round of a run history.
+pub fn accuracies(history: &serde_json::Value) -> Vec<f64> {
+    history["rounds"]
+        .as_array()
+        .map(|rounds| rounds.iter().filter_map(|r| r["test_accuracy"].as_f64()).collect())
+        .unwrap_or_default()
+}

@@ -53,17 +53,17 @@ async fn the_coordinator_refuses_bad_peers_with_clear_statuses() -> anyhow::Resu
     assert_eq!(s.code(), tonic::Code::FailedPrecondition);
     assert_eq!(
         s.message(),
-        "protocol version mismatch: node speaks v99, coordinator speaks v1"
+        "protocol version mismatch: node speaks v99, coordinator speaks v2"
     );
 
-    let s = c.join(join(1, "n1", &["mlp"])).await.unwrap_err();
+    let s = c.join(join(pb::PROTOCOL_VERSION, "n1", &["mlp"])).await.unwrap_err();
     assert_eq!(s.code(), tonic::Code::FailedPrecondition);
     assert_eq!(
         s.message(),
         "this run trains model `cnn`, which node n1 cannot build (it offers: mlp)"
     );
 
-    let s = c.join(join(1, "  ", &["cnn"])).await.unwrap_err();
+    let s = c.join(join(pb::PROTOCOL_VERSION, "  ", &["cnn"])).await.unwrap_err();
     assert_eq!(s.code(), tonic::Code::InvalidArgument);
 
     let s = c
@@ -79,6 +79,7 @@ async fn the_coordinator_refuses_bad_peers_with_clear_statuses() -> anyhow::Resu
         .fetch_model(pb::FetchModelRequest {
             node_id: "forged".into(),
             version: 0,
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -92,13 +93,14 @@ async fn the_coordinator_refuses_bad_peers_with_clear_statuses() -> anyhow::Resu
             num_samples: 10,
             manifest: None,
             metrics: None,
+            ..Default::default()
         })),
     };
     let s = c.submit_update(tokio_stream::iter(vec![header])).await.unwrap_err();
     assert_eq!(s.code(), tonic::Code::Unauthenticated);
 
     // A joined node that is not in a round gets told so.
-    let joined = c.join(join(1, "n1", &["cnn"])).await?.into_inner();
+    let joined = c.join(join(pb::PROTOCOL_VERSION, "n1", &["cnn"])).await?.into_inner();
     let header = pb::UpdateChunk {
         part: Some(pb::update_chunk::Part::Header(pb::UpdateHeader {
             node_id: joined.node_id.clone(),
@@ -107,6 +109,7 @@ async fn the_coordinator_refuses_bad_peers_with_clear_statuses() -> anyhow::Resu
             num_samples: 10,
             manifest: None,
             metrics: None,
+            ..Default::default()
         })),
     };
     let s = c.submit_update(tokio_stream::iter(vec![header])).await.unwrap_err();
@@ -117,6 +120,7 @@ async fn the_coordinator_refuses_bad_peers_with_clear_statuses() -> anyhow::Resu
         .fetch_model(pb::FetchModelRequest {
             node_id: joined.node_id,
             version: 7,
+            ..Default::default()
         })
         .await
         .unwrap_err();

@@ -2,41 +2,11 @@
 //! processes talking gRPC over TCP on loopback.
 
 use std::collections::BTreeSet;
-use std::path::Path;
 use std::time::Duration;
 
-use fedge_tests::{Daemon, free_port, load_params, meta_u64, run_history, sets};
+use fedge_tests::{Daemon, coordinator_args, free_port, load_params, meta_u64, node_args, run_history};
 
 const PARAMS_CNN: usize = 160_202;
-
-fn coordinator_args(port: u16, out: &Path, extra: &[(&str, String)]) -> Vec<String> {
-    let mut args = vec![
-        "serve".to_string(),
-        "--listen".into(),
-        format!("127.0.0.1:{port}"),
-        "--out-dir".into(),
-        out.display().to_string(),
-    ];
-    args.extend(sets(extra));
-    args
-}
-
-fn node_args(port: u16, name: &str, partition: &str, extra: &[(&str, String)]) -> Vec<String> {
-    let mut args = vec![
-        "--coordinator".to_string(),
-        format!("http://127.0.0.1:{port}"),
-        "--name".into(),
-        name.into(),
-        "--partition".into(),
-        partition.into(),
-        "--threads".into(),
-        "1".into(),
-        "--set".into(),
-        "reconnect.max=\"1s\"".into(),
-    ];
-    args.extend(sets(extra));
-    args
-}
 
 #[test]
 fn three_nodes_train_and_the_global_model_is_the_fedavg_of_their_updates() -> anyhow::Result<()> {
