@@ -210,11 +210,7 @@ pub fn train(
             }
             opt.step();
             loss_sum += loss.double_value(&[]);
-            correct += logits
-                .argmax(-1, false)
-                .eq_tensor(&y)
-                .sum(tch::Kind::Int64)
-                .double_value(&[]);
+            correct += correct_predictions(&logits, &y);
             steps += 1;
             examples += idx.len() as u64;
         }
@@ -264,11 +260,7 @@ pub fn gradient(
         let loss = logits.cross_entropy_for_logits(&y) * idx.len() as f64;
         loss.backward();
         loss_sum += loss.double_value(&[]);
-        correct += logits
-            .argmax(-1, false)
-            .eq_tensor(&y)
-            .sum(tch::Kind::Int64)
-            .double_value(&[]);
+        correct += correct_predictions(&logits, &y);
         steps += 1;
         examples += idx.len() as u64;
     }
@@ -303,6 +295,15 @@ pub fn gradient(
     ))
 }
 
+/// Number of rows of `logits` whose arg-max is the label in `y`.
+fn correct_predictions(logits: &Tensor, y: &Tensor) -> f64 {
+    logits
+        .argmax(-1, false)
+        .eq_tensor(y)
+        .sum(tch::Kind::Int64)
+        .double_value(&[])
+}
+
 /// Evaluates `net` on `data` in batches of `batch_size`.
 pub fn evaluate(net: &impl ModuleT, data: &Dataset, batch_size: usize, device: Device) -> EvalMetrics {
     let n = data.len();
@@ -318,11 +319,7 @@ pub fn evaluate(net: &impl ModuleT, data: &Dataset, batch_size: usize, device: D
             let (x, y) = data.batch(&idx, device);
             let logits = net.forward_t(&x, false);
             loss_sum += logits.cross_entropy_for_logits(&y).double_value(&[]) * (end - start) as f64;
-            correct += logits
-                .argmax(-1, false)
-                .eq_tensor(&y)
-                .sum(tch::Kind::Int64)
-                .double_value(&[]);
+            correct += correct_predictions(&logits, &y);
             start = end;
         }
     });

@@ -359,4 +359,23 @@ mod tests {
             "payload: unsupported encoding ENCODING_UNSPECIFIED"
         );
     }
+
+    #[test]
+    fn hyperparameters_cross_the_wire_and_unknown_algorithms_are_named() {
+        let h = Hyperparameters {
+            algorithm: Algorithm::Scaffold,
+            optimizer: LocalOptimizer::Adam,
+            proximal_mu: 0.3,
+            evaluate: false,
+            seed: 9,
+            ..Default::default()
+        };
+        let wire = pb::Hyperparameters::from(&h);
+        assert_eq!(Hyperparameters::try_from(&wire).unwrap(), h);
+        let bad = pb::Hyperparameters { algorithm: 42, ..wire };
+        assert_eq!(
+            Hyperparameters::try_from(&bad).unwrap_err().to_string(),
+            "payload: task asks for unknown training algorithm 42"
+        );
+    }
 }

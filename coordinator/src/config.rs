@@ -582,8 +582,65 @@ mod tests {
             with("model", "vgg"),
             "unknown model `vgg` (this build knows: cnn, cnn-wide, mnist-cnn, 2nn, resnet20)"
         );
+        assert_eq!(
+            with("strategy.aggregator", "\"krum\""),
+            "invalid configuration: strategy krum(f=1) needs at least 5 updates per round; \
+             set sampling.min_nodes to 5 or more (it is 2)"
+        );
+        assert_eq!(
+            with("strategy.trim_fraction", "0.5"),
+            "invalid configuration: strategy.trim_fraction must be in [0, 0.5), got 0.5"
+        );
+        assert_eq!(
+            with("strategy.beta2", "1.0"),
+            "invalid configuration: strategy.beta2 must be in [0, 1), got 1"
+        );
+        assert_eq!(
+            with("train.lr_decay", "1.5"),
+            "invalid configuration: train.lr_decay must be in (0, 1], got 1.5"
+        );
+        assert!(with("strategy.aggregator", "\"average\"").contains("average"));
+        assert!(with("train.algorithm", "\"fedsomething\"").contains("fedsomething"));
+        let both = CoordinatorConfig::load_with_env(
+            None,
+            [],
+            &[
+                ("train.algorithm".into(), "\"scaffold\"".into()),
+                ("strategy.aggregator".into(), "\"median\"".into()),
+            ],
+        )
+        .unwrap_err()
+        .to_string();
+        assert_eq!(
+            both,
+            "invalid configuration: train.algorithm = \"scaffold\" averages control variates and needs \
+             strategy.aggregator = \"mean\", not median"
+        );
         assert!(with("sampling.round_deadline", "soon").contains("round_deadline"));
         assert!(with("listen", "nowhere").contains("listen"));
+    }
+
+    #[test]
+    fn learning_rate_schedules_follow_the_rounds() {
+        let mut t = TrainConfig {
+            learning_rate: 0.1,
+            ..TrainConfig::default()
+        };
+        let lr = |t: &TrainConfig| (1..=5).map(|r| t.learning_rate_at(r, 5)).collect::<Vec<_>>();
+        assert_eq!(lr(&t), [0.1; 5]);
+        t.lr_schedule = LrSchedule::Step;
+        t.lr_step_rounds = 2;
+        assert_eq!(lr(&t), [0.1, 0.1, 0.05, 0.05, 0.025]);
+        t.lr_schedule = LrSchedule::Exponential;
+        t.lr_decay = 0.5;
+        assert_eq!(lr(&t), [0.1, 0.05, 0.025, 0.0125, 0.00625]);
+        t.lr_schedule = LrSchedule::Cosine;
+        t.lr_min = 0.02;
+        let c = lr(&t);
+        assert!(
+            (c[0] - 0.1).abs() < 1e-12 && (c[2] - 0.06).abs() < 1e-12 && (c[4] - 0.02).abs() < 1e-12,
+            "{c:?}"
+        );
     }
 
     #[test]

@@ -355,3 +355,123 @@ pub fn federated_eval(contributions: &[crate::round::Contribution]) -> Option<fe
         }
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::CoordinatorConfig;
+
+    fn manifest() -> Manifest {
+        Manifest {
+            tensors: vec![TensorMeta {
+                name: "w".into(),
+                shape: vec![3],
+            }],
+        }
+    }
+
+    fn history(run_id: &str) -> RunHistory {
+        RunHistory {
+            run_id: run_id.into(),
+            model: "cnn".into(),
+            parameters: 3,
+            data: "synthetic".into(),
+            protocol_version: 2,
+            fedge_version: "test".into(),
+            config: CoordinatorConfig::default(),
+            started_unix_ms: 0,
+            finished: false,
+            resumed: 0,
+            peak_rss_bytes: None,
+            rounds: Vec::new(),
+        }
+    }
+
+    fn record(round: u64) -> RoundRecord {
+        RoundRecord {
+            round,
+            selected: 1,
+            participants: Vec::new(),
+            test_loss: None,
+            test_accuracy: None,
+            federated_loss: None,
+            federated_accuracy: None,
+            federated_examples: 0,
+            bytes_up: 0,
+            bytes_down: 0,
+            rejected_updates: 0,
+            train_phase_seconds: 0.0,
+            aggregation_seconds: 0.0,
+            eval_seconds: 0.0,
+            round_seconds: 0.0,
+        }
+    }
+
+    fn closed(round: u64, global: Vec<f32>, m: Vec<f32>) -> ClosedRound {
+        ClosedRound {
+            round,
+            version: round,
+            global: std::sync::Arc::new(global),
+            contributions: Vec::new(),
+            selected: 1,
+            started_ms: 0,
+            closed_ms: 0,
+            control: None,
+            strategy_state: std::sync::Arc::new((BTreeMap::from([("server.m".to_string(), m)]), round)),
+        }
+    }
+
+    #[test]
+    fn an_unfinished_run_resumes_from_its_last_listed_round() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = RunStore::create(dir.path(), false, manifest(), history("run-1")).unwrap();
+        store
+            .persist_initial(&[0.0; 3], &BTreeMap::from([("server.m".to_string(), vec![0.0; 3])]))
+            .unwrap();
+        store
+            .persist_round(&closed(1, vec![1.0; 3], vec![0.1; 3]), record(1))
+            .unwrap();
+        store
+            .persist_round(&closed(2, vec![2.0; 3], vec![0.2; 3]), record(2))
+            .unwrap();
+        assert!(!dir.path().join("checkpoint/round-0001.safetensors").exists());
+
+        let (store, cp) = RunStore::resume(dir.path(), false, manifest()).unwrap().unwrap();
+        assert_eq!(store.history.run_id, "run-1");
+        assert_eq!((cp.round, cp.global.clone(), cp.server_steps), (2, vec![2.0; 3], 2));
+        assert_eq!(cp.strategy["server.m"], vec![0.2; 3]);
+
+        // Another model in the same folder is refused, naming both sizes.
+        let other = Manifest {
+            tensors: vec![TensorMeta {
+                name: "w".into(),
+                shape: vec![4],
+            }],
+        };
+        let err = RunStore::resume(dir.path(), false, other).unwrap_err().to_string();
+        assert!(
+            err.contains("holds a model of 3 parameters in 1 tensors; this run's model has 4 in 1"),
+            "{err}"
+        );
+
+        // A damaged checkpoint is refused with the round it belongs to.
+        std::fs::write(dir.path().join("checkpoint/round-0002.safetensors"), b"garbage").unwrap();
+        let err = RunStore::resume(dir.path(), false, manifest()).unwrap_err().to_string();
+        assert!(
+            err.starts_with("checkpoint: cannot read the checkpoint of round 2"),
+            "{err}"
+        );
+
+        // A finished run is not resumed; an empty folder has nothing to resume.
+        let mut store = RunStore::create(dir.path(), false, manifest(), history("run-1")).unwrap();
+        store.finish().unwrap();
+        assert!(RunStore::resume(dir.path(), false, manifest()).unwrap().is_none());
+        let empty = tempfile::tempdir().unwrap();
+        assert!(RunStore::resume(empty.path(), false, manifest()).unwrap().is_none());
+        std::fs::write(empty.path().join("run.json"), b"{ not json").unwrap();
+        let err = RunStore::resume(empty.path(), false, manifest())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("is not a fedge run history"), "{err}");
+    }
+}
