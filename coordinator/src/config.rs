@@ -227,6 +227,8 @@ pub struct StrategyConfig {
     pub multi_krum_m: u32,
     /// Bound on each update's L2 norm; larger updates are scaled down to it (0: off).
     pub clip_norm: f64,
+    /// Updates whose L2 norm exceeds this are refused (0: no limit).
+    pub max_update_norm: f64,
     /// `sgd` (FedAvg when `server_lr` = 1), `momentum` (FedAvgM), `adagrad`,
     /// `adam` or `yogi` (FedAdagrad, FedAdam, FedYogi).
     pub server_optimizer: ServerOptName,
@@ -273,6 +275,7 @@ impl Default for StrategyConfig {
             byzantine: 1,
             multi_krum_m: 0,
             clip_norm: 0.0,
+            max_update_norm: 0.0,
             server_optimizer: ServerOptName::Sgd,
             server_lr: 1.0,
             server_momentum: 0.9,
@@ -319,6 +322,11 @@ impl StrategyConfig {
     /// The bound on update norms, if any.
     pub fn clip(&self) -> Option<f64> {
         (self.clip_norm > 0.0).then_some(self.clip_norm)
+    }
+
+    /// The norm above which updates are refused, if any.
+    pub fn max_norm(&self) -> Option<f64> {
+        (self.max_update_norm > 0.0).then_some(self.max_update_norm)
     }
 }
 
@@ -500,6 +508,12 @@ impl CoordinatorConfig {
             return bad(format!(
                 "strategy.clip_norm must be zero (off) or positive, got {}",
                 st.clip_norm
+            ));
+        }
+        if !(st.max_update_norm.is_finite() && st.max_update_norm >= 0.0) {
+            return bad(format!(
+                "strategy.max_update_norm must be zero (off) or positive, got {}",
+                st.max_update_norm
             ));
         }
         if !(st.server_lr.is_finite() && st.server_lr > 0.0) {

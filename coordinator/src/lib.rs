@@ -82,6 +82,7 @@ pub async fn run(
         config.train.algorithm == Algorithm::Scaffold,
         numel,
     );
+    strategy.max_norm = st.max_norm();
     tracing::info!(
         algorithm = config.train.algorithm.name(),
         aggregator = %strategy.aggregator,

@@ -154,7 +154,7 @@ pub enum Output {
     /// Send `task` to the node named `node`.
     Assign { node: String, task: Task },
     /// Run the aggregation off the runtime, then call [`RoundMachine::aggregated`].
-    Aggregate(AggregationJob),
+    Aggregate(Box<AggregationJob>),
     /// Persist, evaluate and publish a closed round.
     Close(ClosedRound),
     /// The last round is persisted: stop the nodes and the service.
@@ -188,7 +188,7 @@ pub struct Update {
 }
 
 /// Why a call was refused. Each maps to one gRPC status in the service.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Rejection {
     /// The session token is not (or no longer) valid.
     UnknownSession,
@@ -208,6 +208,8 @@ pub enum Rejection {
     NoSamples,
     /// The update is not what the run's algorithm produces.
     WrongKind { expected: String, got: String },
+    /// The update's L2 norm exceeds `strategy.max_update_norm`.
+    NormTooLarge { norm: f64, bound: f64 },
 }
 
 impl Rejection {
@@ -219,6 +221,7 @@ impl Rejection {
                 | Rejection::NonFinite { .. }
                 | Rejection::NoSamples
                 | Rejection::WrongKind { .. }
+                | Rejection::NormTooLarge { .. }
         )
     }
 }
@@ -259,6 +262,9 @@ impl fmt::Display for Rejection {
             Rejection::NoSamples => write!(f, "update claims zero training samples"),
             Rejection::WrongKind { expected, got } => {
                 write!(f, "this run's algorithm expects {expected}; the update carries {got}")
+            }
+            Rejection::NormTooLarge { norm, bound } => {
+                write!(f, "update norm {norm:.4e} exceeds the bound {bound:.4e}")
             }
         }
     }
@@ -546,6 +552,12 @@ impl RoundMachine {
                 .learning_rate_at(update.round, self.settings.total_rounds);
             for v in &mut delta {
                 *v = (-lr * f64::from(*v)) as f32;
+            }
+        }
+        if let Some(max) = self.strategy.as_ref().and_then(|s| s.max_norm) {
+            let norm = crate::strategy::l2_norm(&delta);
+            if norm > max {
+                return Err(Rejection::NormTooLarge { norm, bound: max });
             }
         }
         let bound = self.strategy.as_ref().and_then(|s| s.clip_norm);
@@ -846,7 +858,7 @@ impl RoundMachine {
                 attempt: r.attempt,
             },
         };
-        vec![Output::Aggregate(job)]
+        vec![Output::Aggregate(Box::new(job))]
     }
 }
 
@@ -1344,5 +1356,17 @@ mod tests {
             "round 1 failed 2 times in a row; stopping the run (the last completed round, 0, is saved)"
         );
         assert_eq!(m.phase(), PhaseKind::Finished);
+    }
+
+    #[test]
+    fn updates_above_the_refusal_bound_are_refused() {
+        let mut strategy = mean(2);
+        strategy.max_norm = Some(10.0);
+        let mut m = RoundMachine::new(settings(3, 1.0), vec![0.0, 0.0], strategy);
+        fleet(&mut m);
+        let e = m.submit("s-a", update(1, 0, vec![30.0, 40.0], 1), 0).unwrap_err();
+        assert_eq!(e.to_string(), "update norm 5.0000e1 exceeds the bound 1.0000e1");
+        assert!(e.is_content());
+        m.submit("s-a", update(1, 0, vec![3.0, 4.0], 1), 0).unwrap();
     }
 }

@@ -41,7 +41,8 @@ pub fn rejection_status(r: &Rejection) -> Status {
         Rejection::WrongSize { .. }
         | Rejection::NonFinite { .. }
         | Rejection::NoSamples
-        | Rejection::WrongKind { .. } => Status::invalid_argument(msg),
+        | Rejection::WrongKind { .. }
+        | Rejection::NormTooLarge { .. } => Status::invalid_argument(msg),
     }
 }
 

@@ -45,8 +45,10 @@ pub fn l2_norm(v: &[f32]) -> f64 {
 pub struct Strategy {
     pub aggregator: Aggregator,
     pub server: ServerOptimizer,
-    /// Bound on each update's L2 norm (`None`: unbounded).
+    /// Bound on each update's L2 norm; larger ones are scaled down to it (`None`: unbounded).
     pub clip_norm: Option<f64>,
+    /// Updates with a larger L2 norm are refused outright (`None`: no limit).
+    pub max_norm: Option<f64>,
     /// SCAFFOLD's server control variate `c`, when the run uses SCAFFOLD.
     pub control: Option<Vec<f32>>,
 }
@@ -64,6 +66,7 @@ impl Strategy {
             aggregator,
             server,
             clip_norm,
+            max_norm: None,
             control: scaffold.then(|| vec![0.0; numel]),
         }
     }
