@@ -556,6 +556,9 @@ impl CoordinatorConfig {
                 "train.algorithm = \"scaffold\" averages control variates and needs strategy.aggregator = \"mean\", not {agg}"
             ));
         }
+        if self.train.algorithm == Algorithm::Scaffold && self.train.optimizer != LocalOptimizer::Sgd {
+            return bad("train.algorithm = \"scaffold\" estimates control variates from SGD steps and needs train.optimizer = \"sgd\"".into());
+        }
         let _: ServerOpt = st.server_opt();
         Ok(())
     }

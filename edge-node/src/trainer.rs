@@ -206,8 +206,10 @@ fn run_job(
     let control_delta = match (client_control, &job.server_control) {
         (Some(ci), Some(c)) => {
             // Option II of Karimireddy et al. 2020:
-            // cᵢ⁺ = cᵢ − c + (x − yᵢ)/(K·η) = cᵢ − c − Δ/(K·η).
-            let k_eta = metrics.steps.max(1) as f64 * h.learning_rate;
+            // cᵢ⁺ = cᵢ − c + (x − yᵢ)/(K·η) = cᵢ − c − Δ/(K·η), with η the
+            // effective step of SGD with momentum β, η/(1 − β): the correction
+            // goes through the momentum buffer like the gradient it corrects.
+            let k_eta = metrics.steps.max(1) as f64 * h.learning_rate / (1.0 - h.momentum);
             let new: Vec<f32> = ci
                 .iter()
                 .zip(c.iter())
@@ -274,5 +276,55 @@ mod tests {
         .apply(&mut noisy, 7);
         let var = noisy.iter().map(|v| f64::from(*v).powi(2)).sum::<f64>() / 10_000.0;
         assert!((var.sqrt() - 3.0).abs() < 0.1, "std {}", var.sqrt());
+    }
+
+    #[test]
+    fn the_scaffold_control_variate_estimates_the_local_gradient() {
+        // With a tiny learning rate the weights barely move, so cᵢ⁺ (from
+        // 200 steps of SGD with momentum 0.9) must match the full-batch
+        // gradient at the global model in direction and size.
+        tch::manual_seed(1);
+        let data = fedge_common::data::synthetic(3, 1, 3200);
+        let kind = ModelKind::Mlp2nn;
+        let mut vs = VarStore::new(tch::Device::Cpu);
+        let net = kind.build(&vs.root(), data.shape(), 10);
+        let manifest = Arc::new(Manifest::of_var_store(&vs));
+        let global = Arc::new(params::flatten(&vs, &manifest).unwrap());
+        let hyper = Hyperparameters {
+            algorithm: Algorithm::Scaffold,
+            batch_size: 16,
+            learning_rate: 1e-4,
+            momentum: 0.9,
+            evaluate: false,
+            ..Default::default()
+        };
+        let (grad, _) = gradient(&net, &vs, &data, &hyper, &manifest).unwrap();
+        let job = Job {
+            run_id: "run-test".into(),
+            kind,
+            classes: 10,
+            manifest: manifest.clone(),
+            global,
+            server_control: Some(Arc::new(vec![0.0; manifest.numel()])),
+            hyper,
+        };
+        let mut state = NodeState {
+            dir: None,
+            control: None,
+        };
+        let r = run_job(&mut vs, &net, &data, None, &job, &mut state).unwrap();
+        assert_eq!(r.metrics.steps, 200);
+        let ci = r.control_delta.unwrap();
+        let dot: f64 = ci.iter().zip(&grad).map(|(a, b)| f64::from(*a) * f64::from(*b)).sum();
+        let norm = |v: &[f32]| v.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
+        let (nc, ng) = (norm(&ci), norm(&grad));
+        let cosine = dot / (nc * ng);
+        assert!(cosine > 0.95, "direction: cosine {cosine}");
+        assert!((0.85..1.15).contains(&(nc / ng)), "size: |c_i| / |grad| = {}", nc / ng);
+        // The node keeps cᵢ for the next round.
+        assert_eq!(
+            state.control.as_ref().map(|(id, c)| (id.as_str(), c.len())),
+            Some(("run-test", ci.len()))
+        );
     }
 }
