@@ -633,6 +633,21 @@ mod tests {
             "invalid configuration: train.algorithm = \"scaffold\" averages control variates and needs \
              strategy.aggregator = \"mean\", not median"
         );
+        let adam = CoordinatorConfig::load_with_env(
+            None,
+            [],
+            &[
+                ("train.algorithm".into(), "\"scaffold\"".into()),
+                ("train.optimizer".into(), "\"adam\"".into()),
+            ],
+        )
+        .unwrap_err()
+        .to_string();
+        assert_eq!(
+            adam,
+            "invalid configuration: train.algorithm = \"scaffold\" estimates control variates from SGD steps \
+             and needs train.optimizer = \"sgd\""
+        );
         assert!(with("sampling.round_deadline", "soon").contains("round_deadline"));
         assert!(with("listen", "nowhere").contains("listen"));
     }

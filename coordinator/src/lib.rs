@@ -129,6 +129,14 @@ pub async fn run(
                 peak_rss_bytes: None,
                 rounds: Vec::new(),
             };
+            // A new run: checkpoints of an earlier run in this folder are stale.
+            let stale = config.out_dir.join("checkpoint");
+            if stale.exists() {
+                std::fs::remove_dir_all(&stale).map_err(|e| Error::Io {
+                    context: format!("removing {}", stale.display()),
+                    source: e,
+                })?;
+            }
             let store = RunStore::create(&config.out_dir, keep, (*manifest).clone(), history)?;
             let (named, _) = strategy.state();
             let named = named.into_iter().map(|(k, v)| (k, v.to_vec())).collect();
