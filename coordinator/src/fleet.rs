@@ -26,6 +26,10 @@ pub struct FleetOptions {
     pub node_log: String,
     /// Settings passed to every node as `--set key=value` (partition scheme, say).
     pub node_overrides: Vec<(String, String)>,
+    /// Robustness experiments: the first this many nodes get `adversary_overrides` too.
+    pub adversaries: usize,
+    /// Settings of the adversarial nodes (`adversary.kind`, `adversary.scale`).
+    pub adversary_overrides: Vec<(String, String)>,
 }
 
 /// Finds the `edge-node` binary beside the running executable.
@@ -156,6 +160,11 @@ fn spawn_node(
     cmd.arg("--set").arg(format!("state_dir={state}"));
     for (k, v) in &opts.node_overrides {
         cmd.arg("--set").arg(format!("{k}={v}"));
+    }
+    if index < opts.adversaries {
+        for (k, v) in &opts.adversary_overrides {
+            cmd.arg("--set").arg(format!("{k}={v}"));
+        }
     }
     cmd.env("RUST_LOG", &opts.node_log)
         .stdin(Stdio::null())

@@ -43,6 +43,15 @@ enum Cmd {
         /// A setting for every node, e.g. --node-set partition.scheme=dirichlet --node-set partition.alpha=0.1
         #[arg(long = "node-set", value_name = "KEY=VALUE", value_parser = parse_override)]
         node_overrides: Vec<(String, String)>,
+        /// Robustness experiments: make the first K nodes adversarial.
+        #[arg(long, value_name = "K", default_value_t = 0)]
+        adversaries: usize,
+        /// What the adversarial nodes send: sign-flip (−scale × their update) or noise.
+        #[arg(long, default_value = "sign-flip")]
+        adversary_kind: String,
+        /// Scale of the adversarial updates.
+        #[arg(long, default_value_t = 10.0)]
+        adversary_scale: f64,
     },
     /// Split a data set into per-node folders (for fleets whose nodes each mount only their own data).
     Partition {
@@ -165,7 +174,13 @@ async fn main() -> anyhow::Result<()> {
             node_threads,
             node_log,
             node_overrides,
+            adversaries,
+            adversary_kind,
+            adversary_scale,
         } => {
+            if adversaries > nodes {
+                anyhow::bail!("--adversaries ({adversaries}) must not exceed --nodes ({nodes})");
+            }
             // Every node is asked each round; a round starts once all are connected.
             let cfg = config.load(Some("127.0.0.1:0"), &[("sampling.min_available", nodes.to_string())])?;
             fedge_common::telemetry::init(cfg.log_format, "info");
@@ -175,6 +190,11 @@ async fn main() -> anyhow::Result<()> {
                 node_threads,
                 node_log,
                 node_overrides,
+                adversaries,
+                adversary_overrides: vec![
+                    ("adversary.kind".into(), format!("\"{adversary_kind}\"")),
+                    ("adversary.scale".into(), format!("{adversary_scale:?}")),
+                ],
             };
             run_fleet(cfg, opts, fedge_common::shutdown::signal()).await?;
         }
