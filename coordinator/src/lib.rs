@@ -139,7 +139,6 @@ pub async fn run(
             }
             let store = RunStore::create(&config.out_dir, keep, (*manifest).clone(), history)?;
             let (named, _) = strategy.state();
-            let named = named.into_iter().map(|(k, v)| (k, v.to_vec())).collect();
             store.persist_initial(&initial.params, &named)?;
             (store, 0, initial.params)
         }

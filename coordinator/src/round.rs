@@ -102,7 +102,6 @@ pub struct AggregationJob {
     global: Arc<Vec<f32>>,
     aggregate: RoundAggregate,
     control_sum: Option<Vec<f64>>,
-    count: usize,
     total_nodes: usize,
     strategy: Strategy,
 }
@@ -125,10 +124,11 @@ impl AggregationJob {
     /// Combines the updates and applies the server optimizer (blocking, CPU-bound).
     pub fn run(mut self) -> Aggregated {
         let start = std::time::Instant::now();
+        let count = self.aggregate.count();
         let result = self.aggregate.finish().map(|delta| {
             let next = self.strategy.server.step(&self.global, &delta);
             if let Some(sum) = &self.control_sum {
-                self.strategy.update_control(sum, self.count, self.total_nodes);
+                self.strategy.update_control(sum, count, self.total_nodes);
             }
             next
         });
@@ -491,57 +491,25 @@ impl RoundMachine {
     /// accepted in the round so far, and what to do next.
     pub fn submit(&mut self, session: &str, update: Update, now_ms: u64) -> Result<(usize, Vec<Output>), Rejection> {
         let name = self.admit(session, update.round, update.base_version)?;
-        if update.delta.len() != self.global.len() {
-            return Err(Rejection::WrongSize {
-                got: update.delta.len(),
-                expected: self.global.len(),
-            });
-        }
-        if let Some(index) = update.delta.iter().position(|v| !v.is_finite()) {
-            return Err(Rejection::NonFinite { index });
-        }
+        check_section(&update.delta, self.global.len(), 0)?;
         if update.num_samples == 0 {
             return Err(Rejection::NoSamples);
         }
         let algorithm = self.settings.train.algorithm;
-        let expected = match algorithm {
+        let expected_kind = match algorithm {
             Algorithm::FedSgd => UpdateKind::Gradient,
             _ => UpdateKind::Delta,
         };
-        if update.kind != expected {
+        let expected = (expected_kind, algorithm == Algorithm::Scaffold);
+        let got = (update.kind, update.control_delta.is_some());
+        if got != expected {
             return Err(Rejection::WrongKind {
-                expected: describe(expected, false),
-                got: describe(update.kind, update.control_delta.is_some()),
+                expected: describe(expected.0, expected.1),
+                got: describe(got.0, got.1),
             });
         }
-        let scaffold = algorithm == Algorithm::Scaffold;
-        match &update.control_delta {
-            Some(_) if !scaffold => {
-                return Err(Rejection::WrongKind {
-                    expected: describe(expected, false),
-                    got: describe(update.kind, true),
-                });
-            }
-            None if scaffold => {
-                return Err(Rejection::WrongKind {
-                    expected: describe(expected, true),
-                    got: describe(update.kind, false),
-                });
-            }
-            Some(c) if c.len() != self.global.len() => {
-                return Err(Rejection::WrongSize {
-                    got: c.len(),
-                    expected: self.global.len(),
-                });
-            }
-            Some(c) => {
-                if let Some(index) = c.iter().position(|v| !v.is_finite()) {
-                    return Err(Rejection::NonFinite {
-                        index: self.global.len() + index,
-                    });
-                }
-            }
-            None => {}
+        if let Some(c) = &update.control_delta {
+            check_section(c, self.global.len(), self.global.len())?;
         }
         let mut delta = update.delta;
         if update.kind == UpdateKind::Gradient {
@@ -653,8 +621,7 @@ impl RoundMachine {
         self.version = round;
         self.phase = Phase::Closing { round };
         let strategy = self.strategy.as_ref().expect("restored above");
-        let (named, steps) = strategy.state();
-        let strategy_state = Arc::new((named.into_iter().map(|(k, v)| (k, v.to_vec())).collect(), steps));
+        let strategy_state = Arc::new(strategy.state());
         vec![Output::Close(ClosedRound {
             round,
             version: self.version,
@@ -842,7 +809,6 @@ impl RoundMachine {
         let job = AggregationJob {
             round: r.round,
             global: self.global.clone(),
-            count: r.accepted.len(),
             aggregate: r.aggregate,
             control_sum: r.control_sum,
             total_nodes: self.nodes.len(),
@@ -859,6 +825,20 @@ impl RoundMachine {
             },
         };
         vec![Output::Aggregate(Box::new(job))]
+    }
+}
+
+/// Checks one model-sized section of an update that starts at payload value `offset`.
+fn check_section(values: &[f32], expected: usize, offset: usize) -> Result<(), Rejection> {
+    if values.len() != expected {
+        return Err(Rejection::WrongSize {
+            got: values.len(),
+            expected,
+        });
+    }
+    match values.iter().position(|v| !v.is_finite()) {
+        Some(index) => Err(Rejection::NonFinite { index: offset + index }),
+        None => Ok(()),
     }
 }
 
@@ -933,6 +913,14 @@ mod tests {
         }
     }
 
+    /// Runs the aggregation job in `out` and returns the round it closes.
+    fn closed_round(m: &mut RoundMachine, out: Vec<Output>, now: u64) -> ClosedRound {
+        match settle(m, out, now).as_slice() {
+            [Output::Close(closed)] => closed.clone(),
+            other => panic!("expected a close, got {other:?}"),
+        }
+    }
+
     /// Runs any aggregation job in `out` as the driver would.
     fn settle(m: &mut RoundMachine, out: Vec<Output>, now: u64) -> Vec<Output> {
         let mut result = Vec::new();
@@ -980,10 +968,7 @@ mod tests {
         let (_, out) = m.submit("s-c", update(1, 0, vec![0.0, 2.0], 60), 7).unwrap();
         assert!(matches!(out.as_slice(), [Output::Aggregate(_)]));
         assert_eq!(m.phase(), PhaseKind::Aggregating);
-        let out = settle(&mut m, out, 7);
-        let [Output::Close(closed)] = out.as_slice() else {
-            panic!("expected a close, got {out:?}")
-        };
+        let closed = closed_round(&mut m, out, 7);
         // (1*10 + 3*30 + 0*60) / 100 = 1.0; 2.0 everywhere.
         assert_eq!(*closed.global, vec![1.0, 2.0]);
         assert_eq!((closed.round, closed.version, closed.contributions.len()), (1, 1, 3));
@@ -1047,10 +1032,7 @@ mod tests {
         assert_eq!(e.to_string(), "node a already contributed to round 1");
         m.submit("s-b", update(1, 0, vec![1.0; 2], 1), 0).unwrap();
         let (_, out) = m.submit("s-c", update(1, 0, vec![1.0; 2], 1), 0).unwrap();
-        let out = settle(&mut m, out, 0);
-        let [Output::Close(closed)] = out.as_slice() else {
-            panic!()
-        };
+        let closed = closed_round(&mut m, out, 0);
         assert_eq!(*closed.global, vec![1.0, 1.0]);
     }
 
@@ -1097,10 +1079,7 @@ mod tests {
         m.submit("s-a", update(1, 0, vec![1.0], 1), 1600).unwrap();
         m.submit("s-b", update(1, 0, vec![3.0], 1), 1700).unwrap();
         let out = m.tick(2000);
-        let out = settle(&mut m, out, 2000);
-        let [Output::Close(closed)] = out.as_slice() else {
-            panic!("{out:?}")
-        };
+        let closed = closed_round(&mut m, out, 2000);
         assert_eq!(*closed.global, vec![2.0]);
         assert_eq!(closed.contributions.len(), 2);
     }
@@ -1118,10 +1097,7 @@ mod tests {
         m.submit("s-a", update(1, 0, vec![1.0], 1), 0).unwrap();
         m.submit("s-b", update(1, 0, vec![3.0], 1), 0).unwrap();
         let out = m.disconnect("s-c", 5);
-        let out = settle(&mut m, out, 5);
-        let [Output::Close(closed)] = out.as_slice() else {
-            panic!("{out:?}")
-        };
+        let closed = closed_round(&mut m, out, 5);
         assert_eq!(*closed.global, vec![2.0]);
     }
 
@@ -1197,10 +1173,7 @@ mod tests {
         m.submit("s-a", grad(vec![1.0, -2.0]), 0).unwrap();
         m.submit("s-b", grad(vec![1.0, -2.0]), 0).unwrap();
         let (_, out) = m.submit("s-c", grad(vec![1.0, -2.0]), 0).unwrap();
-        let out = settle(&mut m, out, 0);
-        let [Output::Close(closed)] = out.as_slice() else {
-            panic!("{out:?}")
-        };
+        let closed = closed_round(&mut m, out, 0);
         assert!((closed.global[0] - 0.9).abs() < 1e-6 && (closed.global[1] - 1.2).abs() < 1e-6);
     }
 
@@ -1233,10 +1206,7 @@ mod tests {
         m.submit("s-b", with(vec![3.0, 6.0]), 0).unwrap();
         // Node c leaves: two of three nodes took part, c += (2/3)·mean = sum/3.
         let out = m.disconnect("s-c", 1);
-        let out = settle(&mut m, out, 1);
-        let [Output::Close(closed)] = out.as_slice() else {
-            panic!("{out:?}")
-        };
+        let closed = closed_round(&mut m, out, 1);
         assert_eq!(closed.control.as_deref().map(Vec::as_slice), Some(&[2.0f32, 2.0][..]));
         assert_eq!(m.control(), Some(&[2.0f32, 2.0][..]));
         assert!(closed.strategy_state.0.contains_key("scaffold.c"));
@@ -1256,10 +1226,7 @@ mod tests {
         m.submit("s-a", update(1, 0, vec![30.0, 40.0], 1), 0).unwrap();
         m.submit("s-b", update(1, 0, vec![0.3, 0.4], 1), 0).unwrap();
         let (_, out) = m.submit("s-c", update(1, 0, vec![0.3, 0.4], 1), 0).unwrap();
-        let out = settle(&mut m, out, 0);
-        let [Output::Close(closed)] = out.as_slice() else {
-            panic!()
-        };
+        let closed = closed_round(&mut m, out, 0);
         // mean of [0.6, 0.8], [0.3, 0.4], [0.3, 0.4]
         assert!((closed.global[0] - 0.4).abs() < 1e-6 && (closed.global[1] - 1.6 / 3.0).abs() < 1e-6);
         let a = &closed.contributions[0];
@@ -1331,10 +1298,7 @@ mod tests {
         let e = m.submit("s-c", update(1, 0, vec![f32::INFINITY], 1), 0).unwrap_err();
         assert!(e.is_content());
         let out = m.refuse("s-c", 0);
-        let out = settle(&mut m, out, 0);
-        let [Output::Close(closed)] = out.as_slice() else {
-            panic!("{out:?}")
-        };
+        let closed = closed_round(&mut m, out, 0);
         assert_eq!(*closed.global, vec![2.0]);
     }
 

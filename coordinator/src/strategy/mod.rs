@@ -71,13 +71,15 @@ impl Strategy {
         }
     }
 
-    /// Named state vectors and the server optimizer's step count, for checkpoints.
-    pub fn state(&self) -> (BTreeMap<String, &[f32]>, u64) {
-        let (mut named, steps) = self.server.state();
+    /// Copies of the named state vectors and the server optimizer's step
+    /// count, for checkpoints.
+    pub fn state(&self) -> (BTreeMap<String, Vec<f32>>, u64) {
+        let (named, steps) = self.server.state();
+        let mut owned: BTreeMap<String, Vec<f32>> = named.into_iter().map(|(k, v)| (k, v.to_vec())).collect();
         if let Some(c) = &self.control {
-            named.insert("scaffold.c".to_string(), c.as_slice());
+            owned.insert("scaffold.c".to_string(), c.clone());
         }
-        (named, steps)
+        (owned, steps)
     }
 
     /// Restores what [`Strategy::state`] saved.
@@ -142,9 +144,8 @@ mod tests {
         // Two of four nodes sent Δc = [1, 2] and [3, 4]: c += (2/4)·mean = [1, 1.5].
         s.update_control(&[4.0, 6.0], 2, 4);
         assert_eq!(s.control.as_deref(), Some(&[1.0f32, 1.5][..]));
-        let (named, _) = s.state();
-        assert!(named.contains_key("scaffold.c"));
-        let owned = named.into_iter().map(|(k, v)| (k, v.to_vec())).collect();
+        let (owned, _) = s.state();
+        assert!(owned.contains_key("scaffold.c"));
         let mut t = Strategy::new(
             Aggregator::Mean,
             ServerOptimizer::new(ServerOpt::Sgd, 1.0, 2),
