@@ -5,6 +5,8 @@
 //! - [`pb`]: types generated from `proto/fedge/v1/federation.proto`, and the
 //!   protocol version.
 //! - [`model`]: the model zoo ([`model::ModelKind`]), each a `tch` `ModuleT`.
+//! - [`codec`]: update codecs (f32, f16, bf16, int8, top-k, sign), error
+//!   feedback, and the chunk-by-chunk decoder.
 //! - [`params`]: named, ordered parameter sets (a [`params::Manifest`] plus a
 //!   flat `f32` buffer), to and from a `VarStore`, saved as safetensors.
 //! - [`wire`]: chunked payloads with a manifest and a checksum, and the one
@@ -20,6 +22,7 @@
 //! - [`shutdown`]: the ctrl-c / SIGTERM future both daemons stop on.
 //! - [`Error`]: this crate's one error type.
 
+pub mod codec;
 pub mod config;
 pub mod data;
 mod error;

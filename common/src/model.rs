@@ -28,6 +28,11 @@ pub enum ModelKind {
     /// Linear 16384→1024, ReLU, Linear 1024→classes. 25,286,730 parameters
     /// (101 MB in f32) on CIFAR-10; exercises large-model transport.
     CnnWide,
+    /// The same conv trunk with a very wide head: Linear →65536, ReLU,
+    /// Linear 65536→1024, ReLU, Linear 1024→classes. 100,833,354 parameters
+    /// (403 MB in f32) on CIFAR-10: a stress test of moving and aggregating
+    /// large models in bounded memory.
+    CnnXl,
     /// The FedAvg paper's MNIST CNN (McMahan et al. 2017): 5×5 conv 32 and
     /// 5×5 conv 64 ("same" padding), each ReLU + 2×2 max-pool, Linear →512,
     /// ReLU, Linear 512→classes. 1,663,370 parameters on MNIST.
@@ -44,9 +49,10 @@ pub enum ModelKind {
 
 impl ModelKind {
     /// Every architecture this build can construct.
-    pub const ALL: [ModelKind; 5] = [
+    pub const ALL: [ModelKind; 6] = [
         ModelKind::Cnn,
         ModelKind::CnnWide,
+        ModelKind::CnnXl,
         ModelKind::MnistCnn,
         ModelKind::Mlp2nn,
         ModelKind::Resnet20,
@@ -57,6 +63,7 @@ impl ModelKind {
         match self {
             ModelKind::Cnn => "cnn",
             ModelKind::CnnWide => "cnn-wide",
+            ModelKind::CnnXl => "cnn-xl",
             ModelKind::MnistCnn => "mnist-cnn",
             ModelKind::Mlp2nn => "2nn",
             ModelKind::Resnet20 => "resnet20",
@@ -74,6 +81,7 @@ impl ModelKind {
         match self {
             ModelKind::Cnn => Net::Conv(ConvNet::new(path, input, &[128], classes)),
             ModelKind::CnnWide => Net::Conv(ConvNet::new(path, input, &[16384, 1024], classes)),
+            ModelKind::CnnXl => Net::Conv(ConvNet::new(path, input, &[65536, 1024], classes)),
             ModelKind::MnistCnn => Net::Mnist(MnistCnn::new(path, input, classes)),
             ModelKind::Mlp2nn => Net::Mlp(Mlp::new(path, input, &[200, 200], classes)),
             ModelKind::Resnet20 => Net::Resnet(ResNet::new(path, input[0], 3, classes)),
@@ -363,6 +371,7 @@ mod tests {
     fn parameter_counts_match_the_papers() {
         assert_eq!(count(ModelKind::Cnn, CIFAR), 160_202);
         assert_eq!(count(ModelKind::CnnWide, CIFAR), 25_286_730);
+        assert_eq!(count(ModelKind::CnnXl, CIFAR), 100_833_354);
         assert_eq!(count(ModelKind::MnistCnn, MNIST), 1_663_370);
         assert_eq!(count(ModelKind::Mlp2nn, MNIST), 199_210);
         assert_eq!(count(ModelKind::Resnet20, CIFAR), 269_722);
@@ -385,7 +394,7 @@ mod tests {
         let err = "vgg".parse::<ModelKind>().unwrap_err().to_string();
         assert_eq!(
             err,
-            "unknown model `vgg` (this build knows: cnn, cnn-wide, mnist-cnn, 2nn, resnet20)"
+            "unknown model `vgg` (this build knows: cnn, cnn-wide, cnn-xl, mnist-cnn, 2nn, resnet20)"
         );
         for kind in ModelKind::ALL {
             assert_eq!(kind.name().parse::<ModelKind>().unwrap(), kind);

@@ -11,7 +11,7 @@ use std::path::Path;
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use tch::nn::VarStore;
 
-use crate::fsutil::write_atomic;
+use crate::fsutil::write_atomic_with;
 use crate::{Error, Result};
 
 /// One tensor of a parameter set.
@@ -78,6 +78,9 @@ pub fn flatten(vs: &VarStore, manifest: &Manifest) -> Result<Vec<f32>> {
     Ok(out)
 }
 
+/// Values copied into a variable at a time by [`load_into`] (4 MiB of f32).
+const LOAD_PIECE: usize = 1 << 20;
+
 /// Overwrites the variables of `vs` with `flat`, laid out as `manifest`.
 pub fn load_into(vs: &mut VarStore, manifest: &Manifest, flat: &[f32]) -> Result<()> {
     if flat.len() != manifest.numel() {
@@ -97,11 +100,14 @@ pub fn load_into(vs: &mut VarStore, manifest: &Manifest, flat: &[f32]) -> Result
     tch::no_grad(|| -> Result<()> {
         for meta in &manifest.tensors {
             let n = meta.numel();
-            let src = tch::Tensor::from_slice(&flat[offset..offset + n])
-                .reshape(&meta.shape)
-                .to_device(device);
-            let mut dst = vars[&meta.name].shallow_clone();
-            dst.f_copy_(&src)?;
+            // Copied in pieces, so a large tensor never needs a second
+            // full-size temporary beside the variable.
+            let dst = vars[&meta.name].f_view([n as i64])?;
+            for start in (0..n).step_by(LOAD_PIECE) {
+                let len = LOAD_PIECE.min(n - start);
+                let src = tch::Tensor::from_slice(&flat[offset + start..offset + start + len]).to_device(device);
+                dst.f_narrow(0, start as i64, len as i64)?.f_copy_(&src)?;
+            }
             offset += n;
         }
         Ok(())
@@ -130,7 +136,8 @@ pub fn to_tensors(manifest: &Manifest, flat: &[f32], device: tch::Device) -> Res
     Ok(out)
 }
 
-/// Writes a parameter set as a safetensors file (atomically: temp file, fsync, rename).
+/// Writes a parameter set as a safetensors file (atomically: temp file,
+/// fsync, rename), streaming it rather than building it in memory.
 pub fn save_safetensors(
     path: &Path,
     manifest: &Manifest,
@@ -144,18 +151,38 @@ pub fn save_safetensors(
             manifest.numel()
         )));
     }
-    let bytes: &[u8] = bytemuck::cast_slice(flat);
-    let mut views = Vec::with_capacity(manifest.tensors.len());
+    let mut tensors = Vec::with_capacity(manifest.tensors.len());
     let mut offset = 0;
     for meta in &manifest.tensors {
-        let n = meta.numel() * 4;
-        let shape = meta.shape.iter().map(|&d| d as usize).collect();
-        let view = TensorView::new(Dtype::F32, shape, &bytes[offset..offset + n])?;
-        views.push((meta.name.clone(), view));
+        let n = meta.numel();
+        tensors.push((meta.name.clone(), meta.shape.clone(), &flat[offset..offset + n]));
         offset += n;
     }
-    let data = safetensors::tensor::serialize(views, Some(metadata))?;
-    write_atomic(path, &data)
+    save_tensors(path, tensors, metadata)
+}
+
+/// Writes named f32 tensors, each from its own slice, as a safetensors file
+/// (atomically, streamed tensor by tensor).
+pub fn save_tensors(
+    path: &Path,
+    tensors: Vec<(String, Vec<i64>, &[f32])>,
+    metadata: HashMap<String, String>,
+) -> Result<()> {
+    let mut views = Vec::with_capacity(tensors.len());
+    for (name, shape, values) in tensors {
+        let numel: i64 = shape.iter().product();
+        if numel as usize != values.len() {
+            return Err(Error::Params(format!(
+                "tensor `{name}` of shape {shape:?} given {} values",
+                values.len()
+            )));
+        }
+        let shape = shape.iter().map(|&d| d as usize).collect();
+        views.push((name, TensorView::new(Dtype::F32, shape, bytemuck::cast_slice(values))?));
+    }
+    write_atomic_with(path, |tmp| {
+        Ok(safetensors::tensor::serialize_to_file(views, Some(metadata), tmp)?)
+    })
 }
 
 /// A parameter set read back from a safetensors file.

@@ -12,6 +12,7 @@
 
 use prost::bytes::Bytes;
 
+use crate::codec::Codec;
 use crate::params::{Manifest, TensorMeta};
 use crate::train::{Algorithm, EvalMetrics, Hyperparameters, LocalOptimizer, TrainMetrics};
 use crate::{Error, Result, pb};
@@ -29,6 +30,20 @@ pub fn encode_f32(values: &[f32]) -> Bytes {
         out.extend_from_slice(&v.to_le_bytes());
     }
     Bytes::from(out)
+}
+
+#[cfg(target_endian = "big")]
+compile_error!("fedge's wire format is little-endian f32; big-endian hosts are not supported");
+
+/// The little-endian bytes of `values`, sharing the vector (no copy).
+pub fn f32_payload(values: std::sync::Arc<Vec<f32>>) -> Bytes {
+    struct LeView(std::sync::Arc<Vec<f32>>);
+    impl AsRef<[u8]> for LeView {
+        fn as_ref(&self) -> &[u8] {
+            bytemuck::cast_slice(self.0.as_slice())
+        }
+    }
+    Bytes::from_owner(LeView(values))
 }
 
 /// Splits `payload` into zero-copy chunks of at most `chunk_bytes`.
@@ -248,34 +263,129 @@ impl From<&Manifest> for pb::Manifest {
                 .collect(),
             encoding: pb::Encoding::F32Le as i32,
             payload_bytes: m.payload_bytes(),
+            block_size: 0,
         }
     }
+}
+
+/// The wire name of an encoding number, for messages.
+pub fn encoding_name(encoding: i32) -> String {
+    pb::Encoding::try_from(encoding)
+        .map(|e| e.as_str_name().to_owned())
+        .unwrap_or_else(|_| format!("#{encoding}"))
+}
+
+impl Codec {
+    /// The wire encoding and block size of this codec.
+    pub fn wire_encoding(&self) -> (pb::Encoding, u32) {
+        match *self {
+            Codec::F32 => (pb::Encoding::F32Le, 0),
+            Codec::F16 => (pb::Encoding::F16Le, 0),
+            Codec::Bf16 => (pb::Encoding::Bf16Le, 0),
+            Codec::Int8 { block } => (pb::Encoding::Int8Block, block),
+            Codec::TopK { .. } => (pb::Encoding::Topk, 0),
+            Codec::Sign { block } => (pb::Encoding::SignBlock, block),
+        }
+    }
+
+    /// Checks that a wire manifest announces this codec; names both otherwise.
+    pub fn check_wire(&self, m: &pb::Manifest) -> Result<()> {
+        let (encoding, block) = self.wire_encoding();
+        if m.encoding != encoding as i32 || m.block_size != block {
+            return Err(Error::Payload(format!(
+                "update is encoded as {} (block {}); this run's updates use {self} ({}, block {block})",
+                encoding_name(m.encoding),
+                m.block_size,
+                encoding.as_str_name()
+            )));
+        }
+        Ok(())
+    }
+}
+
+impl From<&Codec> for pb::UpdateCodec {
+    fn from(c: &Codec) -> Self {
+        let (encoding, block_size) = c.wire_encoding();
+        pb::UpdateCodec {
+            encoding: encoding as i32,
+            block_size,
+            topk_fraction: match c {
+                Codec::TopK { fraction } => *fraction,
+                _ => 0.0,
+            },
+        }
+    }
+}
+
+impl TryFrom<&pb::UpdateCodec> for Codec {
+    type Error = Error;
+
+    fn try_from(c: &pb::UpdateCodec) -> Result<Self> {
+        let codec = match pb::Encoding::try_from(c.encoding) {
+            Ok(pb::Encoding::F32Le) => Codec::F32,
+            Ok(pb::Encoding::F16Le) => Codec::F16,
+            Ok(pb::Encoding::Bf16Le) => Codec::Bf16,
+            Ok(pb::Encoding::Int8Block) => Codec::Int8 { block: c.block_size },
+            Ok(pb::Encoding::Topk) => Codec::TopK {
+                fraction: c.topk_fraction,
+            },
+            Ok(pb::Encoding::SignBlock) => Codec::Sign { block: c.block_size },
+            _ => {
+                return Err(Error::Payload(format!(
+                    "the coordinator asks for update encoding {}, which this node does not know",
+                    encoding_name(c.encoding)
+                )));
+            }
+        };
+        codec
+            .validate()
+            .map_err(|e| Error::Payload(format!("the coordinator's update codec is invalid: {e}")))?;
+        Ok(codec)
+    }
+}
+
+/// The wire manifest of an update: the model's tensors, the codec, and the
+/// encoded payload's exact length.
+pub fn update_manifest(m: &Manifest, codec: &Codec, payload_bytes: u64) -> pb::Manifest {
+    let (encoding, block_size) = codec.wire_encoding();
+    pb::Manifest {
+        encoding: encoding as i32,
+        payload_bytes,
+        block_size,
+        ..pb::Manifest::from(m)
+    }
+}
+
+/// The tensors a wire manifest lists, checked for negative dimensions.
+pub fn tensors_from_wire(m: &pb::Manifest) -> Result<Manifest> {
+    let mut tensors = Vec::with_capacity(m.tensors.len());
+    for t in &m.tensors {
+        if t.shape.iter().any(|&d| d < 0) {
+            return Err(Error::Payload(format!(
+                "tensor `{}` has a negative dimension {:?}",
+                t.name, t.shape
+            )));
+        }
+        tensors.push(TensorMeta {
+            name: t.name.clone(),
+            shape: t.shape.clone(),
+        });
+    }
+    Ok(Manifest { tensors })
 }
 
 impl TryFrom<&pb::Manifest> for Manifest {
     type Error = Error;
 
+    /// A model manifest: f32 values, exactly as many bytes as the tensors need.
     fn try_from(m: &pb::Manifest) -> Result<Self> {
         if m.encoding != pb::Encoding::F32Le as i32 {
-            let name = pb::Encoding::try_from(m.encoding)
-                .map(|e| e.as_str_name().to_owned())
-                .unwrap_or_else(|_| format!("#{}", m.encoding));
-            return Err(Error::Payload(format!("unsupported encoding {name}")));
+            return Err(Error::Payload(format!(
+                "unsupported encoding {}",
+                encoding_name(m.encoding)
+            )));
         }
-        let mut tensors = Vec::with_capacity(m.tensors.len());
-        for t in &m.tensors {
-            if t.shape.iter().any(|&d| d < 0) {
-                return Err(Error::Payload(format!(
-                    "tensor `{}` has a negative dimension {:?}",
-                    t.name, t.shape
-                )));
-            }
-            tensors.push(TensorMeta {
-                name: t.name.clone(),
-                shape: t.shape.clone(),
-            });
-        }
-        let manifest = Manifest { tensors };
+        let manifest = tensors_from_wire(m)?;
         if manifest.payload_bytes() != m.payload_bytes {
             return Err(Error::Payload(format!(
                 "manifest announces {} bytes but its tensors need {}",

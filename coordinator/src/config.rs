@@ -11,8 +11,9 @@ use fedge_common::model::ModelKind;
 use fedge_common::train::{Algorithm, Hyperparameters, LocalOptimizer};
 use serde::{Deserialize, Serialize};
 
-use crate::strategy::{Aggregator, ServerOpt};
+use crate::strategy::{Aggregator, Precision, ServerOpt};
 use crate::{Error, Result};
+use fedge_common::codec::Codec;
 
 /// Environment prefix of coordinator settings (`FEDGE_ROUNDS=5`, `FEDGE_TRAIN__LEARNING_RATE=0.1`).
 pub const ENV_PREFIX: &str = "FEDGE";
@@ -43,6 +44,8 @@ pub struct CoordinatorConfig {
     pub eval: EvalConfig,
     /// Transport settings.
     pub wire: WireConfig,
+    /// How nodes encode their updates.
+    pub codec: CodecConfig,
     /// Checkpoint settings.
     pub checkpoint: CheckpointConfig,
     /// Log output format.
@@ -63,6 +66,7 @@ impl Default for CoordinatorConfig {
             data: DataConfig::default(),
             eval: EvalConfig::default(),
             wire: WireConfig::default(),
+            codec: CodecConfig::default(),
             checkpoint: CheckpointConfig::default(),
             log_format: LogFormat::Text,
         }
@@ -240,7 +244,24 @@ pub struct StrategyConfig {
     pub beta1: f64,
     pub beta2: f64,
     pub tau: f64,
+    /// Precision of the mean's running sum: `f64` (the result does not depend
+    /// on arrival order; 8 bytes per parameter), `f32` (4 bytes per
+    /// parameter), or `auto` (f64 up to 16 M parameters, f32 above).
+    pub accumulator: AccumulatorName,
 }
+
+/// Precision names in configuration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AccumulatorName {
+    #[default]
+    Auto,
+    F64,
+    F32,
+}
+
+/// Models up to this many parameters get an f64 running sum under `auto`.
+pub const AUTO_F64_MAX_PARAMETERS: usize = 16 << 20;
 
 /// Aggregator names in configuration.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -282,6 +303,7 @@ impl Default for StrategyConfig {
             beta1: 0.9,
             beta2: 0.99,
             tau: 1e-3,
+            accumulator: AccumulatorName::Auto,
         }
     }
 }
@@ -316,6 +338,16 @@ impl StrategyConfig {
             ServerOptName::Adagrad => ServerOpt::Adagrad { beta1, tau },
             ServerOptName::Adam => ServerOpt::Adam { beta1, beta2, tau },
             ServerOptName::Yogi => ServerOpt::Yogi { beta1, beta2, tau },
+        }
+    }
+
+    /// The running sum's precision for a model of `numel` parameters.
+    pub fn precision(&self, numel: usize) -> Precision {
+        match self.accumulator {
+            AccumulatorName::F64 => Precision::F64,
+            AccumulatorName::F32 => Precision::F32,
+            AccumulatorName::Auto if numel <= AUTO_F64_MAX_PARAMETERS => Precision::F64,
+            AccumulatorName::Auto => Precision::F32,
         }
     }
 
@@ -369,6 +401,51 @@ impl Default for WireConfig {
         Self {
             chunk_bytes: fedge_common::wire::DEFAULT_CHUNK_BYTES,
         }
+    }
+}
+
+/// Update compression: the codec every node uses for its updates,
+/// announced when it joins. Models always travel as f32.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CodecConfig {
+    /// `f32` (lossless), `f16`, `bf16`, `int8` (per-block scale, stochastic
+    /// rounding), `topk` (largest magnitudes, error feedback) or `sign`
+    /// (signs and per-block magnitude, error feedback).
+    pub update: String,
+    /// Values per block of `int8` and `sign`.
+    pub block: u32,
+    /// `topk`: fraction of values each node sends, in (0, 1].
+    pub topk_fraction: f64,
+}
+
+impl Default for CodecConfig {
+    fn default() -> Self {
+        Self {
+            update: "f32".into(),
+            block: fedge_common::codec::DEFAULT_BLOCK,
+            topk_fraction: 0.01,
+        }
+    }
+}
+
+impl CodecConfig {
+    /// The configured codec.
+    pub fn codec(&self) -> Result<Codec> {
+        let named = |e: fedge_common::Error| {
+            Error::Config(format!(
+                "codec: {}",
+                e.to_string().trim_start_matches("invalid configuration: ")
+            ))
+        };
+        // Every field is checked, whichever codec is chosen.
+        Codec::Int8 { block: self.block }.validate().map_err(named)?;
+        Codec::TopK {
+            fraction: self.topk_fraction,
+        }
+        .validate()
+        .map_err(named)?;
+        Codec::from_parts(&self.update, self.block, self.topk_fraction).map_err(named)
     }
 }
 
@@ -560,6 +637,7 @@ impl CoordinatorConfig {
             return bad("train.algorithm = \"scaffold\" estimates control variates from SGD steps and needs train.optimizer = \"sgd\"".into());
         }
         let _: ServerOpt = st.server_opt();
+        self.codec.codec()?;
         Ok(())
     }
 }
@@ -597,7 +675,7 @@ mod tests {
         );
         assert_eq!(
             with("model", "vgg"),
-            "unknown model `vgg` (this build knows: cnn, cnn-wide, mnist-cnn, 2nn, resnet20)"
+            "unknown model `vgg` (this build knows: cnn, cnn-wide, cnn-xl, mnist-cnn, 2nn, resnet20)"
         );
         assert_eq!(
             with("strategy.aggregator", "\"krum\""),
@@ -617,6 +695,15 @@ mod tests {
             "invalid configuration: train.lr_decay must be in (0, 1], got 1.5"
         );
         assert!(with("strategy.aggregator", "\"average\"").contains("average"));
+        assert_eq!(
+            with("codec.update", "\"zstd\""),
+            "invalid configuration: codec: unknown codec `zstd` (expected one of: f32, f16, bf16, int8, topk, sign)"
+        );
+        assert_eq!(
+            with("codec.topk_fraction", "0"),
+            "invalid configuration: codec: topk fraction must be in (0, 1], got 0"
+        );
+        assert!(with("strategy.accumulator", "\"f16\"").contains("f16"));
         assert!(with("train.algorithm", "\"fedsomething\"").contains("fedsomething"));
         let both = CoordinatorConfig::load_with_env(
             None,

@@ -6,20 +6,20 @@
 //! The service talks to it over a channel of [`Command`]s, so the machine
 //! needs no lock and sees events in one order.
 
-use std::collections::{HashMap, VecDeque};
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use fedge_common::params::Manifest;
 use fedge_common::pb;
-use fedge_common::wire::{crc32, encode_f32};
+use fedge_common::wire::{crc32, f32_payload};
 use prost::bytes::Bytes;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::evaluator::Evaluator;
-use crate::round::{ClosedRound, Output, Rejection, RoundMachine, Task, Update};
+use crate::round::{ClosedRound, Folded, Output, Rejection, RoundMachine, Task, Update};
 use crate::store::{RoundRecord, RunStore, federated_eval, participant};
 use crate::{Error, Result};
 
@@ -60,7 +60,8 @@ pub enum Command {
     },
 }
 
-/// A global model version, encoded once and shared by every fetch.
+/// A global model version, shared by every fetch: its payload is a
+/// little-endian view of the round machine's own vector, not a copy.
 #[derive(Debug)]
 pub struct ModelSnapshot {
     pub version: u64,
@@ -72,11 +73,11 @@ pub struct ModelSnapshot {
 }
 
 impl ModelSnapshot {
-    /// Encodes `params` (and the server control variate, if any) as version `version`.
-    pub fn new(version: u64, manifest: Arc<Manifest>, params: &[f32], control: Option<&[f32]>) -> Self {
-        let payload = encode_f32(params);
+    /// Publishes `params` (and the server control variate, if any) as version `version`.
+    pub fn new(version: u64, manifest: Arc<Manifest>, params: Arc<Vec<f32>>, control: Option<Arc<Vec<f32>>>) -> Self {
+        let payload = f32_payload(params);
         let control = control.map(|c| {
-            let bytes = encode_f32(c);
+            let bytes = f32_payload(c);
             let crc = crc32(&bytes);
             (bytes, crc)
         });
@@ -96,6 +97,30 @@ pub struct Traffic {
     pub bytes_up: AtomicU64,
     pub bytes_down: AtomicU64,
     pub rejected_updates: AtomicU64,
+    /// Model bytes sent to each node since the last round closed.
+    pub down_by_node: Mutex<BTreeMap<String, u64>>,
+}
+
+impl Traffic {
+    /// Counts `bytes` of model stream sent to `node`.
+    pub fn count_down(&self, node: &str, bytes: u64) {
+        self.bytes_down.fetch_add(bytes, Ordering::Relaxed);
+        let mut map = self
+            .down_by_node
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        *map.entry(node.to_owned()).or_default() += bytes;
+    }
+
+    /// The per-node downlink counts since the last call.
+    pub fn take_down_by_node(&self) -> BTreeMap<String, u64> {
+        std::mem::take(
+            &mut *self
+                .down_by_node
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
+    }
 }
 
 /// How a run ended.
@@ -119,6 +144,8 @@ pub struct Driver {
     pub eval_every: u32,
     pub total_rounds: u64,
     streams: HashMap<String, mpsc::Sender<Result<pb::Instruction, tonic::Status>>>,
+    folds_tx: mpsc::UnboundedSender<Folded>,
+    folds_rx: mpsc::UnboundedReceiver<Folded>,
     round_started: Option<Instant>,
     last_counters: (u64, u64, u64),
     aggregation_seconds: f64,
@@ -145,7 +172,10 @@ impl Driver {
         eval_every: u32,
         total_rounds: u64,
     ) -> Self {
+        let (folds_tx, folds_rx) = mpsc::unbounded_channel();
         Self {
+            folds_tx,
+            folds_rx,
             machine,
             commands,
             snapshot,
@@ -177,6 +207,7 @@ impl Driver {
                     Some(cmd) => self.handle(cmd),
                     None => return Ok(None),
                 },
+                Some(done) = self.folds_rx.recv() => self.machine.folded(done, now_ms()),
                 _ = tick.tick() => self.machine.tick(now_ms()),
             };
             if let Some(summary) = self.carry_out(outputs).await? {
@@ -276,6 +307,14 @@ impl Driver {
                     }
                     self.send_task(&node, &task);
                 }
+                Output::Fold(job) => {
+                    // Folds run beside the driver (they serialize on the
+                    // round's sum); results come back through `folds_rx`.
+                    let tx = self.folds_tx.clone();
+                    tokio::task::spawn_blocking(move || {
+                        let _ = tx.send(job.run());
+                    });
+                }
                 Output::Aggregate(job) => {
                     let round = job.round();
                     let done = tokio::task::spawn_blocking(move || job.run())
@@ -327,6 +366,17 @@ impl Driver {
     }
 
     async fn close_round(&mut self, closed: ClosedRound) -> Result<()> {
+        // Publish the new version first: the previous one is then freed, so
+        // evaluation and persisting run with one global model in memory.
+        // Nodes fetch a version only once a task names it, which happens
+        // after the round is persisted.
+        let snapshot = ModelSnapshot::new(
+            closed.version,
+            self.manifest.clone(),
+            closed.global.clone(),
+            closed.control.clone(),
+        );
+        self.snapshot.send_replace(Arc::new(snapshot));
         let train_phase = self.round_started.map(|t| t.elapsed()).unwrap_or_default();
         let eval_due = self.eval_every > 0
             && (closed.round.is_multiple_of(u64::from(self.eval_every)) || closed.round == self.total_rounds);
@@ -342,10 +392,16 @@ impl Driver {
         let rejected = self.traffic.rejected_updates.load(Ordering::Relaxed);
         let (up0, down0, rej0) = std::mem::replace(&mut self.last_counters, (up, down, rejected));
         let federated = federated_eval(&closed.contributions);
+        let down_by_node = self.traffic.take_down_by_node();
         let record = RoundRecord {
             round: closed.round,
             selected: closed.selected,
-            participants: closed.contributions.iter().map(participant).collect(),
+            participants: closed
+                .contributions
+                .iter()
+                .map(|c| participant(c, down_by_node.get(&c.node).copied().unwrap_or(0)))
+                .collect(),
+            bytes_down_by_node: down_by_node,
             test_loss: eval.map(|e| e.loss),
             test_accuracy: eval.map(|e| e.accuracy),
             federated_loss: federated.map(|e| e.loss),
@@ -373,13 +429,6 @@ impl Driver {
         .map_err(|e| Error::Internal(format!("checkpoint task failed: {e}")))?;
         self.store = Some(store);
         res?;
-        let snapshot = ModelSnapshot::new(
-            closed.version,
-            self.manifest.clone(),
-            &closed.global,
-            closed.control.as_deref().map(Vec::as_slice),
-        );
-        self.snapshot.send_replace(Arc::new(snapshot));
         let rec = self.store.as_ref().and_then(|s| s.history.rounds.last()).cloned();
         if let Some(rec) = rec {
             tracing::info!(

@@ -1,5 +1,7 @@
-//! Central evaluation on a dedicated thread that owns the coordinator's
-//! `VarStore`, so tensor work never runs on the async runtime.
+//! Central evaluation on a dedicated thread, so tensor work never runs on
+//! the async runtime. The thread builds the model for each evaluation and
+//! drops it after, so between evaluations the coordinator holds the global
+//! model once.
 
 use std::sync::Arc;
 use std::sync::mpsc;
@@ -61,9 +63,10 @@ impl Evaluator {
                     let manifest = Manifest::of_var_store(&vs);
                     let params = params::flatten(&vs, &manifest)?;
                     vs.freeze();
-                    Ok((test, vs, net, manifest, params))
+                    drop((net, vs));
+                    Ok((test, manifest, params))
                 };
-                let (test, mut vs, net, manifest, initial) = match setup() {
+                let (test, manifest, initial) = match setup() {
                     Ok(s) => s,
                     Err(e) => {
                         let _ = ready_tx.send(Err(e));
@@ -78,9 +81,16 @@ impl Evaluator {
                     classes: test.classes.clone(),
                 }));
                 while let Ok(job) = rx.recv() {
+                    // The model is built for each evaluation and dropped after
+                    // it, so the coordinator holds no second copy of the
+                    // global model between evaluations.
+                    let mut vs = VarStore::new(tch::Device::Cpu);
+                    let net = kind.build(&vs.root(), test.shape(), test.num_classes());
+                    vs.freeze();
                     let result = params::load_into(&mut vs, &manifest, &job.params)
                         .map(|()| evaluate(&net, &test, batch_size, tch::Device::Cpu))
                         .map_err(Error::from);
+                    drop((net, vs));
                     let _ = job.reply.send(result);
                 }
             })

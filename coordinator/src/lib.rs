@@ -11,6 +11,8 @@
 //!   Krum, Multi-Krum, Bulyan) and server optimizers (FedAvgM, FedAdam, ...).
 //! - [`driver`]: the task that owns the machine and carries out its outputs.
 //! - [`service`]: the gRPC adapter (`fedge.v1.Federation`).
+//! - [`intake`]: receiving an update stream: decoding and checking each
+//!   chunk as it arrives, spooling the encoded bytes for the round to fold.
 //! - [`evaluator`]: central evaluation on a dedicated thread.
 //! - [`store`]: durable checkpoints, resume and run history (`model.safetensors`,
 //!   `rounds/`, `run.json`).
@@ -24,6 +26,7 @@ pub mod driver;
 mod error;
 pub mod evaluator;
 pub mod fleet;
+pub mod intake;
 pub mod round;
 pub mod service;
 pub mod store;
@@ -83,12 +86,16 @@ pub async fn run(
         numel,
     );
     strategy.max_norm = st.max_norm();
+    strategy.precision = st.precision(numel);
+    let codec = config.codec.codec()?;
     tracing::info!(
         algorithm = config.train.algorithm.name(),
         aggregator = %strategy.aggregator,
         server_optimizer = strategy.server.kind().name(),
         server_lr = st.server_lr,
         clip_norm = st.clip(),
+        accumulator = ?strategy.precision,
+        update_codec = %codec,
         "strategy"
     );
     let keep = config.checkpoint.keep_round_models;
@@ -190,9 +197,10 @@ pub async fn run(
     let (snapshot_tx, snapshot_rx) = watch::channel(Arc::new(ModelSnapshot::new(
         version,
         manifest.clone(),
-        machine.global(),
-        control.as_deref(),
+        machine.global().clone(),
+        control.map(Arc::new),
     )));
+    let spool_dir = crate::intake::prepare_spool(&config.out_dir)?;
     let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
     let traffic = Arc::new(Traffic::default());
     let service = FederationService {
@@ -207,7 +215,10 @@ pub async fn run(
             encoding: pb::Encoding::F32Le as i32,
             input_shape: initial.input_shape.to_vec(),
             classes: initial.classes.clone(),
+            update_codec: Some(pb::UpdateCodec::from(&codec)),
         },
+        codec,
+        spool_dir,
         chunk_bytes: config.wire.chunk_bytes,
     };
     let driver = Driver::new(

@@ -22,7 +22,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use fedge_common::train::{Algorithm, EvalMetrics, Hyperparameters, TrainMetrics};
 use rand::SeedableRng;
@@ -30,7 +30,8 @@ use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
 
 use crate::config::TrainConfig;
-use crate::strategy::{RoundAggregate, Strategy, clip};
+use crate::strategy::aggregate::lock;
+use crate::strategy::{MeanSum, RoundAggregate, Strategy, UpdateSource, clip_scale, l2_norm};
 
 /// Settings of the round logic.
 #[derive(Debug, Clone, PartialEq)]
@@ -71,6 +72,8 @@ pub struct Contribution {
     /// The round's starting model on the node's held-out data.
     pub federated_eval: Option<EvalMetrics>,
     pub wire_bytes: u64,
+    /// The encoded payload's length in bytes.
+    pub payload_bytes: u64,
     /// L2 norm of the update as received (before any bounding).
     pub update_norm: f64,
     /// Whether the update was scaled down to the norm bound.
@@ -101,9 +104,43 @@ pub struct AggregationJob {
     round: u64,
     global: Arc<Vec<f32>>,
     aggregate: RoundAggregate,
-    control_sum: Option<Vec<f64>>,
     total_nodes: usize,
     strategy: Strategy,
+}
+
+/// Folding one accepted update into the round's running sum, to run off the
+/// async runtime; its result goes back through [`RoundMachine::folded`].
+#[derive(Debug)]
+pub struct FoldJob {
+    round: u64,
+    attempt: u32,
+    node: String,
+    target: Arc<Mutex<MeanSum>>,
+    source: Arc<dyn UpdateSource>,
+    weight: f64,
+    scale: f64,
+}
+
+/// What a [`FoldJob`] did.
+#[derive(Debug)]
+pub struct Folded {
+    round: u64,
+    attempt: u32,
+    node: String,
+    result: Result<(), String>,
+}
+
+impl FoldJob {
+    /// Decodes the update and adds it to the sum (blocking, CPU-bound).
+    pub fn run(self) -> Folded {
+        let result = lock(&self.target).fold(self.source.as_ref(), self.weight, self.scale);
+        Folded {
+            round: self.round,
+            attempt: self.attempt,
+            node: self.node,
+            result,
+        }
+    }
 }
 
 /// What an [`AggregationJob`] produced.
@@ -125,9 +162,9 @@ impl AggregationJob {
     pub fn run(mut self) -> Aggregated {
         let start = std::time::Instant::now();
         let count = self.aggregate.count();
-        let result = self.aggregate.finish().map(|delta| {
-            let next = self.strategy.server.step(&self.global, &delta);
-            if let Some(sum) = &self.control_sum {
+        let result = self.aggregate.finish().map(|(delta, control_sum)| {
+            let next = self.strategy.server.step(&self.global, delta);
+            if let Some(sum) = &control_sum {
                 self.strategy.update_control(sum, count, self.total_nodes);
             }
             next
@@ -153,6 +190,8 @@ impl Aggregated {
 pub enum Output {
     /// Send `task` to the node named `node`.
     Assign { node: String, task: Task },
+    /// Fold an accepted update off the runtime, then call [`RoundMachine::folded`].
+    Fold(Box<FoldJob>),
     /// Run the aggregation off the runtime, then call [`RoundMachine::aggregated`].
     Aggregate(Box<AggregationJob>),
     /// Persist, evaluate and publish a closed round.
@@ -172,19 +211,49 @@ pub enum UpdateKind {
     Gradient,
 }
 
-/// An update the driver received in full and decoded.
+/// An update's values and what the service learned while receiving them.
+#[derive(Debug, Clone)]
+pub struct Body {
+    /// The values: the model-sized main section, then SCAFFOLD's control
+    /// variate delta `cᵢ⁺ − cᵢ` when `control` is set.
+    pub source: Arc<dyn UpdateSource>,
+    pub control: bool,
+    /// L2 norm of the main section.
+    pub norm: f64,
+    /// Index of the first NaN or infinite value, if any.
+    pub non_finite: Option<usize>,
+}
+
+impl Body {
+    /// A body held in memory (tests, tools).
+    pub fn dense(delta: Vec<f32>, control_delta: Option<Vec<f32>>) -> Self {
+        let norm = l2_norm(&delta);
+        let control = control_delta.is_some();
+        let mut values = delta;
+        values.extend(control_delta.unwrap_or_default());
+        let non_finite = values.iter().position(|v| !v.is_finite());
+        Self {
+            source: Arc::new(values),
+            control,
+            norm,
+            non_finite,
+        }
+    }
+}
+
+/// An update the service received in full and checked.
 #[derive(Debug, Clone)]
 pub struct Update {
     pub round: u64,
     pub base_version: u64,
     pub num_samples: u64,
     pub kind: UpdateKind,
-    pub delta: Vec<f32>,
-    /// SCAFFOLD's control variate delta `cᵢ⁺ − cᵢ`.
-    pub control_delta: Option<Vec<f32>>,
+    pub body: Body,
     pub metrics: TrainMetrics,
     pub federated_eval: Option<EvalMetrics>,
     pub wire_bytes: u64,
+    /// The encoded payload's length in bytes.
+    pub payload_bytes: u64,
 }
 
 /// Why a call was refused. Each maps to one gRPC status in the service.
@@ -289,7 +358,8 @@ struct RoundState {
     /// Selected nodes whose update was refused: the round does not wait for them.
     refused: BTreeSet<String>,
     aggregate: RoundAggregate,
-    control_sum: Option<Vec<f64>>,
+    /// Accepted updates whose fold into the running sum has not finished.
+    folding: BTreeSet<String>,
     started_ms: u64,
     deadline_ms: u64,
 }
@@ -487,11 +557,23 @@ impl RoundMachine {
         Ok(name.to_owned())
     }
 
-    /// Validates and folds a complete update. Returns the number of updates
-    /// accepted in the round so far, and what to do next.
+    /// Validates a complete update and accepts it. Returns the number of
+    /// updates accepted in the round so far, and what to do next (for the
+    /// mean, an [`Output::Fold`] of this update).
     pub fn submit(&mut self, session: &str, update: Update, now_ms: u64) -> Result<(usize, Vec<Output>), Rejection> {
         let name = self.admit(session, update.round, update.base_version)?;
-        check_section(&update.delta, self.global.len(), 0)?;
+        let body = update.body;
+        let numel = self.global.len();
+        let sections = 1 + usize::from(body.control);
+        if body.source.len() != numel * sections {
+            return Err(Rejection::WrongSize {
+                got: body.source.len() / sections,
+                expected: numel,
+            });
+        }
+        if let Some(index) = body.non_finite {
+            return Err(Rejection::NonFinite { index });
+        }
         if update.num_samples == 0 {
             return Err(Rejection::NoSamples);
         }
@@ -501,44 +583,48 @@ impl RoundMachine {
             _ => UpdateKind::Delta,
         };
         let expected = (expected_kind, algorithm == Algorithm::Scaffold);
-        let got = (update.kind, update.control_delta.is_some());
+        let got = (update.kind, body.control);
         if got != expected {
             return Err(Rejection::WrongKind {
                 expected: describe(expected.0, expected.1),
                 got: describe(got.0, got.1),
             });
         }
-        if let Some(c) = &update.control_delta {
-            check_section(c, self.global.len(), self.global.len())?;
-        }
-        let mut delta = update.delta;
-        if update.kind == UpdateKind::Gradient {
-            // FedSGD: the node's step is −η·g with this round's learning rate.
-            let lr = self
+        // FedSGD: the node's step is −η·g with this round's learning rate.
+        let step = match update.kind {
+            UpdateKind::Gradient => -self
                 .settings
                 .train
-                .learning_rate_at(update.round, self.settings.total_rounds);
-            for v in &mut delta {
-                *v = (-lr * f64::from(*v)) as f32;
-            }
-        }
-        if let Some(max) = self.strategy.as_ref().and_then(|s| s.max_norm) {
-            let norm = crate::strategy::l2_norm(&delta);
-            if norm > max {
-                return Err(Rejection::NormTooLarge { norm, bound: max });
-            }
+                .learning_rate_at(update.round, self.settings.total_rounds),
+            UpdateKind::Delta => 1.0,
+        };
+        let update_norm = body.norm * step.abs();
+        if let Some(max) = self.strategy.as_ref().and_then(|s| s.max_norm)
+            && update_norm > max
+        {
+            return Err(Rejection::NormTooLarge {
+                norm: update_norm,
+                bound: max,
+            });
         }
         let bound = self.strategy.as_ref().and_then(|s| s.clip_norm);
-        let update_norm = clip(&mut delta, bound);
+        let scale = step * clip_scale(update_norm, bound);
         let clipped = bound.is_some_and(|b| update_norm > b);
         let Phase::Training(r) = &mut self.phase else {
             unreachable!("admit checked the phase");
         };
-        r.aggregate.add(delta, update.num_samples as f64);
-        if let (Some(sum), Some(c)) = (&mut r.control_sum, &update.control_delta) {
-            for (s, &v) in sum.iter_mut().zip(c) {
-                *s += f64::from(v);
-            }
+        let mut out = Vec::new();
+        if let Some(target) = r.aggregate.accept(body.source.clone(), scale) {
+            r.folding.insert(name.clone());
+            out.push(Output::Fold(Box::new(FoldJob {
+                round: r.round,
+                attempt: r.attempt,
+                node: name.clone(),
+                target,
+                source: body.source,
+                weight: update.num_samples as f64,
+                scale,
+            })));
         }
         r.accepted.push(Contribution {
             node: name.clone(),
@@ -546,12 +632,34 @@ impl RoundMachine {
             metrics: update.metrics,
             federated_eval: update.federated_eval,
             wire_bytes: update.wire_bytes,
+            payload_bytes: update.payload_bytes,
             update_norm,
             clipped,
         });
         let accepted = r.accepted.len();
         self.nodes.get_mut(&name).expect("known node").rounds_contributed += 1;
-        Ok((accepted, self.maybe_close(now_ms)))
+        out.extend(self.maybe_close(now_ms));
+        Ok((accepted, out))
+    }
+
+    /// An accepted update's fold finished. A fold that failed (its spooled
+    /// payload could not be read back) leaves the sum in an unknown state:
+    /// the round is retried.
+    pub fn folded(&mut self, done: Folded, now_ms: u64) -> Vec<Output> {
+        let Phase::Training(r) = &mut self.phase else {
+            return Vec::new();
+        };
+        if r.round != done.round || r.attempt != done.attempt {
+            return Vec::new();
+        }
+        r.folding.remove(&done.node);
+        if let Err(reason) = done.result {
+            tracing::error!(round = done.round, node = %done.node, reason, "folding an update failed; retrying the round");
+            let (round, attempt) = (r.round, r.attempt + 1);
+            self.phase = Phase::Waiting;
+            return self.start_attempt(round, attempt, now_ms);
+        }
+        self.maybe_close(now_ms)
     }
 
     /// The update of the node behind `session` for the round in progress was
@@ -575,7 +683,7 @@ impl RoundMachine {
         let Phase::Training(r) = &self.phase else {
             return Vec::new();
         };
-        if now_ms < r.deadline_ms {
+        if now_ms < r.deadline_ms || !r.folding.is_empty() {
             return Vec::new();
         }
         if r.accepted.len() >= self.settings.min_nodes {
@@ -689,8 +797,13 @@ impl RoundMachine {
             selected,
             accepted: Vec::new(),
             refused: BTreeSet::new(),
-            aggregate: RoundAggregate::new(strategy.aggregator, self.global.len()),
-            control_sum: strategy.control.as_ref().map(|c| vec![0.0; c.len()]),
+            aggregate: RoundAggregate::new(
+                strategy.aggregator,
+                self.global.len(),
+                strategy.precision,
+                strategy.control.is_some(),
+            ),
+            folding: BTreeSet::new(),
             started_ms: now_ms,
             deadline_ms: now_ms + self.settings.deadline_ms,
         };
@@ -738,6 +851,9 @@ impl RoundMachine {
         let Phase::Training(r) = &self.phase else {
             return Vec::new();
         };
+        if !r.folding.is_empty() {
+            return Vec::new();
+        }
         let pending = r
             .selected
             .iter()
@@ -810,7 +926,6 @@ impl RoundMachine {
             round: r.round,
             global: self.global.clone(),
             aggregate: r.aggregate,
-            control_sum: r.control_sum,
             total_nodes: self.nodes.len(),
             strategy,
         };
@@ -825,20 +940,6 @@ impl RoundMachine {
             },
         };
         vec![Output::Aggregate(Box::new(job))]
-    }
-}
-
-/// Checks one model-sized section of an update that starts at payload value `offset`.
-fn check_section(values: &[f32], expected: usize, offset: usize) -> Result<(), Rejection> {
-    if values.len() != expected {
-        return Err(Rejection::WrongSize {
-            got: values.len(),
-            expected,
-        });
-    }
-    match values.iter().position(|v| !v.is_finite()) {
-        Some(index) => Err(Rejection::NonFinite { index: offset + index }),
-        None => Ok(()),
     }
 }
 
@@ -905,12 +1006,25 @@ mod tests {
             base_version: version,
             num_samples: n,
             kind: UpdateKind::Delta,
-            delta,
-            control_delta: None,
+            body: Body::dense(delta, None),
             metrics: TrainMetrics::default(),
             federated_eval: None,
             wire_bytes: 0,
+            payload_bytes: 0,
         }
+    }
+
+    /// Submits `u` and runs the fold it causes as the driver would.
+    fn submit(m: &mut RoundMachine, session: &str, u: Update, now: u64) -> Result<(usize, Vec<Output>), Rejection> {
+        let (n, out) = m.submit(session, u, now)?;
+        let mut rest = Vec::new();
+        for o in out {
+            match o {
+                Output::Fold(job) => rest.extend(m.folded(job.run(), now)),
+                other => rest.push(other),
+            }
+        }
+        Ok((n, rest))
     }
 
     /// Runs the aggregation job in `out` and returns the round it closes.
@@ -962,10 +1076,10 @@ mod tests {
         assert_eq!(assigned(&out), ["a", "b", "c"]);
         assert_eq!(m.current_round(), Some(1));
 
-        let (n, out) = m.submit("s-a", update(1, 0, vec![1.0, 2.0], 10), 5).unwrap();
+        let (n, out) = submit(&mut m, "s-a", update(1, 0, vec![1.0, 2.0], 10), 5).unwrap();
         assert_eq!((n, out.len()), (1, 0));
-        m.submit("s-b", update(1, 0, vec![3.0, 2.0], 30), 6).unwrap();
-        let (_, out) = m.submit("s-c", update(1, 0, vec![0.0, 2.0], 60), 7).unwrap();
+        submit(&mut m, "s-b", update(1, 0, vec![3.0, 2.0], 30), 6).unwrap();
+        let (_, out) = submit(&mut m, "s-c", update(1, 0, vec![0.0, 2.0], 60), 7).unwrap();
         assert!(matches!(out.as_slice(), [Output::Aggregate(_)]));
         assert_eq!(m.phase(), PhaseKind::Aggregating);
         let closed = closed_round(&mut m, out, 7);
@@ -991,9 +1105,7 @@ mod tests {
         fleet(&mut m);
         for round in 1..=2 {
             for n in ["a", "b", "c"] {
-                let (_, out) = m
-                    .submit(&format!("s-{n}"), update(round, round - 1, vec![1.0], 1), 0)
-                    .unwrap();
+                let (_, out) = submit(&mut m, &format!("s-{n}"), update(round, round - 1, vec![1.0], 1), 0).unwrap();
                 settle(&mut m, out, 0);
             }
             let out = m.persisted(0);
@@ -1009,7 +1121,7 @@ mod tests {
     fn bad_updates_are_refused_and_change_nothing() {
         let mut m = machine(settings(3, 1.0), vec![0.0, 0.0]);
         fleet(&mut m);
-        let refused = |m: &mut RoundMachine, s: &str, u: Update| m.submit(s, u, 0).unwrap_err();
+        let refused = |m: &mut RoundMachine, s: &str, u: Update| submit(m, s, u, 0).unwrap_err();
         assert_eq!(
             refused(&mut m, "nobody", update(1, 0, vec![0.0; 2], 1)),
             Rejection::UnknownSession
@@ -1027,11 +1139,11 @@ mod tests {
         assert_eq!(e.to_string(), "update value 1 is not finite");
         let e = refused(&mut m, "s-a", update(1, 0, vec![0.0; 2], 0));
         assert_eq!(e.to_string(), "update claims zero training samples");
-        m.submit("s-a", update(1, 0, vec![1.0; 2], 1), 0).unwrap();
+        submit(&mut m, "s-a", update(1, 0, vec![1.0; 2], 1), 0).unwrap();
         let e = refused(&mut m, "s-a", update(1, 0, vec![1.0; 2], 1));
         assert_eq!(e.to_string(), "node a already contributed to round 1");
-        m.submit("s-b", update(1, 0, vec![1.0; 2], 1), 0).unwrap();
-        let (_, out) = m.submit("s-c", update(1, 0, vec![1.0; 2], 1), 0).unwrap();
+        submit(&mut m, "s-b", update(1, 0, vec![1.0; 2], 1), 0).unwrap();
+        let (_, out) = submit(&mut m, "s-c", update(1, 0, vec![1.0; 2], 1), 0).unwrap();
         let closed = closed_round(&mut m, out, 0);
         assert_eq!(*closed.global, vec![1.0, 1.0]);
     }
@@ -1069,15 +1181,15 @@ mod tests {
             vec![0.0],
         );
         fleet(&mut m);
-        m.submit("s-a", update(1, 0, vec![1.0], 1), 10).unwrap();
+        submit(&mut m, "s-a", update(1, 0, vec![1.0], 1), 10).unwrap();
         // One update, minimum two: the deadline retries the round.
         let out = m.tick(1000);
         assert_eq!(assigned(&out).len(), 3);
         assert_eq!(m.current_round(), Some(1));
         // The retry's deadline is measured from the retry.
         assert!(m.tick(1500).is_empty());
-        m.submit("s-a", update(1, 0, vec![1.0], 1), 1600).unwrap();
-        m.submit("s-b", update(1, 0, vec![3.0], 1), 1700).unwrap();
+        submit(&mut m, "s-a", update(1, 0, vec![1.0], 1), 1600).unwrap();
+        submit(&mut m, "s-b", update(1, 0, vec![3.0], 1), 1700).unwrap();
         let out = m.tick(2000);
         let closed = closed_round(&mut m, out, 2000);
         assert_eq!(*closed.global, vec![2.0]);
@@ -1094,8 +1206,8 @@ mod tests {
             vec![0.0],
         );
         fleet(&mut m);
-        m.submit("s-a", update(1, 0, vec![1.0], 1), 0).unwrap();
-        m.submit("s-b", update(1, 0, vec![3.0], 1), 0).unwrap();
+        submit(&mut m, "s-a", update(1, 0, vec![1.0], 1), 0).unwrap();
+        submit(&mut m, "s-b", update(1, 0, vec![3.0], 1), 0).unwrap();
         let out = m.disconnect("s-c", 5);
         let closed = closed_round(&mut m, out, 5);
         assert_eq!(*closed.global, vec![2.0]);
@@ -1108,7 +1220,7 @@ mod tests {
         assert!(m.disconnect("s-b", 1).is_empty() || m.phase() == PhaseKind::Training);
         m.join("b", "s-b2", 10);
         assert_eq!(
-            m.submit("s-b", update(1, 0, vec![1.0], 1), 2).unwrap_err(),
+            submit(&mut m, "s-b", update(1, 0, vec![1.0], 1), 2).unwrap_err(),
             Rejection::UnknownSession
         );
         let out = m.connect("s-b2", 2).unwrap();
@@ -1140,7 +1252,7 @@ mod tests {
             assert_eq!(picked.len(), 2);
             // The first delivers, the second stays silent past the deadline.
             let (good, bad) = (&picked[0], &picked[1]);
-            m.submit(&format!("s-{good}"), update(1, 0, vec![1.0], 1), 10).unwrap();
+            submit(&mut m, &format!("s-{good}"), update(1, 0, vec![1.0], 1), 10).unwrap();
             let out = m.tick(1000);
             settle(&mut m, out, 1000);
             let next = assigned(&m.persisted(1001));
@@ -1161,7 +1273,7 @@ mod tests {
         let out = fleet(&mut m);
         let Output::Assign { task, .. } = &out[0] else { panic!() };
         assert_eq!(task.hyper.algorithm, Algorithm::FedSgd);
-        let e = m.submit("s-a", update(1, 0, vec![1.0, 1.0], 1), 0).unwrap_err();
+        let e = submit(&mut m, "s-a", update(1, 0, vec![1.0, 1.0], 1), 0).unwrap_err();
         assert_eq!(
             e.to_string(),
             "this run's algorithm expects a gradient; the update carries a model delta"
@@ -1170,9 +1282,9 @@ mod tests {
             kind: UpdateKind::Gradient,
             ..update(1, 0, g, 1)
         };
-        m.submit("s-a", grad(vec![1.0, -2.0]), 0).unwrap();
-        m.submit("s-b", grad(vec![1.0, -2.0]), 0).unwrap();
-        let (_, out) = m.submit("s-c", grad(vec![1.0, -2.0]), 0).unwrap();
+        submit(&mut m, "s-a", grad(vec![1.0, -2.0]), 0).unwrap();
+        submit(&mut m, "s-b", grad(vec![1.0, -2.0]), 0).unwrap();
+        let (_, out) = submit(&mut m, "s-c", grad(vec![1.0, -2.0]), 0).unwrap();
         let closed = closed_round(&mut m, out, 0);
         assert!((closed.global[0] - 0.9).abs() < 1e-6 && (closed.global[1] - 1.2).abs() < 1e-6);
     }
@@ -1191,19 +1303,19 @@ mod tests {
         );
         let mut m = RoundMachine::new(s, vec![0.0, 0.0], strategy);
         fleet(&mut m);
-        let e = m.submit("s-a", update(1, 0, vec![1.0, 1.0], 1), 0).unwrap_err();
+        let e = submit(&mut m, "s-a", update(1, 0, vec![1.0, 1.0], 1), 0).unwrap_err();
         assert_eq!(
             e.to_string(),
             "this run's algorithm expects a model delta with a control-variate delta; the update carries a model delta"
         );
         let with = |c: Vec<f32>| Update {
-            control_delta: Some(c),
+            body: Body::dense(vec![1.0, 1.0], Some(c)),
             ..update(1, 0, vec![1.0, 1.0], 1)
         };
-        let e = m.submit("s-a", with(vec![1.0]), 0).unwrap_err();
+        let e = submit(&mut m, "s-a", with(vec![1.0]), 0).unwrap_err();
         assert_eq!(e.to_string(), "update has 1 values; the model has 2");
-        m.submit("s-a", with(vec![3.0, 0.0]), 0).unwrap();
-        m.submit("s-b", with(vec![3.0, 6.0]), 0).unwrap();
+        submit(&mut m, "s-a", with(vec![3.0, 0.0]), 0).unwrap();
+        submit(&mut m, "s-b", with(vec![3.0, 6.0]), 0).unwrap();
         // Node c leaves: two of three nodes took part, c += (2/3)·mean = sum/3.
         let out = m.disconnect("s-c", 1);
         let closed = closed_round(&mut m, out, 1);
@@ -1223,9 +1335,9 @@ mod tests {
         );
         let mut m = RoundMachine::new(settings(3, 1.0), vec![0.0, 0.0], strategy);
         fleet(&mut m);
-        m.submit("s-a", update(1, 0, vec![30.0, 40.0], 1), 0).unwrap();
-        m.submit("s-b", update(1, 0, vec![0.3, 0.4], 1), 0).unwrap();
-        let (_, out) = m.submit("s-c", update(1, 0, vec![0.3, 0.4], 1), 0).unwrap();
+        submit(&mut m, "s-a", update(1, 0, vec![30.0, 40.0], 1), 0).unwrap();
+        submit(&mut m, "s-b", update(1, 0, vec![0.3, 0.4], 1), 0).unwrap();
+        let (_, out) = submit(&mut m, "s-c", update(1, 0, vec![0.3, 0.4], 1), 0).unwrap();
         let closed = closed_round(&mut m, out, 0);
         // mean of [0.6, 0.8], [0.3, 0.4], [0.3, 0.4]
         assert!((closed.global[0] - 0.4).abs() < 1e-6 && (closed.global[1] - 1.6 / 3.0).abs() < 1e-6);
@@ -1246,9 +1358,9 @@ mod tests {
         let mut m = RoundMachine::new(settings(3, 1.0), vec![0.0], strategy);
         fleet(&mut m);
         for n in ["a", "b"] {
-            m.submit(&format!("s-{n}"), update(1, 0, vec![1.0], 1), 0).unwrap();
+            submit(&mut m, &format!("s-{n}"), update(1, 0, vec![1.0], 1), 0).unwrap();
         }
-        let (_, out) = m.submit("s-c", update(1, 0, vec![1.0], 1), 0).unwrap();
+        let (_, out) = submit(&mut m, "s-c", update(1, 0, vec![1.0], 1), 0).unwrap();
         let out = settle(&mut m, out, 0);
         // Krum with f = 1 needs 5 updates: the round starts again.
         assert_eq!(assigned(&out), ["a", "b", "c"]);
@@ -1273,10 +1385,9 @@ mod tests {
             };
             seen.push((task.hyper.learning_rate, task.hyper.evaluate));
             for n in ["a", "b"] {
-                m.submit(&format!("s-{n}"), update(round, round - 1, vec![0.0], 1), 0)
-                    .unwrap();
+                submit(&mut m, &format!("s-{n}"), update(round, round - 1, vec![0.0], 1), 0).unwrap();
             }
-            let (_, o) = m.submit("s-c", update(round, round - 1, vec![0.0], 1), 0).unwrap();
+            let (_, o) = submit(&mut m, "s-c", update(round, round - 1, vec![0.0], 1), 0).unwrap();
             settle(&mut m, o, 0);
             out = m.persisted(0);
         }
@@ -1293,13 +1404,30 @@ mod tests {
             vec![0.0],
         );
         fleet(&mut m);
-        m.submit("s-a", update(1, 0, vec![1.0], 1), 0).unwrap();
-        m.submit("s-b", update(1, 0, vec![3.0], 1), 0).unwrap();
-        let e = m.submit("s-c", update(1, 0, vec![f32::INFINITY], 1), 0).unwrap_err();
+        submit(&mut m, "s-a", update(1, 0, vec![1.0], 1), 0).unwrap();
+        submit(&mut m, "s-b", update(1, 0, vec![3.0], 1), 0).unwrap();
+        let e = submit(&mut m, "s-c", update(1, 0, vec![f32::INFINITY], 1), 0).unwrap_err();
         assert!(e.is_content());
         let out = m.refuse("s-c", 0);
         let closed = closed_round(&mut m, out, 0);
         assert_eq!(*closed.global, vec![2.0]);
+    }
+
+    #[test]
+    fn a_round_waits_for_its_folds_before_it_closes() {
+        let mut m = machine(settings(2, 1.0), vec![0.0, 0.0]);
+        fleet(&mut m);
+        submit(&mut m, "s-a", update(1, 0, vec![1.0, 1.0], 1), 0).unwrap();
+        let (_, mut out) = m.submit("s-b", update(1, 0, vec![3.0, 3.0], 1), 0).unwrap();
+        let Some(Output::Fold(job)) = out.pop() else {
+            panic!("expected a fold, got {out:?}");
+        };
+        let out = m.disconnect("s-c", 1);
+        assert!(out.is_empty(), "closed before the fold finished: {out:?}");
+        assert!(m.tick(10_000_000).is_empty(), "the deadline does not cut a fold short");
+        let out = m.folded(job.run(), 2);
+        let closed = closed_round(&mut m, out, 2);
+        assert_eq!(*closed.global, vec![2.0, 2.0]);
     }
 
     #[test]
@@ -1309,7 +1437,7 @@ mod tests {
         s.min_available = 3;
         let mut m = machine(s, vec![0.0]);
         fleet(&mut m);
-        m.submit("s-a", update(1, 0, vec![1.0], 1), 0).unwrap();
+        submit(&mut m, "s-a", update(1, 0, vec![1.0], 1), 0).unwrap();
         assert_eq!(assigned(&m.tick(1000)).len(), 3);
         let out = m.tick(2000);
         let [Output::Abort(reason)] = out.as_slice() else {
@@ -1328,9 +1456,9 @@ mod tests {
         strategy.max_norm = Some(10.0);
         let mut m = RoundMachine::new(settings(3, 1.0), vec![0.0, 0.0], strategy);
         fleet(&mut m);
-        let e = m.submit("s-a", update(1, 0, vec![30.0, 40.0], 1), 0).unwrap_err();
+        let e = submit(&mut m, "s-a", update(1, 0, vec![30.0, 40.0], 1), 0).unwrap_err();
         assert_eq!(e.to_string(), "update norm 5.0000e1 exceeds the bound 1.0000e1");
         assert!(e.is_content());
-        m.submit("s-a", update(1, 0, vec![3.0, 4.0], 1), 0).unwrap();
+        submit(&mut m, "s-a", update(1, 0, vec![3.0, 4.0], 1), 0).unwrap();
     }
 }

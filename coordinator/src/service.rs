@@ -7,9 +7,12 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
 
+use std::path::PathBuf;
+
+use fedge_common::codec::Codec;
 use fedge_common::params::Manifest;
 use fedge_common::pb::{self, PROTOCOL_VERSION};
-use fedge_common::wire::{PayloadReader, chunks, metrics_from_wire};
+use fedge_common::wire::{chunks, metrics_from_wire, tensors_from_wire};
 use prost::Message;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_stream::Stream;
@@ -17,7 +20,8 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::driver::{Command, ModelSnapshot, Traffic};
-use crate::round::{Rejection, Update, UpdateKind};
+use crate::intake::{Intake, Received};
+use crate::round::{Body, Rejection, Update, UpdateKind};
 
 /// Implements `fedge.v1.Federation`.
 #[derive(Clone)]
@@ -27,6 +31,10 @@ pub struct FederationService {
     pub manifest: Arc<Manifest>,
     pub traffic: Arc<Traffic>,
     pub settings: pb::RunSettings,
+    /// The codec the run's updates use (announced in `settings`).
+    pub codec: Codec,
+    /// Where large update payloads are spooled while their round runs.
+    pub spool_dir: PathBuf,
     pub chunk_bytes: usize,
 }
 
@@ -50,6 +58,7 @@ fn payload_status(e: fedge_common::Error) -> Status {
     match e {
         fedge_common::Error::Checksum(m) => Status::data_loss(m),
         fedge_common::Error::Payload(m) => Status::invalid_argument(m),
+        e @ fedge_common::Error::Io { .. } => Status::internal(e.to_string()),
         other => Status::invalid_argument(other.to_string()),
     }
 }
@@ -173,9 +182,9 @@ impl pb::federation_server::Federation for FederationService {
                 reply,
             })
             .await?;
-        if node.is_none() {
+        let Some(node) = node else {
             return Err(rejection_status(&Rejection::UnknownSession));
-        }
+        };
         let (payload, crc32) = match pb::ModelPart::try_from(req.part) {
             Ok(pb::ModelPart::Parameters) => (&snapshot.payload, snapshot.crc32),
             Ok(pb::ModelPart::ServerControl) => match &snapshot.control {
@@ -202,7 +211,7 @@ impl pb::federation_server::Federation for FederationService {
             part: Some(pb::model_chunk::Part::Trailer(pb::Trailer { crc32 })),
         });
         let bytes: u64 = msgs.iter().map(|m| m.encoded_len() as u64).sum();
-        self.traffic.bytes_down.fetch_add(bytes, Ordering::Relaxed);
+        self.traffic.count_down(&node, bytes);
         Ok(Response::new(Box::pin(tokio_stream::iter(msgs.into_iter().map(Ok)))))
     }
 
@@ -235,8 +244,13 @@ impl pb::federation_server::Federation for FederationService {
             })?;
         let result = self.read_payload(&mut stream, &header, &mut wire_bytes).await;
         self.traffic.bytes_up.fetch_add(wire_bytes, Ordering::Relaxed);
-        let mut delta = match result {
-            Ok(d) => d,
+        let kind = match pb::UpdateKind::try_from(header.kind) {
+            Ok(pb::UpdateKind::Delta) => Ok(UpdateKind::Delta),
+            Ok(pb::UpdateKind::Gradient) => Ok(UpdateKind::Gradient),
+            Err(_) => Err(Status::invalid_argument(format!("unknown update kind {}", header.kind))),
+        };
+        let (received, kind) = match result.and_then(|r| kind.map(|k| (r, k))) {
+            Ok(ok) => ok,
             Err(status) => {
                 self.traffic.rejected_updates.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(node = %node, round, reason = %status.message(), "update refused");
@@ -245,26 +259,30 @@ impl pb::federation_server::Federation for FederationService {
             }
         };
         let (metrics, federated_eval) = metrics_from_wire(&header.metrics.unwrap_or_default());
-        let control_delta = header.has_control_delta.then(|| delta.split_off(self.manifest.numel()));
-        let kind = match pb::UpdateKind::try_from(header.kind) {
-            Ok(pb::UpdateKind::Delta) => UpdateKind::Delta,
-            Ok(pb::UpdateKind::Gradient) => UpdateKind::Gradient,
-            Err(_) => {
-                self.traffic.rejected_updates.fetch_add(1, Ordering::Relaxed);
-                let _ = self.driver.send(Command::Refuse { session });
-                return Err(Status::invalid_argument(format!("unknown update kind {}", header.kind)));
-            }
-        };
+        let payload_bytes = header.manifest.as_ref().map_or(0, |m| m.payload_bytes);
+        tracing::debug!(
+            node = %node,
+            round,
+            payload_bytes,
+            wire_bytes,
+            spooled_to_disk = received.update.on_disk(),
+            "update received"
+        );
         let update = Update {
             round,
             base_version,
             num_samples: header.num_samples,
             kind,
-            delta,
-            control_delta,
+            body: Body {
+                source: Arc::new(received.update),
+                control: header.has_control_delta,
+                norm: received.norm,
+                non_finite: received.non_finite,
+            },
             metrics,
             federated_eval,
             wire_bytes,
+            payload_bytes,
         };
         let accepted = self
             .ask(|reply| Command::Submit { session, update, reply })
@@ -286,12 +304,13 @@ impl FederationService {
         stream: &mut Streaming<pb::UpdateChunk>,
         header: &pb::UpdateHeader,
         wire_bytes: &mut u64,
-    ) -> Result<Vec<f32>, Status> {
+    ) -> Result<Received, Status> {
         let wire_manifest = header
             .manifest
             .as_ref()
             .ok_or_else(|| Status::invalid_argument("update header has no manifest"))?;
-        let manifest = Manifest::try_from(wire_manifest).map_err(payload_status)?;
+        self.codec.check_wire(wire_manifest).map_err(payload_status)?;
+        let manifest = tensors_from_wire(wire_manifest).map_err(payload_status)?;
         if manifest != *self.manifest {
             return Err(Status::invalid_argument(format!(
                 "update manifest ({} tensors, {} parameters) does not match the model ({} tensors, {} parameters)",
@@ -302,20 +321,27 @@ impl FederationService {
             )));
         }
         let sections = if header.has_control_delta { 2 } else { 1 };
-        let expected = manifest.payload_bytes() * sections;
-        let mut reader = PayloadReader::new(expected).map_err(payload_status)?;
+        let expected = wire_manifest.payload_bytes;
+        let mut intake =
+            Intake::new(self.codec, manifest.numel(), sections, expected, &self.spool_dir).map_err(payload_status)?;
         loop {
             let Some(msg) = stream.message().await? else {
                 return Err(Status::invalid_argument(format!(
                     "update stream ended without a trailer after {} of {} payload bytes",
-                    reader.received_bytes(),
+                    intake.received_bytes(),
                     expected
                 )));
             };
             *wire_bytes += msg.encoded_len() as u64;
             match msg.part {
-                Some(pb::update_chunk::Part::Data(bytes)) => reader.push(&bytes).map_err(payload_status)?,
-                Some(pb::update_chunk::Part::Trailer(t)) => return reader.finish(t.crc32).map_err(payload_status),
+                Some(pb::update_chunk::Part::Data(bytes)) => {
+                    // Decoding is CPU work: off the async runtime.
+                    intake = tokio::task::spawn_blocking(move || intake.push(&bytes).map(|()| intake))
+                        .await
+                        .map_err(|e| Status::internal(format!("decoding task failed: {e}")))?
+                        .map_err(payload_status)?;
+                }
+                Some(pb::update_chunk::Part::Trailer(t)) => return intake.finish(t.crc32).map_err(payload_status),
                 Some(pb::update_chunk::Part::Header(_)) => {
                     return Err(Status::invalid_argument("a second header inside one update stream"));
                 }

@@ -18,7 +18,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use fedge_common::fsutil::write_atomic;
-use fedge_common::params::{Manifest, TensorMeta, load_safetensors, save_safetensors};
+use fedge_common::params::{Manifest, TensorMeta, load_safetensors, save_safetensors, save_tensors};
 use serde::{Deserialize, Serialize};
 
 use crate::config::CoordinatorConfig;
@@ -36,6 +36,12 @@ pub struct Participant {
     pub train_seconds: f64,
     /// Bytes of this node's update stream, as received.
     pub bytes_up: u64,
+    /// Bytes of the encoded update payload (within `bytes_up`).
+    #[serde(default)]
+    pub payload_bytes: u64,
+    /// Bytes of model streams sent to this node during the round.
+    #[serde(default)]
+    pub bytes_down: u64,
     /// The round's starting model on this node's held-out data.
     pub holdout_loss: Option<f64>,
     pub holdout_accuracy: Option<f64>,
@@ -64,6 +70,9 @@ pub struct RoundRecord {
     pub bytes_up: u64,
     /// Bytes sent in model streams during the round.
     pub bytes_down: u64,
+    /// Model stream bytes by node (including nodes whose update did not count).
+    #[serde(default)]
+    pub bytes_down_by_node: BTreeMap<String, u64>,
     /// Updates refused during the round.
     pub rejected_updates: u64,
     /// From the round's start to the aggregated model, seconds.
@@ -196,25 +205,29 @@ impl RunStore {
         strategy: &BTreeMap<String, Vec<f32>>,
         steps: u64,
     ) -> Result<()> {
-        let mut manifest = Manifest::default();
-        let mut flat = Vec::with_capacity(global.len() + strategy.values().map(Vec::len).sum::<usize>());
+        let mut tensors = Vec::with_capacity(self.manifest.tensors.len() + strategy.len());
+        let mut offset = 0;
         for t in &self.manifest.tensors {
-            manifest.tensors.push(TensorMeta {
-                name: format!("model/{}", t.name),
-                shape: t.shape.clone(),
-            });
+            let n = t.numel();
+            if offset + n > global.len() {
+                return Err(Error::Checkpoint(format!(
+                    "the model has {} values; its manifest needs more",
+                    global.len()
+                )));
+            }
+            tensors.push((
+                format!("model/{}", t.name),
+                t.shape.clone(),
+                &global[offset..offset + n],
+            ));
+            offset += n;
         }
-        flat.extend_from_slice(global);
         for (name, values) in strategy {
-            manifest.tensors.push(TensorMeta {
-                name: format!("strategy/{name}"),
-                shape: vec![values.len() as i64],
-            });
-            flat.extend_from_slice(values);
+            tensors.push((format!("strategy/{name}"), vec![values.len() as i64], values.as_slice()));
         }
         let mut meta = self.metadata(round, round);
         meta.insert("server_steps".into(), steps.to_string());
-        Ok(save_safetensors(&self.checkpoint_path(round), &manifest, &flat, meta)?)
+        Ok(save_tensors(&self.checkpoint_path(round), tensors, meta)?)
     }
 
     /// Reads back a run left unfinished in `dir`: its history, the global
@@ -322,7 +335,7 @@ impl RunStore {
 }
 
 /// A participant record from a contribution.
-pub fn participant(c: &crate::round::Contribution) -> Participant {
+pub fn participant(c: &crate::round::Contribution, bytes_down: u64) -> Participant {
     Participant {
         node: c.node.clone(),
         num_samples: c.num_samples,
@@ -331,6 +344,8 @@ pub fn participant(c: &crate::round::Contribution) -> Participant {
         steps: c.metrics.steps,
         train_seconds: c.metrics.train_seconds,
         bytes_up: c.wire_bytes,
+        payload_bytes: c.payload_bytes,
+        bytes_down,
         holdout_loss: c.federated_eval.map(|e| e.loss),
         holdout_accuracy: c.federated_eval.map(|e| e.accuracy),
         holdout_examples: c.federated_eval.map_or(0, |e| e.examples),
@@ -399,6 +414,7 @@ mod tests {
             federated_examples: 0,
             bytes_up: 0,
             bytes_down: 0,
+            bytes_down_by_node: BTreeMap::new(),
             rejected_updates: 0,
             train_phase_seconds: 0.0,
             aggregation_seconds: 0.0,

@@ -6,11 +6,12 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use fedge_common::codec::Codec;
 use fedge_common::model::ModelKind;
 use fedge_common::params::{Manifest, save_safetensors};
 use fedge_common::pb::{self, PROTOCOL_VERSION, federation_client::FederationClient};
 use fedge_common::train::{Algorithm, Hyperparameters};
-use fedge_common::wire::{PayloadReader, chunks, crc32, encode_f32, metrics_to_wire};
+use fedge_common::wire::{PayloadReader, chunks, crc32, metrics_to_wire, update_manifest};
 use tonic::transport::Channel;
 
 use crate::config::NodeConfig;
@@ -103,7 +104,11 @@ pub async fn run_session(ctx: SessionCtx<'_>) -> Result<SessionEnd> {
         };
     }
     let session = joined.node_id;
-    tracing::info!(run = %settings.run_id, model = %kind, rounds = settings.total_rounds, "joined");
+    let codec = match &settings.update_codec {
+        Some(c) => Codec::try_from(c)?,
+        None => Codec::F32,
+    };
+    tracing::info!(run = %settings.run_id, model = %kind, rounds = settings.total_rounds, update_codec = %codec, "joined");
     ctx.stats.joins += 1;
 
     let mut instructions = client
@@ -119,6 +124,7 @@ pub async fn run_session(ctx: SessionCtx<'_>) -> Result<SessionEnd> {
                     kind,
                     classes,
                     run_id: &settings.run_id,
+                    codec,
                 };
                 handle_task(
                     &mut client,
@@ -148,6 +154,7 @@ struct RunInfo<'a> {
     kind: ModelKind,
     classes: i64,
     run_id: &'a str,
+    codec: Codec,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -203,6 +210,7 @@ async fn handle_task(
             global: cache.params.clone(),
             server_control,
             hyper,
+            codec: run.codec,
         })
         .await?;
     let m = &result.metrics;
@@ -229,21 +237,16 @@ async fn handle_task(
         save_safetensors(&path, &cache.manifest, &result.delta, meta)?;
     }
     let has_control_delta = result.control_delta.is_some();
-    let payload = match result.control_delta {
-        Some(c) => {
-            let mut both = result.delta;
-            both.extend_from_slice(&c);
-            encode_f32(&both)
-        }
-        None => encode_f32(&result.delta),
-    };
+    let values = result.delta.len() + result.control_delta.as_ref().map_or(0, Vec::len);
+    drop(result.delta);
+    let payload = prost::bytes::Bytes::from(result.payload);
     let header = pb::UpdateChunk {
         part: Some(pb::update_chunk::Part::Header(pb::UpdateHeader {
             node_id: session.to_owned(),
             round,
             base_version: task.model_version,
             num_samples,
-            manifest: Some(pb::Manifest::from(cache.manifest.as_ref())),
+            manifest: Some(update_manifest(&cache.manifest, &run.codec, payload.len() as u64)),
             metrics: Some(metrics_to_wire(m, result.holdout.as_ref())),
             kind: if result.is_gradient {
                 pb::UpdateKind::Gradient
@@ -271,6 +274,9 @@ async fn handle_task(
             tracing::info!(
                 round,
                 bytes = sent,
+                payload_bytes = payload.len(),
+                codec = %run.codec,
+                compression = format!("{:.1}x", (values * 4) as f64 / payload.len().max(1) as f64),
                 accepted_in_round = ack.get_ref().accepted_in_round,
                 "update submitted"
             );

@@ -1,13 +1,15 @@
 //! The training thread: owns the node's data, its `VarStore` and model, and
-//! the node's algorithm state (SCAFFOLD's client control variate), and runs
-//! local training when the session asks. Async code talks to it over
-//! channels and never touches a tensor.
+//! the node's state across rounds (SCAFFOLD's client control variate, the
+//! update codec's error-feedback residual), runs local training when the
+//! session asks, and encodes the update with the run's codec. Async code
+//! talks to it over channels and never touches a tensor.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::mpsc;
 
+use fedge_common::codec::{Codec, encode_with_feedback};
 use fedge_common::data::Dataset;
 use fedge_common::model::{ModelKind, Net};
 use fedge_common::params::{self, Manifest};
@@ -34,6 +36,8 @@ pub struct TrainResult {
     pub metrics: TrainMetrics,
     /// The received global model on the held-out data, when asked and there is any.
     pub holdout: Option<EvalMetrics>,
+    /// `delta` (then `control_delta`) encoded with the run's codec.
+    pub payload: Vec<u8>,
 }
 
 /// One round's work order.
@@ -46,6 +50,8 @@ pub struct Job {
     /// SCAFFOLD's server control variate for this round.
     pub server_control: Option<Arc<Vec<f32>>>,
     pub hyper: Hyperparameters,
+    /// How to encode the update.
+    pub codec: Codec,
 }
 
 struct Envelope {
@@ -64,11 +70,84 @@ struct NodeState {
     dir: Option<PathBuf>,
     /// SCAFFOLD's client control variate cᵢ and the run it belongs to.
     control: Option<(String, Vec<f32>)>,
+    /// What earlier payloads did not carry (error feedback), and the run and
+    /// codec it belongs to.
+    residual: Option<(String, Vec<f32>)>,
 }
 
 impl NodeState {
+    fn new(dir: Option<PathBuf>) -> Self {
+        Self {
+            dir,
+            control: None,
+            residual: None,
+        }
+    }
+
     fn path(dir: &Path) -> PathBuf {
         dir.join("scaffold-control.safetensors")
+    }
+
+    fn residual_path(dir: &Path) -> PathBuf {
+        dir.join("codec-residual.safetensors")
+    }
+
+    /// The error-feedback residual for `key` (run and codec): kept, read
+    /// back from the state folder, or empty (zeros).
+    fn residual(&mut self, key: &str, len: usize) -> Result<Vec<f32>> {
+        if let Some((k, r)) = self.residual.take()
+            && k == key
+            && r.len() == len
+        {
+            return Ok(r);
+        }
+        if let Some(dir) = &self.dir {
+            let path = Self::residual_path(dir);
+            if path.exists() {
+                let loaded = params::load_safetensors(&path)?;
+                if loaded.metadata.get("key").map(String::as_str) == Some(key) && loaded.values.len() == len {
+                    tracing::info!(path = %path.display(), "error-feedback residual restored");
+                    return Ok(loaded.values);
+                }
+            }
+        }
+        Ok(Vec::new())
+    }
+
+    fn store_residual(&mut self, key: &str, r: Vec<f32>) -> Result<()> {
+        if let Some(dir) = &self.dir {
+            std::fs::create_dir_all(dir).map_err(|e| fedge_common::Error::io(dir, e))?;
+            let meta = HashMap::from([("key".to_string(), key.to_string())]);
+            params::save_tensors(
+                &Self::residual_path(dir),
+                vec![("residual".into(), vec![r.len() as i64], r.as_slice())],
+                meta,
+            )?;
+        }
+        self.residual = Some((key.to_owned(), r));
+        Ok(())
+    }
+
+    /// Encodes the update (main section, then the control section) with
+    /// `codec`, through the error-feedback residual when the codec needs one.
+    fn encode(&mut self, job: &Job, delta: &[f32], control: Option<&[f32]>) -> Result<Vec<u8>> {
+        let joined;
+        let values = match control {
+            Some(c) => {
+                joined = [delta, c].concat();
+                joined.as_slice()
+            }
+            None => delta,
+        };
+        let seed = job.hyper.seed;
+        if !job.codec.uses_error_feedback() {
+            return Ok(job.codec.encode(values, seed));
+        }
+        let key = format!("{}/{}", job.run_id, job.codec);
+        let mut residual = self.residual(&key, values.len())?;
+        let payload = encode_with_feedback(&job.codec, values, &mut residual, seed);
+        self.store_residual(&key, residual)?;
+        Ok(payload)
     }
 
     /// cᵢ for `run_id`: kept, or read back from the state folder, or zeros.
@@ -121,10 +200,7 @@ impl Trainer {
                     tch::set_num_threads(threads as i32);
                 }
                 let mut model: Option<(ModelKind, VarStore, Net)> = None;
-                let mut state = NodeState {
-                    dir: state_dir,
-                    control: None,
-                };
+                let mut state = NodeState::new(state_dir);
                 while let Ok(Envelope { job, reply }) = rx.recv() {
                     if model.as_ref().is_none_or(|(k, _, _)| *k != job.kind) {
                         let vs = VarStore::new(device);
@@ -132,9 +208,10 @@ impl Trainer {
                         model = Some((job.kind, vs, net));
                     }
                     let (_, vs, net) = model.as_mut().expect("model built above");
-                    let result = run_job(vs, net, &data, held_out.as_ref(), &job, &mut state).map(|mut r| {
+                    let result = run_job(vs, net, &data, held_out.as_ref(), &job, &mut state).and_then(|mut r| {
                         adversary.apply(&mut r.delta, job.hyper.seed);
-                        r
+                        r.payload = state.encode(&job, &r.delta, r.control_delta.as_deref())?;
+                        Ok(r)
                     });
                     let _ = reply.send(result);
                 }
@@ -177,6 +254,7 @@ fn run_job(
             control_delta: None,
             metrics,
             holdout,
+            payload: Vec::new(),
         });
     }
     let device = vs.device();
@@ -228,6 +306,7 @@ fn run_job(
         control_delta,
         metrics,
         holdout,
+        payload: Vec::new(),
     })
 }
 
@@ -307,11 +386,9 @@ mod tests {
             global,
             server_control: Some(Arc::new(vec![0.0; manifest.numel()])),
             hyper,
+            codec: Codec::F32,
         };
-        let mut state = NodeState {
-            dir: None,
-            control: None,
-        };
+        let mut state = NodeState::new(None);
         let r = run_job(&mut vs, &net, &data, None, &job, &mut state).unwrap();
         assert_eq!(r.metrics.steps, 200);
         let ci = r.control_delta.unwrap();
@@ -326,5 +403,43 @@ mod tests {
             state.control.as_ref().map(|(id, c)| (id.as_str(), c.len())),
             Some(("run-test", ci.len()))
         );
+    }
+
+    #[test]
+    fn the_error_feedback_residual_survives_a_restart_and_is_keyed_by_run_and_codec() {
+        let dir = tempfile::tempdir().unwrap();
+        let manifest = Arc::new(Manifest::default());
+        let job = |run: &str, codec: Codec| Job {
+            run_id: run.into(),
+            kind: ModelKind::Cnn,
+            classes: 10,
+            manifest: manifest.clone(),
+            global: Arc::new(Vec::new()),
+            server_control: None,
+            hyper: Hyperparameters::default(),
+            codec,
+        };
+        let topk = Codec::TopK { fraction: 0.25 };
+        let update = [4.0f32, 3.0, 2.0, 1.0];
+        let mut state = NodeState::new(Some(dir.path().to_path_buf()));
+        let first = state.encode(&job("r1", topk), &update, None).unwrap();
+        assert_eq!(
+            fedge_common::codec::decode(&topk, 4, &first).unwrap(),
+            vec![4.0, 0.0, 0.0, 0.0]
+        );
+        // A restarted node reads the residual back: 3 + 3 = 6 now leads.
+        let mut restarted = NodeState::new(Some(dir.path().to_path_buf()));
+        let second = restarted.encode(&job("r1", topk), &update, None).unwrap();
+        assert_eq!(
+            fedge_common::codec::decode(&topk, 4, &second).unwrap(),
+            vec![0.0, 6.0, 0.0, 0.0]
+        );
+        // Another run starts from zero.
+        let mut other = NodeState::new(Some(dir.path().to_path_buf()));
+        let fresh = other.encode(&job("r2", topk), &update, None).unwrap();
+        assert_eq!(fresh, first);
+        // Unbiased codecs keep no residual.
+        let plain = other.encode(&job("r2", Codec::F16), &update, None).unwrap();
+        assert_eq!(plain.len(), 8);
     }
 }

@@ -53,7 +53,7 @@ async fn the_coordinator_refuses_bad_peers_with_clear_statuses() -> anyhow::Resu
     assert_eq!(s.code(), tonic::Code::FailedPrecondition);
     assert_eq!(
         s.message(),
-        "protocol version mismatch: node speaks v99, coordinator speaks v2"
+        "protocol version mismatch: node speaks v99, coordinator speaks v3"
     );
 
     let s = c.join(join(pb::PROTOCOL_VERSION, "n1", &["mlp"])).await.unwrap_err();

@@ -1,14 +1,17 @@
 //! Aggregators: how a round's updates become one update.
 //!
-//! The mean streams: each update is folded into an f64 sum as it arrives and
-//! dropped, so a round costs O(model) memory whatever the number of nodes.
-//! The robust aggregators (median, trimmed mean, Krum, Multi-Krum, Bulyan)
-//! need every update of the round at once: they hold `n × model` values in
-//! memory until the round closes. They weigh every update equally, so a node
+//! The mean streams: each update is folded into one running sum
+//! ([`MeanSum`], f64 or f32) as it arrives and dropped, so a round costs
+//! O(model) memory whatever the number of nodes. The robust aggregators
+//! (median, trimmed mean, Krum, Multi-Krum, Bulyan) need every update of the
+//! round at once: they keep each update's source (spooled on disk when it is
+//! large) while the round runs, and hold `n × model` f32 values in memory
+//! while they aggregate. They weigh every update equally, so a node
 //! cannot buy influence by claiming more samples.
 
 use std::cmp::Ordering;
 use std::fmt;
+use std::sync::{Arc, Mutex};
 
 use rayon::prelude::*;
 
@@ -63,50 +66,151 @@ impl Aggregator {
     }
 }
 
-/// The updates of one round, folded or kept as the aggregator needs.
-#[derive(Debug, Clone)]
+/// Where an update's values come from: a vector in memory, or a payload the
+/// service spooled as it arrived, decoded again on demand.
+pub trait UpdateSource: Send + Sync + fmt::Debug {
+    /// Values in all of the update's sections.
+    fn len(&self) -> usize;
+
+    /// Whether the update holds no values.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Hands every value to `sink` as `(offset, run)`; offsets never visited are zero.
+    fn visit(&self, sink: &mut dyn FnMut(usize, &[f32])) -> Result<(), String>;
+}
+
+impl UpdateSource for Vec<f32> {
+    fn len(&self) -> usize {
+        self.as_slice().len()
+    }
+
+    fn visit(&self, sink: &mut dyn FnMut(usize, &[f32])) -> Result<(), String> {
+        sink(0, self);
+        Ok(())
+    }
+}
+
+/// Precision of the mean's running sum.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Precision {
+    /// f64: the result does not depend on arrival order (8 bytes per parameter).
+    F64,
+    /// f32: half the memory; the last bits may depend on arrival order.
+    F32,
+}
+
+#[derive(Debug)]
+enum Sum {
+    F64(Vec<f64>),
+    F32(Vec<f32>),
+}
+
+/// The running weighted sum of a round's updates (and SCAFFOLD's control
+/// deltas): what the mean folds each update into as it arrives.
+#[derive(Debug)]
+pub struct MeanSum {
+    numel: usize,
+    sum: Sum,
+    weight: f64,
+    control: Option<Vec<f64>>,
+}
+
+impl MeanSum {
+    /// Adds `weight · scale · main section` of `source` to the sum, and its
+    /// control section (if any) to the control sum.
+    pub fn fold(&mut self, source: &dyn UpdateSource, weight: f64, scale: f64) -> Result<(), String> {
+        let numel = self.numel;
+        let factor = weight * scale;
+        let (sum, control) = (&mut self.sum, &mut self.control);
+        source.visit(&mut |offset, values| {
+            let main = values.len().min(numel.saturating_sub(offset));
+            match sum {
+                _ if main == 0 => {}
+                Sum::F64(s) => {
+                    for (s, &v) in s[offset..offset + main].iter_mut().zip(&values[..main]) {
+                        *s += factor * f64::from(v);
+                    }
+                }
+                Sum::F32(s) => {
+                    for (s, &v) in s[offset..offset + main].iter_mut().zip(&values[..main]) {
+                        *s = (f64::from(*s) + factor * f64::from(v)) as f32;
+                    }
+                }
+            }
+            if let Some(c) = control.as_mut()
+                && main < values.len()
+            {
+                let start = offset + main - numel;
+                for (c, &v) in c[start..start + values.len() - main].iter_mut().zip(&values[main..]) {
+                    *c += f64::from(v);
+                }
+            }
+        })?;
+        self.weight += weight;
+        Ok(())
+    }
+}
+
+/// The updates of one round: folded into a [`MeanSum`] as they arrive for
+/// the mean, or kept (as sources, spooled on disk when large) for the robust
+/// aggregators, which read them all when the round closes.
+#[derive(Debug)]
 pub struct RoundAggregate {
     aggregator: Aggregator,
     numel: usize,
-    sum: Vec<f64>,
-    weight: f64,
-    kept: Vec<Vec<f32>>,
+    mean: Option<Arc<Mutex<MeanSum>>>,
+    kept: Vec<(Arc<dyn UpdateSource>, f64)>,
     count: usize,
 }
 
 impl RoundAggregate {
-    /// An empty aggregate for a model of `numel` parameters.
-    pub fn new(aggregator: Aggregator, numel: usize) -> Self {
+    /// An empty aggregate for a model of `numel` parameters; `control`: the
+    /// updates carry SCAFFOLD control deltas to sum.
+    pub fn new(aggregator: Aggregator, numel: usize, precision: Precision, control: bool) -> Self {
+        let mean = aggregator.streams().then(|| {
+            Arc::new(Mutex::new(MeanSum {
+                numel,
+                sum: match precision {
+                    Precision::F64 => Sum::F64(vec![0.0; numel]),
+                    Precision::F32 => Sum::F32(vec![0.0; numel]),
+                },
+                weight: 0.0,
+                control: control.then(|| vec![0.0; numel]),
+            }))
+        });
         Self {
             aggregator,
             numel,
-            sum: if aggregator.streams() {
-                vec![0.0; numel]
-            } else {
-                Vec::new()
-            },
-            weight: 0.0,
+            mean,
             kept: Vec::new(),
             count: 0,
         }
     }
 
-    /// Adds one update of weight `weight` (its sample count; robust
-    /// aggregators ignore it).
-    pub fn add(&mut self, delta: Vec<f32>, weight: f64) {
-        debug_assert_eq!(delta.len(), self.numel);
-        if self.aggregator.streams() {
-            for (s, &d) in self.sum.iter_mut().zip(&delta) {
-                *s += weight * f64::from(d);
-            }
-            self.weight += weight;
-        } else {
-            self.kept.push(delta);
-        }
+    /// Registers one accepted update. For the mean, returns the sum to fold it
+    /// into (off the caller's thread); robust aggregators keep the source.
+    pub fn accept(&mut self, source: Arc<dyn UpdateSource>, scale: f64) -> Option<Arc<Mutex<MeanSum>>> {
         self.count += 1;
+        match &self.mean {
+            Some(m) => Some(m.clone()),
+            None => {
+                self.kept.push((source, scale));
+                None
+            }
+        }
     }
 
-    /// Updates added so far.
+    /// Adds an in-memory update right away (tests and tools).
+    pub fn add(&mut self, delta: Vec<f32>, weight: f64) {
+        let source: Arc<dyn UpdateSource> = Arc::new(delta);
+        if let Some(sum) = self.accept(source.clone(), 1.0) {
+            lock(&sum).fold(source.as_ref(), weight, 1.0).expect("in-memory update");
+        }
+    }
+
+    /// Updates accepted so far.
     pub fn count(&self) -> usize {
         self.count
     }
@@ -116,11 +220,13 @@ impl RoundAggregate {
         self.aggregator
     }
 
-    /// The combined update. Zero when nothing was added; an error when the
-    /// aggregator is not defined for this many updates.
-    pub fn finish(self) -> Result<Vec<f32>, String> {
+    /// The combined update and, for SCAFFOLD, the sum of the control deltas.
+    /// Zero when nothing was added; an error when the aggregator is not
+    /// defined for this many updates or a kept update cannot be read back.
+    pub fn finish(self) -> Result<(Vec<f32>, Option<Vec<f64>>), String> {
+        let control = self.mean.as_ref().and_then(|m| lock(m).control.take());
         if self.count == 0 {
-            return Ok(vec![0.0; self.numel]);
+            return Ok((vec![0.0; self.numel], control));
         }
         if self.count < self.aggregator.min_updates() {
             return Err(format!(
@@ -130,34 +236,77 @@ impl RoundAggregate {
                 self.count
             ));
         }
-        let kept = &self.kept;
-        Ok(match self.aggregator {
-            Aggregator::Mean => {
-                let w = self.weight;
-                if w <= 0.0 {
-                    vec![0.0; self.numel]
-                } else {
-                    self.sum.iter().map(|&s| (s / w) as f32).collect()
+        if let Some(mean) = self.mean {
+            let sum = match Arc::try_unwrap(mean) {
+                Ok(m) => m.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner),
+                Err(shared) => {
+                    let mut m = lock(&shared);
+                    MeanSum {
+                        numel: m.numel,
+                        sum: std::mem::replace(&mut m.sum, Sum::F32(Vec::new())),
+                        weight: m.weight,
+                        control: None,
+                    }
                 }
-            }
-            Aggregator::Median => coordinate_wise(kept, self.numel, median),
-            Aggregator::TrimmedMean { beta } => {
-                let k = (beta * kept.len() as f64).floor() as usize;
-                coordinate_wise(kept, self.numel, |col| trimmed_mean(col, k))
-            }
-            Aggregator::Krum { f } => {
-                let scores = krum_scores(kept, &(0..kept.len()).collect::<Vec<_>>(), f);
-                kept[best(kept, &scores, 1)[0]].clone()
-            }
-            Aggregator::MultiKrum { f, m } => {
-                let m = if m == 0 { kept.len() - f } else { m };
-                let scores = krum_scores(kept, &(0..kept.len()).collect::<Vec<_>>(), f);
-                let chosen: Vec<Vec<f32>> = best(kept, &scores, m).into_iter().map(|i| kept[i].clone()).collect();
-                coordinate_wise(&chosen, self.numel, |col| trimmed_mean(col, 0))
-            }
-            Aggregator::Bulyan { f } => bulyan(kept, self.numel, f),
-        })
+            };
+            let w = sum.weight;
+            let out = match sum.sum {
+                Sum::F64(s) if w > 0.0 => s.iter().map(|&s| (s / w) as f32).collect(),
+                Sum::F32(mut s) if w > 0.0 => {
+                    // In place: the sum's buffer becomes the mean.
+                    for v in &mut s {
+                        *v = (f64::from(*v) / w) as f32;
+                    }
+                    s
+                }
+                _ => vec![0.0; self.numel],
+            };
+            return Ok((out, control));
+        }
+        let mut kept = Vec::with_capacity(self.kept.len());
+        for (source, scale) in &self.kept {
+            let mut dense = vec![0f32; self.numel];
+            let numel = self.numel;
+            source.visit(&mut |offset, values| {
+                let main = values.len().min(numel.saturating_sub(offset));
+                if main == 0 {
+                    return;
+                }
+                for (d, &v) in dense[offset..offset + main].iter_mut().zip(&values[..main]) {
+                    *d = (f64::from(v) * scale) as f32;
+                }
+            })?;
+            kept.push(dense);
+        }
+        let kept = &kept;
+        Ok((
+            match self.aggregator {
+                Aggregator::Mean => unreachable!("the mean streams"),
+                Aggregator::Median => coordinate_wise(kept, self.numel, median),
+                Aggregator::TrimmedMean { beta } => {
+                    let k = (beta * kept.len() as f64).floor() as usize;
+                    coordinate_wise(kept, self.numel, |col| trimmed_mean(col, k))
+                }
+                Aggregator::Krum { f } => {
+                    let scores = krum_scores(kept, &(0..kept.len()).collect::<Vec<_>>(), f);
+                    kept[best(kept, &scores, 1)[0]].clone()
+                }
+                Aggregator::MultiKrum { f, m } => {
+                    let m = if m == 0 { kept.len() - f } else { m };
+                    let scores = krum_scores(kept, &(0..kept.len()).collect::<Vec<_>>(), f);
+                    let chosen: Vec<Vec<f32>> = best(kept, &scores, m).into_iter().map(|i| kept[i].clone()).collect();
+                    coordinate_wise(&chosen, self.numel, |col| trimmed_mean(col, 0))
+                }
+                Aggregator::Bulyan { f } => bulyan(kept, self.numel, f),
+            },
+            control,
+        ))
     }
+}
+
+/// Locks a sum, whether or not a folding thread panicked while holding it.
+pub fn lock(m: &Mutex<MeanSum>) -> std::sync::MutexGuard<'_, MeanSum> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Applies `reduce` to every coordinate's column of values, in parallel blocks.
@@ -276,11 +425,11 @@ mod tests {
     use proptest::prelude::*;
 
     fn run(agg: Aggregator, updates: &[(Vec<f32>, f64)]) -> Vec<f32> {
-        let mut a = RoundAggregate::new(agg, updates[0].0.len());
+        let mut a = RoundAggregate::new(agg, updates[0].0.len(), Precision::F64, false);
         for (u, w) in updates {
             a.add(u.clone(), *w);
         }
-        a.finish().unwrap()
+        a.finish().unwrap().0
     }
 
     fn all() -> Vec<Aggregator> {
@@ -306,6 +455,37 @@ mod tests {
     }
 
     #[test]
+    fn the_f32_sum_folds_sparse_sources_and_control_sections_in_place() {
+        #[derive(Debug)]
+        struct Sparse(Vec<(usize, f32)>, usize);
+        impl UpdateSource for Sparse {
+            fn len(&self) -> usize {
+                self.1
+            }
+            fn visit(&self, sink: &mut dyn FnMut(usize, &[f32])) -> Result<(), String> {
+                for &(i, v) in &self.0 {
+                    sink(i, &[v]);
+                }
+                Ok(())
+            }
+        }
+        for precision in [Precision::F32, Precision::F64] {
+            let mut a = RoundAggregate::new(Aggregator::Mean, 3, precision, true);
+            // Model section [0, 3), control section [3, 6).
+            let s1: Arc<dyn UpdateSource> = Arc::new(Sparse(vec![(0, 2.0), (4, 1.0)], 6));
+            let s2: Arc<dyn UpdateSource> = Arc::new(vec![0.0f32, 4.0, 0.0, 1.0, 1.0, 1.0]);
+            for (s, w) in [(s1, 1.0), (s2, 3.0)] {
+                let sum = a.accept(s.clone(), 0.5).unwrap();
+                lock(&sum).fold(s.as_ref(), w, 0.5).unwrap();
+            }
+            let (mean, control) = a.finish().unwrap();
+            // (1·0.5·[2,0,0] + 3·0.5·[0,4,0]) / 4
+            assert_eq!(mean, vec![0.25, 1.5, 0.0], "{precision:?}");
+            assert_eq!(control, Some(vec![1.0, 2.0, 1.0]));
+        }
+    }
+
+    #[test]
     fn krum_picks_the_update_in_the_crowd() {
         let ups: Vec<(Vec<f32>, f64)> = [0.0f32, 0.1, 0.2, 0.3, 50.0]
             .iter()
@@ -321,7 +501,7 @@ mod tests {
 
     #[test]
     fn too_few_updates_is_an_error_that_says_how_many() {
-        let mut a = RoundAggregate::new(Aggregator::Krum { f: 2 }, 1);
+        let mut a = RoundAggregate::new(Aggregator::Krum { f: 2 }, 1, Precision::F64, false);
         for _ in 0..6 {
             a.add(vec![1.0], 1.0);
         }
@@ -331,7 +511,10 @@ mod tests {
         );
         assert_eq!(Aggregator::Bulyan { f: 2 }.min_updates(), 11);
         assert_eq!(
-            RoundAggregate::new(Aggregator::Median, 3).finish().unwrap(),
+            RoundAggregate::new(Aggregator::Median, 3, Precision::F64, false)
+                .finish()
+                .unwrap()
+                .0,
             vec![0.0; 3]
         );
     }

@@ -4,7 +4,7 @@
 //! `[strategy]` table:
 //!
 //! - update norm bounding: each update is scaled down to an L2 norm of at
-//!   most `clip_norm` before it is aggregated ([`clip`]);
+//!   most `clip_norm` before it is aggregated ([`clip_scale`]);
 //! - an [`Aggregator`] that combines the round's updates into one
 //!   ([`aggregate`]: weighted mean, median, trimmed mean, Krum, Multi-Krum, Bulyan);
 //! - a [`ServerOptimizer`] that moves the global model by the combined update
@@ -18,21 +18,15 @@ pub mod server;
 
 use std::collections::BTreeMap;
 
-pub use aggregate::{Aggregator, RoundAggregate};
+pub use aggregate::{Aggregator, MeanSum, Precision, RoundAggregate, UpdateSource};
 pub use server::{ServerOpt, ServerOptimizer};
 
-/// Scales `update` so its L2 norm is at most `bound`; returns the norm it had.
-pub fn clip(update: &mut [f32], bound: Option<f64>) -> f64 {
-    let norm = l2_norm(update);
-    if let Some(bound) = bound
-        && norm > bound
-    {
-        let scale = bound / norm;
-        for v in update.iter_mut() {
-            *v = (f64::from(*v) * scale) as f32;
-        }
+/// The factor that brings an update of L2 norm `norm` down to at most `bound`.
+pub fn clip_scale(norm: f64, bound: Option<f64>) -> f64 {
+    match bound {
+        Some(bound) if norm > bound => bound / norm,
+        _ => 1.0,
     }
-    norm
 }
 
 /// L2 norm in f64.
@@ -51,6 +45,8 @@ pub struct Strategy {
     pub max_norm: Option<f64>,
     /// SCAFFOLD's server control variate `c`, when the run uses SCAFFOLD.
     pub control: Option<Vec<f32>>,
+    /// Precision of the mean's running sum.
+    pub precision: Precision,
 }
 
 impl Strategy {
@@ -68,6 +64,7 @@ impl Strategy {
             clip_norm,
             max_norm: None,
             control: scaffold.then(|| vec![0.0; numel]),
+            precision: Precision::F64,
         }
     }
 
@@ -104,7 +101,7 @@ impl Strategy {
     /// the sum of the round's control deltas over `count` nodes of `total`.
     pub fn update_control(&mut self, sum: &[f64], count: usize, total: usize) {
         let Some(c) = &mut self.control else { return };
-        if count == 0 || total == 0 {
+        if count == 0 || total == 0 || sum.len() != c.len() {
             return;
         }
         let scale = 1.0 / total as f64;
@@ -119,17 +116,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn clipping_bounds_the_norm_and_keeps_the_direction() {
-        let mut u = vec![3.0f32, 4.0];
-        assert_eq!(clip(&mut u, Some(1.0)), 5.0);
-        assert!((l2_norm(&u) - 1.0).abs() < 1e-6);
-        assert!((u[0] / u[1] - 0.75).abs() < 1e-6);
-        let mut small = vec![0.3f32, 0.4];
-        assert!((clip(&mut small, Some(1.0)) - 0.5).abs() < 1e-6);
-        assert_eq!(small, vec![0.3, 0.4]);
-        let mut big = vec![30.0f32, 40.0];
-        assert_eq!(clip(&mut big, None), 50.0);
-        assert_eq!(big, vec![30.0, 40.0]);
+    fn clipping_bounds_the_norm() {
+        let u = [3.0f32, 4.0];
+        let norm = l2_norm(&u);
+        assert_eq!(norm, 5.0);
+        let s = clip_scale(norm, Some(1.0));
+        let clipped: Vec<f32> = u.iter().map(|&v| (f64::from(v) * s) as f32).collect();
+        assert!((l2_norm(&clipped) - 1.0).abs() < 1e-6);
+        assert_eq!(clip_scale(0.5, Some(1.0)), 1.0);
+        assert_eq!(clip_scale(50.0, None), 1.0);
     }
 
     #[test]

@@ -93,29 +93,29 @@ impl ServerOptimizer {
         self.steps
     }
 
-    /// Moves `global` by the aggregated update `delta` and returns the new model.
-    pub fn step(&mut self, global: &[f32], delta: &[f32]) -> Vec<f32> {
+    /// Moves `global` by the aggregated update `delta` and returns the new
+    /// model, written over `delta`'s buffer (no model-sized allocation).
+    pub fn step(&mut self, global: &[f32], mut delta: Vec<f32>) -> Vec<f32> {
         debug_assert_eq!(global.len(), delta.len());
         let lr = self.lr;
-        let mut out = global.to_vec();
         match self.opt {
-            ServerOpt::Sgd => out
+            ServerOpt::Sgd => delta
                 .par_chunks_mut(BLOCK)
-                .zip(delta.par_chunks(BLOCK))
-                .for_each(|(x, d)| {
-                    for (x, &d) in x.iter_mut().zip(d) {
-                        *x = (f64::from(*x) + lr * f64::from(d)) as f32;
+                .zip(global.par_chunks(BLOCK))
+                .for_each(|(d, x)| {
+                    for (d, &x) in d.iter_mut().zip(x) {
+                        *d = (f64::from(x) + lr * f64::from(*d)) as f32;
                     }
                 }),
-            ServerOpt::Momentum { beta } => out
+            ServerOpt::Momentum { beta } => delta
                 .par_chunks_mut(BLOCK)
                 .zip(self.m.par_chunks_mut(BLOCK))
-                .zip(delta.par_chunks(BLOCK))
-                .for_each(|((x, m), d)| {
-                    for ((x, m), &d) in x.iter_mut().zip(m).zip(d) {
-                        let v = beta * f64::from(*m) + f64::from(d);
+                .zip(global.par_chunks(BLOCK))
+                .for_each(|((d, m), x)| {
+                    for ((d, m), &x) in d.iter_mut().zip(m).zip(x) {
+                        let v = beta * f64::from(*m) + f64::from(*d);
                         *m = v as f32;
-                        *x = (f64::from(*x) + lr * v) as f32;
+                        *d = (f64::from(x) + lr * v) as f32;
                     }
                 }),
             opt => {
@@ -125,13 +125,14 @@ impl ServerOptimizer {
                     | ServerOpt::Yogi { beta1, tau, .. } => (beta1, tau),
                     _ => unreachable!("plain optimizers handled above"),
                 };
-                out.par_chunks_mut(BLOCK)
+                delta
+                    .par_chunks_mut(BLOCK)
                     .zip(self.m.par_chunks_mut(BLOCK))
                     .zip(self.v.par_chunks_mut(BLOCK))
-                    .zip(delta.par_chunks(BLOCK))
-                    .for_each(|(((x, m), v), d)| {
-                        for (((x, m), v), &d) in x.iter_mut().zip(m).zip(v).zip(d) {
-                            let d = f64::from(d);
+                    .zip(global.par_chunks(BLOCK))
+                    .for_each(|(((dd, m), v), x)| {
+                        for (((dd, m), v), &x) in dd.iter_mut().zip(m).zip(v).zip(x) {
+                            let d = f64::from(*dd);
                             let mn = beta1 * f64::from(*m) + (1.0 - beta1) * d;
                             let vp = f64::from(*v);
                             let vn = match opt {
@@ -149,13 +150,13 @@ impl ServerOptimizer {
                             };
                             *m = mn as f32;
                             *v = vn as f32;
-                            *x = (f64::from(*x) + lr * mn / (vn.sqrt() + tau)) as f32;
+                            *dd = (f64::from(x) + lr * mn / (vn.sqrt() + tau)) as f32;
                         }
                     });
             }
         }
         self.steps += 1;
-        out
+        delta
     }
 
     /// The state to checkpoint: named vectors and the step count.
@@ -263,7 +264,7 @@ mod tests {
     #[test]
     fn fedavg_with_unit_server_lr_adds_the_update() {
         let mut o = ServerOptimizer::new(ServerOpt::Sgd, 1.0, 2);
-        assert_eq!(o.step(&[1.0, 2.0], &[0.5, -1.0]), vec![1.5, 1.0]);
+        assert_eq!(o.step(&[1.0, 2.0], vec![0.5, -1.0]), vec![1.5, 1.0]);
         assert_eq!(o.steps(), 1);
         assert!(o.state().0.is_empty());
     }
@@ -271,10 +272,10 @@ mod tests {
     #[test]
     fn momentum_accumulates() {
         let mut o = ServerOptimizer::new(ServerOpt::Momentum { beta: 0.5 }, 1.0, 1);
-        let x = o.step(&[0.0], &[1.0]);
+        let x = o.step(&[0.0], vec![1.0]);
         assert_eq!(x, vec![1.0]);
         // v = 0.5·1 + 1 = 1.5
-        assert_eq!(o.step(&x, &[1.0]), vec![2.5]);
+        assert_eq!(o.step(&x, vec![1.0]), vec![2.5]);
     }
 
     #[test]
@@ -285,12 +286,12 @@ mod tests {
             tau: 1e-3,
         };
         let mut a = ServerOptimizer::new(opt, 0.1, 3);
-        let x1 = a.step(&[0.0, 1.0, 2.0], &[0.1, -0.2, 0.3]);
+        let x1 = a.step(&[0.0, 1.0, 2.0], vec![0.1, -0.2, 0.3]);
         let (named, steps) = a.state();
         let owned = named.into_iter().map(|(k, v)| (k, v.to_vec())).collect();
         let mut b = ServerOptimizer::new(opt, 0.1, 3);
         b.restore(owned, steps).unwrap();
-        assert_eq!(a.step(&x1, &[0.3, 0.3, 0.3]), b.step(&x1, &[0.3, 0.3, 0.3]));
+        assert_eq!(a.step(&x1, vec![0.3, 0.3, 0.3]), b.step(&x1, vec![0.3, 0.3, 0.3]));
         let err = ServerOptimizer::new(opt, 0.1, 4)
             .restore(BTreeMap::from([("server.m".to_string(), vec![0.0; 3])]), 1)
             .unwrap_err();
@@ -312,7 +313,7 @@ mod tests {
                 let mut o = ServerOptimizer::new(opt, lr, 4);
                 let mut x = x0.clone();
                 for d in &deltas {
-                    x = o.step(&x, d);
+                    x = o.step(&x, d.clone());
                 }
                 let want = reference(
                     opt,

@@ -1,0 +1,280 @@
+//! Receiving an update stream in bounded memory.
+//!
+//! An [`Intake`] takes an update's payload chunk by chunk as it arrives:
+//! it decodes each chunk with the run's codec (refusing overlong,
+//! truncated and malformed payloads), measures the main section's L2 norm,
+//! notes the first non-finite value, checks the CRC-32 at the end, and
+//! spools the *encoded* bytes: in memory up to [`SPOOL_IN_MEMORY_MAX`],
+//! in a temporary file under the run's `spool/` folder above that. The
+//! result, a [`Spooled`] update, is what the round machine accepts; folding
+//! it into the round's sum decodes the spool again, chunk by chunk. So no
+//! decoded per-node copy of an update ever exists, and a bad update is
+//! refused before any of it reaches the aggregate.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+use fedge_common::codec::{Codec, Decoder};
+use fedge_common::wire::MAX_CHUNK_BYTES;
+
+use crate::strategy::UpdateSource;
+use crate::{Error, Result};
+
+/// Encoded payloads up to this size are spooled in memory; larger ones go to a file.
+pub const SPOOL_IN_MEMORY_MAX: u64 = 4 << 20;
+
+/// Bytes read from a spool file at a time when it is decoded again.
+const READ_BLOCK: usize = 1 << 20;
+
+/// Creates `out_dir/spool`, emptied of files a killed process left behind.
+pub fn prepare_spool(out_dir: &Path) -> Result<PathBuf> {
+    let dir = out_dir.join("spool");
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).map_err(|e| Error::Io {
+            context: format!("clearing {}", dir.display()),
+            source: e,
+        })?;
+    }
+    std::fs::create_dir_all(&dir).map_err(|e| Error::Io {
+        context: format!("creating {}", dir.display()),
+        source: e,
+    })?;
+    Ok(dir)
+}
+
+#[derive(Debug)]
+enum Spool {
+    Memory(Vec<u8>),
+    File(tempfile::NamedTempFile),
+}
+
+/// An update received whole and checked, its encoded bytes spooled.
+#[derive(Debug)]
+pub struct Spooled {
+    codec: Codec,
+    values: usize,
+    payload_bytes: u64,
+    spool: Spool,
+}
+
+impl Spooled {
+    /// Whether the payload was spooled to a file.
+    pub fn on_disk(&self) -> bool {
+        matches!(self.spool, Spool::File(_))
+    }
+}
+
+impl UpdateSource for Spooled {
+    fn len(&self) -> usize {
+        self.values
+    }
+
+    fn visit(&self, sink: &mut dyn FnMut(usize, &[f32])) -> std::result::Result<(), String> {
+        let mut decoder = Decoder::new(self.codec, self.values, self.payload_bytes).map_err(|e| e.to_string())?;
+        match &self.spool {
+            Spool::Memory(bytes) => decoder.push(bytes, sink).map_err(|e| e.to_string())?,
+            Spool::File(file) => {
+                let path = file.path().display().to_string();
+                let mut f = file.reopen().map_err(|e| format!("reopening spool {path}: {e}"))?;
+                let mut buf = vec![0u8; READ_BLOCK];
+                loop {
+                    let n = f.read(&mut buf).map_err(|e| format!("reading spool {path}: {e}"))?;
+                    if n == 0 {
+                        break;
+                    }
+                    decoder.push(&buf[..n], sink).map_err(|e| e.to_string())?;
+                }
+            }
+        }
+        decoder.finish().map_err(|e| e.to_string())
+    }
+}
+
+/// What receiving found out about an update.
+#[derive(Debug)]
+pub struct Received {
+    pub update: Spooled,
+    /// L2 norm of the main (model-sized) section.
+    pub norm: f64,
+    /// Index of the first NaN or infinite value.
+    pub non_finite: Option<usize>,
+}
+
+/// An update payload being received. See the module docs.
+#[derive(Debug)]
+pub struct Intake {
+    codec: Codec,
+    main: usize,
+    values: usize,
+    payload_bytes: u64,
+    decoder: Decoder,
+    hasher: crc32fast::Hasher,
+    spool: Spool,
+    norm_sq: f64,
+    non_finite: Option<usize>,
+}
+
+impl Intake {
+    /// Starts receiving `sections` model-sized sections of `numel` values
+    /// each, encoded with `codec` in exactly `payload_bytes` bytes.
+    pub fn new(
+        codec: Codec,
+        numel: usize,
+        sections: usize,
+        payload_bytes: u64,
+        spool_dir: &Path,
+    ) -> std::result::Result<Self, fedge_common::Error> {
+        let values = numel * sections;
+        let decoder = Decoder::new(codec, values, payload_bytes)?;
+        let spool = if payload_bytes <= SPOOL_IN_MEMORY_MAX {
+            Spool::Memory(Vec::with_capacity(payload_bytes as usize))
+        } else {
+            let file = tempfile::Builder::new()
+                .prefix("update-")
+                .tempfile_in(spool_dir)
+                .map_err(|e| fedge_common::Error::io(spool_dir, e))?;
+            Spool::File(file)
+        };
+        Ok(Self {
+            codec,
+            main: numel,
+            values,
+            payload_bytes,
+            decoder,
+            hasher: crc32fast::Hasher::new(),
+            spool,
+            norm_sq: 0.0,
+            non_finite: None,
+        })
+    }
+
+    /// Decodes and spools one chunk.
+    pub fn push(&mut self, chunk: &[u8]) -> std::result::Result<(), fedge_common::Error> {
+        if chunk.len() > MAX_CHUNK_BYTES {
+            return Err(fedge_common::Error::Payload(format!(
+                "chunk of {} bytes exceeds the limit of {MAX_CHUNK_BYTES}",
+                chunk.len()
+            )));
+        }
+        let main = self.main;
+        let (norm_sq, non_finite) = (&mut self.norm_sq, &mut self.non_finite);
+        self.decoder.push(chunk, &mut |offset, values| {
+            if non_finite.is_none()
+                && let Some(i) = values.iter().position(|v| !v.is_finite())
+            {
+                *non_finite = Some(offset + i);
+            }
+            let in_main = values.len().min(main.saturating_sub(offset));
+            *norm_sq += values[..in_main]
+                .iter()
+                .map(|&v| f64::from(v) * f64::from(v))
+                .sum::<f64>();
+        })?;
+        self.hasher.update(chunk);
+        match &mut self.spool {
+            Spool::Memory(bytes) => bytes.extend_from_slice(chunk),
+            Spool::File(file) => file
+                .as_file_mut()
+                .write_all(chunk)
+                .map_err(|e| fedge_common::Error::io(file.path(), e))?,
+        }
+        Ok(())
+    }
+
+    /// Bytes received so far.
+    pub fn received_bytes(&self) -> u64 {
+        self.decoder.received_bytes()
+    }
+
+    /// Checks completeness and the checksum.
+    pub fn finish(self, crc32: u32) -> std::result::Result<Received, fedge_common::Error> {
+        self.decoder.finish()?;
+        let actual = self.hasher.finalize();
+        if actual != crc32 {
+            return Err(fedge_common::Error::Checksum(format!(
+                "checksum mismatch: payload has crc32 {actual:08x}, trailer says {crc32:08x}"
+            )));
+        }
+        Ok(Received {
+            update: Spooled {
+                codec: self.codec,
+                values: self.values,
+                payload_bytes: self.payload_bytes,
+                spool: self.spool,
+            },
+            norm: self.norm_sq.sqrt(),
+            non_finite: self.non_finite,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn receive(codec: Codec, values: &[f32], sections: usize, dir: &Path, chunk: usize) -> Received {
+        let bytes = codec.encode(values, 5);
+        let mut intake = Intake::new(codec, values.len() / sections, sections, bytes.len() as u64, dir).unwrap();
+        for c in bytes.chunks(chunk) {
+            intake.push(c).unwrap();
+        }
+        intake.finish(crc32fast::hash(&bytes)).unwrap()
+    }
+
+    fn visit_all(u: &Spooled) -> Vec<f32> {
+        let mut out = vec![0f32; u.len()];
+        u.visit(&mut |o, v| out[o..o + v.len()].copy_from_slice(v)).unwrap();
+        out
+    }
+
+    #[test]
+    fn small_updates_stay_in_memory_and_large_ones_go_to_disk_and_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let small: Vec<f32> = (0..1000).map(|i| i as f32 * 0.001).collect();
+        let r = receive(Codec::F32, &small, 1, dir.path(), 333);
+        assert!(!r.update.on_disk());
+        assert_eq!(visit_all(&r.update), small);
+        let norm = small.iter().map(|&v| f64::from(v).powi(2)).sum::<f64>().sqrt();
+        assert!((r.norm - norm).abs() < 1e-9);
+
+        let n = (SPOOL_IN_MEMORY_MAX / 4) as usize + 10;
+        let mut large: Vec<f32> = (0..2 * n).map(|i| ((i % 97) as f32 - 48.0) * 1e-3).collect();
+        large[n + 3] = f32::NAN;
+        let r = receive(Codec::F32, &large, 2, dir.path(), 1 << 20);
+        assert!(r.update.on_disk());
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+        // The NaN sits in the control section: found, but outside the norm.
+        assert_eq!(r.non_finite, Some(n + 3));
+        assert!(r.norm.is_finite());
+        let back = visit_all(&r.update);
+        assert_eq!(back[..n], large[..n]);
+        drop(r);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "spool file removed");
+    }
+
+    #[test]
+    fn a_corrupt_or_short_payload_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let v = vec![1.0f32; 64];
+        let codec = Codec::Int8 { block: 16 };
+        let bytes = codec.encode(&v, 1);
+        let mut intake = Intake::new(codec, 64, 1, bytes.len() as u64, dir.path()).unwrap();
+        intake.push(&bytes).unwrap();
+        let err = intake.finish(crc32fast::hash(&bytes) ^ 1).unwrap_err().to_string();
+        assert!(err.starts_with("payload: checksum mismatch"), "{err}");
+
+        let mut intake = Intake::new(codec, 64, 1, bytes.len() as u64, dir.path()).unwrap();
+        intake.push(&bytes[..10]).unwrap();
+        assert_eq!(
+            intake.finish(0).unwrap_err().to_string(),
+            "payload: payload truncated: 10 bytes received, 80 announced"
+        );
+        let err = Intake::new(codec, 65, 1, bytes.len() as u64, dir.path())
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "payload: a int8(block=16) payload of 65 values takes 85 bytes; 80 announced"
+        );
+    }
+}

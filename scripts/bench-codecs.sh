@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Update codecs on real CIFAR-10: 8 edge-node processes, IID split, every
+# node every round, E=1, B=32, local SGD lr 0.05 momentum 0.9, FedAvg, 10
+# rounds, central evaluation after each; one run per codec (f32, f16, bf16,
+# int8, top-k 1% and 10% with error feedback, sign with error feedback).
+# Prints a markdown table of uplink bytes per round and accuracy beside f32.
+#
+#   scripts/bench-codecs.sh [OUT_DIR] [ROUNDS]
+set -euo pipefail
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$repo"
+scripts/install-libtorch.sh >/dev/null
+data=$(scripts/get-cifar10.sh)
+cargo build --release --bins
+out=${1:-runs/bench-codecs}
+rounds=${2:-10}
+# Run from a copy of the binaries, so a rebuild cannot change them mid-run.
+bin=$(mktemp -d)
+trap 'rm -rf "$bin"' EXIT
+cp target/release/coordinator target/release/edge-node "$bin/"
+mkdir -p "$out"
+
+run() { # name coordinator-settings...
+    local name=$1; shift
+    local coord=()
+    for s in "$@"; do coord+=(--set "$s"); done
+    if [[ -f $out/$name/run.json ]] && grep -q '"finished": true' "$out/$name/run.json"; then
+        echo "bench-codecs: $name already done" >&2
+        return
+    fi
+    rm -rf "${out:?}/$name"
+    echo "bench-codecs: $name" >&2
+    "$bin/coordinator" fleet --nodes 8 --rounds "$rounds" --data-path "$data" --out-dir "$out/$name" \
+        --set sampling.min_nodes=8 --set sampling.min_available=8 --set train.epochs=1 \
+        --set train.batch_size=32 --set train.learning_rate=0.05 --set train.momentum=0.9 \
+        --node-set partition.scheme=iid "${coord[@]}" 2>"$out/$name.log"
+}
+
+run f32
+run f16 'codec.update="f16"'
+run bf16 'codec.update="bf16"'
+run int8 'codec.update="int8"' codec.block=256
+run topk1 'codec.update="topk"' codec.topk_fraction=0.01
+run topk10 'codec.update="topk"' codec.topk_fraction=0.1
+run sign 'codec.update="sign"' codec.block=256
+python3 scripts/bench-codecs-summary.py "$out"
