@@ -4,8 +4,9 @@
 # rounds, central evaluation after each; one run per codec (f32, f16, bf16,
 # int8, top-k 1% and 10% with error feedback, sign with error feedback).
 # Prints a markdown table of uplink bytes per round and accuracy beside f32.
+# SEED sets the run seed (model initialization, shuffling), CODECS a subset.
 #
-#   scripts/bench-codecs.sh [OUT_DIR] [ROUNDS]
+#   [SEED=42] [CODECS="f32 int8 ..."] scripts/bench-codecs.sh [OUT_DIR] [ROUNDS]
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$repo"
@@ -14,6 +15,8 @@ data=$(scripts/get-cifar10.sh)
 cargo build --release --bins
 out=${1:-runs/bench-codecs}
 rounds=${2:-10}
+seed=${SEED:-42}
+codecs=${CODECS:-f32 f16 bf16 int8 topk1 topk10 sign}
 # Run from a copy of the binaries, so a rebuild cannot change them mid-run.
 bin=$(mktemp -d)
 trap 'rm -rf "$bin"' EXIT
@@ -22,6 +25,7 @@ mkdir -p "$out"
 
 run() { # name coordinator-settings...
     local name=$1; shift
+    [[ " $codecs " == *" $name "* ]] || return 0
     local coord=()
     for s in "$@"; do coord+=(--set "$s"); done
     if [[ -f $out/$name/run.json ]] && grep -q '"finished": true' "$out/$name/run.json"; then
@@ -33,7 +37,7 @@ run() { # name coordinator-settings...
     "$bin/coordinator" fleet --nodes 8 --rounds "$rounds" --data-path "$data" --out-dir "$out/$name" \
         --set sampling.min_nodes=8 --set sampling.min_available=8 --set train.epochs=1 \
         --set train.batch_size=32 --set train.learning_rate=0.05 --set train.momentum=0.9 \
-        --node-set partition.scheme=iid "${coord[@]}" 2>"$out/$name.log"
+        --set "seed=$seed" --node-set partition.scheme=iid "${coord[@]}" 2>"$out/$name.log"
 }
 
 run f32

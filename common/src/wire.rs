@@ -12,7 +12,7 @@
 
 use prost::bytes::Bytes;
 
-use crate::codec::Codec;
+use crate::codec::{Codec, Decoder};
 use crate::params::{Manifest, TensorMeta};
 use crate::train::{Algorithm, EvalMetrics, Hyperparameters, LocalOptimizer, TrainMetrics};
 use crate::{Error, Result, pb};
@@ -59,13 +59,12 @@ pub fn crc32(bytes: &[u8]) -> u32 {
     crc32fast::hash(bytes)
 }
 
-/// Reassembles an f32 payload from chunks, checking its length and checksum.
+/// Reassembles an f32 payload (a model) from chunks, checking its length
+/// and checksum.
 #[derive(Debug)]
 pub struct PayloadReader {
-    expected_bytes: u64,
-    received_bytes: u64,
+    decoder: Decoder,
     values: Vec<f32>,
-    carry: Vec<u8>,
     hasher: crc32fast::Hasher,
 }
 
@@ -77,18 +76,17 @@ impl PayloadReader {
                 "announced size {expected_bytes} bytes is not a whole number of f32 values"
             )));
         }
+        let n = (expected_bytes / 4) as usize;
         Ok(Self {
-            expected_bytes,
-            received_bytes: 0,
-            values: Vec::with_capacity((expected_bytes / 4) as usize),
-            carry: Vec::with_capacity(4),
+            decoder: Decoder::new(Codec::F32, n, expected_bytes)?,
+            values: Vec::with_capacity(n),
             hasher: crc32fast::Hasher::new(),
         })
     }
 
     /// Bytes received so far.
     pub fn received_bytes(&self) -> u64 {
-        self.received_bytes
+        self.decoder.received_bytes()
     }
 
     /// Appends one chunk; refuses one that runs past the announced size.
@@ -99,44 +97,15 @@ impl PayloadReader {
                 chunk.len()
             )));
         }
-        let total = self.received_bytes + chunk.len() as u64;
-        if total > self.expected_bytes {
-            return Err(Error::Payload(format!(
-                "payload overruns its announced size: {total} bytes received, {} announced",
-                self.expected_bytes
-            )));
-        }
-        self.received_bytes = total;
+        let values = &mut self.values;
+        self.decoder.push(chunk, &mut |_, v| values.extend_from_slice(v))?;
         self.hasher.update(chunk);
-        let mut rest = chunk;
-        if !self.carry.is_empty() {
-            let take = (4 - self.carry.len()).min(rest.len());
-            self.carry.extend_from_slice(&rest[..take]);
-            rest = &rest[take..];
-            if self.carry.len() == 4 {
-                let b = [self.carry[0], self.carry[1], self.carry[2], self.carry[3]];
-                self.values.push(f32::from_le_bytes(b));
-                self.carry.clear();
-            }
-        }
-        let whole = rest.len() / 4 * 4;
-        self.values.extend(
-            rest[..whole]
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
-        );
-        self.carry.extend_from_slice(&rest[whole..]);
         Ok(())
     }
 
     /// Checks completeness and the checksum, and returns the values.
     pub fn finish(self, crc32: u32) -> Result<Vec<f32>> {
-        if self.received_bytes != self.expected_bytes {
-            return Err(Error::Payload(format!(
-                "payload truncated: {} bytes received, {} announced",
-                self.received_bytes, self.expected_bytes
-            )));
-        }
+        self.decoder.finish()?;
         let actual = self.hasher.finalize();
         if actual != crc32 {
             return Err(Error::Checksum(format!(
@@ -467,6 +436,36 @@ mod tests {
         assert_eq!(
             Manifest::try_from(&wire).unwrap_err().to_string(),
             "payload: unsupported encoding ENCODING_UNSPECIFIED"
+        );
+    }
+
+    #[test]
+    fn codecs_cross_the_wire_and_a_mismatch_names_both() {
+        for codec in [
+            Codec::F32,
+            Codec::F16,
+            Codec::Bf16,
+            Codec::Int8 { block: 64 },
+            Codec::TopK { fraction: 0.05 },
+            Codec::Sign { block: 128 },
+        ] {
+            assert_eq!(Codec::try_from(&pb::UpdateCodec::from(&codec)).unwrap(), codec);
+            let m = update_manifest(&Manifest::default(), &codec, 0);
+            codec.check_wire(&m).unwrap();
+        }
+        let sent = update_manifest(&Manifest::default(), &Codec::F16, 0);
+        assert_eq!(
+            Codec::Int8 { block: 256 }.check_wire(&sent).unwrap_err().to_string(),
+            "payload: update is encoded as ENCODING_F16_LE (block 0); this run's updates use int8(block=256) \
+             (ENCODING_INT8_BLOCK, block 256)"
+        );
+        let unknown = pb::UpdateCodec {
+            encoding: 99,
+            ..Default::default()
+        };
+        assert_eq!(
+            Codec::try_from(&unknown).unwrap_err().to_string(),
+            "payload: the coordinator asks for update encoding #99, which this node does not know"
         );
     }
 

@@ -447,6 +447,7 @@ impl Driver {
                 round_s = format!("{:.2}", rec.round_seconds + persist_start.elapsed().as_secs_f64()),
                 bytes_up = rec.bytes_up,
                 bytes_down = rec.bytes_down,
+                update_payload_bytes = rec.participants.iter().map(|p| p.payload_bytes).sum::<u64>(),
                 "round complete"
             );
         }
