@@ -6,7 +6,7 @@
 //! | `f32` | 4 | exact | reference |
 //! | `f16` | 2 | relative 2⁻¹¹ (normal range) | IEEE binary16 |
 //! | `bf16` | 2 | relative 2⁻⁸ | bfloat16, f32's range |
-//! | `int8` | 1 + 4/block | `max|block| / 127`, unbiased | per-block scale, stochastic rounding |
+//! | `int8` | 1 + 4/block | `max|block| / 127`, unbiased | per-block scale, stochastic rounding, error feedback |
 //! | `topk` | 8 per kept value | the dropped values | `⌈fraction·n⌉` largest magnitudes, error feedback |
 //! | `sign` | 1/8 + 4/block | biased | sign bits times the block's mean magnitude, error feedback |
 //!
@@ -17,9 +17,10 @@
 //! absent indices are zero. `sign` is, per block, an f32 magnitude `s` then
 //! one bit per value (LSB first, 1 = negative); a value decodes as `±s`.
 //!
-//! The biased codecs (`topk`, `sign`) are used with error feedback
-//! ([`encode_with_feedback`]): what a payload did not carry is added to the
-//! next round's update, so every coordinate's mass is sent eventually.
+//! The lossy codecs beyond half precision (`int8`, `topk`, `sign`) are used
+//! with error feedback ([`encode_with_feedback`]): what a payload did not
+//! carry is added to the next round's update, so every coordinate's mass is
+//! sent eventually and quantization errors do not accumulate.
 
 use std::fmt;
 
@@ -114,9 +115,12 @@ impl Codec {
         }
     }
 
-    /// Whether the codec is biased and needs error feedback to converge.
+    /// Whether nodes run the codec with error feedback: the biased codecs
+    /// need it to converge, and `int8`'s quantization error (unbiased, but
+    /// up to a step per value) is carried over rather than left to add up
+    /// over rounds.
     pub fn uses_error_feedback(&self) -> bool {
-        matches!(self, Codec::TopK { .. } | Codec::Sign { .. })
+        matches!(self, Codec::Int8 { .. } | Codec::TopK { .. } | Codec::Sign { .. })
     }
 
     /// Values the `topk` codec keeps out of `n`.
