@@ -70,6 +70,8 @@ pub struct ModelSnapshot {
     pub crc32: u32,
     /// SCAFFOLD's server control variate at this version, encoded, with its checksum.
     pub control: Option<(Bytes, u32)>,
+    /// Set once the version is on disk; until then it is not served.
+    pub durable: std::sync::atomic::AtomicBool,
 }
 
 impl ModelSnapshot {
@@ -87,7 +89,14 @@ impl ModelSnapshot {
             manifest,
             payload,
             control,
+            durable: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Marks the version as saved, so fetches may be served.
+    pub fn mark_durable(self) -> Self {
+        self.durable.store(true, Ordering::Release);
+        self
     }
 }
 
@@ -368,8 +377,8 @@ impl Driver {
     async fn close_round(&mut self, closed: ClosedRound) -> Result<()> {
         // Publish the new version first: the previous one is then freed, so
         // evaluation and persisting run with one global model in memory.
-        // Nodes fetch a version only once a task names it, which happens
-        // after the round is persisted.
+        // It is served only once it is durable (below), and tasks name it
+        // only after that.
         let snapshot = ModelSnapshot::new(
             closed.version,
             self.manifest.clone(),
@@ -429,6 +438,7 @@ impl Driver {
         .map_err(|e| Error::Internal(format!("checkpoint task failed: {e}")))?;
         self.store = Some(store);
         res?;
+        self.snapshot.borrow().durable.store(true, Ordering::Release);
         let rec = self.store.as_ref().and_then(|s| s.history.rounds.last()).cloned();
         if let Some(rec) = rec {
             tracing::info!(

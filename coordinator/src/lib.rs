@@ -194,12 +194,15 @@ pub async fn run(
         global,
         strategy,
     );
-    let (snapshot_tx, snapshot_rx) = watch::channel(Arc::new(ModelSnapshot::new(
-        version,
-        manifest.clone(),
-        machine.global().clone(),
-        control.map(Arc::new),
-    )));
+    let (snapshot_tx, snapshot_rx) = watch::channel(Arc::new(
+        ModelSnapshot::new(
+            version,
+            manifest.clone(),
+            machine.global().clone(),
+            control.map(Arc::new),
+        )
+        .mark_durable(),
+    ));
     let spool_dir = crate::intake::prepare_spool(&config.out_dir)?;
     let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
     let traffic = Arc::new(Traffic::default());

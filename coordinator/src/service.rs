@@ -169,6 +169,12 @@ impl pb::federation_server::Federation for FederationService {
     ) -> Result<Response<Self::FetchModelStream>, Status> {
         let req = request.into_inner();
         let snapshot = self.snapshot.borrow().clone();
+        if !snapshot.durable.load(Ordering::Acquire) {
+            return Err(Status::unavailable(format!(
+                "model version {} is being saved; ask again shortly",
+                snapshot.version
+            )));
+        }
         if req.version != snapshot.version {
             return Err(Status::not_found(format!(
                 "model version {} is not available; the current version is {}",
