@@ -445,13 +445,17 @@ mod tests {
             learning_rate: 0.1,
             ..Default::default()
         };
+        // Both runs start from the same weights, loaded explicitly: libtorch's
+        // global generator is shared with tests running in parallel.
+        let (vs, _, manifest) = small();
+        let init = crate::params::flatten(&vs, &manifest).unwrap();
         let run = |objective: &LocalObjective| {
-            let (vs, net, manifest) = small();
+            let (mut vs, net, manifest) = small();
+            crate::params::load_into(&mut vs, &manifest, &init).unwrap();
             train(&net, &vs, &data, &h, objective).unwrap();
             crate::params::flatten(&vs, &manifest).unwrap()
         };
         let plain = run(&LocalObjective::default());
-        let (vs, _, manifest) = small();
         let correction = manifest
             .tensors
             .iter()
