@@ -59,13 +59,62 @@ pub fn crc32(bytes: &[u8]) -> u32 {
     crc32fast::hash(bytes)
 }
 
+/// A payload being received: each chunk is held to [`MAX_CHUNK_BYTES`],
+/// decoded with the payload's codec into a sink, and checksummed; the end
+/// checks completeness and the CRC-32.
+#[derive(Debug)]
+pub struct PayloadStream {
+    decoder: Decoder,
+    hasher: crc32fast::Hasher,
+}
+
+impl PayloadStream {
+    /// A stream of `values` values encoded with `codec` in exactly `payload_bytes`.
+    pub fn new(codec: Codec, values: usize, payload_bytes: u64) -> Result<Self> {
+        Ok(Self {
+            decoder: Decoder::new(codec, values, payload_bytes)?,
+            hasher: crc32fast::Hasher::new(),
+        })
+    }
+
+    /// Bytes received so far.
+    pub fn received_bytes(&self) -> u64 {
+        self.decoder.received_bytes()
+    }
+
+    /// Decodes one chunk into `sink` (as [`Decoder::push`]); refuses an
+    /// oversized chunk and bytes past the announced size.
+    pub fn push(&mut self, chunk: &[u8], sink: &mut dyn FnMut(usize, &[f32])) -> Result<()> {
+        if chunk.len() > MAX_CHUNK_BYTES {
+            return Err(Error::Payload(format!(
+                "chunk of {} bytes exceeds the limit of {MAX_CHUNK_BYTES}",
+                chunk.len()
+            )));
+        }
+        self.decoder.push(chunk, sink)?;
+        self.hasher.update(chunk);
+        Ok(())
+    }
+
+    /// Checks completeness and the checksum.
+    pub fn finish(self, crc32: u32) -> Result<()> {
+        self.decoder.finish()?;
+        let actual = self.hasher.finalize();
+        if actual != crc32 {
+            return Err(Error::Checksum(format!(
+                "checksum mismatch: payload has crc32 {actual:08x}, trailer says {crc32:08x}"
+            )));
+        }
+        Ok(())
+    }
+}
+
 /// Reassembles an f32 payload (a model) from chunks, checking its length
 /// and checksum.
 #[derive(Debug)]
 pub struct PayloadReader {
-    decoder: Decoder,
+    stream: PayloadStream,
     values: Vec<f32>,
-    hasher: crc32fast::Hasher,
 }
 
 impl PayloadReader {
@@ -78,40 +127,25 @@ impl PayloadReader {
         }
         let n = (expected_bytes / 4) as usize;
         Ok(Self {
-            decoder: Decoder::new(Codec::F32, n, expected_bytes)?,
+            stream: PayloadStream::new(Codec::F32, n, expected_bytes)?,
             values: Vec::with_capacity(n),
-            hasher: crc32fast::Hasher::new(),
         })
     }
 
     /// Bytes received so far.
     pub fn received_bytes(&self) -> u64 {
-        self.decoder.received_bytes()
+        self.stream.received_bytes()
     }
 
     /// Appends one chunk; refuses one that runs past the announced size.
     pub fn push(&mut self, chunk: &[u8]) -> Result<()> {
-        if chunk.len() > MAX_CHUNK_BYTES {
-            return Err(Error::Payload(format!(
-                "chunk of {} bytes exceeds the limit of {MAX_CHUNK_BYTES}",
-                chunk.len()
-            )));
-        }
         let values = &mut self.values;
-        self.decoder.push(chunk, &mut |_, v| values.extend_from_slice(v))?;
-        self.hasher.update(chunk);
-        Ok(())
+        self.stream.push(chunk, &mut |_, v| values.extend_from_slice(v))
     }
 
     /// Checks completeness and the checksum, and returns the values.
     pub fn finish(self, crc32: u32) -> Result<Vec<f32>> {
-        self.decoder.finish()?;
-        let actual = self.hasher.finalize();
-        if actual != crc32 {
-            return Err(Error::Checksum(format!(
-                "checksum mismatch: payload has crc32 {actual:08x}, trailer says {crc32:08x}"
-            )));
-        }
+        self.stream.finish(crc32)?;
         Ok(self.values)
     }
 }

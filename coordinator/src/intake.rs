@@ -15,7 +15,7 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
 use fedge_common::codec::{Codec, Decoder};
-use fedge_common::wire::MAX_CHUNK_BYTES;
+use fedge_common::wire::PayloadStream;
 
 use crate::strategy::UpdateSource;
 use crate::{Error, Result};
@@ -107,8 +107,7 @@ pub struct Intake {
     main: usize,
     values: usize,
     payload_bytes: u64,
-    decoder: Decoder,
-    hasher: crc32fast::Hasher,
+    stream: PayloadStream,
     spool: Spool,
     norm_sq: f64,
     non_finite: Option<usize>,
@@ -125,7 +124,7 @@ impl Intake {
         spool_dir: &Path,
     ) -> std::result::Result<Self, fedge_common::Error> {
         let values = numel * sections;
-        let decoder = Decoder::new(codec, values, payload_bytes)?;
+        let stream = PayloadStream::new(codec, values, payload_bytes)?;
         let spool = if payload_bytes <= SPOOL_IN_MEMORY_MAX {
             Spool::Memory(Vec::with_capacity(payload_bytes as usize))
         } else {
@@ -140,8 +139,7 @@ impl Intake {
             main: numel,
             values,
             payload_bytes,
-            decoder,
-            hasher: crc32fast::Hasher::new(),
+            stream,
             spool,
             norm_sq: 0.0,
             non_finite: None,
@@ -150,15 +148,9 @@ impl Intake {
 
     /// Decodes and spools one chunk.
     pub fn push(&mut self, chunk: &[u8]) -> std::result::Result<(), fedge_common::Error> {
-        if chunk.len() > MAX_CHUNK_BYTES {
-            return Err(fedge_common::Error::Payload(format!(
-                "chunk of {} bytes exceeds the limit of {MAX_CHUNK_BYTES}",
-                chunk.len()
-            )));
-        }
         let main = self.main;
         let (norm_sq, non_finite) = (&mut self.norm_sq, &mut self.non_finite);
-        self.decoder.push(chunk, &mut |offset, values| {
+        self.stream.push(chunk, &mut |offset, values| {
             if non_finite.is_none()
                 && let Some(i) = values.iter().position(|v| !v.is_finite())
             {
@@ -170,7 +162,6 @@ impl Intake {
                 .map(|&v| f64::from(v) * f64::from(v))
                 .sum::<f64>();
         })?;
-        self.hasher.update(chunk);
         match &mut self.spool {
             Spool::Memory(bytes) => bytes.extend_from_slice(chunk),
             Spool::File(file) => file
@@ -183,18 +174,12 @@ impl Intake {
 
     /// Bytes received so far.
     pub fn received_bytes(&self) -> u64 {
-        self.decoder.received_bytes()
+        self.stream.received_bytes()
     }
 
     /// Checks completeness and the checksum.
     pub fn finish(self, crc32: u32) -> std::result::Result<Received, fedge_common::Error> {
-        self.decoder.finish()?;
-        let actual = self.hasher.finalize();
-        if actual != crc32 {
-            return Err(fedge_common::Error::Checksum(format!(
-                "checksum mismatch: payload has crc32 {actual:08x}, trailer says {crc32:08x}"
-            )));
-        }
+        self.stream.finish(crc32)?;
         Ok(Received {
             update: Spooled {
                 codec: self.codec,
@@ -218,7 +203,7 @@ mod tests {
         for c in bytes.chunks(chunk) {
             intake.push(c).unwrap();
         }
-        intake.finish(crc32fast::hash(&bytes)).unwrap()
+        intake.finish(fedge_common::wire::crc32(&bytes)).unwrap()
     }
 
     fn visit_all(u: &Spooled) -> Vec<f32> {
@@ -260,7 +245,10 @@ mod tests {
         let bytes = codec.encode(&v, 1);
         let mut intake = Intake::new(codec, 64, 1, bytes.len() as u64, dir.path()).unwrap();
         intake.push(&bytes).unwrap();
-        let err = intake.finish(crc32fast::hash(&bytes) ^ 1).unwrap_err().to_string();
+        let err = intake
+            .finish(fedge_common::wire::crc32(&bytes) ^ 1)
+            .unwrap_err()
+            .to_string();
         assert!(err.starts_with("payload: checksum mismatch"), "{err}");
 
         let mut intake = Intake::new(codec, 64, 1, bytes.len() as u64, dir.path()).unwrap();
