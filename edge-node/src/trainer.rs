@@ -65,67 +65,90 @@ pub struct Trainer {
     tx: mpsc::Sender<Envelope>,
 }
 
+/// One vector a node keeps across rounds under a key (the run it belongs
+/// to), in memory and, with a state folder, in a file there.
+struct Kept {
+    file: &'static str,
+    /// Metadata entry of the file that holds the key.
+    key_name: &'static str,
+    what: &'static str,
+    value: Option<(String, Vec<f32>)>,
+}
+
+impl Kept {
+    fn new(file: &'static str, key_name: &'static str, what: &'static str) -> Self {
+        Self {
+            file,
+            key_name,
+            what,
+            value: None,
+        }
+    }
+
+    /// Leaves in `value` the vector of `len` values stored under `key`, kept
+    /// in memory or read back from `dir`, or nothing.
+    fn look_up(&mut self, dir: Option<&Path>, key: &str, len: usize) -> Result<()> {
+        if self.value.as_ref().is_some_and(|(k, v)| k == key && v.len() == len) {
+            return Ok(());
+        }
+        self.value = None;
+        if let Some(dir) = dir {
+            let path = dir.join(self.file);
+            if path.exists() {
+                let loaded = params::load_safetensors(&path)?;
+                if loaded.metadata.get(self.key_name).map(String::as_str) == Some(key) && loaded.values.len() == len {
+                    tracing::info!(path = %path.display(), "{} restored", self.what);
+                    self.value = Some((key.to_owned(), loaded.values));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A copy of the vector stored under `key`, which stays kept.
+    fn get(&mut self, dir: Option<&Path>, key: &str, len: usize) -> Result<Option<Vec<f32>>> {
+        self.look_up(dir, key, len)?;
+        Ok(self.value.as_ref().map(|(_, v)| v.clone()))
+    }
+
+    /// The vector stored under `key`, handed over (store it again after use).
+    fn take(&mut self, dir: Option<&Path>, key: &str, len: usize) -> Result<Option<Vec<f32>>> {
+        self.look_up(dir, key, len)?;
+        Ok(self.value.take().map(|(_, v)| v))
+    }
+
+    /// Keeps `values` under `key`, durably when there is a state folder.
+    fn store(&mut self, dir: Option<&Path>, key: &str, values: Vec<f32>) -> Result<()> {
+        if let Some(dir) = dir {
+            std::fs::create_dir_all(dir).map_err(|e| fedge_common::Error::io(dir, e))?;
+            let meta = HashMap::from([(self.key_name.to_string(), key.to_string())]);
+            params::save_tensors(
+                &dir.join(self.file),
+                vec![("values".to_string(), vec![values.len() as i64], values.as_slice())],
+                meta,
+            )?;
+        }
+        self.value = Some((key.to_owned(), values));
+        Ok(())
+    }
+}
+
 /// State a node keeps across rounds (and, with a state folder, across restarts).
 struct NodeState {
     dir: Option<PathBuf>,
-    /// SCAFFOLD's client control variate cᵢ and the run it belongs to.
-    control: Option<(String, Vec<f32>)>,
-    /// What earlier payloads did not carry (error feedback), and the run and
-    /// codec it belongs to.
-    residual: Option<(String, Vec<f32>)>,
+    /// SCAFFOLD's client control variate cᵢ, keyed by run.
+    control: Kept,
+    /// What earlier payloads did not carry (error feedback), keyed by run and codec.
+    residual: Kept,
 }
 
 impl NodeState {
     fn new(dir: Option<PathBuf>) -> Self {
         Self {
             dir,
-            control: None,
-            residual: None,
+            control: Kept::new("scaffold-control.safetensors", "run_id", "scaffold control variate"),
+            residual: Kept::new("codec-residual.safetensors", "key", "error-feedback residual"),
         }
-    }
-
-    fn path(dir: &Path) -> PathBuf {
-        dir.join("scaffold-control.safetensors")
-    }
-
-    fn residual_path(dir: &Path) -> PathBuf {
-        dir.join("codec-residual.safetensors")
-    }
-
-    /// The error-feedback residual for `key` (run and codec): kept, read
-    /// back from the state folder, or empty (zeros).
-    fn residual(&mut self, key: &str, len: usize) -> Result<Vec<f32>> {
-        if let Some((k, r)) = self.residual.take()
-            && k == key
-            && r.len() == len
-        {
-            return Ok(r);
-        }
-        if let Some(dir) = &self.dir {
-            let path = Self::residual_path(dir);
-            if path.exists() {
-                let loaded = params::load_safetensors(&path)?;
-                if loaded.metadata.get("key").map(String::as_str) == Some(key) && loaded.values.len() == len {
-                    tracing::info!(path = %path.display(), "error-feedback residual restored");
-                    return Ok(loaded.values);
-                }
-            }
-        }
-        Ok(Vec::new())
-    }
-
-    fn store_residual(&mut self, key: &str, r: Vec<f32>) -> Result<()> {
-        if let Some(dir) = &self.dir {
-            std::fs::create_dir_all(dir).map_err(|e| fedge_common::Error::io(dir, e))?;
-            let meta = HashMap::from([("key".to_string(), key.to_string())]);
-            params::save_tensors(
-                &Self::residual_path(dir),
-                vec![("residual".into(), vec![r.len() as i64], r.as_slice())],
-                meta,
-            )?;
-        }
-        self.residual = Some((key.to_owned(), r));
-        Ok(())
     }
 
     /// Encodes the update (main section, then the control section) with
@@ -144,41 +167,24 @@ impl NodeState {
             return Ok(job.codec.encode(values, seed));
         }
         let key = format!("{}/{}", job.run_id, job.codec);
-        let mut residual = self.residual(&key, values.len())?;
+        let dir = self.dir.as_deref();
+        let mut residual = self.residual.take(dir, &key, values.len())?.unwrap_or_default();
         let payload = encode_with_feedback(&job.codec, values, &mut residual, seed);
-        self.store_residual(&key, residual)?;
+        self.residual.store(dir, &key, residual)?;
         Ok(payload)
     }
 
     /// cᵢ for `run_id`: kept, or read back from the state folder, or zeros.
     fn control(&mut self, run_id: &str, manifest: &Manifest) -> Result<Vec<f32>> {
-        if let Some((id, c)) = &self.control
-            && id == run_id
-            && c.len() == manifest.numel()
-        {
-            return Ok(c.clone());
-        }
-        if let Some(dir) = &self.dir {
-            let path = Self::path(dir);
-            if path.exists() {
-                let loaded = params::load_safetensors(&path)?;
-                if loaded.metadata.get("run_id").map(String::as_str) == Some(run_id) && loaded.manifest == *manifest {
-                    tracing::info!(path = %path.display(), "scaffold control variate restored");
-                    return Ok(loaded.values);
-                }
-            }
-        }
-        Ok(vec![0.0; manifest.numel()])
+        let n = manifest.numel();
+        Ok(self
+            .control
+            .get(self.dir.as_deref(), run_id, n)?
+            .unwrap_or_else(|| vec![0.0; n]))
     }
 
-    fn store_control(&mut self, run_id: &str, manifest: &Manifest, c: Vec<f32>) -> Result<()> {
-        if let Some(dir) = &self.dir {
-            std::fs::create_dir_all(dir).map_err(|e| fedge_common::Error::io(dir, e))?;
-            let meta = HashMap::from([("run_id".to_string(), run_id.to_string())]);
-            params::save_safetensors(&Self::path(dir), manifest, &c, meta)?;
-        }
-        self.control = Some((run_id.to_owned(), c));
-        Ok(())
+    fn store_control(&mut self, run_id: &str, c: Vec<f32>) -> Result<()> {
+        self.control.store(self.dir.as_deref(), run_id, c)
     }
 }
 
@@ -295,7 +301,7 @@ fn run_job(
                 .map(|((&ci, &c), &d)| (f64::from(ci) - f64::from(c) - f64::from(d) / k_eta) as f32)
                 .collect();
             let change = new.iter().zip(&ci).map(|(n, o)| n - o).collect();
-            state.store_control(&job.run_id, &job.manifest, new)?;
+            state.store_control(&job.run_id, new)?;
             Some(change)
         }
         _ => None,
@@ -400,7 +406,7 @@ mod tests {
         assert!((0.85..1.15).contains(&(nc / ng)), "size: |c_i| / |grad| = {}", nc / ng);
         // The node keeps cᵢ for the next round.
         assert_eq!(
-            state.control.as_ref().map(|(id, c)| (id.as_str(), c.len())),
+            state.control.value.as_ref().map(|(id, c)| (id.as_str(), c.len())),
             Some(("run-test", ci.len()))
         );
     }
