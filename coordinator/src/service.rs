@@ -248,14 +248,20 @@ impl pb::federation_server::Federation for FederationService {
                 tracing::warn!(round, base_version, reason = %r, "update refused");
                 rejection_status(&r)
             })?;
-        let result = self.read_payload(&mut stream, &header, &mut wire_bytes).await;
-        self.traffic.bytes_up.fetch_add(wire_bytes, Ordering::Relaxed);
-        let kind = match pb::UpdateKind::try_from(header.kind) {
-            Ok(pb::UpdateKind::Delta) => Ok(UpdateKind::Delta),
-            Ok(pb::UpdateKind::Gradient) => Ok(UpdateKind::Gradient),
+        // An unknown kind is refused before any of the payload is read.
+        let result = match pb::UpdateKind::try_from(header.kind) {
+            Ok(k) => {
+                let kind = match k {
+                    pb::UpdateKind::Delta => UpdateKind::Delta,
+                    pb::UpdateKind::Gradient => UpdateKind::Gradient,
+                };
+                let received = self.read_payload(&mut stream, &header, &mut wire_bytes).await;
+                received.map(|r| (r, kind))
+            }
             Err(_) => Err(Status::invalid_argument(format!("unknown update kind {}", header.kind))),
         };
-        let (received, kind) = match result.and_then(|r| kind.map(|k| (r, k))) {
+        self.traffic.bytes_up.fetch_add(wire_bytes, Ordering::Relaxed);
+        let (received, kind) = match result {
             Ok(ok) => ok,
             Err(status) => {
                 self.traffic.rejected_updates.fetch_add(1, Ordering::Relaxed);

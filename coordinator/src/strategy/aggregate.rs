@@ -117,6 +117,12 @@ pub struct MeanSum {
     control: Option<Vec<f64>>,
 }
 
+/// The part of a run of values at `offset` that lies in the main
+/// (model-sized) section of an update of `numel` parameters.
+fn main_part(offset: usize, values: &[f32], numel: usize) -> &[f32] {
+    &values[..values.len().min(numel.saturating_sub(offset))]
+}
+
 impl MeanSum {
     /// Adds `weight · scale · main section` of `source` to the sum, and its
     /// control section (if any) to the control sum.
@@ -125,7 +131,7 @@ impl MeanSum {
         let factor = weight * scale;
         let (sum, control) = (&mut self.sum, &mut self.control);
         source.visit(&mut |offset, values| {
-            let main = values.len().min(numel.saturating_sub(offset));
+            let main = main_part(offset, values, numel).len();
             match sum {
                 _ if main == 0 => {}
                 Sum::F64(s) => {
@@ -237,20 +243,12 @@ impl RoundAggregate {
             ));
         }
         if let Some(mean) = self.mean {
-            let sum = match Arc::try_unwrap(mean) {
-                Ok(m) => m.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner),
-                Err(shared) => {
-                    let mut m = lock(&shared);
-                    MeanSum {
-                        numel: m.numel,
-                        sum: std::mem::replace(&mut m.sum, Sum::F32(Vec::new())),
-                        weight: m.weight,
-                        control: None,
-                    }
-                }
+            // Taken out of the shared sum (every fold is done), not copied.
+            let (sum, w) = {
+                let mut m = lock(&mean);
+                (std::mem::replace(&mut m.sum, Sum::F32(Vec::new())), m.weight)
             };
-            let w = sum.weight;
-            let out = match sum.sum {
+            let out = match sum {
                 Sum::F64(s) if w > 0.0 => s.iter().map(|&s| (s / w) as f32).collect(),
                 Sum::F32(mut s) if w > 0.0 => {
                     // In place: the sum's buffer becomes the mean.
@@ -268,12 +266,11 @@ impl RoundAggregate {
             let mut dense = vec![0f32; self.numel];
             let numel = self.numel;
             source.visit(&mut |offset, values| {
-                let main = values.len().min(numel.saturating_sub(offset));
-                if main == 0 {
-                    return;
-                }
-                for (d, &v) in dense[offset..offset + main].iter_mut().zip(&values[..main]) {
-                    *d = (f64::from(v) * scale) as f32;
+                let main = main_part(offset, values, numel);
+                if !main.is_empty() {
+                    for (d, &v) in dense[offset..offset + main.len()].iter_mut().zip(main) {
+                        *d = (f64::from(v) * scale) as f32;
+                    }
                 }
             })?;
             kept.push(dense);
