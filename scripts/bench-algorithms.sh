@@ -10,16 +10,10 @@
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$repo"
-scripts/install-libtorch.sh >/dev/null
-data=$(scripts/get-cifar10.sh)
-cargo build --release --bins
+source scripts/bench-lib.sh
+bench_setup
 out=${1:-runs/bench-alg}
 rounds=${2:-10}
-# Run from a copy of the binaries, so a rebuild cannot change them mid-run.
-bin=$(mktemp -d)
-trap 'rm -rf "$bin"' EXIT
-cp target/release/coordinator target/release/edge-node "$bin/"
-mkdir -p "$out"
 
 run() { # name partition-args... -- coordinator-args...
     local name=$1; shift
@@ -27,16 +21,7 @@ run() { # name partition-args... -- coordinator-args...
     while [[ $# -gt 0 && $1 != -- ]]; do node+=(--node-set "$1"); shift; done
     [[ $# -gt 0 ]] && shift
     for s in "$@"; do coord+=(--set "$s"); done
-    if [[ -f $out/$name/run.json ]] && grep -q '"finished": true' "$out/$name/run.json"; then
-        echo "bench-algorithms: $name already done" >&2
-        return
-    fi
-    rm -rf "${out:?}/$name"
-    echo "bench-algorithms: $name" >&2
-    "$bin/coordinator" fleet --nodes 10 --rounds "$rounds" --data-path "$data" --out-dir "$out/$name" \
-        --set sampling.min_nodes=10 --set sampling.min_available=10 --set train.epochs=1 \
-        --set train.batch_size=32 --set train.learning_rate=0.05 --set train.momentum=0.9 \
-        "${node[@]}" "${coord[@]}" 2>"$out/$name.log"
+    bench_fleet "$out" "$name" 10 "$rounds" "${node[@]}" "${coord[@]}"
 }
 
 run iid-fedavg partition.scheme=iid

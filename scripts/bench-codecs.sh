@@ -10,34 +10,19 @@
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$repo"
-scripts/install-libtorch.sh >/dev/null
-data=$(scripts/get-cifar10.sh)
-cargo build --release --bins
+source scripts/bench-lib.sh
+bench_setup
 out=${1:-runs/bench-codecs}
 rounds=${2:-10}
 seed=${SEED:-42}
 codecs=${CODECS:-f32 f16 bf16 int8 topk1 topk10 sign}
-# Run from a copy of the binaries, so a rebuild cannot change them mid-run.
-bin=$(mktemp -d)
-trap 'rm -rf "$bin"' EXIT
-cp target/release/coordinator target/release/edge-node "$bin/"
-mkdir -p "$out"
 
 run() { # name coordinator-settings...
     local name=$1; shift
     [[ " $codecs " == *" $name "* ]] || return 0
     local coord=()
     for s in "$@"; do coord+=(--set "$s"); done
-    if [[ -f $out/$name/run.json ]] && grep -q '"finished": true' "$out/$name/run.json"; then
-        echo "bench-codecs: $name already done" >&2
-        return
-    fi
-    rm -rf "${out:?}/$name"
-    echo "bench-codecs: $name" >&2
-    "$bin/coordinator" fleet --nodes 8 --rounds "$rounds" --data-path "$data" --out-dir "$out/$name" \
-        --set sampling.min_nodes=8 --set sampling.min_available=8 --set train.epochs=1 \
-        --set train.batch_size=32 --set train.learning_rate=0.05 --set train.momentum=0.9 \
-        --set "seed=$seed" --node-set partition.scheme=iid "${coord[@]}" 2>"$out/$name.log"
+    bench_fleet "$out" "$name" 8 "$rounds" --set "seed=$seed" --node-set partition.scheme=iid "${coord[@]}"
 }
 
 run f32
