@@ -26,7 +26,8 @@ port=$((20000 + RANDOM % 20000))
 "$bin/coordinator" serve --listen "127.0.0.1:$port" --out-dir "$out" --data-path "$data" \
     --set "model=\"$model\"" --set "rounds=$rounds" --set "codec.update=\"$codec\"" \
     --set "sampling.min_nodes=$nodes" --set "sampling.min_available=$nodes" \
-    --set checkpoint.keep_round_models=false --set eval.batch_size=250 2>"$out/coordinator.log" &
+    --set checkpoint.keep_round_models=false --set eval.batch_size=250 --set security.insecure=true \
+    2>"$out/coordinator.log" &
 coord=$!
 "$bin/fedge-swarm" --coordinator "http://127.0.0.1:$port" --nodes "$nodes" 2>"$out/swarm.log"
 wait "$coord"

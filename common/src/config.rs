@@ -133,33 +133,15 @@ where
     })
 }
 
+/// A `--set` value read as TOML (number, boolean, string, array, inline
+/// table); anything that is not valid TOML is taken as a bare string.
 fn toml_value(raw: &str) -> config::Value {
-    #[derive(serde::Deserialize)]
-    struct Probe {
-        v: toml_probe::Value,
-    }
-    mod toml_probe {
-        #[derive(serde::Deserialize)]
-        #[serde(untagged)]
-        pub enum Value {
-            Bool(bool),
-            Int(i64),
-            Float(f64),
-            Str(String),
-        }
-    }
-    let parsed = Config::builder()
+    Config::builder()
         .add_source(File::from_str(&format!("v = {raw}"), FileFormat::Toml))
         .build()
         .ok()
-        .and_then(|c| c.try_deserialize::<Probe>().ok());
-    match parsed.map(|p| p.v) {
-        Some(toml_probe::Value::Bool(b)) => b.into(),
-        Some(toml_probe::Value::Int(i)) => i.into(),
-        Some(toml_probe::Value::Float(f)) => f.into(),
-        Some(toml_probe::Value::Str(s)) => s.into(),
-        None => raw.into(),
-    }
+        .and_then(|c| c.get::<config::Value>("v").ok())
+        .unwrap_or_else(|| raw.into())
 }
 
 #[cfg(test)]

@@ -17,6 +17,7 @@
 //! - [`train`]: local training (SGD) and evaluation, to run on a blocking thread.
 //! - [`config`]: configuration sections both daemons use and the layered
 //!   loader (defaults, TOML file, environment, flags).
+//! - [`security`]: node tokens (stored hashed) and PEM files for TLS.
 //! - [`telemetry`]: `tracing` setup.
 //! - [`fsutil`]: durable (atomic) file writes.
 //! - [`shutdown`]: the ctrl-c / SIGTERM future both daemons stop on.
@@ -31,6 +32,7 @@ pub mod model;
 pub mod params;
 pub mod partition;
 pub mod pb;
+pub mod security;
 pub mod shutdown;
 pub mod telemetry;
 pub mod train;

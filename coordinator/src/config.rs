@@ -48,6 +48,10 @@ pub struct CoordinatorConfig {
     pub codec: CodecConfig,
     /// Checkpoint settings.
     pub checkpoint: CheckpointConfig,
+    /// TLS, node authentication and the allow-list.
+    pub security: SecurityConfig,
+    /// Bounds on what uploads may hold: concurrency, bytes in flight, idle time.
+    pub limits: LimitsConfig,
     /// Log output format.
     pub log_format: LogFormat,
 }
@@ -68,6 +72,8 @@ impl Default for CoordinatorConfig {
             wire: WireConfig::default(),
             codec: CodecConfig::default(),
             checkpoint: CheckpointConfig::default(),
+            security: SecurityConfig::default(),
+            limits: LimitsConfig::default(),
             log_format: LogFormat::Text,
         }
     }
@@ -470,6 +476,164 @@ impl Default for CheckpointConfig {
     }
 }
 
+/// Transport security and node identity.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SecurityConfig {
+    /// Serve plaintext gRPC without TLS. For development on one machine
+    /// only; the coordinator says so loudly at start. Without it, `tls_cert`
+    /// and `tls_key` are required.
+    pub insecure: bool,
+    /// The coordinator's certificate chain (PEM).
+    pub tls_cert: Option<PathBuf>,
+    /// The coordinator's private key (PEM).
+    pub tls_key: Option<PathBuf>,
+    /// The CA that signs node certificates (PEM). Set: every connection must
+    /// present a certificate it signed (mutual TLS).
+    pub client_ca: Option<PathBuf>,
+    /// How a node proves its name when it joins: `certificate` (mutual TLS;
+    /// the certificate's common name is the node's name), `token` (a
+    /// per-node secret sent as `authorization: Bearer …`, checked against
+    /// `tokens`), or `none`.
+    pub node_auth: NodeAuth,
+    /// `token`: a TOML file mapping node names to `sha256:<hex>` token
+    /// hashes (`coordinator certs` writes one). Unlisted names are refused.
+    pub tokens: Option<PathBuf>,
+    /// Names of the nodes that may join; empty: any node that authenticates.
+    pub allow: Vec<String>,
+}
+
+/// How nodes authenticate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeAuth {
+    #[default]
+    None,
+    Token,
+    Certificate,
+}
+
+impl NodeAuth {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::Token => "token",
+            Self::Certificate => "certificate",
+        }
+    }
+}
+
+impl Default for SecurityConfig {
+    fn default() -> Self {
+        Self {
+            insecure: false,
+            tls_cert: None,
+            tls_key: None,
+            client_ca: None,
+            node_auth: NodeAuth::None,
+            tokens: None,
+            allow: Vec::new(),
+        }
+    }
+}
+
+impl SecurityConfig {
+    fn validate(&self) -> Result<()> {
+        let bad = |m: &str| Err(Error::Config(format!("security: {m}")));
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(_), None) | (None, Some(_)) => return bad("tls_cert and tls_key go together; set both or neither"),
+            (None, None) if !self.insecure => {
+                return bad(
+                    "no TLS certificate configured: set security.tls_cert and security.tls_key \
+                     (`coordinator certs` makes a development CA and certificates), or set \
+                     security.insecure = true to serve plaintext gRPC (development only)",
+                );
+            }
+            (Some(_), Some(_)) if self.insecure => {
+                return bad("security.insecure = true contradicts tls_cert/tls_key; choose one");
+            }
+            _ => {}
+        }
+        if self.client_ca.is_some() && self.tls_cert.is_none() {
+            return bad("client_ca (mutual TLS) needs tls_cert and tls_key");
+        }
+        match self.node_auth {
+            NodeAuth::Certificate if self.client_ca.is_none() => {
+                bad("node_auth = \"certificate\" needs client_ca, the CA that signs node certificates")
+            }
+            NodeAuth::Token if self.tokens.is_none() => {
+                bad("node_auth = \"token\" needs tokens, the file of node token hashes")
+            }
+            _ => Ok(()),
+        }?;
+        if let Some(n) = self.allow.iter().find(|n| n.trim().is_empty()) {
+            return bad(&format!("allow lists an empty node name ({n:?})"));
+        }
+        Ok(())
+    }
+}
+
+/// Bounds on uploads, so that slow, stalled or hostile clients cannot hold
+/// up others or grow the coordinator's memory.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Update streams read at once; further uploads wait for a slot.
+    pub max_concurrent_uploads: u32,
+    /// Announced payload bytes of the updates being read at once; an upload
+    /// waits until its bytes fit, and one larger than this is refused.
+    pub max_inflight_bytes: u64,
+    /// How long an upload may wait for a slot before it is refused
+    /// (`RESOURCE_EXHAUSTED`; the node retries).
+    #[serde(with = "humantime_serde")]
+    pub upload_queue_timeout: Duration,
+    /// An update stream that sends nothing for this long is dropped.
+    #[serde(with = "humantime_serde")]
+    pub stream_idle_timeout: Duration,
+    /// Largest gRPC message (one chunk) the coordinator accepts, in bytes.
+    pub max_message_bytes: usize,
+    /// HTTP/2 streams one connection may have open at once.
+    pub max_streams_per_connection: u32,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_concurrent_uploads: 64,
+            max_inflight_bytes: 8 << 30,
+            upload_queue_timeout: Duration::from_secs(300),
+            stream_idle_timeout: Duration::from_secs(60),
+            max_message_bytes: 4 << 20,
+            max_streams_per_connection: 16,
+        }
+    }
+}
+
+impl LimitsConfig {
+    fn validate(&self, chunk_bytes: usize) -> Result<()> {
+        let bad = |m: String| Err(Error::Config(format!("limits: {m}")));
+        if self.max_concurrent_uploads == 0 {
+            return bad("max_concurrent_uploads must be at least 1".into());
+        }
+        if self.max_inflight_bytes == 0 {
+            return bad("max_inflight_bytes must be at least 1".into());
+        }
+        if self.stream_idle_timeout.is_zero() || self.upload_queue_timeout.is_zero() {
+            return bad("stream_idle_timeout and upload_queue_timeout must be longer than zero".into());
+        }
+        if self.max_message_bytes < chunk_bytes + 1024 {
+            return bad(format!(
+                "max_message_bytes ({}) must exceed wire.chunk_bytes ({chunk_bytes}) by at least 1 KiB of framing",
+                self.max_message_bytes
+            ));
+        }
+        if self.max_streams_per_connection < 4 {
+            return bad("max_streams_per_connection must be at least 4 (a node holds up to 3 streams)".into());
+        }
+        Ok(())
+    }
+}
+
 impl CoordinatorConfig {
     /// Reads defaults, then `file`, then `FEDGE_*` variables, then `overrides`, and validates.
     pub fn load(file: Option<&Path>, overrides: &[(String, String)]) -> Result<Self> {
@@ -482,9 +646,20 @@ impl CoordinatorConfig {
         env: impl IntoIterator<Item = (String, String)>,
         overrides: &[(String, String)],
     ) -> Result<Self> {
-        let cfg: Self = load_layered(file, env, ENV_PREFIX, &["FEDGE_NODE_"], overrides)?;
+        let cfg = Self::load_unchecked(file, env, overrides)?;
         cfg.validate()?;
         Ok(cfg)
+    }
+
+    /// [`CoordinatorConfig::load_with_env`] without [`CoordinatorConfig::validate`],
+    /// for callers that complete the configuration first (a local fleet
+    /// adds its development certificates).
+    pub fn load_unchecked(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+        overrides: &[(String, String)],
+    ) -> Result<Self> {
+        load_layered(file, env, ENV_PREFIX, &["FEDGE_NODE_"], overrides).map_err(Error::from)
     }
 
     /// The configured model architecture.
@@ -569,6 +744,8 @@ impl CoordinatorConfig {
         if self.out_dir.as_os_str().is_empty() {
             return bad("out_dir must not be empty".into());
         }
+        self.security.validate()?;
+        self.limits.validate(c)?;
         Ok(())
     }
 
@@ -653,12 +830,20 @@ mod tests {
     }
 
     #[test]
-    fn defaults_are_valid_and_the_example_file_lists_them() {
-        CoordinatorConfig::default().validate().unwrap();
+    fn defaults_are_valid_once_transport_security_is_chosen_and_the_example_lists_them() {
+        let err = CoordinatorConfig::default().validate().unwrap_err().to_string();
+        assert!(
+            err.contains("no TLS certificate configured") && err.contains("security.insecure = true"),
+            "{err}"
+        );
+        let mut insecure = CoordinatorConfig::default();
+        insecure.security.insecure = true;
+        insecure.validate().unwrap();
         let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("coordinator.example.toml");
         assert_eq!(
-            CoordinatorConfig::load_with_env(Some(&example), [], &[]).unwrap(),
-            CoordinatorConfig::default()
+            CoordinatorConfig::load_with_env(Some(&example), [], &[("security.insecure".into(), "true".into())])
+                .unwrap(),
+            insecure
         );
     }
 
@@ -763,12 +948,55 @@ mod tests {
     }
 
     #[test]
+    fn security_and_limits_are_checked() {
+        let err = |pairs: &[(&str, &str)]| {
+            let o: Vec<(String, String)> = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+            CoordinatorConfig::load_with_env(None, [], &o).unwrap_err().to_string()
+        };
+        assert_eq!(
+            err(&[("security.tls_cert", "\"c.pem\"")]),
+            "invalid configuration: security: tls_cert and tls_key go together; set both or neither"
+        );
+        assert!(
+            err(&[("security.insecure", "true"), ("security.node_auth", "\"certificate\"")])
+                .contains("node_auth = \"certificate\" needs client_ca")
+        );
+        assert!(
+            err(&[("security.insecure", "true"), ("security.node_auth", "\"token\"")])
+                .contains("node_auth = \"token\" needs tokens")
+        );
+        assert!(
+            err(&[
+                ("security.insecure", "true"),
+                ("security.tls_cert", "\"c.pem\""),
+                ("security.tls_key", "\"k.pem\"")
+            ])
+            .contains("contradicts")
+        );
+        assert_eq!(
+            err(&[("security.insecure", "true"), ("limits.max_concurrent_uploads", "0")]),
+            "invalid configuration: limits: max_concurrent_uploads must be at least 1"
+        );
+        assert!(
+            err(&[("security.insecure", "true"), ("limits.max_message_bytes", "1000")])
+                .contains("must exceed wire.chunk_bytes")
+        );
+        // Arrays are given in TOML syntax on the command line too.
+        let o = [
+            ("security.insecure".to_string(), "true".to_string()),
+            ("security.allow".to_string(), "[\"node-1\", \"cam 7\"]".to_string()),
+        ];
+        let c = CoordinatorConfig::load_with_env(None, [], &o).unwrap();
+        assert_eq!(c.security.allow, ["node-1", "cam 7"]);
+    }
+
+    #[test]
     fn toml_file_and_overrides_combine() {
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("c.toml");
         std::fs::write(
             &f,
-            "rounds = 3\n[sampling]\nround_deadline = \"90s\"\n[train]\nlearning_rate = 0.1\n",
+            "rounds = 3\n[sampling]\nround_deadline = \"90s\"\n[train]\nlearning_rate = 0.1\n[security]\ninsecure = true\n",
         )
         .unwrap();
         let env = [

@@ -29,7 +29,9 @@ pub enum Command {
     Join {
         name: String,
         num_samples: u64,
-        reply: oneshot::Sender<String>,
+        /// The session the node held before, when it says so.
+        previous: Option<String>,
+        reply: oneshot::Sender<Result<String, Rejection>>,
     },
     Connect {
         session: String,
@@ -108,9 +110,23 @@ pub struct Traffic {
     pub rejected_updates: AtomicU64,
     /// Model bytes sent to each node since the last round closed.
     pub down_by_node: Mutex<BTreeMap<String, u64>>,
+    /// Refused joins and updates by reason since the last round closed.
+    pub refusals: Mutex<BTreeMap<&'static str, u64>>,
 }
 
 impl Traffic {
+    /// Counts one refusal (of a join or an update) for `reason`.
+    pub fn count_refusal(&self, reason: &'static str) {
+        let mut map = self.refusals.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        *map.entry(reason).or_default() += 1;
+    }
+
+    /// The refusal counts since the last call.
+    pub fn take_refusals(&self) -> BTreeMap<String, u64> {
+        let map = std::mem::take(&mut *self.refusals.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+        map.into_iter().map(|(k, v)| (k.to_owned(), v)).collect()
+    }
+
     /// Counts `bytes` of model stream sent to `node`.
     pub fn count_down(&self, node: &str, bytes: u64) {
         self.bytes_down.fetch_add(bytes, Ordering::Relaxed);
@@ -231,16 +247,26 @@ impl Driver {
             Command::Join {
                 name,
                 num_samples,
+                previous,
                 reply,
             } => {
                 let session = uuid::Uuid::new_v4().to_string();
-                // A rejoin replaces the node's previous session and stream.
-                if let Some(old) = self.machine.session_of(&name).map(str::to_owned) {
-                    self.streams.remove(&old);
+                let old = self.machine.session_of(&name).map(str::to_owned);
+                match self.machine.join(&name, &session, num_samples, previous.as_deref()) {
+                    Ok(()) => {
+                        // A rejoin replaces the node's previous session and stream.
+                        if let Some(old) = old {
+                            self.streams.remove(&old);
+                        }
+                        tracing::info!(node = %name, num_samples, "node joined");
+                        let _ = reply.send(Ok(session));
+                    }
+                    Err(e) => {
+                        tracing::warn!(node = %name, reason = %e, "join refused");
+                        self.traffic.count_refusal(e.label());
+                        let _ = reply.send(Err(e));
+                    }
                 }
-                self.machine.join(&name, &session, num_samples);
-                tracing::info!(node = %name, num_samples, "node joined");
-                let _ = reply.send(session);
                 Vec::new()
             }
             Command::Connect { session, stream, reply } => match self.machine.connect(&session, now) {
@@ -276,8 +302,9 @@ impl Driver {
                 reply,
             } => {
                 let r = self.machine.admit(&session, round, base_version);
-                if r.is_err() {
+                if let Err(e) = &r {
                     self.traffic.rejected_updates.fetch_add(1, Ordering::Relaxed);
+                    self.traffic.count_refusal(e.label());
                 }
                 let _ = reply.send(r);
                 Vec::new()
@@ -293,6 +320,7 @@ impl Driver {
                     }
                     Err(e) => {
                         self.traffic.rejected_updates.fetch_add(1, Ordering::Relaxed);
+                        self.traffic.count_refusal(e.label());
                         let content = e.is_content();
                         let _ = reply.send(Err(e));
                         if content {
@@ -419,6 +447,7 @@ impl Driver {
             bytes_up: up - up0,
             bytes_down: down - down0,
             rejected_updates: rejected - rej0,
+            refusals: self.traffic.take_refusals(),
             train_phase_seconds: train_phase.as_secs_f64(),
             aggregation_seconds: self.aggregation_seconds,
             eval_seconds,

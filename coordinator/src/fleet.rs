@@ -1,7 +1,9 @@
 //! A local fleet: this coordinator plus N `edge-node` processes on loopback,
 //! each training on its own IID partition of the same data. It is the quick
 //! way to try a configuration on one machine; every node is a real process
-//! talking gRPC over TCP, exactly as on devices.
+//! talking gRPC over TCP, exactly as on devices, and over mutual TLS with
+//! a development CA unless the configuration brings its own certificates
+//! or asks for plaintext (`security.insecure`).
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -11,6 +13,8 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::process::{Child, Command};
 
+use crate::config::NodeAuth;
+use crate::pki::Pki;
 use crate::{CoordinatorConfig, Error, Result, RunSummary};
 
 /// How to start the nodes.
@@ -62,6 +66,7 @@ pub async fn run_fleet(
     // A fleet smaller than the configured minimum could never start a round.
     config.sampling.min_nodes = config.sampling.min_nodes.min(opts.nodes as u32);
     config.sampling.min_available = config.sampling.min_available.min(opts.nodes as u32);
+    let pki = secure_by_default(&mut config, opts.nodes)?;
     config.validate()?;
 
     let listener = TcpListener::bind(config.listen).await.map_err(|e| Error::Io {
@@ -88,7 +93,8 @@ pub async fn run_fleet(
         children.push(spawn_node(
             &bin,
             &config,
-            &addr.to_string(),
+            pki.as_ref(),
+            addr.port(),
             i,
             opts.nodes,
             threads,
@@ -116,11 +122,51 @@ pub async fn run_fleet(
     outcome
 }
 
+/// Unless the configuration says otherwise (its own certificates, or
+/// `security.insecure`), a local fleet runs with mutual TLS: a development
+/// CA and per-node certificates under `out_dir/pki` (kept for a resumed run),
+/// and an allow-list of the fleet's node names.
+fn secure_by_default(config: &mut CoordinatorConfig, nodes: usize) -> Result<Option<Pki>> {
+    let sec = &mut config.security;
+    if sec.insecure || sec.tls_cert.is_some() {
+        return Ok(None);
+    }
+    let names: Vec<String> = (1..=nodes).map(|i| format!("node-{i}")).collect();
+    let dir = config.out_dir.join("pki");
+    let existing = Pki::at(&dir, &names);
+    let complete = existing.ca.is_file()
+        && existing.server_key.is_file()
+        && existing.nodes.iter().all(|(_, d)| d.join("key.pem").is_file());
+    let pki = if complete {
+        existing
+    } else {
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).map_err(|e| Error::Io {
+                context: format!("removing {}", dir.display()),
+                source: e,
+            })?;
+        }
+        crate::pki::generate(&dir, &["localhost".into(), "127.0.0.1".into()], &names)?
+    };
+    sec.tls_cert = Some(pki.server_cert.clone());
+    sec.tls_key = Some(pki.server_key.clone());
+    sec.client_ca = Some(pki.ca.clone());
+    sec.node_auth = NodeAuth::Certificate;
+    sec.allow = names;
+    tracing::info!(pki = %dir.display(), "local fleet secured with mutual TLS (development CA)");
+    Ok(Some(pki))
+}
+
+fn quoted(p: &Path) -> String {
+    serde_json::to_string(&p.display().to_string()).unwrap_or_default()
+}
+
 #[allow(clippy::too_many_arguments)]
 fn spawn_node(
     bin: &Path,
     config: &CoordinatorConfig,
-    addr: &str,
+    pki: Option<&Pki>,
+    port: u16,
     index: usize,
     count: usize,
     threads: usize,
@@ -134,9 +180,20 @@ fn spawn_node(
         source: e,
     })?;
     let mut cmd = Command::new(bin);
-    cmd.arg("--coordinator")
-        .arg(format!("http://{addr}"))
-        .arg("--name")
+    if config.security.insecure {
+        cmd.arg("--coordinator")
+            .arg(format!("http://127.0.0.1:{port}"))
+            .args(["--set", "security.insecure=true"]);
+    } else {
+        cmd.arg("--coordinator").arg(format!("https://localhost:{port}"));
+    }
+    if let Some(folder) = pki.and_then(|p| p.nodes.get(index)).map(|(_, f)| f) {
+        for (key, file) in [("ca", "ca.pem"), ("cert", "cert.pem"), ("key", "key.pem")] {
+            cmd.arg("--set")
+                .arg(format!("security.{key}={}", quoted(&folder.join(file))));
+        }
+    }
+    cmd.arg("--name")
         .arg(&name)
         .arg("--partition")
         .arg(format!("{index}/{count}"))
@@ -156,8 +213,7 @@ fn spawn_node(
     }
     // Each node keeps its algorithm state (SCAFFOLD's control variate) beside the run.
     let state = config.out_dir.join("nodes").join(&name);
-    let state = serde_json::to_string(&state.display().to_string()).unwrap_or_default();
-    cmd.arg("--set").arg(format!("state_dir={state}"));
+    cmd.arg("--set").arg(format!("state_dir={}", quoted(&state)));
     for (k, v) in &opts.node_overrides {
         cmd.arg("--set").arg(format!("{k}={v}"));
     }

@@ -10,7 +10,10 @@
 //! - [`strategy`]: update bounding, aggregators (mean, median, trimmed mean,
 //!   Krum, Multi-Krum, Bulyan) and server optimizers (FedAvgM, FedAdam, ...).
 //! - [`driver`]: the task that owns the machine and carries out its outputs.
-//! - [`service`]: the gRPC adapter (`fedge.v1.Federation`).
+//! - [`service`]: the gRPC adapter (`fedge.v1.Federation`) and the bounds
+//!   on uploads ([`service::UploadLimits`]).
+//! - [`security`]: TLS settings and who may join ([`security::Authenticator`]).
+//! - [`pki`]: a development CA, certificates and tokens (`coordinator certs`).
 //! - [`intake`]: receiving an update stream: decoding and checking each
 //!   chunk as it arrives, spooling the encoded bytes for the round to fold.
 //! - [`evaluator`]: central evaluation on a dedicated thread.
@@ -27,7 +30,9 @@ mod error;
 pub mod evaluator;
 pub mod fleet;
 pub mod intake;
+pub mod pki;
 pub mod round;
+pub mod security;
 pub mod service;
 pub mod store;
 pub mod strategy;
@@ -48,7 +53,8 @@ use tokio_util::sync::CancellationToken;
 use crate::driver::{Driver, ModelSnapshot, Traffic, now_ms};
 use crate::evaluator::Evaluator;
 use crate::round::{RoundMachine, RoundSettings};
-use crate::service::FederationService;
+use crate::security::Authenticator;
+use crate::service::{FederationService, UploadLimits};
 use crate::store::{RunHistory, RunStore};
 use crate::strategy::{ServerOptimizer, Strategy};
 use fedge_common::train::Algorithm;
@@ -61,6 +67,10 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<Option<RunSummary>> {
     config.validate()?;
+    // Credentials are read first: a bad certificate or token file stops the
+    // coordinator before it loads data or touches a checkpoint.
+    let tls = security::server_tls(&config.security)?;
+    let auth = Authenticator::from_config(&config.security)?;
     let kind = config.model_kind()?;
     let source = config.data.source()?;
     tracing::info!(data = %source.describe(), "central evaluation data");
@@ -223,6 +233,8 @@ pub async fn run(
         codec,
         spool_dir,
         chunk_bytes: config.wire.chunk_bytes,
+        auth: Arc::new(auth),
+        uploads: UploadLimits::new(&config.limits),
     };
     let driver = Driver::new(
         machine,
@@ -240,15 +252,52 @@ pub async fn run(
         context: "reading the listen address".into(),
         source: e,
     })?;
-    tracing::info!(%addr, "coordinator listening");
+    let limits = &config.limits;
+    let mut builder = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(20)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .tcp_keepalive(Some(Duration::from_secs(60)))
+        .max_concurrent_streams(Some(limits.max_streams_per_connection));
+    let sec = &config.security;
+    match tls {
+        Some(tls) => {
+            builder = builder.tls_config(tls).map_err(|e| {
+                Error::Config(format!(
+                    "security: the TLS certificate, key or client CA is unusable: {}",
+                    security::error_chain(&e)
+                ))
+            })?;
+            tracing::info!(
+                %addr,
+                mutual_tls = sec.client_ca.is_some(),
+                node_auth = sec.node_auth.name(),
+                registered_tokens = service.auth.registered(),
+                allow_list = sec.allow.len(),
+                "coordinator listening (tls)"
+            );
+        }
+        None => {
+            tracing::warn!(
+                %addr,
+                node_auth = sec.node_auth.name(),
+                "INSECURE: serving plaintext gRPC without TLS (security.insecure = true); model updates and \
+                 credentials cross the network unencrypted and unauthenticated. Use this on one machine only."
+            );
+        }
+    }
+    if sec.node_auth == config::NodeAuth::None && !sec.insecure {
+        tracing::warn!(
+            "security.node_auth = \"none\": any client that trusts this certificate can join as any node name"
+        );
+    }
     let server_stop = CancellationToken::new();
     let driver_stop = CancellationToken::new();
     let server = {
         let stop = server_stop.clone();
-        tonic::transport::Server::builder()
-            .http2_keepalive_interval(Some(Duration::from_secs(20)))
-            .http2_keepalive_timeout(Some(Duration::from_secs(20)))
-            .add_service(pb::federation_server::FederationServer::new(service))
+        let svc =
+            pb::federation_server::FederationServer::new(service).max_decoding_message_size(limits.max_message_bytes);
+        builder
+            .add_service(svc)
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move { stop.cancelled().await })
     };
     let mut server = tokio::spawn(server);

@@ -82,6 +82,21 @@ enum Cmd {
         #[arg(long, default_value_t = 42)]
         seed: u64,
     },
+    /// Make a development CA, the coordinator's certificate, and a certificate and token per node.
+    Certs {
+        /// Folder to write into (must not hold a CA yet).
+        #[arg(long)]
+        out: PathBuf,
+        /// Node names, comma-separated (or give --nodes N for node-1 … node-N).
+        #[arg(long, value_delimiter = ',', conflicts_with = "nodes")]
+        names: Vec<String>,
+        /// Number of nodes, named node-1 … node-N.
+        #[arg(long)]
+        nodes: Option<usize>,
+        /// Host names and IP addresses the coordinator's certificate is valid for.
+        #[arg(long, value_delimiter = ',', default_value = "localhost,127.0.0.1")]
+        hosts: Vec<String>,
+    },
     /// Train the same model centrally in this process (the floor a federated run is compared with).
     Baseline {
         #[command(flatten)]
@@ -124,8 +139,19 @@ struct ConfigArgs {
 }
 
 impl ConfigArgs {
-    /// Loads the configuration; `defaults` apply before every flag.
+    /// Loads and validates the configuration; `defaults` apply before every flag.
     fn load(&self, default_listen: Option<&str>, defaults: &[(&str, String)]) -> anyhow::Result<CoordinatorConfig> {
+        let cfg = self.load_unchecked(default_listen, defaults)?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// [`ConfigArgs::load`] without validation (the fleet completes and validates it).
+    fn load_unchecked(
+        &self,
+        default_listen: Option<&str>,
+        defaults: &[(&str, String)],
+    ) -> anyhow::Result<CoordinatorConfig> {
         let mut o: Vec<(String, String)> = defaults.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
         if let Some(l) = self.listen.as_deref().or(default_listen) {
             o.push(("listen".to_string(), format!("\"{l}\"")));
@@ -143,7 +169,7 @@ impl ConfigArgs {
             o.push(("model".into(), format!("\"{m}\"")));
         }
         o.extend(self.overrides.iter().cloned());
-        let mut cfg = CoordinatorConfig::load(self.config.as_deref(), &o)?;
+        let mut cfg = CoordinatorConfig::load_unchecked(self.config.as_deref(), std::env::vars(), &o)?;
         if let Some(f) = self.log_format {
             cfg.log_format = f;
         }
@@ -182,7 +208,7 @@ async fn main() -> anyhow::Result<()> {
                 anyhow::bail!("--adversaries ({adversaries}) must not exceed --nodes ({nodes})");
             }
             // Every node is asked each round; a round starts once all are connected.
-            let cfg = config.load(Some("127.0.0.1:0"), &[("sampling.min_available", nodes.to_string())])?;
+            let cfg = config.load_unchecked(Some("127.0.0.1:0"), &[("sampling.min_available", nodes.to_string())])?;
             fedge_common::telemetry::init(cfg.log_format, "info");
             let opts = FleetOptions {
                 nodes,
@@ -226,6 +252,28 @@ async fn main() -> anyhow::Result<()> {
                 nodes = report.nodes.len(),
                 load_s = format!("{:.2}", report.load_seconds),
                 "partition written; per-node label counts in partition.md"
+            );
+        }
+        Cmd::Certs {
+            out,
+            names,
+            nodes,
+            hosts,
+        } => {
+            fedge_common::telemetry::init(LogFormat::Text, "info");
+            let names = match nodes {
+                Some(n) => (1..=n).map(|i| format!("node-{i}")).collect(),
+                None if names.is_empty() => anyhow::bail!("name the nodes: --names a,b,c or --nodes N"),
+                None => names,
+            };
+            let pki = coordinator::pki::generate(&out, &hosts, &names)?;
+            tracing::info!(
+                ca = %pki.ca.display(),
+                server_cert = %pki.server_cert.display(),
+                tokens = %pki.tokens.display(),
+                nodes = pki.nodes.len(),
+                "development PKI written; each node's files are in {}/nodes/NAME (keep ca.key offline)",
+                out.display()
             );
         }
         Cmd::Baseline {

@@ -279,9 +279,28 @@ pub enum Rejection {
     WrongKind { expected: String, got: String },
     /// The update's L2 norm exceeds `strategy.max_update_norm`.
     NormTooLarge { norm: f64, bound: f64 },
+    /// Another session of this node name is connected.
+    NameInUse { node: String },
 }
 
 impl Rejection {
+    /// A short name of the reason, for counters (`run.json`'s `refusals`).
+    pub fn label(&self) -> &'static str {
+        match self {
+            Rejection::UnknownSession => "unknown_session",
+            Rejection::WrongRound { .. } => "wrong_round",
+            Rejection::WrongBaseVersion { .. } => "wrong_base_version",
+            Rejection::NotSelected { .. } => "not_selected",
+            Rejection::Duplicate { .. } => "duplicate",
+            Rejection::WrongSize { .. } => "wrong_size",
+            Rejection::NonFinite { .. } => "non_finite",
+            Rejection::NoSamples => "no_samples",
+            Rejection::WrongKind { .. } => "wrong_kind",
+            Rejection::NormTooLarge { .. } => "norm_too_large",
+            Rejection::NameInUse { .. } => "name_in_use",
+        }
+    }
+
     /// Whether the update itself was bad (as opposed to its timing or sender).
     pub fn is_content(&self) -> bool {
         matches!(
@@ -335,6 +354,11 @@ impl fmt::Display for Rejection {
             Rejection::NormTooLarge { norm, bound } => {
                 write!(f, "update norm {norm:.4e} exceeds the bound {bound:.4e}")
             }
+            Rejection::NameInUse { node } => write!(
+                f,
+                "node {node} is already connected in another session; a rejoining node presents its previous \
+                 session, and a new process may join once the old connection is gone"
+            ),
         }
     }
 }
@@ -479,7 +503,23 @@ impl RoundMachine {
 
     /// A node (re)joined under `name` with a fresh session token. A rejoin
     /// replaces the node's previous session.
-    pub fn join(&mut self, name: &str, session: &str, num_samples: u64) {
+    ///
+    /// A name whose session is still connected is taken unless the caller
+    /// presents that session (`previous`): two processes cannot share one
+    /// identity, while a node whose connection broke rejoins at once.
+    pub fn join(
+        &mut self,
+        name: &str,
+        session: &str,
+        num_samples: u64,
+        previous: Option<&str>,
+    ) -> Result<(), Rejection> {
+        if let Some(rec) = self.nodes.get(name)
+            && rec.connected
+            && previous != Some(rec.session.as_str())
+        {
+            return Err(Rejection::NameInUse { node: name.to_owned() });
+        }
         let rec = self.nodes.entry(name.to_owned()).or_insert(NodeRecord {
             session: String::new(),
             connected: false,
@@ -490,6 +530,7 @@ impl RoundMachine {
         rec.session = session.to_owned();
         rec.connected = false;
         rec.num_samples = num_samples;
+        Ok(())
     }
 
     /// The node behind `session` opened its instruction stream. Starts a
@@ -1063,7 +1104,7 @@ mod tests {
     fn fleet(m: &mut RoundMachine) -> Vec<Output> {
         let mut last = Vec::new();
         for n in ["a", "b", "c"] {
-            m.join(n, &format!("s-{n}"), 10);
+            m.join(n, &format!("s-{n}"), 10, None).unwrap();
             last = m.connect(&format!("s-{n}"), 0).unwrap();
         }
         last
@@ -1161,7 +1202,7 @@ mod tests {
             let mut out = Vec::new();
             for i in 0..6 {
                 let n = format!("n{i}");
-                m.join(&n, &n, 5);
+                m.join(&n, &n, 5, None).unwrap();
                 out = m.connect(&n, 0).unwrap();
             }
             assigned(&out)
@@ -1218,7 +1259,7 @@ mod tests {
         let mut m = machine(settings(3, 1.0), vec![0.0]);
         fleet(&mut m);
         assert!(m.disconnect("s-b", 1).is_empty() || m.phase() == PhaseKind::Training);
-        m.join("b", "s-b2", 10);
+        m.join("b", "s-b2", 10, None).unwrap();
         assert_eq!(
             submit(&mut m, "s-b", update(1, 0, vec![1.0], 1), 2).unwrap_err(),
             Rejection::UnknownSession
@@ -1227,10 +1268,29 @@ mod tests {
         assert_eq!(assigned(&out), ["b"]);
     }
 
+    #[test]
+    fn a_connected_name_cannot_be_taken_by_another_session() {
+        let mut m = machine(settings(3, 1.0), vec![0.0]);
+        fleet(&mut m);
+        let e = m.join("a", "s-intruder", 10, None).unwrap_err();
+        assert_eq!(e, Rejection::NameInUse { node: "a".into() });
+        assert!(
+            e.to_string()
+                .starts_with("node a is already connected in another session")
+        );
+        assert_eq!(m.join("a", "s-x", 10, Some("s-wrong")).unwrap_err(), e);
+        // The node itself, presenting its session, rejoins at once.
+        m.join("a", "s-a2", 10, Some("s-a")).unwrap();
+        assert_eq!(m.session_of("a"), Some("s-a2"));
+        // Once the old connection is gone, any process may take the name.
+        m.disconnect("s-b", 1);
+        m.join("b", "s-b2", 10, None).unwrap();
+    }
+
     fn four(m: &mut RoundMachine) -> Vec<Output> {
         let mut last = Vec::new();
         for n in ["w", "x", "y", "z"] {
-            m.join(n, &format!("s-{n}"), 10);
+            m.join(n, &format!("s-{n}"), 10, None).unwrap();
             last = m.connect(&format!("s-{n}"), 0).unwrap();
         }
         last

@@ -6,6 +6,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use std::path::PathBuf;
 
@@ -14,14 +15,16 @@ use fedge_common::params::Manifest;
 use fedge_common::pb::{self, PROTOCOL_VERSION};
 use fedge_common::wire::{chunks, metrics_from_wire, tensors_from_wire};
 use prost::Message;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::config::LimitsConfig;
 use crate::driver::{Command, ModelSnapshot, Traffic};
 use crate::intake::{Intake, Received};
 use crate::round::{Body, Rejection, Update, UpdateKind};
+use crate::security::Authenticator;
 
 /// Implements `fedge.v1.Federation`.
 #[derive(Clone)]
@@ -36,6 +39,93 @@ pub struct FederationService {
     /// Where large update payloads are spooled while their round runs.
     pub spool_dir: PathBuf,
     pub chunk_bytes: usize,
+    /// Who may join.
+    pub auth: Arc<Authenticator>,
+    /// Bounds on the uploads being read.
+    pub uploads: UploadLimits,
+}
+
+/// Bounds on update streams: how many are read at once, how many announced
+/// payload bytes they hold together, how long one waits for a slot, and how
+/// long a stream may stay silent.
+#[derive(Debug, Clone)]
+pub struct UploadLimits {
+    slots: Arc<Semaphore>,
+    /// One permit per KiB of announced payload.
+    kib: Arc<Semaphore>,
+    max_kib: u64,
+    queue_timeout: Duration,
+    pub idle_timeout: Duration,
+}
+
+/// What an upload holds while it is read.
+#[derive(Debug)]
+pub struct UploadPermit {
+    _slot: OwnedSemaphorePermit,
+    _bytes: OwnedSemaphorePermit,
+}
+
+impl UploadLimits {
+    pub fn new(c: &LimitsConfig) -> Self {
+        let max_kib = c.max_inflight_bytes.div_ceil(1024).min(Semaphore::MAX_PERMITS as u64);
+        Self {
+            slots: Arc::new(Semaphore::new(c.max_concurrent_uploads as usize)),
+            kib: Arc::new(Semaphore::new(max_kib as usize)),
+            max_kib,
+            queue_timeout: c.upload_queue_timeout,
+            idle_timeout: c.stream_idle_timeout,
+        }
+    }
+
+    /// Waits (up to the queue timeout) until an upload of `payload_bytes`
+    /// fits; refuses one that never could.
+    pub async fn admit(&self, payload_bytes: u64) -> Result<UploadPermit, Status> {
+        let kib = payload_bytes.div_ceil(1024).max(1);
+        if kib > self.max_kib || kib > u64::from(u32::MAX) {
+            return Err(Status::resource_exhausted(format!(
+                "an update of {payload_bytes} bytes exceeds limits.max_inflight_bytes ({} bytes)",
+                self.max_kib * 1024
+            )));
+        }
+        let wait = async {
+            let slot = self.slots.clone().acquire_owned().await;
+            let bytes = self.kib.clone().acquire_many_owned(kib as u32).await;
+            match (slot, bytes) {
+                (Ok(s), Ok(b)) => Ok(UploadPermit { _slot: s, _bytes: b }),
+                _ => Err(Status::unavailable("coordinator is shutting down")),
+            }
+        };
+        tokio::time::timeout(self.queue_timeout, wait).await.map_err(|_| {
+            Status::resource_exhausted(format!(
+                "the coordinator is reading as many uploads as its limits allow; none freed within {:?}, try again",
+                self.queue_timeout
+            ))
+        })?
+    }
+
+    /// The next message of an update stream, or an error if it stays silent
+    /// longer than the idle timeout.
+    pub async fn next<T>(&self, stream: &mut Streaming<T>) -> Result<Option<T>, Status> {
+        tokio::time::timeout(self.idle_timeout, stream.message())
+            .await
+            .map_err(|_| {
+                Status::deadline_exceeded(format!(
+                    "update stream sent nothing for {:?}; upload abandoned",
+                    self.idle_timeout
+                ))
+            })?
+    }
+}
+
+/// A counter label for a refused update stream's status.
+fn status_label(s: &Status) -> &'static str {
+    match s.code() {
+        tonic::Code::DataLoss => "checksum",
+        tonic::Code::ResourceExhausted => "resource_limit",
+        tonic::Code::DeadlineExceeded => "stream_idle",
+        tonic::Code::Cancelled | tonic::Code::Unavailable | tonic::Code::Unknown => "stream_broken",
+        _ => "malformed_payload",
+    }
 }
 
 /// The one mapping from round-logic refusals to gRPC statuses.
@@ -45,7 +135,7 @@ pub fn rejection_status(r: &Rejection) -> Status {
         Rejection::UnknownSession => Status::unauthenticated(msg),
         Rejection::WrongRound { .. } | Rejection::WrongBaseVersion { .. } => Status::failed_precondition(msg),
         Rejection::NotSelected { .. } => Status::permission_denied(msg),
-        Rejection::Duplicate { .. } => Status::already_exists(msg),
+        Rejection::Duplicate { .. } | Rejection::NameInUse { .. } => Status::already_exists(msg),
         Rejection::WrongSize { .. }
         | Rejection::NonFinite { .. }
         | Rejection::NoSamples
@@ -64,6 +154,13 @@ fn payload_status(e: fedge_common::Error) -> Status {
 }
 
 impl FederationService {
+    /// Counts an update stream refused before it reached the round logic.
+    fn refused(&self, status: &Status) {
+        self.traffic.rejected_updates.fetch_add(1, Ordering::Relaxed);
+        self.traffic.count_refusal(status_label(status));
+        tracing::warn!(reason = %status.message(), "update refused");
+    }
+
     async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T, Status> {
         let (tx, rx) = oneshot::channel();
         self.driver
@@ -102,9 +199,19 @@ type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 #[tonic::async_trait]
 impl pb::federation_server::Federation for FederationService {
     async fn join(&self, request: Request<pb::JoinRequest>) -> Result<Response<pb::JoinResponse>, Status> {
+        let claimed = request.get_ref().node_name.trim().to_owned();
+        if let Err(status) = self.auth.check_join(&request, &claimed) {
+            self.traffic.count_refusal(match status.code() {
+                tonic::Code::Unauthenticated => "unauthenticated",
+                _ => "not_allowed",
+            });
+            tracing::warn!(node = %claimed, reason = %status.message(), "join refused");
+            return Err(status);
+        }
         let req = request.into_inner();
         if req.protocol_version != PROTOCOL_VERSION {
             tracing::warn!(node = %req.node_name, theirs = req.protocol_version, ours = PROTOCOL_VERSION, "join refused: protocol version mismatch");
+            self.traffic.count_refusal("protocol_version");
             return Err(Status::failed_precondition(format!(
                 "protocol version mismatch: node speaks v{}, coordinator speaks v{PROTOCOL_VERSION}",
                 req.protocol_version
@@ -125,13 +232,16 @@ impl pb::federation_server::Federation for FederationService {
             )));
         }
         let num_samples = req.num_samples;
+        let previous = Some(req.previous_node_id).filter(|p| !p.is_empty());
         let session = self
             .ask(|reply| Command::Join {
                 name,
                 num_samples,
+                previous,
                 reply,
             })
-            .await?;
+            .await?
+            .map_err(|r| rejection_status(&r))?;
         Ok(Response::new(pb::JoinResponse {
             node_id: session,
             settings: Some(self.settings.clone()),
@@ -226,13 +336,16 @@ impl pb::federation_server::Federation for FederationService {
         request: Request<Streaming<pb::UpdateChunk>>,
     ) -> Result<Response<pb::SubmitAck>, Status> {
         let mut stream = request.into_inner();
-        let first = stream
-            .message()
-            .await?
-            .ok_or_else(|| Status::invalid_argument("empty update stream"))?;
+        let first = match self.uploads.next(&mut stream).await {
+            Ok(Some(first)) => first,
+            Ok(None) => Err(Status::invalid_argument("empty update stream")).inspect_err(|s| self.refused(s))?,
+            Err(s) => Err(s).inspect_err(|s| self.refused(s))?,
+        };
         let mut wire_bytes = first.encoded_len() as u64;
         let Some(pb::update_chunk::Part::Header(header)) = first.part else {
-            return Err(Status::invalid_argument("an update stream must start with its header"));
+            let s = Status::invalid_argument("an update stream must start with its header");
+            self.refused(&s);
+            return Err(s);
         };
         let session = header.node_id.clone();
         let (round, base_version) = (header.round, header.base_version);
@@ -265,6 +378,7 @@ impl pb::federation_server::Federation for FederationService {
             Ok(ok) => ok,
             Err(status) => {
                 self.traffic.rejected_updates.fetch_add(1, Ordering::Relaxed);
+                self.traffic.count_refusal(status_label(&status));
                 tracing::warn!(node = %node, round, reason = %status.message(), "update refused");
                 let _ = self.driver.send(Command::Refuse { session });
                 return Err(status);
@@ -336,8 +450,10 @@ impl FederationService {
         let expected = wire_manifest.payload_bytes;
         let mut intake =
             Intake::new(self.codec, manifest.numel(), sections, expected, &self.spool_dir).map_err(payload_status)?;
+        // Held until the payload is read whole (or refused).
+        let _permit = self.uploads.admit(expected).await?;
         loop {
-            let Some(msg) = stream.message().await? else {
+            let Some(msg) = self.uploads.next(stream).await? else {
                 return Err(Status::invalid_argument(format!(
                     "update stream ended without a trailer after {} of {} payload bytes",
                     intake.received_bytes(),

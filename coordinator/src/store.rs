@@ -75,6 +75,10 @@ pub struct RoundRecord {
     pub bytes_down_by_node: BTreeMap<String, u64>,
     /// Updates refused during the round.
     pub rejected_updates: u64,
+    /// Joins and updates refused during the round, by reason
+    /// (`non_finite`, `checksum`, `unauthenticated`, ...).
+    #[serde(default)]
+    pub refusals: BTreeMap<String, u64>,
     /// From the round's start to the aggregated model, seconds.
     pub train_phase_seconds: f64,
     /// Aggregation and server optimizer step, seconds (part of `train_phase_seconds`).
@@ -416,6 +420,7 @@ mod tests {
             bytes_down: 0,
             bytes_down_by_node: BTreeMap::new(),
             rejected_updates: 0,
+            refusals: BTreeMap::new(),
             train_phase_seconds: 0.0,
             aggregation_seconds: 0.0,
             eval_seconds: 0.0,

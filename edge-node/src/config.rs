@@ -39,10 +39,70 @@ pub struct NodeConfig {
     /// Where the node keeps state across restarts (SCAFFOLD's client control
     /// variate). Unset: kept in memory only, lost when the node restarts.
     pub state_dir: Option<PathBuf>,
+    /// TLS and this node's credentials.
+    pub security: NodeSecurityConfig,
+    /// Emulated uplink speed in bytes per second (0: unlimited), to simulate
+    /// slow device links in local fleets.
+    pub upload_bytes_per_sec: u64,
     /// Robustness experiments only: make this node send corrupted updates.
     pub adversary: AdversaryConfig,
     /// Log output format.
     pub log_format: LogFormat,
+}
+
+/// How the node reaches the coordinator securely and proves its name.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NodeSecurityConfig {
+    /// Allow a plaintext `http://` coordinator URL (development only; the
+    /// node says so loudly). Without it, the URL must be `https://`.
+    pub insecure: bool,
+    /// The CA that signed the coordinator's certificate (PEM).
+    pub ca: Option<PathBuf>,
+    /// This node's client certificate and key (PEM), for mutual TLS.
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    /// The name the coordinator's certificate must carry (default: the URL's host).
+    pub server_name: Option<String>,
+    /// This node's token, sent when it joins (`FEDGE_NODE_SECURITY__TOKEN`).
+    pub token: Option<String>,
+    /// A file holding this node's token (first line).
+    pub token_file: Option<PathBuf>,
+}
+
+impl NodeSecurityConfig {
+    /// The token to present, if one is configured.
+    pub fn token(&self) -> Result<Option<String>> {
+        match (&self.token, &self.token_file) {
+            (Some(t), _) => Ok(Some(t.trim().to_owned())),
+            (None, Some(path)) => Ok(Some(fedge_common::security::read_token_file(path)?)),
+            (None, None) => Ok(None),
+        }
+    }
+
+    fn validate(&self, url: &str) -> Result<()> {
+        let bad = |m: String| Err(Error::Config(format!("security: {m}")));
+        let https = url.starts_with("https://");
+        if !https && !self.insecure {
+            return bad(format!(
+                "the coordinator URL `{url}` is plaintext http://; use https:// with security.ca, \
+                 or set security.insecure = true (development only)"
+            ));
+        }
+        if https && self.ca.is_none() {
+            return bad("an https:// coordinator needs security.ca, the CA that signed its certificate".into());
+        }
+        if self.cert.is_some() != self.key.is_some() {
+            return bad("cert and key go together; set both or neither".into());
+        }
+        if self.token.is_some() && self.token_file.is_some() {
+            return bad("set token or token_file, not both".into());
+        }
+        if self.token.as_deref().is_some_and(|t| t.trim().is_empty()) {
+            return bad("token must not be empty".into());
+        }
+        Ok(())
+    }
 }
 
 /// A simulated Byzantine node, to measure how an aggregator copes.
@@ -161,6 +221,8 @@ impl Default for NodeConfig {
             reconnect: ReconnectConfig::default(),
             record_dir: None,
             state_dir: None,
+            security: NodeSecurityConfig::default(),
+            upload_bytes_per_sec: 0,
             adversary: AdversaryConfig::default(),
             log_format: LogFormat::Text,
         }
@@ -244,7 +306,7 @@ impl NodeConfig {
                 "reconnect.initial must be positive and at most reconnect.max".into(),
             ));
         }
-        Ok(())
+        self.security.validate(&self.coordinator)
     }
 }
 
@@ -255,10 +317,14 @@ mod tests {
     #[test]
     fn the_example_file_lists_the_defaults() {
         let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("edge-node.example.toml");
+        let mut insecure = NodeConfig::default();
+        insecure.security.insecure = true;
         assert_eq!(
-            NodeConfig::load_with_env(Some(&example), [], &[]).unwrap(),
-            NodeConfig::default()
+            NodeConfig::load_with_env(Some(&example), [], &[("security.insecure".into(), "true".into())]).unwrap(),
+            insecure
         );
+        let err = NodeConfig::default().validate().unwrap_err().to_string();
+        assert!(err.contains("is plaintext http://"), "{err}");
     }
 
     #[test]

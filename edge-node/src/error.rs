@@ -14,9 +14,9 @@ pub enum Error {
     #[error("invalid configuration: {0}")]
     Config(String),
 
-    /// The coordinator could not be reached.
+    /// The coordinator could not be reached (the transport error and its causes).
     #[error("connecting to the coordinator: {0}")]
-    Connect(#[from] tonic::transport::Error),
+    Connect(String),
 
     /// The coordinator answered with an error status.
     #[error("coordinator: {}: {}", .0.code(), .0.message())]

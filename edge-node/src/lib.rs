@@ -5,6 +5,7 @@
 //!
 //! - [`config`]: [`NodeConfig`], loaded from defaults, a TOML file,
 //!   `FEDGE_NODE_*` variables and flags.
+//! - [`connect`]: the channel to the coordinator (TLS, keepalives).
 //! - [`session`]: one connection's life: join, instructions, fetch, train, submit.
 //! - [`trainer`]: the training thread that owns the data and the `VarStore`.
 //! - [`backoff`]: reconnect delays with jitter.
@@ -13,6 +14,7 @@
 
 pub mod backoff;
 pub mod config;
+pub mod connect;
 mod error;
 pub mod session;
 pub mod trainer;
@@ -67,6 +69,13 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> Resu
         ?device,
         "local data loaded"
     );
+    if config.coordinator.starts_with("http://") {
+        tracing::warn!(
+            coordinator = %config.coordinator,
+            "INSECURE: plaintext connection to the coordinator (security.insecure = true); this node's updates \
+             and credentials cross the network unencrypted. Use this on one machine only."
+        );
+    }
     if config.adversary.kind != crate::config::AdversaryKind::None {
         tracing::warn!(
             kind = ?config.adversary.kind,

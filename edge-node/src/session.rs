@@ -4,7 +4,6 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
 
 use fedge_common::codec::Codec;
 use fedge_common::model::ModelKind;
@@ -46,6 +45,8 @@ pub struct NodeStats {
     pub bytes_down: u64,
     /// Successful joins (a change means the reconnect backoff can reset).
     pub joins: u64,
+    /// The session of the last join, presented when rejoining.
+    pub session: Option<String>,
 }
 
 /// Everything a session needs from the node.
@@ -61,25 +62,33 @@ pub struct SessionCtx<'a> {
 
 /// Runs one session until the coordinator stops the run or the stream ends.
 pub async fn run_session(ctx: SessionCtx<'_>) -> Result<SessionEnd> {
-    let channel = tonic::transport::Endpoint::from_shared(ctx.config.coordinator.clone())
-        .map_err(|e| Error::Config(format!("coordinator URL `{}`: {e}", ctx.config.coordinator)))?
-        .connect_timeout(Duration::from_secs(5))
-        .http2_keep_alive_interval(Duration::from_secs(20))
-        .keep_alive_timeout(Duration::from_secs(20))
-        .keep_alive_while_idle(true)
+    let channel = crate::connect::endpoint(ctx.config)?
         .connect()
-        .await?;
+        .await
+        .map_err(|e| Error::Connect(fedge_common::security::error_chain(&e)))?;
     let mut client = FederationClient::new(channel).max_decoding_message_size(8 << 20);
+    let mut join = tonic::Request::new(pb::JoinRequest {
+        protocol_version: PROTOCOL_VERSION,
+        node_name: ctx.config.name.clone(),
+        num_samples: ctx.num_samples,
+        models: ModelKind::known_names().into_iter().map(String::from).collect(),
+        previous_node_id: ctx.stats.session.clone().unwrap_or_default(),
+    });
+    if let Some(token) = ctx.config.security.token()? {
+        let value = tonic::metadata::MetadataValue::try_from(format!("Bearer {token}"))
+            .map_err(|_| Error::Config("security.token holds characters a header cannot carry".into()))?;
+        join.metadata_mut()
+            .insert(fedge_common::security::TOKEN_METADATA, value);
+    }
     let joined = client
-        .join(pb::JoinRequest {
-            protocol_version: PROTOCOL_VERSION,
-            node_name: ctx.config.name.clone(),
-            num_samples: ctx.num_samples,
-            models: ModelKind::known_names().into_iter().map(String::from).collect(),
-        })
+        .join(join)
         .await
         .map_err(|s| match s.code() {
-            tonic::Code::FailedPrecondition | tonic::Code::InvalidArgument => Error::Refused(s.message().to_owned()),
+            // Refusals that a retry cannot fix.
+            tonic::Code::FailedPrecondition
+            | tonic::Code::InvalidArgument
+            | tonic::Code::Unauthenticated
+            | tonic::Code::PermissionDenied => Error::Refused(s.message().to_owned()),
             _ => Error::Status(s),
         })?
         .into_inner();
@@ -104,6 +113,7 @@ pub async fn run_session(ctx: SessionCtx<'_>) -> Result<SessionEnd> {
         };
     }
     let session = joined.node_id;
+    ctx.stats.session = Some(session.clone());
     let codec = match &settings.update_codec {
         Some(c) => Codec::try_from(c)?,
         None => Codec::F32,
@@ -259,36 +269,105 @@ async fn handle_task(
     let trailer = pb::UpdateChunk {
         part: Some(pb::update_chunk::Part::Trailer(pb::Trailer { crc32: crc32(&payload) })),
     };
+    // An emulated slow link sends smaller chunks, about four a second.
+    let chunk_bytes = match config.upload_bytes_per_sec {
+        0 => fedge_common::wire::DEFAULT_CHUNK_BYTES,
+        rate => (rate as usize / 4).clamp(4096, fedge_common::wire::DEFAULT_CHUNK_BYTES),
+    };
     let mut msgs = vec![header];
-    msgs.extend(
-        chunks(&payload, fedge_common::wire::DEFAULT_CHUNK_BYTES).map(|c| pb::UpdateChunk {
-            part: Some(pb::update_chunk::Part::Data(c)),
-        }),
-    );
+    msgs.extend(chunks(&payload, chunk_bytes).map(|c| pb::UpdateChunk {
+        part: Some(pb::update_chunk::Part::Data(c)),
+    }));
     msgs.push(trailer);
     let sent: u64 = msgs.iter().map(|m| prost::Message::encoded_len(m) as u64).sum();
-    match client.submit_update(tokio_stream::iter(msgs)).await {
-        Ok(ack) => {
-            stats.rounds_trained += 1;
-            stats.bytes_up += sent;
-            tracing::info!(
-                round,
-                bytes = sent,
-                payload_bytes = payload.len(),
-                codec = %run.codec,
-                compression = format!("{:.1}x", (values * 4) as f64 / payload.len().max(1) as f64),
-                accepted_in_round = ack.get_ref().accepted_in_round,
-                "update submitted"
-            );
-            Ok(())
-        }
-        Err(s) if s.code() == tonic::Code::Unauthenticated => Err(Error::Status(s)),
-        Err(s) => {
-            // The round moved on or the update was refused: wait for the next task.
-            tracing::warn!(round, code = ?s.code(), reason = s.message(), "update refused");
-            Ok(())
+    // Transient failures (a lost connection or acknowledgement, a full
+    // coordinator) are retried with backoff; the coordinator counts an
+    // update once, so a resend it already has comes back ALREADY_EXISTS.
+    let mut backoff = crate::backoff::Backoff::new(config.reconnect.initial, config.reconnect.max);
+    let mut attempt = 1;
+    loop {
+        let result = client
+            .submit_update(upload_stream(msgs.clone(), config.upload_bytes_per_sec))
+            .await;
+        match result {
+            Ok(ack) => {
+                stats.rounds_trained += 1;
+                stats.bytes_up += sent;
+                tracing::info!(
+                    round,
+                    bytes = sent,
+                    payload_bytes = payload.len(),
+                    codec = %run.codec,
+                    compression = format!("{:.1}x", (values * 4) as f64 / payload.len().max(1) as f64),
+                    accepted_in_round = ack.get_ref().accepted_in_round,
+                    attempt,
+                    "update submitted"
+                );
+                return Ok(());
+            }
+            Err(s) if s.code() == tonic::Code::AlreadyExists && attempt > 1 => {
+                // The earlier attempt arrived; only its acknowledgement was lost.
+                stats.rounds_trained += 1;
+                tracing::info!(round, attempt, "update already counted (an earlier attempt arrived)");
+                return Ok(());
+            }
+            Err(s) if s.code() == tonic::Code::Unauthenticated => return Err(Error::Status(s)),
+            Err(s) if retryable(s.code()) && attempt < SUBMIT_ATTEMPTS => {
+                let delay = backoff.next_delay();
+                tracing::warn!(
+                    round,
+                    attempt,
+                    code = ?s.code(),
+                    reason = s.message(),
+                    retry_in_ms = delay.as_millis() as u64,
+                    "update not delivered; retrying"
+                );
+                tokio::time::sleep(delay).await;
+                attempt += 1;
+            }
+            Err(s) => {
+                // The round moved on or the update was refused: wait for the next task.
+                tracing::warn!(round, code = ?s.code(), reason = s.message(), "update refused");
+                return Ok(());
+            }
         }
     }
+}
+
+/// Attempts at delivering one update.
+const SUBMIT_ATTEMPTS: u32 = 5;
+
+/// Statuses after which the same update may be sent again.
+fn retryable(code: tonic::Code) -> bool {
+    matches!(
+        code,
+        tonic::Code::Unavailable
+            | tonic::Code::ResourceExhausted
+            | tonic::Code::Unknown
+            | tonic::Code::Cancelled
+            | tonic::Code::DeadlineExceeded
+            | tonic::Code::Internal
+    )
+}
+
+type ChunkStream = std::pin::Pin<Box<dyn tokio_stream::Stream<Item = pb::UpdateChunk> + Send>>;
+
+/// The update's messages as a stream, paced to `bytes_per_sec` when set.
+fn upload_stream(msgs: Vec<pb::UpdateChunk>, bytes_per_sec: u64) -> ChunkStream {
+    if bytes_per_sec == 0 {
+        return Box::pin(tokio_stream::iter(msgs));
+    }
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tokio::spawn(async move {
+        for m in msgs {
+            let secs = prost::Message::encoded_len(&m) as f64 / bytes_per_sec as f64;
+            tokio::time::sleep(std::time::Duration::from_secs_f64(secs)).await;
+            if tx.send(m).await.is_err() {
+                return;
+            }
+        }
+    });
+    Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
 }
 
 /// Fetches one part (parameters, or SCAFFOLD's server control variate) of

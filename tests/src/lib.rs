@@ -156,6 +156,9 @@ pub fn coordinator_args(port: u16, out: &Path, extra: &[(&str, String)]) -> Vec<
         format!("127.0.0.1:{port}"),
         "--out-dir".into(),
         out.display().to_string(),
+        // Plaintext on loopback; tests/tests/security.rs runs TLS.
+        "--set".into(),
+        "security.insecure=true".into(),
     ];
     args.extend(sets(extra));
     args
@@ -174,6 +177,8 @@ pub fn node_args(port: u16, name: &str, partition: &str, extra: &[(&str, String)
         "1".into(),
         "--set".into(),
         "reconnect.max=\"1s\"".into(),
+        "--set".into(),
+        "security.insecure=true".into(),
     ];
     args.extend(sets(extra));
     args

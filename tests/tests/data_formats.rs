@@ -105,6 +105,8 @@ fn a_partitioned_mnist_fleet_trains_the_mnist_cnn() -> anyhow::Result<()> {
         "sampling.min_available=3",
         "--set",
         "train.learning_rate=0.02",
+        "--set",
+        "security.insecure=true",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -124,6 +126,8 @@ fn a_partitioned_mnist_fleet_trains_the_mnist_cnn() -> anyhow::Result<()> {
             "1",
             "--set",
             "holdout=0.1",
+            "--set",
+            "security.insecure=true",
         ]
         .iter()
         .map(|s| s.to_string())

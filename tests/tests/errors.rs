@@ -16,6 +16,8 @@ fn start_coordinator(dir: &Path, port: u16) -> anyhow::Result<Daemon> {
         &dir.join("run").display().to_string(),
         "--set",
         "data.synthetic_test_samples=50",
+        "--set",
+        "security.insecure=true",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -39,6 +41,7 @@ fn join(version: u32, name: &str, models: &[&str]) -> pb::JoinRequest {
         node_name: name.into(),
         num_samples: 10,
         models: models.iter().map(|m| m.to_string()).collect(),
+        ..Default::default()
     }
 }
 
@@ -145,14 +148,22 @@ fn malformed_configuration_is_reported_before_anything_starts() -> anyhow::Resul
     assert!(!status.success());
     assert!(err.contains("sampling.min_nodes must be at least 1"), "{err}");
 
-    let (status, err) = run_to_end("edge-node", &["--partition", "4/3"])?;
+    let (status, err) = run_to_end("edge-node", &["--partition", "4/3", "--set", "security.insecure=true"])?;
     assert!(!status.success());
     assert!(
         err.contains("partition index must be below the partition count, got 4/3"),
         "{err}"
     );
 
-    let (status, err) = run_to_end("edge-node", &["--data-path", tmp.path().to_str().unwrap()])?;
+    let (status, err) = run_to_end(
+        "edge-node",
+        &[
+            "--data-path",
+            tmp.path().to_str().unwrap(),
+            "--set",
+            "security.insecure=true",
+        ],
+    )?;
     assert!(!status.success());
     assert!(err.contains("no data set found here"), "{err}");
     Ok(())

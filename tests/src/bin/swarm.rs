@@ -87,6 +87,7 @@ async fn join(client: &mut FederationClient<Channel>, name: &str, samples: u64) 
             node_name: name.into(),
             num_samples: samples,
             models: ModelKind::known_names().into_iter().map(String::from).collect(),
+            ..Default::default()
         })
         .await
         .with_context(|| format!("{name}: join"))?;

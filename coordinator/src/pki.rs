@@ -1,0 +1,203 @@
+//! A development PKI (`coordinator certs`): a CA, the coordinator's server
+//! certificate, and per node a client certificate (common name = node
+//! name) and a bearer token, with the coordinator's token file holding only
+//! the tokens' hashes. Production fleets bring their own CA; the layout is
+//! the same.
+//!
+//! ```text
+//! DIR/ca.pem  ca.key                 the CA (keep ca.key offline)
+//! DIR/coordinator.pem coordinator.key   server certificate for `hosts`
+//! DIR/tokens.toml                    node name = "sha256:…" (coordinator side)
+//! DIR/nodes/NAME/{ca.pem,cert.pem,key.pem,token}   what node NAME needs
+//! ```
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use fedge_common::security::{hash_token, new_token};
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    SanType,
+};
+
+use crate::{Error, Result};
+
+/// What [`generate`] wrote.
+#[derive(Debug, Clone)]
+pub struct Pki {
+    pub dir: PathBuf,
+    pub ca: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    pub tokens: PathBuf,
+    /// Per node: its folder (`ca.pem`, `cert.pem`, `key.pem`, `token`).
+    pub nodes: Vec<(String, PathBuf)>,
+}
+
+impl Pki {
+    /// The files of an existing PKI folder (as [`generate`] lays it out).
+    pub fn at(dir: &Path, nodes: &[String]) -> Self {
+        Self {
+            dir: dir.to_path_buf(),
+            ca: dir.join("ca.pem"),
+            server_cert: dir.join("coordinator.pem"),
+            server_key: dir.join("coordinator.key"),
+            tokens: dir.join("tokens.toml"),
+            nodes: nodes.iter().map(|n| (n.clone(), dir.join("nodes").join(n))).collect(),
+        }
+    }
+}
+
+fn rc(e: rcgen::Error) -> Error {
+    Error::Config(format!("generating certificates: {e}"))
+}
+
+fn write(path: &Path, data: &[u8], secret: bool) -> Result<()> {
+    fedge_common::fsutil::write_atomic(path, data)?;
+    if secret {
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(|e| Error::Io {
+                context: format!("restricting {}", path.display()),
+                source: e,
+            })?;
+        }
+    }
+    Ok(())
+}
+
+/// Writes a CA, a server certificate valid for `hosts` (DNS names or IP
+/// addresses) and a certificate plus token for each of `nodes` into `dir`.
+/// Refuses to overwrite an existing CA.
+pub fn generate(dir: &Path, hosts: &[String], nodes: &[String]) -> Result<Pki> {
+    if dir.join("ca.pem").exists() {
+        return Err(Error::Config(format!(
+            "{} already holds a CA (ca.pem); choose another folder or remove it first",
+            dir.display()
+        )));
+    }
+    if hosts.is_empty() {
+        return Err(Error::Config(
+            "the coordinator's certificate needs at least one host name".into(),
+        ));
+    }
+    for n in nodes {
+        if n.is_empty() || n.contains(['/', '\\']) || n.starts_with('.') {
+            return Err(Error::Config(format!("node name {n:?} cannot name a folder")));
+        }
+    }
+    std::fs::create_dir_all(dir.join("nodes")).map_err(|e| Error::Io {
+        context: format!("creating {}", dir.display()),
+        source: e,
+    })?;
+    let pki = Pki::at(dir, nodes);
+
+    let ca_key = KeyPair::generate().map_err(rc)?;
+    let mut ca_params = CertificateParams::default();
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "fedge development CA");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let ca_cert = ca_params.self_signed(&ca_key).map_err(rc)?;
+    let ca_pem = ca_cert.pem();
+    write(&pki.ca, ca_pem.as_bytes(), false)?;
+    write(&dir.join("ca.key"), ca_key.serialize_pem().as_bytes(), true)?;
+    let issuer = Issuer::new(ca_params, ca_key);
+
+    let mut server = CertificateParams::default();
+    server.distinguished_name.push(DnType::CommonName, "fedge coordinator");
+    for h in hosts {
+        server.subject_alt_names.push(match h.parse::<IpAddr>() {
+            Ok(ip) => SanType::IpAddress(ip),
+            Err(_) => SanType::DnsName(h.clone().try_into().map_err(rc)?),
+        });
+    }
+    server.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    let server_key = KeyPair::generate().map_err(rc)?;
+    let server_cert = server.signed_by(&server_key, &issuer).map_err(rc)?;
+    write(&pki.server_cert, server_cert.pem().as_bytes(), false)?;
+    write(&pki.server_key, server_key.serialize_pem().as_bytes(), true)?;
+
+    let mut tokens = String::from(
+        "# fedge node tokens, stored hashed: node name = \"sha256:<hex of SHA-256(token)>\".\n\
+         # Point security.tokens at this file (with security.node_auth = \"token\").\n[nodes]\n",
+    );
+    for (name, folder) in &pki.nodes {
+        std::fs::create_dir_all(folder).map_err(|e| Error::Io {
+            context: format!("creating {}", folder.display()),
+            source: e,
+        })?;
+        let mut p = CertificateParams::default();
+        p.distinguished_name.push(DnType::CommonName, name.as_str());
+        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let key = KeyPair::generate().map_err(rc)?;
+        let cert = p.signed_by(&key, &issuer).map_err(rc)?;
+        write(&folder.join("cert.pem"), cert.pem().as_bytes(), false)?;
+        write(&folder.join("key.pem"), key.serialize_pem().as_bytes(), true)?;
+        write(&folder.join("ca.pem"), ca_pem.as_bytes(), false)?;
+        let token = new_token();
+        write(&folder.join("token"), format!("{token}\n").as_bytes(), true)?;
+        tokens.push_str(&format!("{} = \"{}\"\n", toml_key(name), hash_token(&token)));
+    }
+    write(&pki.tokens, tokens.as_bytes(), false)?;
+    Ok(pki)
+}
+
+/// A TOML key for `name`: bare when it can be, quoted otherwise.
+fn toml_key(name: &str) -> String {
+    if name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        name.to_owned()
+    } else {
+        format!("{name:?}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::security::load_tokens;
+
+    #[test]
+    fn writes_a_ca_server_and_node_credentials_with_hashed_tokens() {
+        let dir = tempfile::tempdir().unwrap();
+        let nodes = vec!["node-1".to_string(), "cam 7".to_string()];
+        let pki = generate(dir.path(), &["localhost".into(), "127.0.0.1".into()], &nodes).unwrap();
+        let tokens = load_tokens(&pki.tokens).unwrap();
+        assert_eq!(tokens.len(), 2);
+        for (name, folder) in &pki.nodes {
+            let token = std::fs::read_to_string(folder.join("token")).unwrap();
+            assert!(fedge_common::security::token_matches(token.trim(), &tokens[name]));
+            for f in ["ca.pem", "cert.pem", "key.pem"] {
+                assert!(folder.join(f).is_file(), "{f}");
+            }
+            let der = pem_der(&folder.join("cert.pem"));
+            let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
+            let cn = cert.subject().iter_common_name().next().unwrap().as_str().unwrap();
+            assert_eq!(cn, name);
+        }
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(dir.path().join("ca.key"))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+        let again = generate(dir.path(), &["localhost".into()], &nodes)
+            .unwrap_err()
+            .to_string();
+        assert!(again.contains("already holds a CA"), "{again}");
+    }
+
+    fn pem_der(path: &Path) -> Vec<u8> {
+        let text = std::fs::read_to_string(path).unwrap();
+        let (_, pem) = x509_parser::pem::parse_x509_pem(text.as_bytes()).unwrap();
+        pem.contents
+    }
+}
