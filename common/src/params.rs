@@ -196,9 +196,15 @@ pub struct LoadedParams {
 /// Reads a safetensors file of f32 tensors, ordered by name.
 pub fn load_safetensors(path: &Path) -> Result<LoadedParams> {
     let data = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let (_, meta) = SafeTensors::read_metadata(&data)?;
+    parse_safetensors(&data)
+}
+
+/// Parses safetensors bytes holding f32 tensors, ordered by name; any other
+/// content is an error, never a panic (fuzzed: `tests/fuzz`).
+pub fn parse_safetensors(data: &[u8]) -> Result<LoadedParams> {
+    let (_, meta) = SafeTensors::read_metadata(data)?;
     let metadata = meta.metadata().clone().unwrap_or_default();
-    let st = SafeTensors::deserialize(&data)?;
+    let st = SafeTensors::deserialize(data)?;
     let mut names: Vec<String> = st.names().into_iter().map(str::to_owned).collect();
     names.sort();
     let mut manifest = Manifest::default();

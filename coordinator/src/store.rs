@@ -18,7 +18,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use fedge_common::fsutil::write_atomic;
-use fedge_common::params::{Manifest, TensorMeta, load_safetensors, save_safetensors, save_tensors};
+use fedge_common::params::{Manifest, TensorMeta, parse_safetensors, save_safetensors, save_tensors};
 use serde::{Deserialize, Serialize};
 
 use crate::config::CoordinatorConfig;
@@ -261,57 +261,20 @@ impl RunStore {
         let store = Self::create(dir, keep_round_models, manifest, history)?;
         let round = store.history.rounds.last().map_or(0, |r| r.round);
         let file = store.checkpoint_path(round);
-        let loaded = load_safetensors(&file)
-            .map_err(|e| Error::Checkpoint(format!("cannot read the checkpoint of round {round} ({e})")))?;
-        if loaded.metadata.get("run_id") != Some(&store.history.run_id) {
-            return Err(Error::Checkpoint(format!(
-                "{} belongs to another run than {}",
+        let bytes = std::fs::read(&file).map_err(|e| {
+            Error::Checkpoint(format!(
+                "cannot read the checkpoint of round {round} ({}: {e})",
+                file.display()
+            ))
+        })?;
+        let checkpoint = parse_checkpoint(&bytes, &store.manifest, &store.history.run_id, round).map_err(|e| {
+            Error::Checkpoint(format!(
+                "{}: {}",
                 file.display(),
-                path.display()
-            )));
-        }
-        let steps = loaded
-            .metadata
-            .get("server_steps")
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0);
-        let mut global = Vec::with_capacity(store.manifest.numel());
-        let mut strategy = BTreeMap::new();
-        let mut offset = 0;
-        let mut model_tensors = Manifest::default();
-        for t in &loaded.manifest.tensors {
-            let n = t.numel();
-            let values = &loaded.values[offset..offset + n];
-            offset += n;
-            if let Some(name) = t.name.strip_prefix("model/") {
-                model_tensors.tensors.push(TensorMeta {
-                    name: name.to_owned(),
-                    shape: t.shape.clone(),
-                });
-                global.extend_from_slice(values);
-            } else if let Some(name) = t.name.strip_prefix("strategy/") {
-                strategy.insert(name.to_owned(), values.to_vec());
-            }
-        }
-        if model_tensors != store.manifest {
-            return Err(Error::Checkpoint(format!(
-                "{} holds a model of {} parameters in {} tensors; this run's model has {} in {}",
-                file.display(),
-                model_tensors.numel(),
-                model_tensors.tensors.len(),
-                store.manifest.numel(),
-                store.manifest.tensors.len()
-            )));
-        }
-        Ok(Some((
-            store,
-            Checkpoint {
-                round,
-                global,
-                strategy,
-                server_steps: steps,
-            },
-        )))
+                e.to_string().trim_start_matches("checkpoint: ")
+            ))
+        })?;
+        Ok(Some((store, checkpoint)))
     }
 
     /// Metadata stored in every checkpoint file.
@@ -372,6 +335,55 @@ pub fn federated_eval(contributions: &[crate::round::Contribution]) -> Option<fe
             accuracy: w(|e| e.accuracy),
             examples,
         }
+    })
+}
+
+/// Reads a checkpoint file's bytes: the global model (checked against
+/// `manifest`) and the strategy state of round `round` of run `run_id`.
+/// Corrupt or foreign bytes are an error, never a panic (fuzzed: `tests/fuzz`).
+pub fn parse_checkpoint(bytes: &[u8], manifest: &Manifest, run_id: &str, round: u64) -> Result<Checkpoint> {
+    let loaded = parse_safetensors(bytes)
+        .map_err(|e| Error::Checkpoint(format!("cannot read the checkpoint of round {round} ({e})")))?;
+    if loaded.metadata.get("run_id").map(String::as_str) != Some(run_id) {
+        return Err(Error::Checkpoint(format!("it belongs to another run than {run_id}")));
+    }
+    let steps = loaded
+        .metadata
+        .get("server_steps")
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let mut global = Vec::with_capacity(manifest.numel());
+    let mut strategy = BTreeMap::new();
+    let mut offset = 0;
+    let mut model_tensors = Manifest::default();
+    for t in &loaded.manifest.tensors {
+        let n = t.numel();
+        let values = &loaded.values[offset..offset + n];
+        offset += n;
+        if let Some(name) = t.name.strip_prefix("model/") {
+            model_tensors.tensors.push(TensorMeta {
+                name: name.to_owned(),
+                shape: t.shape.clone(),
+            });
+            global.extend_from_slice(values);
+        } else if let Some(name) = t.name.strip_prefix("strategy/") {
+            strategy.insert(name.to_owned(), values.to_vec());
+        }
+    }
+    if &model_tensors != manifest {
+        return Err(Error::Checkpoint(format!(
+            "it holds a model of {} parameters in {} tensors; this run's model has {} in {}",
+            model_tensors.numel(),
+            model_tensors.tensors.len(),
+            manifest.numel(),
+            manifest.tensors.len()
+        )));
+    }
+    Ok(Checkpoint {
+        round,
+        global,
+        strategy,
+        server_steps: steps,
     })
 }
 
@@ -479,7 +491,8 @@ mod tests {
         std::fs::write(dir.path().join("checkpoint/round-0002.safetensors"), b"garbage").unwrap();
         let err = RunStore::resume(dir.path(), false, manifest()).unwrap_err().to_string();
         assert!(
-            err.starts_with("checkpoint: cannot read the checkpoint of round 2"),
+            err.starts_with("checkpoint: ")
+                && err.contains("round-0002.safetensors: cannot read the checkpoint of round 2"),
             "{err}"
         );
 
