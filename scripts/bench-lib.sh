@@ -10,7 +10,8 @@ bench_setup() {
     cargo build --release --bins
     bin=$(mktemp -d)
     trap 'rm -rf "$bin"' EXIT
-    cp target/release/coordinator target/release/edge-node "$bin/"
+    rel=${CARGO_TARGET_DIR:-target}/release
+    cp "$rel/coordinator" "$rel/edge-node" "$bin/"
 }
 
 # bench_fleet OUT NAME NODES ROUNDS [coordinator fleet arguments...]

@@ -12,9 +12,9 @@ data=$(scripts/get-cifar10.sh)
 cargo build --release --bins
 out=${1:-runs/bench-s1}
 rm -rf "$out"
-target/release/coordinator fleet --nodes 8 --rounds 10 --data-path "$data" --out-dir "$out" \
+"${CARGO_TARGET_DIR:-target}"/release/coordinator fleet --nodes 8 --rounds 10 --data-path "$data" --out-dir "$out" \
     --set sampling.min_nodes=8 --set train.epochs=1 --set train.batch_size=32 \
     --set train.learning_rate=0.05 --set train.momentum=0.9
-target/release/coordinator baseline --data-path "$data" --out-dir "$out" --epochs 1 --threads 2 \
+"${CARGO_TARGET_DIR:-target}"/release/coordinator baseline --data-path "$data" --out-dir "$out" --epochs 1 --threads 2 \
     --set train.batch_size=32 --set train.learning_rate=0.05 --set train.momentum=0.9
 python3 scripts/bench-summary.py "$out"

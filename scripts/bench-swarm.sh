@@ -19,7 +19,8 @@ codec=${4:-f32}
 out=${5:-runs/bench-swarm/$model-$nodes-$codec}
 bin=$(mktemp -d)
 trap 'rm -rf "$bin"; kill $(jobs -p) 2>/dev/null || true' EXIT
-cp target/release/coordinator target/release/fedge-swarm "$bin/"
+rel=${CARGO_TARGET_DIR:-target}/release
+cp "$rel/coordinator" "$rel/fedge-swarm" "$bin/"
 rm -rf "$out"
 mkdir -p "$out"
 port=$((20000 + RANDOM % 20000))

@@ -13,4 +13,4 @@ repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$repo"
 scripts/install-libtorch.sh
 cargo build --release --bins
-exec target/release/coordinator fleet --nodes "${FEDGE_NODES:-4}" "$@"
+exec "${CARGO_TARGET_DIR:-target}"/release/coordinator fleet --nodes "${FEDGE_NODES:-4}" "$@"

@@ -359,9 +359,15 @@ pub fn update_manifest(m: &Manifest, codec: &Codec, payload_bytes: u64) -> pb::M
     }
 }
 
-/// The tensors a wire manifest lists, checked for negative dimensions.
+/// Most values a manifest may list (2^40: 4 TiB of f32), so that sizes
+/// computed from shapes never overflow.
+pub const MAX_MANIFEST_VALUES: u64 = 1 << 40;
+
+/// The tensors a wire manifest lists, checked for negative dimensions and
+/// for sizes that would overflow.
 pub fn tensors_from_wire(m: &pb::Manifest) -> Result<Manifest> {
     let mut tensors = Vec::with_capacity(m.tensors.len());
+    let mut total: u64 = 0;
     for t in &m.tensors {
         if t.shape.iter().any(|&d| d < 0) {
             return Err(Error::Payload(format!(
@@ -369,6 +375,18 @@ pub fn tensors_from_wire(m: &pb::Manifest) -> Result<Manifest> {
                 t.name, t.shape
             )));
         }
+        total = t
+            .shape
+            .iter()
+            .try_fold(1u64, |acc, &d| acc.checked_mul(d as u64))
+            .and_then(|n| total.checked_add(n))
+            .filter(|&n| n <= MAX_MANIFEST_VALUES)
+            .ok_or_else(|| {
+                Error::Payload(format!(
+                    "tensor `{}` of shape {:?} takes the manifest past {MAX_MANIFEST_VALUES} values",
+                    t.name, t.shape
+                ))
+            })?;
         tensors.push(TensorMeta {
             name: t.name.clone(),
             shape: t.shape.clone(),
@@ -404,6 +422,27 @@ impl TryFrom<&pb::Manifest> for Manifest {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn manifests_whose_sizes_would_overflow_are_refused() {
+        let m = pb::Manifest {
+            tensors: vec![pb::TensorSpec {
+                name: "w".into(),
+                shape: vec![i64::MAX, 16],
+            }],
+            ..Default::default()
+        };
+        let err = tensors_from_wire(&m).unwrap_err().to_string();
+        assert!(err.contains("takes the manifest past"), "{err}");
+        let m = pb::Manifest {
+            tensors: vec![pb::TensorSpec {
+                name: "w".into(),
+                shape: vec![3, 4],
+            }],
+            ..Default::default()
+        };
+        assert_eq!(tensors_from_wire(&m).unwrap().numel(), 12);
+    }
 
     fn read_back(payload: &Bytes, chunk: usize, crc: u32) -> Result<Vec<f32>> {
         let mut r = PayloadReader::new(payload.len() as u64)?;

@@ -583,10 +583,16 @@ pub struct LimitsConfig {
     /// Announced payload bytes of the updates being read at once; an upload
     /// waits until its bytes fit, and one larger than this is refused.
     pub max_inflight_bytes: u64,
-    /// How long an upload may wait for a slot before it is refused
-    /// (`RESOURCE_EXHAUSTED`; the node retries).
+    /// Model downloads streamed at once; more wait for a slot.
+    pub max_concurrent_downloads: u32,
+    /// How long an upload or download may wait for a slot before it is
+    /// refused (`RESOURCE_EXHAUSTED`; the node retries).
     #[serde(with = "humantime_serde")]
-    pub upload_queue_timeout: Duration,
+    pub queue_timeout: Duration,
+    /// A download holds its slot at most this long (a client that stops
+    /// reading cannot keep others waiting).
+    #[serde(with = "humantime_serde")]
+    pub download_slot_timeout: Duration,
     /// An update stream that sends nothing for this long is dropped.
     #[serde(with = "humantime_serde")]
     pub stream_idle_timeout: Duration,
@@ -594,6 +600,15 @@ pub struct LimitsConfig {
     pub max_message_bytes: usize,
     /// HTTP/2 streams one connection may have open at once.
     pub max_streams_per_connection: u32,
+    /// HTTP/2 receive window per stream, in bytes: what one client may have
+    /// in flight towards the coordinator before it is read. An upload
+    /// waiting for a slot holds up to this much; larger windows move data
+    /// faster over long links.
+    pub stream_window_bytes: u32,
+    /// Memory that received updates waiting to be folded (or, for robust
+    /// aggregators, to be aggregated) may hold together; beyond it they
+    /// are spooled to `out_dir/spool/`.
+    pub spool_memory_bytes: u64,
 }
 
 impl Default for LimitsConfig {
@@ -601,10 +616,14 @@ impl Default for LimitsConfig {
         Self {
             max_concurrent_uploads: 64,
             max_inflight_bytes: 8 << 30,
-            upload_queue_timeout: Duration::from_secs(300),
+            max_concurrent_downloads: 64,
+            queue_timeout: Duration::from_secs(300),
+            download_slot_timeout: Duration::from_secs(120),
             stream_idle_timeout: Duration::from_secs(60),
             max_message_bytes: 4 << 20,
             max_streams_per_connection: 16,
+            stream_window_bytes: 1 << 20,
+            spool_memory_bytes: 256 << 20,
         }
     }
 }
@@ -618,13 +637,22 @@ impl LimitsConfig {
         if self.max_inflight_bytes == 0 {
             return bad("max_inflight_bytes must be at least 1".into());
         }
-        if self.stream_idle_timeout.is_zero() || self.upload_queue_timeout.is_zero() {
-            return bad("stream_idle_timeout and upload_queue_timeout must be longer than zero".into());
+        if self.max_concurrent_downloads == 0 {
+            return bad("max_concurrent_downloads must be at least 1".into());
+        }
+        if self.stream_idle_timeout.is_zero() || self.queue_timeout.is_zero() || self.download_slot_timeout.is_zero() {
+            return bad("stream_idle_timeout, queue_timeout and download_slot_timeout must be longer than zero".into());
         }
         if self.max_message_bytes < chunk_bytes + 1024 {
             return bad(format!(
                 "max_message_bytes ({}) must exceed wire.chunk_bytes ({chunk_bytes}) by at least 1 KiB of framing",
                 self.max_message_bytes
+            ));
+        }
+        if !(65_535..=(1 << 30)).contains(&self.stream_window_bytes) {
+            return bad(format!(
+                "stream_window_bytes must be between 65535 and 1 GiB, got {}",
+                self.stream_window_bytes
             ));
         }
         if self.max_streams_per_connection < 4 {

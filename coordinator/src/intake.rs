@@ -13,15 +13,41 @@
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use fedge_common::codec::{Codec, Decoder};
 use fedge_common::wire::PayloadStream;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::strategy::UpdateSource;
 use crate::{Error, Result};
 
-/// Encoded payloads up to this size are spooled in memory; larger ones go to a file.
+/// Encoded payloads up to this size are spooled in memory (while the
+/// [`SpoolBudget`] allows); larger ones go to a file.
 pub const SPOOL_IN_MEMORY_MAX: u64 = 4 << 20;
+
+/// The memory all in-memory spools may hold together (`limits.spool_memory_bytes`).
+/// An update that does not fit goes to a file, so the coordinator's memory
+/// for received-but-not-yet-folded updates stays bounded whatever the
+/// number of nodes.
+#[derive(Debug, Clone)]
+pub struct SpoolBudget {
+    kib: Arc<Semaphore>,
+}
+
+impl SpoolBudget {
+    pub fn new(bytes: u64) -> Self {
+        let kib = (bytes / 1024).min(Semaphore::MAX_PERMITS as u64) as usize;
+        Self {
+            kib: Arc::new(Semaphore::new(kib)),
+        }
+    }
+
+    fn reserve(&self, bytes: u64) -> Option<OwnedSemaphorePermit> {
+        let kib = u32::try_from(bytes.div_ceil(1024).max(1)).ok()?;
+        self.kib.clone().try_acquire_many_owned(kib).ok()
+    }
+}
 
 /// Bytes read from a spool file at a time when it is decoded again.
 const READ_BLOCK: usize = 1 << 20;
@@ -44,7 +70,11 @@ pub fn prepare_spool(out_dir: &Path) -> Result<PathBuf> {
 
 #[derive(Debug)]
 enum Spool {
-    Memory(Vec<u8>),
+    /// The bytes, and their share of the budget (returned when dropped).
+    Memory {
+        bytes: Vec<u8>,
+        _budget: OwnedSemaphorePermit,
+    },
     File(tempfile::NamedTempFile),
 }
 
@@ -72,7 +102,7 @@ impl UpdateSource for Spooled {
     fn visit(&self, sink: &mut dyn FnMut(usize, &[f32])) -> std::result::Result<(), String> {
         let mut decoder = Decoder::new(self.codec, self.values, self.payload_bytes).map_err(|e| e.to_string())?;
         match &self.spool {
-            Spool::Memory(bytes) => decoder.push(bytes, sink).map_err(|e| e.to_string())?,
+            Spool::Memory { bytes, .. } => decoder.push(bytes, sink).map_err(|e| e.to_string())?,
             Spool::File(file) => {
                 let path = file.path().display().to_string();
                 let mut f = file.reopen().map_err(|e| format!("reopening spool {path}: {e}"))?;
@@ -122,11 +152,18 @@ impl Intake {
         sections: usize,
         payload_bytes: u64,
         spool_dir: &Path,
+        budget: &SpoolBudget,
     ) -> std::result::Result<Self, fedge_common::Error> {
         let values = numel * sections;
         let stream = PayloadStream::new(codec, values, payload_bytes)?;
-        let spool = if payload_bytes <= SPOOL_IN_MEMORY_MAX {
-            Spool::Memory(Vec::with_capacity(payload_bytes as usize))
+        let reserved = (payload_bytes <= SPOOL_IN_MEMORY_MAX)
+            .then(|| budget.reserve(payload_bytes))
+            .flatten();
+        let spool = if let Some(permit) = reserved {
+            Spool::Memory {
+                bytes: Vec::with_capacity(payload_bytes as usize),
+                _budget: permit,
+            }
         } else {
             let file = tempfile::Builder::new()
                 .prefix("update-")
@@ -163,7 +200,7 @@ impl Intake {
                 .sum::<f64>();
         })?;
         match &mut self.spool {
-            Spool::Memory(bytes) => bytes.extend_from_slice(chunk),
+            Spool::Memory { bytes, .. } => bytes.extend_from_slice(chunk),
             Spool::File(file) => file
                 .as_file_mut()
                 .write_all(chunk)
@@ -199,7 +236,15 @@ mod tests {
 
     fn receive(codec: Codec, values: &[f32], sections: usize, dir: &Path, chunk: usize) -> Received {
         let bytes = codec.encode(values, 5);
-        let mut intake = Intake::new(codec, values.len() / sections, sections, bytes.len() as u64, dir).unwrap();
+        let mut intake = Intake::new(
+            codec,
+            values.len() / sections,
+            sections,
+            bytes.len() as u64,
+            dir,
+            &SpoolBudget::new(1 << 30),
+        )
+        .unwrap();
         for c in bytes.chunks(chunk) {
             intake.push(c).unwrap();
         }
@@ -238,12 +283,33 @@ mod tests {
     }
 
     #[test]
+    fn updates_beyond_the_memory_budget_spool_to_disk_until_memory_is_returned() {
+        let dir = tempfile::tempdir().unwrap();
+        let values = vec![0.5f32; 1024]; // 4 KiB in f32
+        let budget = SpoolBudget::new(8 << 10);
+        let take = |budget: &SpoolBudget| {
+            let bytes = Codec::F32.encode(&values, 1);
+            let mut intake = Intake::new(Codec::F32, 1024, 1, bytes.len() as u64, dir.path(), budget).unwrap();
+            intake.push(&bytes).unwrap();
+            intake.finish(fedge_common::wire::crc32(&bytes)).unwrap()
+        };
+        let a = take(&budget);
+        let b = take(&budget);
+        let c = take(&budget);
+        assert!(!a.update.on_disk() && !b.update.on_disk());
+        assert!(c.update.on_disk(), "the third 4 KiB update exceeds the 8 KiB budget");
+        assert_eq!(visit_all(&c.update), values);
+        drop(a);
+        assert!(!take(&budget).update.on_disk(), "a folded update returns its memory");
+    }
+
+    #[test]
     fn a_corrupt_or_short_payload_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let v = vec![1.0f32; 64];
         let codec = Codec::Int8 { block: 16 };
         let bytes = codec.encode(&v, 1);
-        let mut intake = Intake::new(codec, 64, 1, bytes.len() as u64, dir.path()).unwrap();
+        let mut intake = Intake::new(codec, 64, 1, bytes.len() as u64, dir.path(), &SpoolBudget::new(1 << 30)).unwrap();
         intake.push(&bytes).unwrap();
         let err = intake
             .finish(fedge_common::wire::crc32(&bytes) ^ 1)
@@ -251,13 +317,13 @@ mod tests {
             .to_string();
         assert!(err.starts_with("payload: checksum mismatch"), "{err}");
 
-        let mut intake = Intake::new(codec, 64, 1, bytes.len() as u64, dir.path()).unwrap();
+        let mut intake = Intake::new(codec, 64, 1, bytes.len() as u64, dir.path(), &SpoolBudget::new(1 << 30)).unwrap();
         intake.push(&bytes[..10]).unwrap();
         assert_eq!(
             intake.finish(0).unwrap_err().to_string(),
             "payload: payload truncated: 10 bytes received, 80 announced"
         );
-        let err = Intake::new(codec, 65, 1, bytes.len() as u64, dir.path())
+        let err = Intake::new(codec, 65, 1, bytes.len() as u64, dir.path(), &SpoolBudget::new(1 << 30))
             .unwrap_err()
             .to_string();
         assert_eq!(

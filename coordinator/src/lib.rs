@@ -11,7 +11,7 @@
 //!   Krum, Multi-Krum, Bulyan) and server optimizers (FedAvgM, FedAdam, ...).
 //! - [`driver`]: the task that owns the machine and carries out its outputs.
 //! - [`service`]: the gRPC adapter (`fedge.v1.Federation`) and the bounds
-//!   on uploads ([`service::UploadLimits`]).
+//!   on transfers ([`service::TransferLimits`]).
 //! - [`security`]: TLS settings and who may join ([`security::Authenticator`]).
 //! - [`pki`]: a development CA, certificates and tokens (`coordinator certs`).
 //! - [`intake`]: receiving an update stream: decoding and checking each
@@ -54,7 +54,7 @@ use crate::driver::{Driver, ModelSnapshot, Traffic, now_ms};
 use crate::evaluator::Evaluator;
 use crate::round::{RoundMachine, RoundSettings};
 use crate::security::Authenticator;
-use crate::service::{FederationService, UploadLimits};
+use crate::service::{FederationService, TransferLimits};
 use crate::store::{RunHistory, RunStore};
 use crate::strategy::{ServerOptimizer, Strategy};
 use fedge_common::train::Algorithm;
@@ -234,7 +234,8 @@ pub async fn run(
         spool_dir,
         chunk_bytes: config.wire.chunk_bytes,
         auth: Arc::new(auth),
-        uploads: UploadLimits::new(&config.limits),
+        limits: TransferLimits::new(&config.limits),
+        spool_budget: crate::intake::SpoolBudget::new(config.limits.spool_memory_bytes),
     };
     let driver = Driver::new(
         machine,
@@ -257,6 +258,8 @@ pub async fn run(
         .http2_keepalive_interval(Some(Duration::from_secs(20)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .tcp_keepalive(Some(Duration::from_secs(60)))
+        .initial_stream_window_size(Some(limits.stream_window_bytes))
+        .initial_connection_window_size(Some(limits.stream_window_bytes.saturating_mul(2)))
         .max_concurrent_streams(Some(limits.max_streams_per_connection));
     let sec = &config.security;
     match tls {

@@ -22,7 +22,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::config::LimitsConfig;
 use crate::driver::{Command, ModelSnapshot, Traffic};
-use crate::intake::{Intake, Received};
+use crate::intake::{Intake, Received, SpoolBudget};
 use crate::round::{Body, Rejection, Update, UpdateKind};
 use crate::security::Authenticator;
 
@@ -41,20 +41,25 @@ pub struct FederationService {
     pub chunk_bytes: usize,
     /// Who may join.
     pub auth: Arc<Authenticator>,
-    /// Bounds on the uploads being read.
-    pub uploads: UploadLimits,
+    /// Bounds on the transfers in progress.
+    pub limits: TransferLimits,
+    /// Memory that received, not yet folded updates may hold.
+    pub spool_budget: SpoolBudget,
 }
 
-/// Bounds on update streams: how many are read at once, how many announced
-/// payload bytes they hold together, how long one waits for a slot, and how
-/// long a stream may stay silent.
+/// Bounds on transfers: how many update streams are read at once, how many
+/// announced payload bytes they hold together, how many model streams are
+/// sent at once, how long one waits for a slot, and how long an update
+/// stream may stay silent.
 #[derive(Debug, Clone)]
-pub struct UploadLimits {
-    slots: Arc<Semaphore>,
+pub struct TransferLimits {
+    uploads: Arc<Semaphore>,
     /// One permit per KiB of announced payload.
     kib: Arc<Semaphore>,
     max_kib: u64,
+    downloads: Arc<Semaphore>,
     queue_timeout: Duration,
+    download_slot_timeout: Duration,
     pub idle_timeout: Duration,
 }
 
@@ -65,21 +70,30 @@ pub struct UploadPermit {
     _bytes: OwnedSemaphorePermit,
 }
 
-impl UploadLimits {
+impl TransferLimits {
     pub fn new(c: &LimitsConfig) -> Self {
         let max_kib = c.max_inflight_bytes.div_ceil(1024).min(Semaphore::MAX_PERMITS as u64);
         Self {
-            slots: Arc::new(Semaphore::new(c.max_concurrent_uploads as usize)),
+            uploads: Arc::new(Semaphore::new(c.max_concurrent_uploads as usize)),
             kib: Arc::new(Semaphore::new(max_kib as usize)),
             max_kib,
-            queue_timeout: c.upload_queue_timeout,
+            downloads: Arc::new(Semaphore::new(c.max_concurrent_downloads as usize)),
+            queue_timeout: c.queue_timeout,
+            download_slot_timeout: c.download_slot_timeout,
             idle_timeout: c.stream_idle_timeout,
         }
     }
 
+    fn busy(&self, what: &str) -> Status {
+        Status::resource_exhausted(format!(
+            "the coordinator is serving as many {what} as its limits allow; none freed within {:?}, try again",
+            self.queue_timeout
+        ))
+    }
+
     /// Waits (up to the queue timeout) until an upload of `payload_bytes`
     /// fits; refuses one that never could.
-    pub async fn admit(&self, payload_bytes: u64) -> Result<UploadPermit, Status> {
+    pub async fn admit_upload(&self, payload_bytes: u64) -> Result<UploadPermit, Status> {
         let kib = payload_bytes.div_ceil(1024).max(1);
         if kib > self.max_kib || kib > u64::from(u32::MAX) {
             return Err(Status::resource_exhausted(format!(
@@ -88,19 +102,35 @@ impl UploadLimits {
             )));
         }
         let wait = async {
-            let slot = self.slots.clone().acquire_owned().await;
+            let slot = self.uploads.clone().acquire_owned().await;
             let bytes = self.kib.clone().acquire_many_owned(kib as u32).await;
             match (slot, bytes) {
                 (Ok(s), Ok(b)) => Ok(UploadPermit { _slot: s, _bytes: b }),
                 _ => Err(Status::unavailable("coordinator is shutting down")),
             }
         };
-        tokio::time::timeout(self.queue_timeout, wait).await.map_err(|_| {
-            Status::resource_exhausted(format!(
-                "the coordinator is reading as many uploads as its limits allow; none freed within {:?}, try again",
-                self.queue_timeout
-            ))
-        })?
+        tokio::time::timeout(self.queue_timeout, wait)
+            .await
+            .map_err(|_| self.busy("uploads"))?
+    }
+
+    /// Waits (up to the queue timeout) for a download slot. The slot goes
+    /// back when the stream ends or after the slot timeout, whichever is first.
+    pub async fn admit_download(&self) -> Result<DownloadSlot, Status> {
+        let permit = tokio::time::timeout(self.queue_timeout, self.downloads.clone().acquire_owned())
+            .await
+            .map_err(|_| self.busy("downloads"))?
+            .map_err(|_| Status::unavailable("coordinator is shutting down"))?;
+        let slot = Arc::new(std::sync::Mutex::new(Some(permit)));
+        let expiring = Arc::downgrade(&slot);
+        let after = self.download_slot_timeout;
+        tokio::spawn(async move {
+            tokio::time::sleep(after).await;
+            if let Some(slot) = expiring.upgrade() {
+                slot.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
+            }
+        });
+        Ok(DownloadSlot { _held: slot })
     }
 
     /// The next message of an update stream, or an error if it stays silent
@@ -114,6 +144,26 @@ impl UploadLimits {
                     self.idle_timeout
                 ))
             })?
+    }
+}
+
+/// A download's slot, held by its model stream.
+#[derive(Debug)]
+pub struct DownloadSlot {
+    _held: Arc<std::sync::Mutex<Option<OwnedSemaphorePermit>>>,
+}
+
+/// A model stream that holds its download slot until it is dropped.
+struct ModelStream<S> {
+    inner: S,
+    _slot: DownloadSlot,
+}
+
+impl<S: Stream + Unpin> Stream for ModelStream<S> {
+    type Item = S::Item;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        Pin::new(&mut self.inner).poll_next(cx)
     }
 }
 
@@ -326,9 +376,13 @@ impl pb::federation_server::Federation for FederationService {
         msgs.push(pb::ModelChunk {
             part: Some(pb::model_chunk::Part::Trailer(pb::Trailer { crc32 })),
         });
+        let slot = self.limits.admit_download().await?;
         let bytes: u64 = msgs.iter().map(|m| m.encoded_len() as u64).sum();
         self.traffic.count_down(&node, bytes);
-        Ok(Response::new(Box::pin(tokio_stream::iter(msgs.into_iter().map(Ok)))))
+        Ok(Response::new(Box::pin(ModelStream {
+            inner: tokio_stream::iter(msgs.into_iter().map(Ok)),
+            _slot: slot,
+        })))
     }
 
     async fn submit_update(
@@ -336,7 +390,7 @@ impl pb::federation_server::Federation for FederationService {
         request: Request<Streaming<pb::UpdateChunk>>,
     ) -> Result<Response<pb::SubmitAck>, Status> {
         let mut stream = request.into_inner();
-        let first = match self.uploads.next(&mut stream).await {
+        let first = match self.limits.next(&mut stream).await {
             Ok(Some(first)) => first,
             Ok(None) => Err(Status::invalid_argument("empty update stream")).inspect_err(|s| self.refused(s))?,
             Err(s) => Err(s).inspect_err(|s| self.refused(s))?,
@@ -448,12 +502,19 @@ impl FederationService {
         }
         let sections = if header.has_control_delta { 2 } else { 1 };
         let expected = wire_manifest.payload_bytes;
-        let mut intake =
-            Intake::new(self.codec, manifest.numel(), sections, expected, &self.spool_dir).map_err(payload_status)?;
+        let mut intake = Intake::new(
+            self.codec,
+            manifest.numel(),
+            sections,
+            expected,
+            &self.spool_dir,
+            &self.spool_budget,
+        )
+        .map_err(payload_status)?;
         // Held until the payload is read whole (or refused).
-        let _permit = self.uploads.admit(expected).await?;
+        let _permit = self.limits.admit_upload(expected).await?;
         loop {
-            let Some(msg) = self.uploads.next(stream).await? else {
+            let Some(msg) = self.limits.next(stream).await? else {
                 return Err(Status::invalid_argument(format!(
                     "update stream ended without a trailer after {} of {} payload bytes",
                     intake.received_bytes(),
