@@ -19,7 +19,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::evaluator::Evaluator;
-use crate::round::{ClosedRound, Folded, Output, Rejection, RoundMachine, Task, Update};
+use crate::round::{ClosedRound, FoldJob, Folded, Output, Rejection, RoundMachine, Task, Update};
 use crate::store::{RoundRecord, RunStore, federated_eval, participant};
 use crate::{Error, Result};
 
@@ -169,7 +169,10 @@ pub struct Driver {
     pub eval_every: u32,
     pub total_rounds: u64,
     streams: HashMap<String, mpsc::Sender<Result<pb::Instruction, tonic::Status>>>,
-    folds_tx: mpsc::UnboundedSender<Folded>,
+    /// Fold jobs go to one dedicated thread (folds serialize on the
+    /// round's sum anyway); one thread keeps decoding buffers in one place
+    /// instead of spread over a growing blocking pool.
+    fold_jobs: std::sync::mpsc::Sender<Box<FoldJob>>,
     folds_rx: mpsc::UnboundedReceiver<Folded>,
     round_started: Option<Instant>,
     last_counters: (u64, u64, u64),
@@ -198,8 +201,20 @@ impl Driver {
         total_rounds: u64,
     ) -> Self {
         let (folds_tx, folds_rx) = mpsc::unbounded_channel();
+        let (fold_jobs, jobs) = std::sync::mpsc::channel::<Box<FoldJob>>();
+        std::thread::Builder::new()
+            .name("fold".into())
+            .spawn(move || {
+                // Ends when the driver (the only sender) is dropped.
+                for job in jobs {
+                    if folds_tx.send(job.run()).is_err() {
+                        return;
+                    }
+                }
+            })
+            .expect("spawning the fold thread");
         Self {
-            folds_tx,
+            fold_jobs,
             folds_rx,
             machine,
             commands,
@@ -345,12 +360,11 @@ impl Driver {
                     self.send_task(&node, &task);
                 }
                 Output::Fold(job) => {
-                    // Folds run beside the driver (they serialize on the
-                    // round's sum); results come back through `folds_rx`.
-                    let tx = self.folds_tx.clone();
-                    tokio::task::spawn_blocking(move || {
-                        let _ = tx.send(job.run());
-                    });
+                    // Folds run beside the driver, on the fold thread;
+                    // results come back through `folds_rx`.
+                    self.fold_jobs
+                        .send(job)
+                        .map_err(|_| Error::Internal("the fold thread stopped".into()))?;
                 }
                 Output::Aggregate(job) => {
                     let round = job.round();
