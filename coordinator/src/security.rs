@@ -97,14 +97,7 @@ impl Authenticator {
                 }
             }
             NodeAuth::Certificate => {
-                let certs = request
-                    .peer_certs()
-                    .ok_or_else(|| Status::unauthenticated(format!("node {name} presented no client certificate")))?;
-                let leaf = certs
-                    .first()
-                    .ok_or_else(|| Status::unauthenticated(format!("node {name} presented no client certificate")))?;
-                let cn = common_name(leaf.as_ref())
-                    .map_err(|e| Status::unauthenticated(format!("node {name}'s certificate is unreadable: {e}")))?;
+                let cn = self.peer_identity(request)?.unwrap_or_default();
                 if cn == name {
                     Ok(())
                 } else {
@@ -113,6 +106,33 @@ impl Authenticator {
                     )))
                 }
             }
+        }
+    }
+
+    /// In `certificate` mode, the common name of the connection's client
+    /// certificate; `None` in the other modes.
+    pub fn peer_identity<T>(&self, request: &Request<T>) -> Result<Option<String>, Status> {
+        if self.mode != NodeAuth::Certificate {
+            return Ok(None);
+        }
+        let leaf = request
+            .peer_certs()
+            .and_then(|certs| certs.first().cloned())
+            .ok_or_else(|| Status::unauthenticated("the connection presented no client certificate"))?;
+        common_name(leaf.as_ref())
+            .map(Some)
+            .map_err(|e| Status::unauthenticated(format!("the client certificate is unreadable: {e}")))
+    }
+
+    /// In `certificate` mode, every call on a session must come over the
+    /// session's node's certificate: a session token alone, taken to
+    /// another certified client, is refused.
+    pub fn check_session(&self, peer: Option<&str>, node: &str) -> Result<(), Status> {
+        match peer {
+            Some(cn) if cn != node => Err(Status::permission_denied(format!(
+                "this session belongs to node {node}; the connection's certificate was issued to {cn}"
+            ))),
+            _ => Ok(()),
         }
     }
 }

@@ -173,6 +173,8 @@ fn status_label(s: &Status) -> &'static str {
         tonic::Code::DataLoss => "checksum",
         tonic::Code::ResourceExhausted => "resource_limit",
         tonic::Code::DeadlineExceeded => "stream_idle",
+        tonic::Code::PermissionDenied => "not_allowed",
+        tonic::Code::Unauthenticated => "unauthenticated",
         tonic::Code::Cancelled | tonic::Code::Unavailable | tonic::Code::Unknown => "stream_broken",
         _ => "malformed_payload",
     }
@@ -304,7 +306,18 @@ impl pb::federation_server::Federation for FederationService {
         &self,
         request: Request<pb::InstructionsRequest>,
     ) -> Result<Response<Self::InstructionsStream>, Status> {
+        let peer = self.auth.peer_identity(&request)?;
         let session = request.into_inner().node_id;
+        if let Some(cn) = peer.as_deref() {
+            let node = self
+                .ask(|reply| Command::Identify {
+                    session: session.clone(),
+                    reply,
+                })
+                .await?
+                .ok_or_else(|| rejection_status(&Rejection::UnknownSession))?;
+            self.auth.check_session(Some(cn), &node)?;
+        }
         let (tx, rx) = mpsc::channel(16);
         let s = session.clone();
         self.ask(|reply| Command::Connect {
@@ -327,6 +340,7 @@ impl pb::federation_server::Federation for FederationService {
         &self,
         request: Request<pb::FetchModelRequest>,
     ) -> Result<Response<Self::FetchModelStream>, Status> {
+        let peer = self.auth.peer_identity(&request)?;
         let req = request.into_inner();
         let snapshot = self.snapshot.borrow().clone();
         if !snapshot.durable.load(Ordering::Acquire) {
@@ -351,6 +365,7 @@ impl pb::federation_server::Federation for FederationService {
         let Some(node) = node else {
             return Err(rejection_status(&Rejection::UnknownSession));
         };
+        self.auth.check_session(peer.as_deref(), &node)?;
         let (payload, crc32) = match pb::ModelPart::try_from(req.part) {
             Ok(pb::ModelPart::Parameters) => (&snapshot.payload, snapshot.crc32),
             Ok(pb::ModelPart::ServerControl) => match &snapshot.control {
@@ -389,6 +404,7 @@ impl pb::federation_server::Federation for FederationService {
         &self,
         request: Request<Streaming<pb::UpdateChunk>>,
     ) -> Result<Response<pb::SubmitAck>, Status> {
+        let peer = self.auth.peer_identity(&request)?;
         let mut stream = request.into_inner();
         let first = match self.limits.next(&mut stream).await {
             Ok(Some(first)) => first,
@@ -415,6 +431,10 @@ impl pb::federation_server::Federation for FederationService {
                 tracing::warn!(round, base_version, reason = %r, "update refused");
                 rejection_status(&r)
             })?;
+        if let Err(s) = self.auth.check_session(peer.as_deref(), &node) {
+            self.refused(&s);
+            return Err(s);
+        }
         // An unknown kind is refused before any of the payload is read.
         let result = match pb::UpdateKind::try_from(header.kind) {
             Ok(k) => {

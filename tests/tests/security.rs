@@ -148,6 +148,21 @@ async fn mutual_tls_admits_only_certified_allowed_nodes() -> anyhow::Result<()> 
     let s = as_node3.join(join_request("node-3", None)).await.unwrap_err();
     assert_eq!(s.code(), tonic::Code::PermissionDenied);
     assert_eq!(s.message(), "node node-3 is not on this coordinator's allow-list");
+    // A session token taken to another certified client is useless there.
+    let session = as_node1.join(join_request("node-1", None)).await?.into_inner().node_id;
+    let s = as_node3
+        .fetch_model(pb::FetchModelRequest {
+            node_id: session,
+            version: 0,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), tonic::Code::PermissionDenied);
+    assert_eq!(
+        s.message(),
+        "this session belongs to node node-1; the connection's certificate was issued to node-3"
+    );
     // No client certificate: the TLS handshake itself is refused.
     let bare = channel(&pki, port, None).await;
     if let Ok(ch) = bare {
