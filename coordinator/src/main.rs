@@ -84,9 +84,12 @@ enum Cmd {
     },
     /// Make a development CA, the coordinator's certificate, and a certificate and token per node.
     Certs {
-        /// Folder to write into (must not hold a CA yet).
+        /// Folder to write into (must not hold a CA yet, unless --add).
         #[arg(long)]
         out: PathBuf,
+        /// Add these nodes to the PKI already in --out (its CA signs them; their token hashes are appended).
+        #[arg(long)]
+        add: bool,
         /// Node names, comma-separated (or give --nodes N for node-1 … node-N).
         #[arg(long, value_delimiter = ',', conflicts_with = "nodes")]
         names: Vec<String>,
@@ -256,6 +259,7 @@ async fn main() -> anyhow::Result<()> {
         }
         Cmd::Certs {
             out,
+            add,
             names,
             nodes,
             hosts,
@@ -266,6 +270,16 @@ async fn main() -> anyhow::Result<()> {
                 None if names.is_empty() => anyhow::bail!("name the nodes: --names a,b,c or --nodes N"),
                 None => names,
             };
+            if add {
+                let pki = coordinator::pki::add_nodes(&out, &names)?;
+                tracing::info!(
+                    nodes = pki.nodes.len(),
+                    tokens = %pki.tokens.display(),
+                    "nodes added; each node's files are in {}/nodes/NAME",
+                    out.display()
+                );
+                return Ok(());
+            }
             let pki = coordinator::pki::generate(&out, &hosts, &names)?;
             tracing::info!(
                 ca = %pki.ca.display(),

@@ -82,11 +82,7 @@ pub fn generate(dir: &Path, hosts: &[String], nodes: &[String]) -> Result<Pki> {
             "the coordinator's certificate needs at least one host name".into(),
         ));
     }
-    for n in nodes {
-        if n.is_empty() || n.contains(['/', '\\']) || n.starts_with('.') {
-            return Err(Error::Config(format!("node name {n:?} cannot name a folder")));
-        }
-    }
+    check_names(nodes)?;
     std::fs::create_dir_all(dir.join("nodes")).map_err(|e| Error::Io {
         context: format!("creating {}", dir.display()),
         source: e,
@@ -125,24 +121,68 @@ pub fn generate(dir: &Path, hosts: &[String], nodes: &[String]) -> Result<Pki> {
          # Point security.tokens at this file (with security.node_auth = \"token\").\n[nodes]\n",
     );
     for (name, folder) in &pki.nodes {
-        std::fs::create_dir_all(folder).map_err(|e| Error::Io {
-            context: format!("creating {}", folder.display()),
-            source: e,
-        })?;
-        let mut p = CertificateParams::default();
-        p.distinguished_name.push(DnType::CommonName, name.as_str());
-        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        let key = KeyPair::generate().map_err(rc)?;
-        let cert = p.signed_by(&key, &issuer).map_err(rc)?;
-        write(&folder.join("cert.pem"), cert.pem().as_bytes(), false)?;
-        write(&folder.join("key.pem"), key.serialize_pem().as_bytes(), true)?;
-        write(&folder.join("ca.pem"), ca_pem.as_bytes(), false)?;
-        let token = new_token();
-        write(&folder.join("token"), format!("{token}\n").as_bytes(), true)?;
-        tokens.push_str(&format!("{} = \"{}\"\n", toml_key(name), hash_token(&token)));
+        tokens.push_str(&issue_node(&issuer, &ca_pem, name, folder)?);
     }
     write(&pki.tokens, tokens.as_bytes(), false)?;
     Ok(pki)
+}
+
+/// Writes node `name`'s certificate, key, CA copy and token into `folder`;
+/// returns its line for the token file.
+fn issue_node(issuer: &Issuer<'_, KeyPair>, ca_pem: &str, name: &str, folder: &Path) -> Result<String> {
+    std::fs::create_dir_all(folder).map_err(|e| Error::Io {
+        context: format!("creating {}", folder.display()),
+        source: e,
+    })?;
+    let mut p = CertificateParams::default();
+    p.distinguished_name.push(DnType::CommonName, name);
+    p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    let key = KeyPair::generate().map_err(rc)?;
+    let cert = p.signed_by(&key, issuer).map_err(rc)?;
+    write(&folder.join("cert.pem"), cert.pem().as_bytes(), false)?;
+    write(&folder.join("key.pem"), key.serialize_pem().as_bytes(), true)?;
+    write(&folder.join("ca.pem"), ca_pem.as_bytes(), false)?;
+    let token = new_token();
+    write(&folder.join("token"), format!("{token}\n").as_bytes(), true)?;
+    Ok(format!("{} = \"{}\"\n", toml_key(name), hash_token(&token)))
+}
+
+/// Adds `nodes` to the PKI in `dir` (made by [`generate`]): signs their
+/// certificates with its CA (`ca.key` must be there) and appends their
+/// token hashes to `tokens.toml`. Names already registered are refused.
+pub fn add_nodes(dir: &Path, nodes: &[String]) -> Result<Pki> {
+    check_names(nodes)?;
+    let pki = Pki::at(dir, nodes);
+    let read = |path: &Path| {
+        std::fs::read_to_string(path)
+            .map_err(|e| Error::Config(format!("{}: {e} (is this a PKI folder?)", path.display())))
+    };
+    let ca_pem = read(&pki.ca)?;
+    let ca_key = KeyPair::from_pem(&read(&dir.join("ca.key"))?).map_err(rc)?;
+    let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key).map_err(rc)?;
+    let known = crate::security::load_tokens(&pki.tokens)?;
+    if let Some(n) = nodes.iter().find(|n| known.contains_key(*n)) {
+        return Err(Error::Config(format!(
+            "node {n} is already registered in {}",
+            pki.tokens.display()
+        )));
+    }
+    let mut tokens = read(&pki.tokens)?;
+    for (name, folder) in &pki.nodes {
+        tokens.push_str(&issue_node(&issuer, &ca_pem, name, folder)?);
+    }
+    write(&pki.tokens, tokens.as_bytes(), false)?;
+    Ok(pki)
+}
+
+/// Node names must be usable as folder names.
+fn check_names(nodes: &[String]) -> Result<()> {
+    for n in nodes {
+        if n.is_empty() || n.contains(['/', '\\']) || n.starts_with('.') {
+            return Err(Error::Config(format!("node name {n:?} cannot name a folder")));
+        }
+    }
+    Ok(())
 }
 
 /// A TOML key for `name`: bare when it can be, quoted otherwise.
@@ -193,6 +233,24 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(again.contains("already holds a CA"), "{again}");
+
+        // Adding a node later: signed by the same CA, its token appended.
+        let ca = std::fs::read(dir.path().join("ca.pem")).unwrap();
+        add_nodes(dir.path(), &["node-9".into()]).unwrap();
+        let tokens = load_tokens(&pki.tokens).unwrap();
+        assert_eq!(tokens.len(), 3);
+        let folder = dir.path().join("nodes/node-9");
+        let token = std::fs::read_to_string(folder.join("token")).unwrap();
+        assert!(fedge_common::security::token_matches(token.trim(), &tokens["node-9"]));
+        assert_eq!(std::fs::read(folder.join("ca.pem")).unwrap(), ca);
+        let cert_der = pem_der(&folder.join("cert.pem"));
+        let ca_der = pem_der(&dir.path().join("ca.pem"));
+        let (_, cert) = x509_parser::parse_x509_certificate(&cert_der).unwrap();
+        let (_, ca_cert) = x509_parser::parse_x509_certificate(&ca_der).unwrap();
+        assert_eq!(cert.issuer(), ca_cert.subject());
+        assert!(cert.verify_signature(Some(ca_cert.public_key())).is_ok());
+        let dup = add_nodes(dir.path(), &["node-1".into()]).unwrap_err().to_string();
+        assert!(dup.contains("node node-1 is already registered"), "{dup}");
     }
 
     fn pem_der(path: &Path) -> Vec<u8> {
