@@ -82,6 +82,13 @@ pub fn parse_override(s: &str) -> std::result::Result<(String, String), String> 
     Ok((k.trim().to_owned(), v.trim().to_owned()))
 }
 
+/// `s` as a TOML string value (quoted and escaped), for `--set key=VALUE`
+/// overrides built from paths and names.
+pub fn toml_string(s: impl std::fmt::Display) -> String {
+    // JSON's string escapes are all valid in a TOML basic string.
+    serde_json::to_string(&s.to_string()).expect("a string serializes")
+}
+
 /// Loads a `T` from defaults, an optional TOML file, the variables of `env`
 /// starting with `env_prefix` + `_` (except those starting with any of
 /// `env_exclude`), and `overrides` (dotted keys), in that order. Daemons pass
@@ -198,6 +205,13 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("rounds"), "{err}");
+    }
+
+    #[test]
+    fn toml_strings_survive_the_override_parser() {
+        let name = "cam \"7\" \\ é\tx";
+        let c: Sample = load_layered(None, [], "FEDGE", &[], &[("name".into(), toml_string(name))]).unwrap();
+        assert_eq!(c.name, name);
     }
 
     #[test]

@@ -8,6 +8,13 @@ use crate::{Error, Result};
 /// Writes `data` to `path` so that readers see either the old file or the
 /// whole new one: write a temporary file beside it, fsync, rename, fsync the folder.
 pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
+    write_atomic_mode(path, data, 0o644)
+}
+
+/// [`write_atomic`] with the file's Unix permission bits: a secret written
+/// with `0o600` is never readable by others, not even for a moment (the
+/// temporary file is created private and only then given `mode`).
+pub fn write_atomic_mode(path: &Path, data: &[u8], mode: u32) -> Result<()> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
@@ -18,7 +25,7 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        let perms = std::fs::Permissions::from_mode(0o644);
+        let perms = std::fs::Permissions::from_mode(mode);
         tmp.as_file()
             .set_permissions(perms)
             .map_err(|e| Error::io(tmp.path(), e))?;

@@ -115,6 +115,12 @@ pub struct Traffic {
 }
 
 impl Traffic {
+    /// Counts one refused update: in `rejected_updates` and under `reason`.
+    pub fn count_refused_update(&self, reason: &'static str) {
+        self.rejected_updates.fetch_add(1, Ordering::Relaxed);
+        self.count_refusal(reason);
+    }
+
     /// Counts one refusal (of a join or an update) for `reason`.
     pub fn count_refusal(&self, reason: &'static str) {
         let mut map = self.refusals.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -318,8 +324,7 @@ impl Driver {
             } => {
                 let r = self.machine.admit(&session, round, base_version);
                 if let Err(e) = &r {
-                    self.traffic.rejected_updates.fetch_add(1, Ordering::Relaxed);
-                    self.traffic.count_refusal(e.label());
+                    self.traffic.count_refused_update(e.label());
                 }
                 let _ = reply.send(r);
                 Vec::new()
@@ -334,8 +339,7 @@ impl Driver {
                         out
                     }
                     Err(e) => {
-                        self.traffic.rejected_updates.fetch_add(1, Ordering::Relaxed);
-                        self.traffic.count_refusal(e.label());
+                        self.traffic.count_refused_update(e.label());
                         let content = e.is_content();
                         let _ = reply.send(Err(e));
                         if content {

@@ -16,6 +16,7 @@ use tokio::process::{Child, Command};
 use crate::config::NodeAuth;
 use crate::pki::Pki;
 use crate::{CoordinatorConfig, Error, Result, RunSummary};
+use fedge_common::config::toml_string;
 
 /// How to start the nodes.
 #[derive(Debug, Clone)]
@@ -157,10 +158,6 @@ fn secure_by_default(config: &mut CoordinatorConfig, nodes: usize) -> Result<Opt
     Ok(Some(pki))
 }
 
-fn quoted(p: &Path) -> String {
-    serde_json::to_string(&p.display().to_string()).unwrap_or_default()
-}
-
 #[allow(clippy::too_many_arguments)]
 fn spawn_node(
     bin: &Path,
@@ -190,7 +187,7 @@ fn spawn_node(
     if let Some(folder) = pki.and_then(|p| p.nodes.get(index)).map(|(_, f)| f) {
         for (key, file) in [("ca", "ca.pem"), ("cert", "cert.pem"), ("key", "key.pem")] {
             cmd.arg("--set")
-                .arg(format!("security.{key}={}", quoted(&folder.join(file))));
+                .arg(format!("security.{key}={}", toml_string(folder.join(file).display())));
         }
     }
     cmd.arg("--name")
@@ -213,7 +210,8 @@ fn spawn_node(
     }
     // Each node keeps its algorithm state (SCAFFOLD's control variate) beside the run.
     let state = config.out_dir.join("nodes").join(&name);
-    cmd.arg("--set").arg(format!("state_dir={}", quoted(&state)));
+    cmd.arg("--set")
+        .arg(format!("state_dir={}", toml_string(state.display())));
     for (k, v) in &opts.node_overrides {
         cmd.arg("--set").arg(format!("{k}={v}"));
     }

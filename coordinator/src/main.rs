@@ -6,7 +6,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use coordinator::CoordinatorConfig;
 use coordinator::fleet::{FleetOptions, run_fleet};
-use fedge_common::config::{LogFormat, parse_override};
+use fedge_common::config::{LogFormat, parse_override, toml_string};
 use fedge_common::partition::{Scheme, SchemeParams, write_partitions};
 
 #[derive(Parser)]
@@ -163,10 +163,10 @@ impl ConfigArgs {
             o.push(("rounds".into(), r.to_string()));
         }
         if let Some(d) = &self.out_dir {
-            o.push(("out_dir".into(), quoted(d)));
+            o.push(("out_dir".into(), toml_string(d.display())));
         }
         if let Some(d) = &self.data_path {
-            o.push(("data.path".into(), quoted(d)));
+            o.push(("data.path".into(), toml_string(d.display())));
         }
         if let Some(m) = &self.model {
             o.push(("model".into(), format!("\"{m}\"")));
@@ -178,10 +178,6 @@ impl ConfigArgs {
         }
         Ok(cfg)
     }
-}
-
-fn quoted(p: &std::path::Path) -> String {
-    format!("{:?}", p.display().to_string())
 }
 
 #[tokio::main]

@@ -53,18 +53,11 @@ fn rc(e: rcgen::Error) -> Error {
 }
 
 fn write(path: &Path, data: &[u8], secret: bool) -> Result<()> {
-    fedge_common::fsutil::write_atomic(path, data)?;
-    if secret {
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(|e| Error::Io {
-                context: format!("restricting {}", path.display()),
-                source: e,
-            })?;
-        }
-    }
-    Ok(())
+    Ok(fedge_common::fsutil::write_atomic_mode(
+        path,
+        data,
+        if secret { 0o600 } else { 0o644 },
+    )?)
 }
 
 /// Writes a CA, a server certificate valid for `hosts` (DNS names or IP

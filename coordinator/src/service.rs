@@ -167,7 +167,7 @@ impl<S: Stream + Unpin> Stream for ModelStream<S> {
     }
 }
 
-/// A counter label for a refused update stream's status.
+/// A counter label for the status of a refused call.
 fn status_label(s: &Status) -> &'static str {
     match s.code() {
         tonic::Code::DataLoss => "checksum",
@@ -206,11 +206,11 @@ fn payload_status(e: fedge_common::Error) -> Status {
 }
 
 impl FederationService {
-    /// Counts an update stream refused before it reached the round logic.
-    fn refused(&self, status: &Status) {
-        self.traffic.rejected_updates.fetch_add(1, Ordering::Relaxed);
-        self.traffic.count_refusal(status_label(status));
-        tracing::warn!(reason = %status.message(), "update refused");
+    /// Counts and logs an update stream the service refused (the round
+    /// logic counts its own refusals); `node` when it is known by then.
+    fn refused(&self, status: &Status, node: Option<&str>) {
+        self.traffic.count_refused_update(status_label(status));
+        tracing::warn!(node = node.unwrap_or("-"), reason = %status.message(), "update refused");
     }
 
     async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T, Status> {
@@ -253,10 +253,7 @@ impl pb::federation_server::Federation for FederationService {
     async fn join(&self, request: Request<pb::JoinRequest>) -> Result<Response<pb::JoinResponse>, Status> {
         let claimed = request.get_ref().node_name.trim().to_owned();
         if let Err(status) = self.auth.check_join(&request, &claimed) {
-            self.traffic.count_refusal(match status.code() {
-                tonic::Code::Unauthenticated => "unauthenticated",
-                _ => "not_allowed",
-            });
+            self.traffic.count_refusal(status_label(&status));
             tracing::warn!(node = %claimed, reason = %status.message(), "join refused");
             return Err(status);
         }
@@ -408,13 +405,13 @@ impl pb::federation_server::Federation for FederationService {
         let mut stream = request.into_inner();
         let first = match self.limits.next(&mut stream).await {
             Ok(Some(first)) => first,
-            Ok(None) => Err(Status::invalid_argument("empty update stream")).inspect_err(|s| self.refused(s))?,
-            Err(s) => Err(s).inspect_err(|s| self.refused(s))?,
+            Ok(None) => Err(Status::invalid_argument("empty update stream")).inspect_err(|s| self.refused(s, None))?,
+            Err(s) => Err(s).inspect_err(|s| self.refused(s, None))?,
         };
         let mut wire_bytes = first.encoded_len() as u64;
         let Some(pb::update_chunk::Part::Header(header)) = first.part else {
             let s = Status::invalid_argument("an update stream must start with its header");
-            self.refused(&s);
+            self.refused(&s, None);
             return Err(s);
         };
         let session = header.node_id.clone();
@@ -432,7 +429,7 @@ impl pb::federation_server::Federation for FederationService {
                 rejection_status(&r)
             })?;
         if let Err(s) = self.auth.check_session(peer.as_deref(), &node) {
-            self.refused(&s);
+            self.refused(&s, Some(&node));
             return Err(s);
         }
         // An unknown kind is refused before any of the payload is read.
@@ -451,9 +448,7 @@ impl pb::federation_server::Federation for FederationService {
         let (received, kind) = match result {
             Ok(ok) => ok,
             Err(status) => {
-                self.traffic.rejected_updates.fetch_add(1, Ordering::Relaxed);
-                self.traffic.count_refusal(status_label(&status));
-                tracing::warn!(node = %node, round, reason = %status.message(), "update refused");
+                self.refused(&status, Some(&node));
                 let _ = self.driver.send(Command::Refuse { session });
                 return Err(status);
             }

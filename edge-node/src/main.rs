@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::Parser;
 use edge_node::NodeConfig;
-use fedge_common::config::{LogFormat, parse_override};
+use fedge_common::config::{LogFormat, parse_override, toml_string};
 
 #[derive(Parser)]
 #[command(
@@ -45,21 +45,17 @@ struct Cli {
     log_format: Option<LogFormat>,
 }
 
-fn quoted(s: impl std::fmt::Display) -> String {
-    format!("{:?}", s.to_string())
-}
-
 impl Cli {
     fn overrides(&self) -> anyhow::Result<Vec<(String, String)>> {
         let mut o = Vec::new();
         if let Some(c) = &self.coordinator {
-            o.push(("coordinator".into(), quoted(c)));
+            o.push(("coordinator".into(), toml_string(c)));
         }
         if let Some(n) = &self.name {
-            o.push(("name".into(), quoted(n)));
+            o.push(("name".into(), toml_string(n)));
         }
         if let Some(p) = &self.data_path {
-            o.push(("data.path".into(), quoted(p.display())));
+            o.push(("data.path".into(), toml_string(p.display())));
         }
         if let Some(p) = &self.partition {
             let (i, n) = p
@@ -70,13 +66,13 @@ impl Cli {
             o.push(("partition.count".into(), n.to_string()));
         }
         if let Some(d) = &self.device {
-            o.push(("device".into(), quoted(d)));
+            o.push(("device".into(), toml_string(d)));
         }
         if let Some(t) = self.threads {
             o.push(("threads".into(), t.to_string()));
         }
         if let Some(r) = &self.record_dir {
-            o.push(("record_dir".into(), quoted(r.display())));
+            o.push(("record_dir".into(), toml_string(r.display())));
         }
         o.extend(self.overrides.iter().cloned());
         Ok(o)

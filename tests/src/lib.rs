@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use fedge_common::params::{LoadedParams, load_safetensors};
+use fedge_common::pb::federation_client::FederationClient;
 
 /// The folder holding the `coordinator` and `edge-node` binaries of this
 /// build profile, built (or brought up to date) once per test process.
@@ -229,4 +230,16 @@ pub fn accuracies(history: &serde_json::Value) -> Vec<f64> {
         .as_array()
         .map(|rounds| rounds.iter().filter_map(|r| r["test_accuracy"].as_f64()).collect())
         .unwrap_or_default()
+}
+
+/// A gRPC client to a plaintext coordinator on loopback `port`, waiting up
+/// to 30 s for it to come up.
+pub async fn plaintext_client(port: u16) -> FederationClient<tonic::transport::Channel> {
+    for _ in 0..300 {
+        if let Ok(c) = FederationClient::connect(format!("http://127.0.0.1:{port}")).await {
+            return c;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("coordinator did not come up on port {port}");
 }

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use fedge_common::pb::{self, federation_client::FederationClient};
 use fedge_common::wire::crc32;
-use fedge_tests::{Daemon, coordinator_args, free_port, load_params, run_history};
+use fedge_tests::{Daemon, coordinator_args, free_port, load_params, plaintext_client, run_history};
 use prost::bytes::Bytes;
 use tonic::transport::Channel;
 
@@ -23,16 +23,6 @@ struct Node {
     session: String,
     /// Kept open: dropping it disconnects the node.
     instructions: tonic::Streaming<pb::Instruction>,
-}
-
-async fn connect(port: u16) -> Client {
-    for _ in 0..300 {
-        if let Ok(c) = FederationClient::connect(format!("http://127.0.0.1:{port}")).await {
-            return c;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("coordinator did not come up on port {port}");
 }
 
 fn join_request(name: &str, samples: u64) -> pb::JoinRequest {
@@ -46,7 +36,7 @@ fn join_request(name: &str, samples: u64) -> pb::JoinRequest {
 }
 
 async fn join(port: u16, name: &str, samples: u64) -> anyhow::Result<Node> {
-    let mut client = connect(port).await;
+    let mut client = plaintext_client(port).await;
     let session = client.join(join_request(name, samples)).await?.into_inner().node_id;
     let instructions = client
         .instructions(pb::InstructionsRequest {
@@ -367,7 +357,7 @@ async fn attacks(port: u16, c: &mut Node, tc: &pb::TrainTask, manifest: &pb::Man
     assert_eq!(s.code(), tonic::Code::DeadlineExceeded, "{s:?}");
     assert!(s.message().contains("sent nothing for 1s"), "{}", s.message());
     // Another process claiming a connected node's name.
-    let mut thief = connect(port).await;
+    let mut thief = plaintext_client(port).await;
     let s = thief.join(join_request("node-a", 1000)).await.unwrap_err();
     assert_eq!(s.code(), tonic::Code::AlreadyExists);
     assert!(

@@ -2,10 +2,9 @@
 //! malformed configuration. Each check reads the message a person would read.
 
 use std::path::Path;
-use std::time::Duration;
 
-use fedge_common::pb::{self, federation_client::FederationClient};
-use fedge_tests::{Daemon, free_port, run_to_end};
+use fedge_common::pb;
+use fedge_tests::{Daemon, free_port, plaintext_client, run_to_end};
 
 fn start_coordinator(dir: &Path, port: u16) -> anyhow::Result<Daemon> {
     let args: Vec<String> = [
@@ -25,16 +24,6 @@ fn start_coordinator(dir: &Path, port: u16) -> anyhow::Result<Daemon> {
     Daemon::start("coordinator", "coordinator", &args, dir)
 }
 
-async fn client(port: u16) -> FederationClient<tonic::transport::Channel> {
-    for _ in 0..200 {
-        if let Ok(c) = FederationClient::connect(format!("http://127.0.0.1:{port}")).await {
-            return c;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("coordinator did not come up on port {port}");
-}
-
 fn join(version: u32, name: &str, models: &[&str]) -> pb::JoinRequest {
     pb::JoinRequest {
         protocol_version: version,
@@ -50,7 +39,7 @@ async fn the_coordinator_refuses_bad_peers_with_clear_statuses() -> anyhow::Resu
     let tmp = tempfile::tempdir()?;
     let port = free_port();
     let _coord = start_coordinator(tmp.path(), port)?;
-    let mut c = client(port).await;
+    let mut c = plaintext_client(port).await;
 
     let s = c.join(join(99, "n1", &["cnn"])).await.unwrap_err();
     assert_eq!(s.code(), tonic::Code::FailedPrecondition);

@@ -7,6 +7,7 @@
 use std::path::Path;
 use std::time::Duration;
 
+use fedge_common::config::toml_string;
 use fedge_common::pb::{self, federation_client::FederationClient};
 use fedge_common::security::TOKEN_METADATA;
 use fedge_tests::{Daemon, free_port, run_history, run_to_end, sets};
@@ -22,8 +23,12 @@ fn pki(dir: &Path, names: &str) -> anyhow::Result<std::path::PathBuf> {
     Ok(out)
 }
 
-fn quoted(p: &Path) -> String {
-    format!("{:?}", p.display().to_string())
+/// The coordinator's certificate and key from the PKI.
+fn server_tls(pki: &Path) -> Vec<(&'static str, String)> {
+    vec![
+        ("security.tls_cert", toml_string(pki.join("coordinator.pem").display())),
+        ("security.tls_key", toml_string(pki.join("coordinator.key").display())),
+    ]
 }
 
 fn small() -> Vec<(&'static str, String)> {
@@ -69,10 +74,10 @@ fn start_node(dir: &Path, port: u16, name: &str, index: usize, security: &[(&str
 
 fn node_files(pki: &Path, name: &str, with_cert: bool) -> Vec<(&'static str, String)> {
     let d = pki.join("nodes").join(name);
-    let mut v = vec![("security.ca", quoted(&d.join("ca.pem")))];
+    let mut v = vec![("security.ca", toml_string(d.join("ca.pem").display()))];
     if with_cert {
-        v.push(("security.cert", quoted(&d.join("cert.pem"))));
-        v.push(("security.key", quoted(&d.join("key.pem"))));
+        v.push(("security.cert", toml_string(d.join("cert.pem").display())));
+        v.push(("security.key", toml_string(d.join("key.pem").display())));
     }
     v
 }
@@ -126,17 +131,13 @@ async fn mutual_tls_admits_only_certified_allowed_nodes() -> anyhow::Result<()> 
     let tmp = tempfile::tempdir()?;
     let pki = pki(tmp.path(), "node-1,node-2,node-3")?;
     let port = free_port();
-    let mut coord = start_coordinator(
-        tmp.path(),
-        port,
-        &[
-            ("security.tls_cert", quoted(&pki.join("coordinator.pem"))),
-            ("security.tls_key", quoted(&pki.join("coordinator.key"))),
-            ("security.client_ca", quoted(&pki.join("ca.pem"))),
-            ("security.node_auth", "\"certificate\"".into()),
-            ("security.allow", "[\"node-1\", \"node-2\"]".into()),
-        ],
-    )?;
+    let mut settings = server_tls(&pki);
+    settings.extend([
+        ("security.client_ca", toml_string(pki.join("ca.pem").display())),
+        ("security.node_auth", "\"certificate\"".into()),
+        ("security.allow", "[\"node-1\", \"node-2\"]".into()),
+    ]);
+    let mut coord = start_coordinator(tmp.path(), port, &settings)?;
 
     // Certified, but joining under another node's name.
     let mut as_node1 = FederationClient::new(channel(&pki, port, Some("node-1")).await?);
@@ -227,16 +228,12 @@ async fn tokens_are_checked_against_their_stored_hashes() -> anyhow::Result<()> 
         "the coordinator's file must hold hashes only"
     );
     let port = free_port();
-    let mut coord = start_coordinator(
-        tmp.path(),
-        port,
-        &[
-            ("security.tls_cert", quoted(&pki.join("coordinator.pem"))),
-            ("security.tls_key", quoted(&pki.join("coordinator.key"))),
-            ("security.node_auth", "\"token\"".into()),
-            ("security.tokens", quoted(&pki.join("tokens.toml"))),
-        ],
-    )?;
+    let mut settings = server_tls(&pki);
+    settings.extend([
+        ("security.node_auth", "\"token\"".into()),
+        ("security.tokens", toml_string(pki.join("tokens.toml").display())),
+    ]);
+    let mut coord = start_coordinator(tmp.path(), port, &settings)?;
     let mut c = FederationClient::new(channel(&pki, port, None).await?);
     let s = c.join(join_request("node-1", None)).await.unwrap_err();
     assert_eq!(s.code(), tonic::Code::Unauthenticated);
@@ -272,7 +269,7 @@ async fn tokens_are_checked_against_their_stored_hashes() -> anyhow::Result<()> 
         let mut v = node_files(&pki, name, false);
         v.push((
             "security.token_file",
-            quoted(&pki.join("nodes").join(name).join("token")),
+            toml_string(pki.join("nodes").join(name).join("token").display()),
         ));
         nodes.push(start_node(tmp.path(), port, name, i, &v)?);
     }
