@@ -16,6 +16,10 @@ pub enum Error {
     #[error("invalid configuration: {0}")]
     Config(String),
 
+    /// Local training stopped because the process is shutting down.
+    #[error("training stopped: the node is shutting down")]
+    Cancelled,
+
     /// A configuration source (file, environment) could not be read or parsed.
     #[error("reading configuration: {0}")]
     ConfigSource(#[from] config::ConfigError),

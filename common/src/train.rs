@@ -124,6 +124,17 @@ pub struct LocalObjective {
     pub proximal: Option<(f64, Vec<(String, Tensor)>)>,
     /// SCAFFOLD: `c − cᵢ` per variable, added to each gradient.
     pub correction: Vec<(String, Tensor)>,
+    /// Set when the process is shutting down: training stops before its
+    /// next step with [`crate::Error::Cancelled`].
+    pub cancel: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+}
+
+impl LocalObjective {
+    fn cancelled(&self) -> bool {
+        self.cancel
+            .as_ref()
+            .is_some_and(|c| c.load(std::sync::atomic::Ordering::Relaxed))
+    }
 }
 
 /// Trains `net` (whose variables live in `vs`) on `data` with a fresh
@@ -182,6 +193,9 @@ pub fn train(
         for idx in order.chunks(batch) {
             if h.max_steps > 0 && steps >= h.max_steps {
                 break 'epochs;
+            }
+            if objective.cancelled() {
+                return Err(crate::Error::Cancelled);
             }
             let (x, y) = if h.crop_padding > 0 || h.horizontal_flip {
                 data.augmented_batch(idx, device, h.crop_padding as i64, h.horizontal_flip, &mut rng)
@@ -389,6 +403,20 @@ mod tests {
         };
         let m = train(&net, &vs, &data, &h, &LocalObjective::default()).unwrap();
         assert_eq!((m.steps, m.examples), (2, 64));
+    }
+
+    #[test]
+    fn a_cancelled_objective_stops_training_with_a_clear_error() {
+        let vs = VarStore::new(Device::Cpu);
+        let net = ModelKind::Mlp2nn.build(&vs.root(), [3, 32, 32], 10);
+        let data = synthetic(3, 1, 64);
+        let cancel = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let objective = LocalObjective {
+            cancel: Some(cancel),
+            ..LocalObjective::default()
+        };
+        let e = train(&net, &vs, &data, &Hyperparameters::default(), &objective).unwrap_err();
+        assert_eq!(e.to_string(), "training stopped: the node is shutting down");
     }
 
     fn small() -> (VarStore, crate::model::Net, crate::params::Manifest) {

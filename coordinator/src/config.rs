@@ -52,8 +52,18 @@ pub struct CoordinatorConfig {
     pub security: SecurityConfig,
     /// Bounds on what uploads may hold: concurrency, bytes in flight, idle time.
     pub limits: LimitsConfig,
+    /// The HTTP side: health check and JSON status.
+    pub http: HttpConfig,
     /// Log output format.
     pub log_format: LogFormat,
+}
+
+/// The coordinator's HTTP server (`/healthz`, `/api/status`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Listen address, e.g. `0.0.0.0:8080`; unset: no HTTP server.
+    pub listen: Option<SocketAddr>,
 }
 
 impl Default for CoordinatorConfig {
@@ -74,6 +84,7 @@ impl Default for CoordinatorConfig {
             checkpoint: CheckpointConfig::default(),
             security: SecurityConfig::default(),
             limits: LimitsConfig::default(),
+            http: HttpConfig::default(),
             log_format: LogFormat::Text,
         }
     }
@@ -701,6 +712,12 @@ impl CoordinatorConfig {
         self.model_kind()?;
         if self.rounds == 0 {
             return bad("rounds must be at least 1".into());
+        }
+        if self.http.listen.is_some_and(|h| h == self.listen) {
+            return bad(format!(
+                "http.listen and listen are both {}; the HTTP server needs a port of its own",
+                self.listen
+            ));
         }
         let s = &self.sampling;
         if !(s.fraction > 0.0 && s.fraction <= 1.0) {

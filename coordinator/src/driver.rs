@@ -183,6 +183,7 @@ pub struct Driver {
     round_started: Option<Instant>,
     last_counters: (u64, u64, u64),
     aggregation_seconds: f64,
+    status: Option<watch::Sender<crate::http::Status>>,
 }
 
 /// Milliseconds since the Unix epoch.
@@ -235,7 +236,43 @@ impl Driver {
             round_started: None,
             last_counters: (0, 0, 0),
             aggregation_seconds: 0.0,
+            status: None,
         }
+    }
+
+    /// Publishes the run's [`crate::http::Status`] on `tx` after every event.
+    pub fn with_status(mut self, tx: watch::Sender<crate::http::Status>) -> Self {
+        self.status = Some(tx);
+        self
+    }
+
+    fn publish_status(&self) {
+        let Some(tx) = &self.status else { return };
+        let last = self.store.as_ref().and_then(|s| s.history.rounds.last());
+        let (acc, loss) = last.map(|r| (r.test_accuracy, r.test_loss)).unwrap_or_default();
+        let phase = crate::http::phase_label(self.machine.phase());
+        let round = self.machine.current_round();
+        let completed = self.machine.version();
+        let connected = self.machine.connected_nodes();
+        tx.send_if_modified(|s| {
+            let before = (
+                s.phase.as_str(),
+                s.round,
+                s.completed_rounds,
+                s.connected_nodes,
+                s.last_test_accuracy,
+            );
+            if before == (phase, round, completed, connected, acc) {
+                return false;
+            }
+            s.phase = phase.into();
+            s.round = round;
+            s.completed_rounds = completed;
+            s.connected_nodes = connected;
+            s.last_test_accuracy = acc;
+            s.last_test_loss = loss;
+            true
+        });
     }
 
     /// Runs until the last round is persisted (returns the summary) or
@@ -256,7 +293,9 @@ impl Driver {
                 Some(done) = self.folds_rx.recv() => self.machine.folded(done, now_ms()),
                 _ = tick.tick() => self.machine.tick(now_ms()),
             };
-            if let Some(summary) = self.carry_out(outputs).await? {
+            let finished = self.carry_out(outputs).await?;
+            self.publish_status();
+            if let Some(summary) = finished {
                 return Ok(Some(summary));
             }
         }

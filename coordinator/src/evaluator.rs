@@ -21,9 +21,21 @@ struct Job {
 }
 
 /// Handle to the evaluation thread.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Evaluator {
-    tx: mpsc::Sender<Job>,
+    tx: Option<mpsc::Sender<Job>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// Dropping the evaluator stops its thread and waits for an evaluation in
+/// progress to end, so the process never exits while libtorch computes.
+impl Drop for Evaluator {
+    fn drop(&mut self) {
+        self.tx.take();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
 }
 
 /// What the evaluation thread reports once it is ready.
@@ -49,7 +61,7 @@ impl Evaluator {
     ) -> Result<(Self, InitialModel)> {
         let (tx, rx) = mpsc::channel::<Job>();
         let (ready_tx, ready_rx) = oneshot::channel();
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("evaluator".into())
             .spawn(move || {
                 if threads > 0 {
@@ -101,13 +113,21 @@ impl Evaluator {
         let initial = ready_rx
             .await
             .map_err(|_| Error::Internal("evaluation thread stopped during start-up".into()))??;
-        Ok((Self { tx }, initial))
+        Ok((
+            Self {
+                tx: Some(tx),
+                thread: Some(thread),
+            },
+            initial,
+        ))
     }
 
     /// Evaluates `params` on the test split.
     pub async fn evaluate(&self, params: Arc<Vec<f32>>) -> Result<EvalMetrics> {
         let (reply, rx) = oneshot::channel();
         self.tx
+            .as_ref()
+            .ok_or_else(|| Error::Internal("evaluation thread is gone".into()))?
             .send(Job { params, reply })
             .map_err(|_| Error::Internal("evaluation thread is gone".into()))?;
         rx.await

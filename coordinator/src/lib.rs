@@ -20,6 +20,7 @@
 //! - [`store`]: durable checkpoints, resume and run history (`model.safetensors`,
 //!   `rounds/`, `run.json`).
 //! - [`baseline`]: the centralized floor: same model and training code, one process.
+//! - [`http`]: `/healthz` and `/api/status` on `http.listen`.
 //! - [`fleet`]: a local fleet: this coordinator plus N `edge-node` processes.
 //! - [`run`]: the entry point the binary and the tests call.
 
@@ -29,6 +30,7 @@ pub mod driver;
 mod error;
 pub mod evaluator;
 pub mod fleet;
+pub mod http;
 pub mod intake;
 pub mod pki;
 pub mod round;
@@ -237,6 +239,13 @@ pub async fn run(
         limits: TransferLimits::new(&config.limits),
         spool_budget: crate::intake::SpoolBudget::new(config.limits.spool_memory_bytes),
     };
+    let (status_tx, status_rx) = watch::channel(http::Status {
+        run_id: service.settings.run_id.clone(),
+        phase: http::phase_label(machine.phase()).into(),
+        total_rounds: u64::from(config.rounds),
+        completed_rounds: machine.version(),
+        ..http::Status::default()
+    });
     let driver = Driver::new(
         machine,
         cmd_rx,
@@ -247,8 +256,13 @@ pub async fn run(
         traffic,
         config.eval.every,
         u64::from(config.rounds),
-    );
+    )
+    .with_status(status_tx);
 
+    let http_listener = match config.http.listen {
+        Some(addr) => Some(http::bind(addr).await?),
+        None => None,
+    };
     let addr = listener.local_addr().map_err(|e| Error::Io {
         context: "reading the listen address".into(),
         source: e,
@@ -304,6 +318,16 @@ pub async fn run(
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move { stop.cancelled().await })
     };
     let mut server = tokio::spawn(server);
+    if let Some(listener) = http_listener {
+        let addr = listener.local_addr().ok();
+        tracing::info!(addr = ?addr, "http listening (/healthz, /api/status)");
+        let stop = server_stop.clone();
+        tokio::spawn(async move {
+            if let Err(e) = http::serve(listener, status_rx, stop).await {
+                tracing::error!(error = %e, "http server stopped");
+            }
+        });
+    }
     let mut driver_task = tokio::spawn(driver.run(driver_stop.clone()));
     tokio::pin!(shutdown);
     let outcome = tokio::select! {

@@ -56,8 +56,14 @@ enum Cmd {
     /// Split a data set into per-node folders (for fleets whose nodes each mount only their own data).
     Partition {
         /// The data set: CIFAR-10 binary, MNIST IDX or an image folder.
-        #[arg(long)]
-        data_path: PathBuf,
+        #[arg(long, required_unless_present = "synthetic")]
+        data_path: Option<PathBuf>,
+        /// Partition the built-in synthetic set instead (written in CIFAR-10's binary layout).
+        #[arg(long, conflicts_with = "data_path")]
+        synthetic: bool,
+        /// Size of the synthetic training set (its test set is a sixth of it).
+        #[arg(long, default_value_t = 6000, requires = "synthetic")]
+        synthetic_samples: usize,
         /// Where node-1 … node-N, coordinator/ and partition.md go.
         #[arg(long)]
         out: PathBuf,
@@ -99,6 +105,15 @@ enum Cmd {
         /// Host names and IP addresses the coordinator's certificate is valid for.
         #[arg(long, value_delimiter = ',', default_value = "localhost,127.0.0.1")]
         hosts: Vec<String>,
+    },
+    /// Check a running coordinator's HTTP health endpoint (exit status 0 when healthy).
+    Health {
+        /// The endpoint to ask.
+        #[arg(long, default_value = "http://127.0.0.1:8080/healthz")]
+        url: String,
+        /// How long to wait for an answer.
+        #[arg(long, default_value = "3s", value_parser = humantime_serde::re::humantime::parse_duration)]
+        timeout: std::time::Duration,
     },
     /// Train the same model centrally in this process (the floor a federated run is compared with).
     Baseline {
@@ -223,8 +238,15 @@ async fn main() -> anyhow::Result<()> {
             };
             run_fleet(cfg, opts, fedge_common::shutdown::signal()).await?;
         }
+        Cmd::Health { url, timeout } => {
+            let answer = tokio::task::spawn_blocking(move || coordinator::http::check(&url, timeout)).await??;
+            let mut out = std::io::stdout().lock();
+            std::io::Write::write_all(&mut out, format!("{answer}\n").as_bytes())?;
+        }
         Cmd::Partition {
             data_path,
+            synthetic,
+            synthetic_samples,
             out,
             nodes,
             scheme,
@@ -242,7 +264,15 @@ async fn main() -> anyhow::Result<()> {
                 labels_per_node,
                 sigma,
             })?;
-            let source = fedge_common::data::detect(&data_path)?;
+            let source = match data_path {
+                Some(path) => fedge_common::data::detect(&path)?,
+                None if synthetic => fedge_common::data::DataSource::Synthetic {
+                    seed: fedge_common::config::DataConfig::default().synthetic_seed,
+                    train_samples: synthetic_samples,
+                    test_samples: synthetic_samples.div_ceil(6),
+                },
+                None => anyhow::bail!("give --data-path or --synthetic"),
+            };
             let report =
                 tokio::task::spawn_blocking(move || write_partitions(&source, &scheme, nodes, seed, &out)).await??;
             tracing::info!(

@@ -9,6 +9,7 @@
 //! - [`session`]: one connection's life: join, instructions, fetch, train, submit.
 //! - [`trainer`]: the training thread that owns the data and the `VarStore`.
 //! - [`backoff`]: reconnect delays with jitter.
+//! - [`health`]: the heartbeat file behind `edge-node health`.
 //! - [`run`]: the entry point the binary and the tests call: load data, then
 //!   run sessions, reconnecting with backoff, until the run stops.
 
@@ -16,6 +17,7 @@ pub mod backoff;
 pub mod config;
 pub mod connect;
 mod error;
+pub mod health;
 pub mod session;
 pub mod trainer;
 
@@ -36,6 +38,7 @@ use crate::trainer::Trainer;
 /// (returns the reason) or `shutdown` resolves (returns `None`).
 pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<Option<String>> {
     config.validate()?;
+    let _heartbeat = config.state_dir.as_deref().map(health::spawn).transpose()?;
     let device = config.device()?;
     let source = config.data.source()?;
     let partition = config.partition.clone();

@@ -12,7 +12,10 @@ use fedge_common::config::{LogFormat, parse_override, toml_string};
     version,
     about = "fedge edge node: federated training on local data"
 )]
+#[command(args_conflicts_with_subcommands = true)]
 struct Cli {
+    #[command(subcommand)]
+    command: Option<Sub>,
     /// TOML configuration file.
     #[arg(long, short)]
     config: Option<PathBuf>,
@@ -43,6 +46,19 @@ struct Cli {
     /// Log format.
     #[arg(long, value_enum)]
     log_format: Option<LogFormat>,
+}
+
+#[derive(clap::Subcommand)]
+enum Sub {
+    /// Check that a node running with this state_dir is alive (exit status 0 when its heartbeat is fresh).
+    Health {
+        /// The node's state_dir.
+        #[arg(long, default_value = "/var/lib/fedge")]
+        state_dir: PathBuf,
+        /// Oldest acceptable heartbeat.
+        #[arg(long, default_value = "30s", value_parser = humantime_serde::re::humantime::parse_duration)]
+        max_age: std::time::Duration,
+    },
 }
 
 impl Cli {
@@ -82,6 +98,15 @@ impl Cli {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    if let Some(Sub::Health { state_dir, max_age }) = &cli.command {
+        let age = edge_node::health::check(state_dir, *max_age)?;
+        let mut out = std::io::stdout().lock();
+        std::io::Write::write_all(
+            &mut out,
+            format!("ok: heartbeat {:.1}s old\n", age.as_secs_f64()).as_bytes(),
+        )?;
+        return Ok(());
+    }
     let mut cfg = NodeConfig::load(cli.config.as_deref(), &cli.overrides()?)?;
     if let Some(f) = cli.log_format {
         cfg.log_format = f;

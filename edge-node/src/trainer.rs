@@ -6,8 +6,8 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, mpsc};
 
 use fedge_common::codec::{Codec, encode_with_feedback};
 use fedge_common::data::Dataset;
@@ -59,10 +59,24 @@ struct Envelope {
     reply: oneshot::Sender<Result<TrainResult>>,
 }
 
-/// Handle to the training thread.
-#[derive(Debug, Clone)]
+/// Handle to the training thread. Dropping it stops the thread: training
+/// in progress ends before its next step, and the drop waits for that, so
+/// the process never exits while libtorch is mid-computation.
+#[derive(Debug)]
 pub struct Trainer {
-    tx: mpsc::Sender<Envelope>,
+    tx: Option<mpsc::Sender<Envelope>>,
+    cancel: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Trainer {
+    fn drop(&mut self) {
+        self.cancel.store(true, Ordering::Relaxed);
+        self.tx.take();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
 }
 
 /// One vector a node keeps across rounds under a key (the run it belongs
@@ -199,7 +213,9 @@ impl Trainer {
         adversary: AdversaryConfig,
     ) -> Result<Self> {
         let (tx, rx) = mpsc::channel::<Envelope>();
-        std::thread::Builder::new()
+        let cancel = Arc::new(AtomicBool::new(false));
+        let stop = cancel.clone();
+        let thread = std::thread::Builder::new()
             .name("trainer".into())
             .spawn(move || {
                 if threads > 0 {
@@ -214,22 +230,29 @@ impl Trainer {
                         model = Some((job.kind, vs, net));
                     }
                     let (_, vs, net) = model.as_mut().expect("model built above");
-                    let result = run_job(vs, net, &data, held_out.as_ref(), &job, &mut state).and_then(|mut r| {
-                        adversary.apply(&mut r.delta, job.hyper.seed);
-                        r.payload = state.encode(&job, &r.delta, r.control_delta.as_deref())?;
-                        Ok(r)
-                    });
+                    let result =
+                        run_job(vs, net, &data, held_out.as_ref(), &job, &mut state, &stop).and_then(|mut r| {
+                            adversary.apply(&mut r.delta, job.hyper.seed);
+                            r.payload = state.encode(&job, &r.delta, r.control_delta.as_deref())?;
+                            Ok(r)
+                        });
                     let _ = reply.send(result);
                 }
             })
             .map_err(|e| Error::Trainer(format!("cannot start the training thread: {e}")))?;
-        Ok(Self { tx })
+        Ok(Self {
+            tx: Some(tx),
+            cancel,
+            thread: Some(thread),
+        })
     }
 
     /// Runs `job` on the training thread and returns the update.
     pub async fn train(&self, job: Job) -> Result<TrainResult> {
         let (reply, rx) = oneshot::channel();
         self.tx
+            .as_ref()
+            .ok_or_else(|| Error::Trainer("training thread is gone".into()))?
             .send(Envelope { job, reply })
             .map_err(|_| Error::Trainer("training thread is gone".into()))?;
         rx.await
@@ -244,6 +267,7 @@ fn run_job(
     held_out: Option<&Dataset>,
     job: &Job,
     state: &mut NodeState,
+    cancel: &Arc<AtomicBool>,
 ) -> Result<TrainResult> {
     let h = &job.hyper;
     params::load_into(vs, &job.manifest, &job.global)?;
@@ -264,7 +288,10 @@ fn run_job(
         });
     }
     let device = vs.device();
-    let mut objective = LocalObjective::default();
+    let mut objective = LocalObjective {
+        cancel: Some(cancel.clone()),
+        ..LocalObjective::default()
+    };
     let mut client_control = None;
     match h.algorithm {
         Algorithm::FedProx if h.proximal_mu > 0.0 => {
@@ -395,7 +422,7 @@ mod tests {
             codec: Codec::F32,
         };
         let mut state = NodeState::new(None);
-        let r = run_job(&mut vs, &net, &data, None, &job, &mut state).unwrap();
+        let r = run_job(&mut vs, &net, &data, None, &job, &mut state, &Arc::default()).unwrap();
         assert_eq!(r.metrics.steps, 200);
         let ci = r.control_delta.unwrap();
         let dot: f64 = ci.iter().zip(&grad).map(|(a, b)| f64::from(*a) * f64::from(*b)).sum();
