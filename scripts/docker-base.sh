@@ -23,12 +23,18 @@ if [[ -z "${FEDGE_BASE_FORCE:-}" ]] && docker image inspect "$image" >/dev/null 
     exit 0
 fi
 
-command -v debootstrap >/dev/null || {
-    log "debootstrap is required (Debian: apt-get install debootstrap)"
-    exit 1
-}
 sudo=()
 [[ $(id -u) -eq 0 ]] || sudo=(sudo)
+if ! command -v debootstrap >/dev/null && command -v apt-get >/dev/null; then
+    log "installing debootstrap from Debian's packages"
+    "${sudo[@]}" apt-get install -y --no-install-recommends debootstrap >/dev/null \
+        || { "${sudo[@]}" apt-get update >/dev/null && "${sudo[@]}" apt-get install -y --no-install-recommends debootstrap >/dev/null; } \
+        || true
+fi
+command -v debootstrap >/dev/null || {
+    log "debootstrap is required (Debian: apt-get install debootstrap), or a registry to pull $image from"
+    exit 1
+}
 
 log "debootstrapping $suite (minbase) from $mirror into $rootfs"
 "${sudo[@]}" rm -rf "$rootfs"
