@@ -19,6 +19,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::evaluator::Evaluator;
+use crate::metrics::Metrics;
 use crate::round::{ClosedRound, FoldJob, Folded, Output, Rejection, RoundMachine, Task, Update};
 use crate::store::{RoundRecord, RunStore, federated_eval, participant};
 use crate::{Error, Result};
@@ -112,13 +113,31 @@ pub struct Traffic {
     pub down_by_node: Mutex<BTreeMap<String, u64>>,
     /// Refused joins and updates by reason since the last round closed.
     pub refusals: Mutex<BTreeMap<&'static str, u64>>,
+    /// Refused updates per node over the whole run.
+    pub refused_by_node: Mutex<BTreeMap<String, u64>>,
 }
 
 impl Traffic {
-    /// Counts one refused update: in `rejected_updates` and under `reason`.
-    pub fn count_refused_update(&self, reason: &'static str) {
+    /// Counts one refused update: in `rejected_updates`, under `reason`,
+    /// and for `node` when it is known.
+    pub fn count_refused_update(&self, reason: &'static str, node: Option<&str>) {
         self.rejected_updates.fetch_add(1, Ordering::Relaxed);
         self.count_refusal(reason);
+        if let Some(node) = node {
+            let mut map = self
+                .refused_by_node
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            *map.entry(node.to_owned()).or_default() += 1;
+        }
+    }
+
+    /// Refused updates per node so far.
+    pub fn refused_by_node(&self) -> BTreeMap<String, u64> {
+        self.refused_by_node
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     /// Counts one refusal (of a join or an update) for `reason`.
@@ -184,6 +203,46 @@ pub struct Driver {
     last_counters: (u64, u64, u64),
     aggregation_seconds: f64,
     status: Option<watch::Sender<crate::http::Status>>,
+    metrics: Arc<Metrics>,
+    /// Per-node sums over the run's rounds, for status reports.
+    node_totals: BTreeMap<String, NodeTotals>,
+}
+
+/// A node's sums over the rounds it took part in.
+#[derive(Debug, Default, Clone)]
+struct NodeTotals {
+    bytes_up: u64,
+    bytes_down: u64,
+    last_train_seconds: Option<f64>,
+}
+
+impl NodeTotals {
+    /// Adds a persisted round's per-node figures to `totals`.
+    fn absorb(totals: &mut BTreeMap<String, NodeTotals>, rec: &RoundRecord) {
+        for p in &rec.participants {
+            let t = totals.entry(p.node.clone()).or_default();
+            t.bytes_up += p.bytes_up;
+            t.last_train_seconds = Some(p.train_seconds);
+        }
+        for (node, bytes) in &rec.bytes_down_by_node {
+            totals.entry(node.clone()).or_default().bytes_down += bytes;
+        }
+    }
+}
+
+fn round_point(rec: &RoundRecord) -> crate::http::RoundPoint {
+    crate::http::RoundPoint {
+        round: rec.round,
+        participants: rec.participants.len(),
+        test_accuracy: rec.test_accuracy,
+        test_loss: rec.test_loss,
+        federated_accuracy: rec.federated_accuracy,
+        federated_loss: rec.federated_loss,
+        bytes_up: rec.bytes_up,
+        bytes_down: rec.bytes_down,
+        round_seconds: rec.round_seconds,
+        rejected_updates: rec.rejected_updates,
+    }
 }
 
 /// Milliseconds since the Unix epoch.
@@ -237,41 +296,107 @@ impl Driver {
             last_counters: (0, 0, 0),
             aggregation_seconds: 0.0,
             status: None,
+            metrics: Arc::new(Metrics::new()),
+            node_totals: BTreeMap::new(),
         }
     }
 
-    /// Publishes the run's [`crate::http::Status`] on `tx` after every event.
-    pub fn with_status(mut self, tx: watch::Sender<crate::http::Status>) -> Self {
+    /// Publishes the run's [`crate::http::Status`] on `tx` after every
+    /// event, and records into `metrics`; both start from the rounds a
+    /// resumed run already holds.
+    pub fn with_status(mut self, tx: watch::Sender<crate::http::Status>, metrics: Arc<Metrics>) -> Self {
+        if let Some(store) = &self.store {
+            for rec in &store.history.rounds {
+                NodeTotals::absorb(&mut self.node_totals, rec);
+            }
+            if let Some(last) = store.history.rounds.last() {
+                metrics.participants.set(last.participants.len() as i64);
+                if let (Some(a), Some(l)) = (last.test_accuracy, last.test_loss) {
+                    metrics.test_accuracy.set(a);
+                    metrics.test_loss.set(l);
+                }
+            }
+        }
+        metrics.total_rounds.set(self.total_rounds as i64);
         self.status = Some(tx);
+        self.metrics = metrics;
         self
     }
 
+    /// Records a persisted round into the metrics and the per-node totals.
+    fn record_round(&mut self, rec: &RoundRecord) {
+        NodeTotals::absorb(&mut self.node_totals, rec);
+        let m = &self.metrics;
+        m.participants.set(rec.participants.len() as i64);
+        if let (Some(a), Some(l)) = (rec.test_accuracy, rec.test_loss) {
+            m.test_accuracy.set(a);
+            m.test_loss.set(l);
+            m.eval_seconds.observe(rec.eval_seconds);
+        }
+        m.bytes_up.inc_by(rec.bytes_up);
+        m.bytes_down.inc_by(rec.bytes_down);
+        m.count_refusals(&rec.refusals);
+        m.round_seconds.observe(rec.round_seconds);
+        m.aggregation_seconds.observe(rec.aggregation_seconds);
+    }
+
     fn publish_status(&self) {
+        let m = &self.metrics;
+        m.rounds_completed.set(self.machine.version() as i64);
+        m.round.set(self.machine.current_round().unwrap_or(0) as i64);
+        m.connected_nodes.set(self.machine.connected_nodes() as i64);
         let Some(tx) = &self.status else { return };
-        let last = self.store.as_ref().and_then(|s| s.history.rounds.last());
-        let (acc, loss) = last.map(|r| (r.test_accuracy, r.test_loss)).unwrap_or_default();
+        let history = self
+            .store
+            .as_ref()
+            .map(|s| s.history.rounds.as_slice())
+            .unwrap_or_default();
+        let last = history.last();
+        let rejected = self.traffic.refused_by_node();
+        let nodes: Vec<crate::http::NodeStatus> = self
+            .machine
+            .node_views()
+            .into_iter()
+            .map(|v| {
+                let totals = self.node_totals.get(&v.name).cloned().unwrap_or_default();
+                crate::http::NodeStatus {
+                    rejected_updates: rejected.get(&v.name).copied().unwrap_or(0),
+                    name: v.name,
+                    state: v.state.into(),
+                    connected: v.connected,
+                    last_seen_ms: v.last_seen_ms,
+                    rounds_contributed: v.rounds_contributed,
+                    num_samples: v.num_samples,
+                    last_train_seconds: totals.last_train_seconds,
+                    bytes_up: totals.bytes_up,
+                    bytes_down: totals.bytes_down,
+                }
+            })
+            .collect();
         let phase = crate::http::phase_label(self.machine.phase());
-        let round = self.machine.current_round();
-        let completed = self.machine.version();
-        let connected = self.machine.connected_nodes();
+        let (round, completed, connected) = (
+            self.machine.current_round(),
+            self.machine.version(),
+            self.machine.connected_nodes(),
+        );
         tx.send_if_modified(|s| {
-            let before = (
-                s.phase.as_str(),
-                s.round,
-                s.completed_rounds,
-                s.connected_nodes,
-                s.last_test_accuracy,
-            );
-            if before == (phase, round, completed, connected, acc) {
-                return false;
-            }
+            let changed = s.phase != phase
+                || s.round != round
+                || s.completed_rounds != completed
+                || s.connected_nodes != connected
+                || s.nodes != nodes
+                || s.rounds.len() != history.len();
             s.phase = phase.into();
             s.round = round;
             s.completed_rounds = completed;
             s.connected_nodes = connected;
-            s.last_test_accuracy = acc;
-            s.last_test_loss = loss;
-            true
+            s.last_test_accuracy = last.and_then(|r| r.test_accuracy);
+            s.last_test_loss = last.and_then(|r| r.test_loss);
+            s.nodes = nodes;
+            if s.rounds.len() != history.len() {
+                s.rounds = history.iter().map(round_point).collect();
+            }
+            changed
         });
     }
 
@@ -363,7 +488,8 @@ impl Driver {
             } => {
                 let r = self.machine.admit(&session, round, base_version);
                 if let Err(e) = &r {
-                    self.traffic.count_refused_update(e.label());
+                    self.traffic
+                        .count_refused_update(e.label(), self.machine.node_of(&session));
                 }
                 let _ = reply.send(r);
                 Vec::new()
@@ -374,11 +500,15 @@ impl Driver {
                 match self.machine.submit(&session, update, now) {
                     Ok((accepted, out)) => {
                         tracing::info!(node = %node, round, accepted, "update accepted");
+                        self.metrics.updates_accepted.inc();
+                        if let Some(started) = self.round_started {
+                            self.metrics.update_latency.observe(started.elapsed().as_secs_f64());
+                        }
                         let _ = reply.send(Ok(accepted));
                         out
                     }
                     Err(e) => {
-                        self.traffic.count_refused_update(e.label());
+                        self.traffic.count_refused_update(e.label(), Some(&node));
                         let content = e.is_content();
                         let _ = reply.send(Err(e));
                         if content {
@@ -527,6 +657,7 @@ impl Driver {
         self.snapshot.borrow().durable.store(true, Ordering::Release);
         let rec = self.store.as_ref().and_then(|s| s.history.rounds.last()).cloned();
         if let Some(rec) = rec {
+            self.record_round(&rec);
             tracing::info!(
                 round = rec.round,
                 of = self.total_rounds,

@@ -1,11 +1,12 @@
 //! The coordinator's HTTP side (`http.listen`): `/healthz` for container and
-//! orchestrator health checks, and `/api/status`, a JSON view of the run
-//! (round, phase, connected nodes, last accuracy) that `coordinator health`
-//! and scripts read. The driver publishes a [`Status`] after every event; the
-//! server only reads the latest one.
+//! orchestrator health checks; `/api/status`, a JSON view of the run (round,
+//! phase, nodes, per-round accuracy and bytes) that `coordinator status`
+//! reads; `/metrics` for Prometheus ([`crate::metrics`]). The driver
+//! publishes a [`Status`] after every event; the server reads the latest one.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
@@ -18,6 +19,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use crate::metrics::Metrics;
 use crate::round::PhaseKind;
 use crate::{Error, Result};
 
@@ -36,6 +38,43 @@ pub struct Status {
     /// Central test accuracy after the last evaluated round (0..1).
     pub last_test_accuracy: Option<f64>,
     pub last_test_loss: Option<f64>,
+    /// Every node that joined.
+    pub nodes: Vec<NodeStatus>,
+    /// Every completed round, oldest first.
+    pub rounds: Vec<RoundPoint>,
+}
+
+/// A node in [`Status::nodes`].
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct NodeStatus {
+    pub name: String,
+    /// `training`, `delivered`, `idle` or `offline`.
+    pub state: String,
+    pub connected: bool,
+    /// Last connect, disconnect or delivered update (ms since the epoch; 0: never).
+    pub last_seen_ms: u64,
+    pub rounds_contributed: u64,
+    pub num_samples: u64,
+    /// Local training time of its last accepted update.
+    pub last_train_seconds: Option<f64>,
+    pub bytes_up: u64,
+    pub bytes_down: u64,
+    pub rejected_updates: u64,
+}
+
+/// A completed round in [`Status::rounds`].
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RoundPoint {
+    pub round: u64,
+    pub participants: usize,
+    pub test_accuracy: Option<f64>,
+    pub test_loss: Option<f64>,
+    pub federated_accuracy: Option<f64>,
+    pub federated_loss: Option<f64>,
+    pub bytes_up: u64,
+    pub bytes_down: u64,
+    pub round_seconds: f64,
+    pub rejected_updates: u64,
 }
 
 /// The label of a phase in [`Status::phase`].
@@ -57,12 +96,38 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener> {
     })
 }
 
-/// Serves `/healthz` and `/api/status` on `listener` until `stop` fires.
-pub async fn serve(listener: TcpListener, status: watch::Receiver<Status>, stop: CancellationToken) -> Result<()> {
+/// What the handlers read.
+#[derive(Clone)]
+struct Shared {
+    status: watch::Receiver<Status>,
+    metrics: Arc<Metrics>,
+    config: Arc<serde_json::Value>,
+}
+
+/// The dashboard: one page that polls `/api/status` and draws the run.
+const DASHBOARD: &str = include_str!("dashboard.html");
+
+/// Serves the dashboard (`/`), `/healthz`, `/api/status`, `/api/config`
+/// (the run's configuration, `config`) and `/metrics` on `listener` until
+/// `stop` fires.
+pub async fn serve(
+    listener: TcpListener,
+    status: watch::Receiver<Status>,
+    metrics: Arc<Metrics>,
+    config: serde_json::Value,
+    stop: CancellationToken,
+) -> Result<()> {
     let app = Router::new()
+        .route("/", get(dashboard))
         .route("/healthz", get(healthz))
         .route("/api/status", get(api_status))
-        .with_state(status);
+        .route("/api/config", get(api_config))
+        .route("/metrics", get(prometheus))
+        .with_state(Shared {
+            status,
+            metrics,
+            config: Arc::new(config),
+        });
     axum::serve(listener, app)
         .with_graceful_shutdown(async move { stop.cancelled().await })
         .await
@@ -72,13 +137,31 @@ pub async fn serve(listener: TcpListener, status: watch::Receiver<Status>, stop:
         })
 }
 
-async fn healthz(State(status): State<watch::Receiver<Status>>) -> impl IntoResponse {
-    let phase = status.borrow().phase.clone();
+async fn healthz(State(s): State<Shared>) -> impl IntoResponse {
+    let phase = s.status.borrow().phase.clone();
     (StatusCode::OK, format!("ok {phase}\n"))
 }
 
-async fn api_status(State(status): State<watch::Receiver<Status>>) -> Json<Status> {
-    Json(status.borrow().clone())
+async fn api_status(State(s): State<Shared>) -> Json<Status> {
+    Json(s.status.borrow().clone())
+}
+
+async fn api_config(State(s): State<Shared>) -> Json<serde_json::Value> {
+    Json((*s.config).clone())
+}
+
+async fn dashboard() -> axum::response::Html<&'static str> {
+    axum::response::Html(DASHBOARD)
+}
+
+async fn prometheus(State(s): State<Shared>) -> impl IntoResponse {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        s.metrics.encode(),
+    )
 }
 
 /// `coordinator health`: GETs `url` (`http://host:port/path`) and succeeds on
@@ -112,7 +195,7 @@ pub fn check(url: &str, timeout: Duration) -> Result<String> {
     .map_err(io(format!("writing to {addr}")))?;
     let mut answer = Vec::new();
     stream
-        .take(64 * 1024)
+        .take(16 << 20)
         .read_to_end(&mut answer)
         .map_err(io(format!("reading from {addr}")))?;
     let answer = String::from_utf8_lossy(&answer);
@@ -124,6 +207,78 @@ pub fn check(url: &str, timeout: Duration) -> Result<String> {
     } else {
         Err(Error::Internal(format!("health: {url} answered `{status_line}`")))
     }
+}
+
+/// `coordinator status`: the run, its nodes and its rounds as text tables.
+/// `now_ms` dates the nodes' last contact.
+pub fn render_status(s: &Status, now_ms: u64) -> String {
+    let pct = |a: Option<f64>| a.map_or("-".to_string(), |a| format!("{:.2}%", a * 100.0));
+    let num = |l: Option<f64>| l.map_or("-".to_string(), |l| format!("{l:.4}"));
+    let mut out = format!(
+        "run {}  phase {}  round {}/{}  completed {}  nodes connected {}\n",
+        s.run_id,
+        s.phase,
+        s.round.map_or("-".into(), |r| r.to_string()),
+        s.total_rounds,
+        s.completed_rounds,
+        s.connected_nodes,
+    );
+    out += &format!(
+        "test accuracy {}  loss {}  (after the last evaluated round)\n",
+        pct(s.last_test_accuracy),
+        num(s.last_test_loss)
+    );
+    out += &format!(
+        "\n{:<16} {:<10} {:>8} {:>7} {:>8} {:>8} {:>11} {:>11} {:>9}\n",
+        "node", "state", "seen", "rounds", "samples", "train_s", "bytes_up", "bytes_down", "rejected"
+    );
+    for n in &s.nodes {
+        let seen = if n.last_seen_ms == 0 {
+            "-".to_string()
+        } else {
+            format!("{}s ago", now_ms.saturating_sub(n.last_seen_ms) / 1000)
+        };
+        out += &format!(
+            "{:<16} {:<10} {:>8} {:>7} {:>8} {:>8} {:>11} {:>11} {:>9}\n",
+            n.name,
+            n.state,
+            seen,
+            n.rounds_contributed,
+            n.num_samples,
+            n.last_train_seconds.map_or("-".into(), |t| format!("{t:.2}")),
+            n.bytes_up,
+            n.bytes_down,
+            n.rejected_updates
+        );
+    }
+    out += &format!(
+        "\n{:>5} {:>12} {:>9} {:>8} {:>9} {:>8} {:>11} {:>11} {:>8}\n",
+        "round", "participants", "accuracy", "loss", "fed_acc", "seconds", "bytes_up", "bytes_down", "rejected"
+    );
+    for r in &s.rounds {
+        out += &format!(
+            "{:>5} {:>12} {:>9} {:>8} {:>9} {:>8.2} {:>11} {:>11} {:>8}\n",
+            r.round,
+            r.participants,
+            pct(r.test_accuracy),
+            num(r.test_loss),
+            pct(r.federated_accuracy),
+            r.round_seconds,
+            r.bytes_up,
+            r.bytes_down,
+            r.rejected_updates
+        );
+    }
+    out
+}
+
+/// Reads `/api/status` from the coordinator's HTTP address `base`
+/// (`http://host:port`).
+pub fn fetch_status(base: &str, timeout: Duration) -> Result<Status> {
+    let url = format!("{}/api/status", base.trim_end_matches('/'));
+    let body = check(&url, timeout)?;
+    serde_json::from_str(&body)
+        .map_err(|e| Error::Internal(format!("{url} answered something other than a fedge status: {e}")))
 }
 
 #[cfg(test)]
@@ -141,7 +296,10 @@ mod tests {
             ..Status::default()
         });
         let stop = CancellationToken::new();
-        let server = tokio::spawn(serve(listener, rx, stop.clone()));
+        let metrics = Arc::new(Metrics::new());
+        metrics.rounds_completed.set(1);
+        let config = serde_json::json!({"rounds": 3});
+        let server = tokio::spawn(serve(listener, rx, metrics, config, stop.clone()));
         tx.send_modify(|s| {
             s.phase = "training".into();
             s.round = Some(2);
@@ -161,6 +319,26 @@ mod tests {
         assert_eq!(status.round, Some(2));
         assert_eq!(status.completed_rounds, 1);
         assert_eq!(status.run_id, "run-1");
+        let url = format!("http://{addr}/metrics");
+        let metrics = tokio::task::spawn_blocking(move || check(&url, Duration::from_secs(5)))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(metrics.lines().any(|l| l == "fedge_rounds_completed 1"), "{metrics}");
+        let base = format!("http://{addr}");
+        let (page, config) = tokio::task::spawn_blocking(move || {
+            (
+                check(&format!("{base}/"), Duration::from_secs(5)).unwrap(),
+                check(&format!("{base}/api/config"), Duration::from_secs(5)).unwrap(),
+            )
+        })
+        .await
+        .unwrap();
+        assert!(
+            page.contains("<title>fedge</title>") && page.contains("api/status"),
+            "{page}"
+        );
+        assert_eq!(config, r#"{"rounds":3}"#);
         let missing =
             tokio::task::spawn_blocking(move || check(&format!("http://{addr}/nope"), Duration::from_secs(5)))
                 .await
@@ -170,6 +348,68 @@ mod tests {
         assert!(missing.contains("404"), "{missing}");
         stop.cancel();
         server.await.unwrap().unwrap();
+    }
+
+    #[test]
+    fn status_renders_as_tables() {
+        let s = Status {
+            run_id: "run-7".into(),
+            phase: "training".into(),
+            round: Some(3),
+            total_rounds: 5,
+            completed_rounds: 2,
+            connected_nodes: 1,
+            last_test_accuracy: Some(0.8321),
+            last_test_loss: Some(0.5),
+            nodes: vec![NodeStatus {
+                name: "node-1".into(),
+                state: "delivered".into(),
+                connected: true,
+                last_seen_ms: 7_000,
+                rounds_contributed: 3,
+                num_samples: 1500,
+                last_train_seconds: Some(2.5),
+                bytes_up: 1234,
+                bytes_down: 5678,
+                rejected_updates: 1,
+            }],
+            rounds: vec![RoundPoint {
+                round: 1,
+                participants: 4,
+                test_accuracy: Some(0.161),
+                test_loss: Some(2.2303),
+                round_seconds: 16.06,
+                ..RoundPoint::default()
+            }],
+        };
+        let text = render_status(&s, 10_000);
+        assert!(
+            text.starts_with("run run-7  phase training  round 3/5  completed 2  nodes connected 1\n"),
+            "{text}"
+        );
+        assert!(text.contains("test accuracy 83.21%  loss 0.5000"), "{text}");
+        let node = text.lines().find(|l| l.starts_with("node-1")).unwrap();
+        let cols: Vec<&str> = node.split_whitespace().collect();
+        assert_eq!(
+            cols,
+            [
+                "node-1",
+                "delivered",
+                "3s",
+                "ago",
+                "3",
+                "1500",
+                "2.50",
+                "1234",
+                "5678",
+                "1"
+            ]
+        );
+        let round = text.lines().find(|l| l.trim_start().starts_with("1 ")).unwrap();
+        assert_eq!(
+            round.split_whitespace().collect::<Vec<_>>(),
+            ["1", "4", "16.10%", "2.2303", "-", "16.06", "0", "0", "0"]
+        );
     }
 
     #[test]

@@ -20,7 +20,8 @@
 //! - [`store`]: durable checkpoints, resume and run history (`model.safetensors`,
 //!   `rounds/`, `run.json`).
 //! - [`baseline`]: the centralized floor: same model and training code, one process.
-//! - [`http`]: `/healthz` and `/api/status` on `http.listen`.
+//! - [`http`]: `/healthz`, `/api/status` and `/metrics` on `http.listen`;
+//!   [`metrics`]: the Prometheus metrics the driver records.
 //! - [`fleet`]: a local fleet: this coordinator plus N `edge-node` processes.
 //! - [`run`]: the entry point the binary and the tests call.
 
@@ -32,6 +33,7 @@ pub mod evaluator;
 pub mod fleet;
 pub mod http;
 pub mod intake;
+pub mod metrics;
 pub mod pki;
 pub mod round;
 pub mod security;
@@ -239,6 +241,7 @@ pub async fn run(
         limits: TransferLimits::new(&config.limits),
         spool_budget: crate::intake::SpoolBudget::new(config.limits.spool_memory_bytes),
     };
+    let metrics = Arc::new(metrics::Metrics::new());
     let (status_tx, status_rx) = watch::channel(http::Status {
         run_id: service.settings.run_id.clone(),
         phase: http::phase_label(machine.phase()).into(),
@@ -257,7 +260,7 @@ pub async fn run(
         config.eval.every,
         u64::from(config.rounds),
     )
-    .with_status(status_tx);
+    .with_status(status_tx, metrics.clone());
 
     let http_listener = match config.http.listen {
         Some(addr) => Some(http::bind(addr).await?),
@@ -319,11 +322,12 @@ pub async fn run(
     };
     let mut server = tokio::spawn(server);
     if let Some(listener) = http_listener {
+        let config_json = serde_json::to_value(&config).unwrap_or_default();
         let addr = listener.local_addr().ok();
         tracing::info!(addr = ?addr, "http listening (/healthz, /api/status)");
         let stop = server_stop.clone();
         tokio::spawn(async move {
-            if let Err(e) = http::serve(listener, status_rx, stop).await {
+            if let Err(e) = http::serve(listener, status_rx, metrics, config_json, stop).await {
                 tracing::error!(error = %e, "http server stopped");
             }
         });

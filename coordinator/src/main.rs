@@ -1,6 +1,7 @@
 //! `coordinator`: serve a federated training run, or run one with a local fleet.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
@@ -114,6 +115,18 @@ enum Cmd {
         /// How long to wait for an answer.
         #[arg(long, default_value = "3s", value_parser = humantime_serde::re::humantime::parse_duration)]
         timeout: std::time::Duration,
+    },
+    /// Show a running coordinator's run: phase, rounds, nodes, accuracy (from its HTTP API).
+    Status {
+        /// The coordinator's HTTP address (`http.listen`).
+        #[arg(long, default_value = "http://127.0.0.1:8080")]
+        url: String,
+        /// Print the JSON of /api/status instead of tables.
+        #[arg(long)]
+        json: bool,
+        /// Refresh every this many seconds until the run finishes (0: once).
+        #[arg(long, default_value_t = 0)]
+        watch: u64,
     },
     /// Train the same model centrally in this process (the floor a federated run is compared with).
     Baseline {
@@ -243,6 +256,28 @@ async fn main() -> anyhow::Result<()> {
             let mut out = std::io::stdout().lock();
             std::io::Write::write_all(&mut out, format!("{answer}\n").as_bytes())?;
         }
+        Cmd::Status { url, json, watch } => loop {
+            let base = url.clone();
+            let status =
+                tokio::task::spawn_blocking(move || coordinator::http::fetch_status(&base, Duration::from_secs(5)))
+                    .await??;
+            let text = if json {
+                serde_json::to_string_pretty(&status)? + "\n"
+            } else {
+                coordinator::http::render_status(&status, coordinator::driver::now_ms())
+            };
+            let mut out = std::io::stdout().lock();
+            if watch > 0 {
+                // Clear the terminal and redraw.
+                std::io::Write::write_all(&mut out, b"\x1b[2J\x1b[H")?;
+            }
+            std::io::Write::write_all(&mut out, text.as_bytes())?;
+            drop(out);
+            if watch == 0 || status.phase == "finished" {
+                break;
+            }
+            tokio::time::sleep(Duration::from_secs(watch)).await;
+        },
         Cmd::Partition {
             data_path,
             synthetic,

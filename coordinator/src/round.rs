@@ -371,6 +371,21 @@ struct NodeRecord {
     rounds_contributed: u64,
     /// The last round this node was asked to train in and did not deliver.
     last_failure: Option<u64>,
+    /// When the node last connected, disconnected or delivered (ms since the epoch).
+    last_seen_ms: u64,
+}
+
+/// A node as status reports show it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodeView {
+    pub name: String,
+    pub connected: bool,
+    pub num_samples: u64,
+    pub rounds_contributed: u64,
+    /// `training` (selected in the round in progress, not yet delivered),
+    /// `delivered`, `idle` (connected, not in the round) or `offline`.
+    pub state: &'static str,
+    pub last_seen_ms: u64,
 }
 
 #[derive(Debug)]
@@ -526,6 +541,7 @@ impl RoundMachine {
             num_samples,
             rounds_contributed: 0,
             last_failure: None,
+            last_seen_ms: 0,
         });
         rec.session = session.to_owned();
         rec.connected = false;
@@ -538,7 +554,9 @@ impl RoundMachine {
     /// task of the round in progress if it was selected and has not submitted.
     pub fn connect(&mut self, session: &str, now_ms: u64) -> Result<Vec<Output>, Rejection> {
         let name = self.node_of(session).ok_or(Rejection::UnknownSession)?.to_owned();
-        self.nodes.get_mut(&name).expect("known node").connected = true;
+        let rec = self.nodes.get_mut(&name).expect("known node");
+        rec.connected = true;
+        rec.last_seen_ms = now_ms;
         let out = match &self.phase {
             Phase::Waiting => self.try_start(self.version + 1, 0, now_ms),
             Phase::Training(r) if r.selected.contains(&name) && !r.accepted.iter().any(|c| c.node == name) => {
@@ -558,7 +576,9 @@ impl RoundMachine {
         let Some(name) = self.node_of(session).map(str::to_owned) else {
             return Vec::new();
         };
-        self.nodes.get_mut(&name).expect("known node").connected = false;
+        let rec = self.nodes.get_mut(&name).expect("known node");
+        rec.connected = false;
+        rec.last_seen_ms = now_ms;
         self.maybe_close(now_ms)
     }
 
@@ -678,7 +698,9 @@ impl RoundMachine {
             clipped,
         });
         let accepted = r.accepted.len();
-        self.nodes.get_mut(&name).expect("known node").rounds_contributed += 1;
+        let rec = self.nodes.get_mut(&name).expect("known node");
+        rec.rounds_contributed += 1;
+        rec.last_seen_ms = now_ms;
         out.extend(self.maybe_close(now_ms));
         Ok((accepted, out))
     }
@@ -795,6 +817,35 @@ impl RoundMachine {
         }
         self.phase = Phase::Waiting;
         self.try_start(round + 1, 0, now_ms)
+    }
+
+    /// Every node that ever joined, by name, for status reports.
+    pub fn node_views(&self) -> Vec<NodeView> {
+        let round = match &self.phase {
+            Phase::Training(r) => Some(r),
+            _ => None,
+        };
+        self.nodes
+            .iter()
+            .map(|(name, n)| {
+                let delivered = round.is_some_and(|r| r.accepted.iter().any(|c| &c.node == name));
+                let selected = round.is_some_and(|r| r.selected.contains(name));
+                let state = match (n.connected, selected, delivered) {
+                    (_, _, true) => "delivered",
+                    (false, _, _) => "offline",
+                    (true, true, false) => "training",
+                    (true, false, false) => "idle",
+                };
+                NodeView {
+                    name: name.clone(),
+                    connected: n.connected,
+                    num_samples: n.num_samples,
+                    rounds_contributed: n.rounds_contributed,
+                    state,
+                    last_seen_ms: n.last_seen_ms,
+                }
+            })
+            .collect()
     }
 
     /// Per-node counts of rounds contributed, by name.
@@ -1132,6 +1183,39 @@ mod tests {
         let out = m.persisted(8);
         assert_eq!(assigned(&out), ["a", "b", "c"]);
         assert_eq!(m.current_round(), Some(2));
+    }
+
+    #[test]
+    fn node_views_follow_each_node_through_a_round() {
+        let mut m = machine(settings(3, 1.0), vec![0.0]);
+        fleet(&mut m);
+        let states = |m: &RoundMachine| -> Vec<(String, &'static str)> {
+            m.node_views().into_iter().map(|v| (v.name, v.state)).collect()
+        };
+        assert_eq!(
+            states(&m),
+            [
+                ("a".into(), "training"),
+                ("b".into(), "training"),
+                ("c".into(), "training")
+            ]
+        );
+        submit(&mut m, "s-a", update(1, 0, vec![1.0], 10), 42).unwrap();
+        m.disconnect("s-c", 43);
+        assert_eq!(
+            states(&m),
+            [
+                ("a".into(), "delivered"),
+                ("b".into(), "training"),
+                ("c".into(), "offline")
+            ]
+        );
+        let a = &m.node_views()[0];
+        assert_eq!(
+            (a.rounds_contributed, a.num_samples, a.last_seen_ms, a.connected),
+            (1, 10, 42, true)
+        );
+        assert_eq!(m.node_views()[2].last_seen_ms, 43);
     }
 
     #[test]

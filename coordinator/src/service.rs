@@ -209,7 +209,7 @@ impl FederationService {
     /// Counts and logs an update stream the service refused (the round
     /// logic counts its own refusals); `node` when it is known by then.
     fn refused(&self, status: &Status, node: Option<&str>) {
-        self.traffic.count_refused_update(status_label(status));
+        self.traffic.count_refused_update(status_label(status), node);
         tracing::warn!(node = node.unwrap_or("-"), reason = %status.message(), "update refused");
     }
 

@@ -1,0 +1,225 @@
+//! What an operator sees of a real run (a coordinator and two edge-node
+//! processes over TCP): the dashboard, loaded in headless Chromium while the
+//! run trains, fills its accuracy chart and node table (a screenshot is
+//! written to the target folder); `/metrics` counts rounds, bytes and update
+//! latencies; `coordinator status` prints the run, its nodes and its rounds.
+//!
+//! Chromium comes from Debian's `chromium` package (`.ci/run` installs it);
+//! without it the dashboard test says so and passes.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use fedge_tests::{Daemon, bin_dir, coordinator_args, free_port, node_args};
+use serde_json::Value;
+
+fn chromium() -> Option<&'static str> {
+    ["chromium", "chromium-browser", "google-chrome"].into_iter().find(|c| {
+        Command::new(c)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    })
+}
+
+/// A coordinator with its HTTP side on, and two nodes, for `rounds` rounds.
+struct Run {
+    _tmp: tempfile::TempDir,
+    http: String,
+    coord: Daemon,
+    nodes: Vec<Daemon>,
+}
+
+impl Run {
+    fn start(rounds: u32) -> Result<Self> {
+        let tmp = tempfile::tempdir()?;
+        let port = free_port();
+        let http_port = free_port();
+        let small = || {
+            vec![
+                ("data.synthetic_train_samples", "1200".to_string()),
+                ("data.synthetic_test_samples", "200".into()),
+            ]
+        };
+        let mut settings = small();
+        settings.extend([
+            ("rounds", rounds.to_string()),
+            ("http.listen", format!("\"127.0.0.1:{http_port}\"")),
+            ("eval.federated_every", "1".into()),
+        ]);
+        let coord = Daemon::start(
+            "coordinator",
+            "coordinator",
+            &coordinator_args(port, &tmp.path().join("run"), &settings),
+            tmp.path(),
+        )?;
+        let mut nodes = Vec::new();
+        for i in 0..2 {
+            let name = format!("node-{}", i + 1);
+            let mut s = small();
+            s.push(("holdout", "0.1".into()));
+            nodes.push(Daemon::start(
+                "edge-node",
+                &name,
+                &node_args(port, &name, &format!("{i}/2"), &s),
+                tmp.path(),
+            )?);
+        }
+        Ok(Self {
+            _tmp: tmp,
+            http: format!("http://127.0.0.1:{http_port}"),
+            coord,
+            nodes,
+        })
+    }
+
+    fn get(&self, path: &str) -> Result<String> {
+        Ok(coordinator::http::check(
+            &format!("{}{path}", self.http),
+            Duration::from_secs(5),
+        )?)
+    }
+
+    /// Waits until `/api/status` shows `rounds` completed rounds.
+    fn wait_rounds(&self, rounds: u64) -> Result<Value> {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while Instant::now() < deadline {
+            if let Ok(s) = self.get("/api/status")
+                && let Ok(v) = serde_json::from_str::<Value>(&s)
+                && v["completed_rounds"].as_u64() >= Some(rounds)
+            {
+                return Ok(v);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        bail!("no {rounds} completed rounds within 2 min:\n{}", self.coord.log_text())
+    }
+
+    fn finish(mut self) -> Result<()> {
+        if !self.coord.wait(Duration::from_secs(120))?.success() {
+            bail!("coordinator failed:\n{}", self.coord.log_text());
+        }
+        for n in &mut self.nodes {
+            n.wait(Duration::from_secs(30))?;
+        }
+        Ok(())
+    }
+}
+
+#[test]
+fn the_dashboard_fills_during_a_real_run() -> Result<()> {
+    let Some(browser) = chromium() else {
+        eprintln!("skipping the dashboard test: no chromium here (Debian: apt-get install chromium)");
+        return Ok(());
+    };
+    let run = Run::start(40)?;
+    run.wait_rounds(2)?;
+    let headless = |extra: &[&str]| -> Result<String> {
+        let out = Command::new(browser)
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--hide-scrollbars",
+                "--window-size=1280,1100",
+                "--virtual-time-budget=4000",
+            ])
+            .args(extra)
+            .arg(format!("{}/", run.http))
+            .output()
+            .context("running chromium")?;
+        if !out.status.success() {
+            bail!("chromium failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let dom = headless(&["--dump-dom"])?;
+    let rows = dom.matches("<tr class=\"node\">").count();
+    assert_eq!(rows, 2, "node table rows in the rendered page:\n{dom}");
+    for node in ["node-1", "node-2"] {
+        assert!(
+            dom.contains(&format!("<td>{node}</td>")),
+            "{node} missing from the node table"
+        );
+    }
+    // Central and federated accuracy, central and federated loss, bytes up and down.
+    let series = dom.matches("class=\"series\"").count();
+    assert!(series >= 6, "{series} chart lines drawn:\n{dom}");
+    assert!(dom.matches("class=\"point\"").count() >= 12, "chart points missing");
+    assert!(
+        dom.contains("<span id=\"error\"></span>"),
+        "the page could not reach the API"
+    );
+    assert!(dom.contains("\"rounds\": 40"), "the run's configuration is not shown");
+
+    let shot: PathBuf = bin_dir().join("dashboard.png");
+    let _ = std::fs::remove_file(&shot);
+    headless(&[&format!("--screenshot={}", shot.display())])?;
+    let png = std::fs::read(&shot).context("no screenshot written")?;
+    assert!(
+        png.starts_with(b"\x89PNG") && png.len() > 20_000,
+        "screenshot of {} bytes",
+        png.len()
+    );
+    eprintln!("dashboard screenshot: {}", shot.display());
+    drop(run);
+    Ok(())
+}
+
+#[test]
+fn metrics_and_the_status_command_describe_the_run() -> Result<()> {
+    let run = Run::start(3)?;
+    let status = run.wait_rounds(2)?;
+    assert_eq!(status["total_rounds"], 3);
+    assert_eq!(status["nodes"].as_array().map(Vec::len), Some(2));
+
+    let metrics = run.get("/metrics")?;
+    let value = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing from /metrics:\n{metrics}"))
+    };
+    assert!(value("fedge_rounds_completed") >= 2.0);
+    assert_eq!(value("fedge_total_rounds"), 3.0);
+    assert!(
+        value("fedge_received_bytes_total") > 1e6,
+        "two rounds of two 640 kB updates"
+    );
+    assert!(value("fedge_updates_accepted_total") >= 4.0);
+    assert!(value("fedge_update_latency_seconds_count") >= 4.0);
+    assert!(value("fedge_round_duration_seconds_count") >= 2.0);
+    assert!((0.0..=1.0).contains(&value("fedge_test_accuracy")));
+    assert!(metrics.contains("# TYPE fedge_aggregation_duration_seconds histogram"));
+
+    let out = Command::new(bin_dir().join("coordinator"))
+        .args(["status", "--url", &run.http])
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.starts_with("run run-"), "{text}");
+    assert!(text.contains("round") && text.contains("/3"), "{text}");
+    for node in ["node-1", "node-2"] {
+        assert!(text.lines().any(|l| l.starts_with(node)), "{node} missing:\n{text}");
+    }
+    assert!(
+        text.lines().any(|l| l.trim_start().starts_with("1 ")),
+        "round 1 missing:\n{text}"
+    );
+    let json = Command::new(bin_dir().join("coordinator"))
+        .args(["status", "--json", "--url", &run.http])
+        .output()?;
+    let parsed: Value = serde_json::from_slice(&json.stdout)?;
+    assert!(parsed["rounds"].as_array().is_some_and(|r| !r.is_empty()));
+
+    // Nothing listens here: the command says so.
+    let dead = Command::new(bin_dir().join("coordinator"))
+        .args(["status", "--url", "http://127.0.0.1:1"])
+        .output()?;
+    assert!(!dead.status.success());
+    let err = String::from_utf8_lossy(&dead.stderr);
+    assert!(err.contains("connecting to 127.0.0.1:1"), "{err}");
+    run.finish()
+}
