@@ -27,6 +27,7 @@ pub mod codec;
 pub mod config;
 pub mod data;
 mod error;
+pub mod export;
 pub mod fsutil;
 pub mod model;
 pub mod params;

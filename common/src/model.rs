@@ -70,6 +70,31 @@ impl ModelKind {
         }
     }
 
+    /// The architecture in words (what a model card records).
+    pub fn describe(self) -> &'static str {
+        match self {
+            ModelKind::Cnn => {
+                "three blocks of 3x3 conv (32, 64, 128 channels, no padding) + ReLU + 2x2 max-pool, \
+                 flatten, Linear ->128, ReLU, Linear 128->classes"
+            }
+            ModelKind::CnnWide => {
+                "the cnn trunk, flatten, Linear ->16384, ReLU, Linear 16384->1024, ReLU, Linear 1024->classes"
+            }
+            ModelKind::CnnXl => {
+                "the cnn trunk, flatten, Linear ->65536, ReLU, Linear 65536->1024, ReLU, Linear 1024->classes"
+            }
+            ModelKind::MnistCnn => {
+                "5x5 conv 32 and 5x5 conv 64 (padding 2), each ReLU + 2x2 max-pool, flatten, Linear ->512, ReLU, \
+                 Linear 512->classes"
+            }
+            ModelKind::Mlp2nn => "flatten, Linear ->200, ReLU, Linear 200->200, ReLU, Linear 200->classes",
+            ModelKind::Resnet20 => {
+                "ResNet-20: 3x3 conv 16 + batch norm + ReLU, three stages of three basic blocks (16, 32, 64 \
+                 channels, option-A shortcuts), global average pooling, Linear 64->classes"
+            }
+        }
+    }
+
     /// Names of every architecture, for messages.
     pub fn known_names() -> Vec<&'static str> {
         Self::ALL.iter().map(|m| m.name()).collect()

@@ -117,6 +117,9 @@ pub struct EvalMetrics {
     pub examples: u64,
 }
 
+/// A progress callback: (steps done, steps in all, this step's loss).
+pub type StepReport = Box<dyn Fn(u64, u64, f64)>;
+
 /// Extra terms of the local objective, per trainable variable.
 #[derive(Default)]
 pub struct LocalObjective {
@@ -127,6 +130,9 @@ pub struct LocalObjective {
     /// Set when the process is shutting down: training stops before its
     /// next step with [`crate::Error::Cancelled`].
     pub cancel: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+    /// Called after every step with (steps done, steps in all, this step's loss),
+    /// for progress displays.
+    pub on_step: Option<StepReport>,
 }
 
 impl LocalObjective {
@@ -188,6 +194,11 @@ pub fn train(
     let mut order: Vec<i64> = (0..n as i64).collect();
     let (mut steps, mut examples, mut correct) = (0u64, 0u64, 0f64);
     let mut loss_sum = 0f64;
+    let per_epoch = n.div_ceil(batch) as u64;
+    let total = match h.max_steps {
+        0 => per_epoch * u64::from(h.epochs.max(1)),
+        max => max.min(per_epoch * u64::from(h.epochs.max(1))),
+    };
     'epochs: for _ in 0..h.epochs.max(1) {
         order.shuffle(&mut rng);
         for idx in order.chunks(batch) {
@@ -223,10 +234,14 @@ pub fn train(
                 });
             }
             opt.step();
-            loss_sum += loss.double_value(&[]);
+            let step_loss = loss.double_value(&[]);
+            loss_sum += step_loss;
             correct += correct_predictions(&logits, &y);
             steps += 1;
             examples += idx.len() as u64;
+            if let Some(report) = &objective.on_step {
+                report(steps, total, step_loss);
+            }
         }
     }
     Ok(TrainMetrics {
@@ -403,6 +418,35 @@ mod tests {
         };
         let m = train(&net, &vs, &data, &h, &LocalObjective::default()).unwrap();
         assert_eq!((m.steps, m.examples), (2, 64));
+    }
+
+    #[test]
+    fn progress_is_reported_after_every_step_with_the_total() {
+        let vs = VarStore::new(Device::Cpu);
+        let net = ModelKind::Mlp2nn.build(&vs.root(), [3, 32, 32], 10);
+        let data = synthetic(3, 1, 100);
+        let seen = std::rc::Rc::new(std::cell::RefCell::new(Vec::new()));
+        let log = seen.clone();
+        let objective = LocalObjective {
+            on_step: Some(Box::new(move |done, total, loss| {
+                log.borrow_mut().push((done, total, loss))
+            })),
+            ..LocalObjective::default()
+        };
+        let h = Hyperparameters {
+            epochs: 2,
+            batch_size: 32,
+            ..Default::default()
+        };
+        let m = train(&net, &vs, &data, &h, &objective).unwrap();
+        let seen = seen.borrow();
+        // 100 samples in batches of 32: 4 steps per epoch, 8 in all.
+        assert_eq!(m.steps, 8);
+        assert_eq!(
+            seen.iter().map(|s| (s.0, s.1)).collect::<Vec<_>>(),
+            (1..=8).map(|i| (i, 8)).collect::<Vec<_>>()
+        );
+        assert!(seen.iter().all(|s| s.2.is_finite() && s.2 > 0.0));
     }
 
     #[test]

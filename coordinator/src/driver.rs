@@ -655,6 +655,16 @@ impl Driver {
         self.store = Some(store);
         res?;
         self.snapshot.borrow().durable.store(true, Ordering::Release);
+        if let Some(store) = &self.store {
+            let (dir, rounds) = (store.dir().to_path_buf(), store.history.rounds.clone());
+            // Curves are a convenience: a failure to draw them is logged, not fatal.
+            let drawn = tokio::task::spawn_blocking(move || crate::plots::write(&dir, &rounds)).await;
+            match drawn {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, "curves not drawn"),
+                Err(e) => tracing::warn!(error = %e, "curves not drawn"),
+            }
+        }
         let rec = self.store.as_ref().and_then(|s| s.history.rounds.last()).cloned();
         if let Some(rec) = rec {
             self.record_round(&rec);

@@ -17,6 +17,7 @@
 //! - [`intake`]: receiving an update stream: decoding and checking each
 //!   chunk as it arrives, spooling the encoded bytes for the round to fold.
 //! - [`evaluator`]: central evaluation on a dedicated thread.
+//! - [`plots`]: `curves.svg` and `curves.png` next to the model.
 //! - [`store`]: durable checkpoints, resume and run history (`model.safetensors`,
 //!   `rounds/`, `run.json`).
 //! - [`baseline`]: the centralized floor: same model and training code, one process.
@@ -35,6 +36,7 @@ pub mod http;
 pub mod intake;
 pub mod metrics;
 pub mod pki;
+pub mod plots;
 pub mod round;
 pub mod security;
 pub mod service;
@@ -189,6 +191,8 @@ pub async fn run(
         run_id = %run_id,
         "model initialized"
     );
+    fedge_common::export::ModelCard::new(kind, initial.input_shape, initial.classes.clone(), &manifest)
+        .write(&config.out_dir)?;
 
     let control = strategy.control.clone();
     let machine = RoundMachine::resume(

@@ -44,6 +44,10 @@ pub struct NodeConfig {
     /// Emulated uplink speed in bytes per second (0: unlimited), to simulate
     /// slow device links in local fleets.
     pub upload_bytes_per_sec: u64,
+    /// Show a progress bar of local training when standard error is a
+    /// terminal and logs are text (containers and `log_format = "json"` get
+    /// log lines only).
+    pub progress: bool,
     /// Robustness experiments only: make this node send corrupted updates.
     pub adversary: AdversaryConfig,
     /// Log output format.
@@ -223,6 +227,7 @@ impl Default for NodeConfig {
             state_dir: None,
             security: NodeSecurityConfig::default(),
             upload_bytes_per_sec: 0,
+            progress: true,
             adversary: AdversaryConfig::default(),
             log_format: LogFormat::Text,
         }

@@ -93,6 +93,10 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> Resu
         config.threads,
         config.state_dir.clone(),
         config.adversary.clone(),
+        config.progress && config.log_format == fedge_common::config::LogFormat::Text && {
+            use std::io::IsTerminal;
+            std::io::stderr().is_terminal()
+        },
     )?;
     let mut cache = ModelCache::default();
     let mut stats = NodeStats::default();

@@ -50,6 +50,24 @@ struct Cli {
 
 #[derive(clap::Subcommand)]
 enum Sub {
+    /// Classify image files with a saved model (model.json and model.safetensors, e.g. a run's out_dir).
+    Predict {
+        /// model.json, or the folder holding it and its weights.
+        #[arg(long)]
+        model: PathBuf,
+        /// Image files (PNG, JPEG); resized to the model's input when their size differs.
+        #[arg(required = true)]
+        images: Vec<PathBuf>,
+        /// Classes to list per image.
+        #[arg(long, default_value_t = 1)]
+        top: usize,
+        /// Images per forward pass.
+        #[arg(long, default_value_t = 64)]
+        batch: usize,
+        /// One JSON object per line instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Check that a node running with this state_dir is alive (exit status 0 when its heartbeat is fresh).
     Health {
         /// The node's state_dir.
@@ -98,6 +116,31 @@ impl Cli {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    if let Some(Sub::Predict {
+        model,
+        images,
+        top,
+        batch,
+        json,
+    }) = &cli.command
+    {
+        let classifier = fedge_common::export::Classifier::load(model)?;
+        let predictions = classifier.classify_files(images, *batch, *top)?;
+        let mut text = String::new();
+        for p in &predictions {
+            if *json {
+                text += &serde_json::to_string(p)?;
+            } else {
+                text += &format!("{}\t{}\t{:.4}", p.file.display(), p.class, p.probability);
+                for (class, prob) in p.top.iter().skip(1) {
+                    text += &format!("\t{class}\t{prob:.4}");
+                }
+            }
+            text.push('\n');
+        }
+        std::io::Write::write_all(&mut std::io::stdout().lock(), text.as_bytes())?;
+        return Ok(());
+    }
     if let Some(Sub::Health { state_dir, max_age }) = &cli.command {
         let age = edge_node::health::check(state_dir, *max_age)?;
         let mut out = std::io::stdout().lock();

@@ -214,6 +214,7 @@ async fn handle_task(
     let result = trainer
         .train(Job {
             run_id: run.run_id.to_owned(),
+            round,
             kind: run.kind,
             classes: run.classes,
             manifest: cache.manifest.clone(),

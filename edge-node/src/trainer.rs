@@ -43,6 +43,8 @@ pub struct TrainResult {
 /// One round's work order.
 pub struct Job {
     pub run_id: String,
+    /// The round this job trains for (progress display).
+    pub round: u64,
     pub kind: ModelKind,
     pub classes: i64,
     pub manifest: Arc<Manifest>,
@@ -211,6 +213,7 @@ impl Trainer {
         threads: usize,
         state_dir: Option<PathBuf>,
         adversary: AdversaryConfig,
+        progress: bool,
     ) -> Result<Self> {
         let (tx, rx) = mpsc::channel::<Envelope>();
         let cancel = Arc::new(AtomicBool::new(false));
@@ -230,8 +233,8 @@ impl Trainer {
                         model = Some((job.kind, vs, net));
                     }
                     let (_, vs, net) = model.as_mut().expect("model built above");
-                    let result =
-                        run_job(vs, net, &data, held_out.as_ref(), &job, &mut state, &stop).and_then(|mut r| {
+                    let result = run_job(vs, net, &data, held_out.as_ref(), &job, &mut state, &stop, progress)
+                        .and_then(|mut r| {
                             adversary.apply(&mut r.delta, job.hyper.seed);
                             r.payload = state.encode(&job, &r.delta, r.control_delta.as_deref())?;
                             Ok(r)
@@ -260,6 +263,29 @@ impl Trainer {
     }
 }
 
+/// A terminal progress bar of one round's local training, drawn on stderr
+/// and cleared when the last step is done.
+fn progress_bar(round: u64) -> fedge_common::train::StepReport {
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "round {prefix:>4} [{bar:32.cyan/blue}] {pos}/{len} steps  loss {msg}  {elapsed_precise} eta {eta}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    bar.set_prefix(round.to_string());
+    Box::new(move |done, total, loss| {
+        bar.set_length(total);
+        bar.set_position(done);
+        bar.set_message(format!("{loss:.4}"));
+        if done >= total {
+            bar.finish_and_clear();
+        }
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
 fn run_job(
     vs: &mut VarStore,
     net: &Net,
@@ -268,6 +294,7 @@ fn run_job(
     job: &Job,
     state: &mut NodeState,
     cancel: &Arc<AtomicBool>,
+    progress: bool,
 ) -> Result<TrainResult> {
     let h = &job.hyper;
     params::load_into(vs, &job.manifest, &job.global)?;
@@ -290,6 +317,7 @@ fn run_job(
     let device = vs.device();
     let mut objective = LocalObjective {
         cancel: Some(cancel.clone()),
+        on_step: progress.then(|| progress_bar(job.round)),
         ..LocalObjective::default()
     };
     let mut client_control = None;
@@ -413,6 +441,7 @@ mod tests {
         let (grad, _) = gradient(&net, &vs, &data, &hyper, &manifest).unwrap();
         let job = Job {
             run_id: "run-test".into(),
+            round: 1,
             kind,
             classes: 10,
             manifest: manifest.clone(),
@@ -422,7 +451,7 @@ mod tests {
             codec: Codec::F32,
         };
         let mut state = NodeState::new(None);
-        let r = run_job(&mut vs, &net, &data, None, &job, &mut state, &Arc::default()).unwrap();
+        let r = run_job(&mut vs, &net, &data, None, &job, &mut state, &Arc::default(), false).unwrap();
         assert_eq!(r.metrics.steps, 200);
         let ci = r.control_delta.unwrap();
         let dot: f64 = ci.iter().zip(&grad).map(|(a, b)| f64::from(*a) * f64::from(*b)).sum();
@@ -444,6 +473,7 @@ mod tests {
         let manifest = Arc::new(Manifest::default());
         let job = |run: &str, codec: Codec| Job {
             run_id: run.into(),
+            round: 1,
             kind: ModelKind::Cnn,
             classes: 10,
             manifest: manifest.clone(),

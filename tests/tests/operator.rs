@@ -12,7 +12,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use fedge_tests::{Daemon, bin_dir, coordinator_args, free_port, node_args};
+use fedge_tests::{Daemon, bin_dir, coordinator_args, free_port, node_args, run_fleet};
 use serde_json::Value;
 
 fn chromium() -> Option<&'static str> {
@@ -222,4 +222,96 @@ fn metrics_and_the_status_command_describe_the_run() -> Result<()> {
     let err = String::from_utf8_lossy(&dead.stderr);
     assert!(err.contains("connecting to 127.0.0.1:1"), "{err}");
     run.finish()
+}
+
+#[test]
+fn the_final_model_exports_with_its_card_and_classifies_image_files() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let out = tmp.path().join("run");
+    let small = vec![
+        ("data.synthetic_train_samples", "1200".to_string()),
+        ("data.synthetic_test_samples", "200".into()),
+    ];
+    run_fleet(tmp.path(), &out, 2, &small, &[("rounds", "3".into())], |_| Vec::new())?;
+
+    let card: Value = serde_json::from_slice(&std::fs::read(out.join("model.json"))?)?;
+    assert_eq!(card["format"], "fedge-model/1");
+    assert_eq!(card["model"], "cnn");
+    assert_eq!(card["input_shape"], serde_json::json!([3, 32, 32]));
+    assert_eq!(card["classes"].as_array().map(Vec::len), Some(10));
+    assert_eq!(card["parameters"], 160_202);
+    assert_eq!(card["weights"], "model.safetensors");
+    assert!((card["normalization"]["scale"].as_f64().unwrap() - 1.0 / 255.0).abs() < 1e-9);
+
+    // Twenty test images as PNG files; two of them at another size (resized).
+    let test = fedge_common::data::synthetic(17, 2, 200);
+    let labels = test.label_vec();
+    let pixels = Vec::<u8>::try_from(test.images.view([-1]))?;
+    let mut files = Vec::new();
+    for i in 0..20usize {
+        let chw = &pixels[i * 3072..(i + 1) * 3072];
+        let hwc: Vec<u8> = (0..1024).flat_map(|p| (0..3).map(move |c| chw[c * 1024 + p])).collect();
+        let img = image::RgbImage::from_raw(32, 32, hwc).unwrap();
+        let img = if i < 2 {
+            image::imageops::resize(&img, 64, 64, image::imageops::FilterType::Nearest)
+        } else {
+            img
+        };
+        let path = tmp.path().join(format!("img-{i:02}.png"));
+        img.save(&path)?;
+        files.push(path);
+    }
+    let out_cmd = Command::new(bin_dir().join("edge-node"))
+        .arg("predict")
+        .arg("--model")
+        .arg(&out)
+        .arg("--top")
+        .arg("2")
+        .args(&files)
+        .output()?;
+    assert!(out_cmd.status.success(), "{}", String::from_utf8_lossy(&out_cmd.stderr));
+    let text = String::from_utf8(out_cmd.stdout)?;
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 20, "{text}");
+    let classes: Vec<String> = card["classes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_str().unwrap().to_string())
+        .collect();
+    let mut correct = 0;
+    for (i, line) in lines.iter().enumerate() {
+        let cols: Vec<&str> = line.split('\t').collect();
+        assert_eq!(cols.len(), 5, "file, class, probability and a runner-up: {line}");
+        assert_eq!(cols[0], files[i].display().to_string());
+        let p: f64 = cols[2].parse()?;
+        assert!((0.0..=1.0).contains(&p), "{line}");
+        if cols[1] == classes[labels[i] as usize] {
+            correct += 1;
+        }
+    }
+    // run.json's last accuracy is on these same test images.
+    let history = fedge_tests::run_history(&out)?;
+    let acc = history["rounds"][2]["test_accuracy"].as_f64().unwrap();
+    eprintln!("predict: {correct}/20 correct; the run's test accuracy {acc:.3}");
+    assert!(
+        correct as f64 >= (acc * 20.0 - 5.0).max(0.0),
+        "{correct}/20 vs test accuracy {acc}"
+    );
+
+    // A broken card is refused with its path and the reason.
+    std::fs::write(out.join("model.json"), "{\"format\": \"fedge-model/9\"}")?;
+    let bad = Command::new(bin_dir().join("edge-node"))
+        .arg("predict")
+        .arg("--model")
+        .arg(&out)
+        .arg(&files[0])
+        .output()?;
+    assert!(!bad.status.success());
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        err.contains("model.json") && err.contains("not a fedge model card"),
+        "{err}"
+    );
+    Ok(())
 }

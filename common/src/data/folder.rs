@@ -149,6 +149,19 @@ pub fn load_image_folder(dir: &Path, split: Split) -> Result<Dataset> {
     ))
 }
 
+/// One image file as channel-major `u8` pixels of `shape` (`[channels,
+/// height, width]`), resized (bilinear) when its size differs.
+pub fn image_pixels(path: &Path, shape: [i64; 3]) -> Result<Vec<u8>> {
+    let img = decode(path)?;
+    let (w, h) = (shape[2] as u32, shape[1] as u32);
+    let img = if (img.width(), img.height()) == (w, h) {
+        img
+    } else {
+        img.resize_exact(w, h, image::imageops::FilterType::Triangle)
+    };
+    Ok(chw(&img, shape[0] == 1))
+}
+
 fn decode(path: &Path) -> Result<DynamicImage> {
     image::open(path).map_err(|e| Error::data(path, format!("cannot decode image: {e}")))
 }
