@@ -120,19 +120,22 @@ impl Classifier {
         let kind: ModelKind = card.model.parse()?;
         let weights = file.parent().unwrap_or(Path::new(".")).join(&card.weights);
         let loaded = load_safetensors(&weights)?;
+        Self::from_parts(card, kind, &loaded.manifest, &loaded.values).map_err(|e| Error::data(&weights, e.to_string()))
+    }
+
+    /// A classifier of `card`'s architecture with the weights `values`
+    /// (laid out as `manifest`).
+    pub fn from_parts(card: ModelCard, kind: ModelKind, manifest: &Manifest, values: &[f32]) -> Result<Self> {
         let mut vs = VarStore::new(Device::Cpu);
         let net = kind.build(&vs.root(), card.input_shape, card.classes.len() as i64);
-        let manifest = Manifest::of_var_store(&vs);
-        if manifest != loaded.manifest {
-            return Err(Error::data(
-                &weights,
-                format!(
-                    "these weights do not fit a {} model for {:?} inputs",
-                    card.model, card.input_shape
-                ),
-            ));
+        let own = Manifest::of_var_store(&vs);
+        if &own != manifest {
+            return Err(Error::Params(format!(
+                "these weights do not fit a {} model for {:?} inputs",
+                card.model, card.input_shape
+            )));
         }
-        load_into(&mut vs, &manifest, &loaded.values)?;
+        load_into(&mut vs, &own, values)?;
         vs.freeze();
         Ok(Self { card, net, _vs: vs })
     }
@@ -147,6 +150,9 @@ impl Classifier {
         tch::no_grad(|| self.net.forward_t(&x, false).softmax(-1, Kind::Float))
     }
 }
+
+/// (class, probability, the top classes with theirs), most likely first.
+pub type Ranked = (String, f32, Vec<(String, f32)>);
 
 /// What [`Classifier::classify_files`] says of one image.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -170,21 +176,41 @@ impl Classifier {
             for f in chunk {
                 pixels.extend(crate::data::folder::image_pixels(f, shape)?);
             }
-            let x = Tensor::from_slice(&pixels).view([chunk.len() as i64, shape[0], shape[1], shape[2]]);
-            let probs = self.probabilities(&x);
-            for (i, f) in chunk.iter().enumerate() {
-                let row: Vec<f32> = Vec::<f32>::try_from(probs.get(i as i64)).map_err(Error::from)?;
-                let mut ranked: Vec<(usize, f32)> = row.into_iter().enumerate().collect();
-                ranked.sort_by(|a, b| b.1.total_cmp(&a.1));
-                let name = |k: usize| self.card.classes.get(k).cloned().unwrap_or_else(|| k.to_string());
+            for (f, (class, probability, top)) in chunk.iter().zip(self.classify_pixels(&pixels, top)?) {
                 out.push(Prediction {
                     file: f.clone(),
-                    class: name(ranked[0].0),
-                    probability: ranked[0].1,
-                    top: ranked.iter().take(top.max(1)).map(|&(k, p)| (name(k), p)).collect(),
+                    class,
+                    probability,
+                    top,
                 });
             }
         }
         Ok(out)
+    }
+
+    /// Classifies images given as channel-major `u8` pixels of the card's
+    /// input shape, one after another: (class, probability, `top` classes).
+    pub fn classify_pixels(&self, pixels: &[u8], top: usize) -> Result<Vec<Ranked>> {
+        let shape = self.card.input_shape;
+        let per = shape.iter().product::<i64>() as usize;
+        if per == 0 || !pixels.len().is_multiple_of(per) {
+            return Err(Error::Params(format!(
+                "{} bytes of pixels are not whole {shape:?} images",
+                pixels.len()
+            )));
+        }
+        let n = (pixels.len() / per) as i64;
+        let x = Tensor::from_slice(pixels).view([n, shape[0], shape[1], shape[2]]);
+        let probs = self.probabilities(&x);
+        let name = |k: usize| self.card.classes.get(k).cloned().unwrap_or_else(|| k.to_string());
+        (0..n)
+            .map(|i| {
+                let row = Vec::<f32>::try_from(probs.get(i))?;
+                let mut ranked: Vec<(usize, f32)> = row.into_iter().enumerate().collect();
+                ranked.sort_by(|a, b| b.1.total_cmp(&a.1));
+                let top = ranked.iter().take(top.max(1)).map(|&(k, p)| (name(k), p)).collect();
+                Ok((name(ranked[0].0), ranked[0].1, top))
+            })
+            .collect()
     }
 }

@@ -48,6 +48,8 @@ pub struct NodeConfig {
     /// terminal and logs are text (containers and `log_format = "json"` get
     /// log lines only).
     pub progress: bool,
+    /// Local predictions over HTTP with the latest global model.
+    pub serve: ServeConfig,
     /// Robustness experiments only: make this node send corrupted updates.
     pub adversary: AdversaryConfig,
     /// Log output format.
@@ -194,6 +196,15 @@ impl PartitionConfig {
 }
 
 /// Exponential backoff with jitter between connection attempts.
+/// `[serve]`: the node's prediction endpoint.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServeConfig {
+    /// Listen address of `POST /predict` and `GET /model`, e.g.
+    /// `127.0.0.1:8090`; unset: no server.
+    pub listen: Option<std::net::SocketAddr>,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ReconnectConfig {
@@ -228,6 +239,7 @@ impl Default for NodeConfig {
             security: NodeSecurityConfig::default(),
             upload_bytes_per_sec: 0,
             progress: true,
+            serve: ServeConfig::default(),
             adversary: AdversaryConfig::default(),
             log_format: LogFormat::Text,
         }

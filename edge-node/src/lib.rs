@@ -10,6 +10,7 @@
 //! - [`trainer`]: the training thread that owns the data and the `VarStore`.
 //! - [`backoff`]: reconnect delays with jitter.
 //! - [`health`]: the heartbeat file behind `edge-node health`.
+//! - [`serve`]: local predictions over HTTP with the latest global model.
 //! - [`run`]: the entry point the binary and the tests call: load data, then
 //!   run sessions, reconnecting with backoff, until the run stops.
 
@@ -18,6 +19,7 @@ pub mod config;
 pub mod connect;
 mod error;
 pub mod health;
+pub mod serve;
 pub mod session;
 pub mod trainer;
 
@@ -98,6 +100,10 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> Resu
             std::io::stderr().is_terminal()
         },
     )?;
+    let feed = match config.serve.listen {
+        Some(addr) => Some(serve::start(addr).await?),
+        None => None,
+    };
     let mut cache = ModelCache::default();
     let mut stats = NodeStats::default();
     let mut backoff = Backoff::new(config.reconnect.initial, config.reconnect.max);
@@ -111,6 +117,7 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> Resu
             data_shape,
             cache: &mut cache,
             stats: &mut stats,
+            feed: feed.as_ref(),
         });
         let outcome = tokio::select! {
             () = &mut shutdown => {
@@ -145,6 +152,42 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> Resu
             () = tokio::time::sleep(delay) => {}
         }
     }
+}
+
+/// `edge-node predict --repeat N`: classifies `images` (decoded once) `n`
+/// times as one batch and reports the latency percentiles of a pass, with
+/// `threads` libtorch threads as configured by the caller.
+pub fn latency(
+    classifier: &fedge_common::export::Classifier,
+    images: &[std::path::PathBuf],
+    n: usize,
+) -> Result<String> {
+    let shape = classifier.card.input_shape;
+    let mut pixels = Vec::new();
+    for f in images {
+        pixels.extend(fedge_common::data::folder::image_pixels(f, shape)?);
+    }
+    classifier.classify_pixels(&pixels, 1)?; // warm-up
+    let mut ms: Vec<f64> = (0..n.max(1))
+        .map(|_| {
+            let t = std::time::Instant::now();
+            classifier
+                .classify_pixels(&pixels, 1)
+                .map(|_| t.elapsed().as_secs_f64() * 1e3)
+        })
+        .collect::<std::result::Result<_, _>>()?;
+    ms.sort_by(f64::total_cmp);
+    let pct = |p: f64| ms[((ms.len() - 1) as f64 * p).round() as usize];
+    Ok(format!(
+        "batch {} x {}: p50 {:.3} ms  p99 {:.3} ms  ({:.3} ms per image at p50, {} passes, {} libtorch threads)\n",
+        images.len(),
+        classifier.card.model,
+        pct(0.5),
+        pct(0.99),
+        pct(0.5) / images.len() as f64,
+        ms.len(),
+        tch::get_num_threads()
+    ))
 }
 
 /// Splits `fraction` of `data` off for federated evaluation (seeded shuffle).

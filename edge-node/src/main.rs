@@ -67,6 +67,14 @@ enum Sub {
         /// One JSON object per line instead of text.
         #[arg(long)]
         json: bool,
+        /// Measure instead: classify the images (already decoded) this many
+        /// times, one forward pass of all of them each, and print latency
+        /// percentiles.
+        #[arg(long, value_name = "N")]
+        repeat: Option<usize>,
+        /// libtorch threads (0: libtorch's default).
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
     },
     /// Check that a node running with this state_dir is alive (exit status 0 when its heartbeat is fresh).
     Health {
@@ -122,9 +130,19 @@ async fn main() -> anyhow::Result<()> {
         top,
         batch,
         json,
+        repeat,
+        threads,
     }) = &cli.command
     {
+        if *threads > 0 {
+            tch::set_num_threads(*threads as i32);
+        }
         let classifier = fedge_common::export::Classifier::load(model)?;
+        if let Some(n) = repeat {
+            let report = edge_node::latency(&classifier, images, *n)?;
+            std::io::Write::write_all(&mut std::io::stdout().lock(), report.as_bytes())?;
+            return Ok(());
+        }
         let predictions = classifier.classify_files(images, *batch, *top)?;
         let mut text = String::new();
         for p in &predictions {

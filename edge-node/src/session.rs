@@ -58,6 +58,8 @@ pub struct SessionCtx<'a> {
     pub data_shape: [i64; 3],
     pub cache: &'a mut ModelCache,
     pub stats: &'a mut NodeStats,
+    /// Where fetched global models go for local predictions (`serve.listen`).
+    pub feed: Option<&'a crate::serve::ModelFeed>,
 }
 
 /// Runs one session until the coordinator stops the run or the stream ends.
@@ -135,6 +137,9 @@ pub async fn run_session(ctx: SessionCtx<'_>) -> Result<SessionEnd> {
                     classes,
                     run_id: &settings.run_id,
                     codec,
+                    class_names: &settings.classes,
+                    input_shape: ctx.data_shape,
+                    feed: ctx.feed,
                 };
                 handle_task(
                     &mut client,
@@ -165,6 +170,9 @@ struct RunInfo<'a> {
     classes: i64,
     run_id: &'a str,
     codec: Codec,
+    class_names: &'a [String],
+    input_shape: [i64; 3],
+    feed: Option<&'a crate::serve::ModelFeed>,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -189,6 +197,17 @@ async fn handle_task(
         cache.version = Some(task.model_version);
         cache.manifest = Arc::new(manifest);
         cache.params = Arc::new(params);
+        if let Some(feed) = run.feed {
+            feed.send_replace(Some(Arc::new(crate::serve::ServedModel {
+                run_id: run.run_id.to_owned(),
+                version: task.model_version,
+                kind: run.kind,
+                input_shape: run.input_shape,
+                classes: run.class_names.to_vec(),
+                manifest: cache.manifest.clone(),
+                params: cache.params.clone(),
+            })));
+        }
     }
     let server_control = if hyper.algorithm == Algorithm::Scaffold {
         match &cache.control {

@@ -299,6 +299,8 @@ fn the_final_model_exports_with_its_card_and_classifies_image_files() -> Result<
         "{correct}/20 vs test accuracy {acc}"
     );
 
+    check_with_pytorch(&out, &files[2..], &pixels[2 * 3072..20 * 3072], tmp.path())?;
+
     // A broken card is refused with its path and the reason.
     std::fs::write(out.join("model.json"), "{\"format\": \"fedge-model/9\"}")?;
     let bad = Command::new(bin_dir().join("edge-node"))
@@ -313,5 +315,182 @@ fn the_final_model_exports_with_its_card_and_classifies_image_files() -> Result<
         err.contains("model.json") && err.contains("not a fedge model card"),
         "{err}"
     );
+    Ok(())
+}
+
+/// A Python that imports torch: `FEDGE_TORCH_PYTHONPATH` (a `pip install
+/// --target` folder), `$FEDGE_CACHE/torch-py` or `~/.cache/fedge/torch-py`
+/// (`scripts/install-torch-python.sh`) when present, else the plain
+/// interpreter's packages.
+fn python_with_torch() -> Option<Command> {
+    let home = std::env::var("HOME").unwrap_or_default();
+    let candidates = [
+        std::env::var("FEDGE_TORCH_PYTHONPATH").ok(),
+        std::env::var("FEDGE_CACHE").ok().map(|c| format!("{c}/torch-py")),
+        Some(format!("{home}/.cache/fedge/torch-py")),
+        None,
+    ];
+    for path in candidates.into_iter() {
+        let mut cmd = Command::new("python3");
+        if let Some(p) = &path {
+            if !std::path::Path::new(p).is_dir() {
+                continue;
+            }
+            cmd.env("PYTHONPATH", p);
+        }
+        let ok = Command::new("python3")
+            .envs(path.iter().map(|p| ("PYTHONPATH", p.as_str())))
+            .args(["-c", "import torch"])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if ok {
+            return Some(cmd);
+        }
+    }
+    None
+}
+
+/// PyTorch loads the exported model into the same architecture and gives
+/// the classes and probabilities `edge-node predict` gave for `files`
+/// (whose pixels are `pixels`).
+fn check_with_pytorch(model: &std::path::Path, files: &[PathBuf], pixels: &[u8], dir: &std::path::Path) -> Result<()> {
+    let Some(mut python) = python_with_torch() else {
+        eprintln!("skipping the PyTorch check of the exported model: no python3 that imports torch");
+        return Ok(());
+    };
+    let out = Command::new(bin_dir().join("edge-node"))
+        .args(["predict", "--json", "--top", "10", "--model"])
+        .arg(model)
+        .args(files)
+        .output()?;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    std::fs::write(dir.join("predictions.jsonl"), &out.stdout)?;
+    std::fs::write(dir.join("images.bin"), pixels)?;
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("python/check_export.py");
+    let check = python
+        .arg(script)
+        .arg(model)
+        .arg(dir.join("images.bin"))
+        .arg(dir.join("predictions.jsonl"))
+        .output()?;
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&check.stdout),
+        String::from_utf8_lossy(&check.stderr)
+    );
+    eprintln!("pytorch: {said}");
+    assert!(check.status.success(), "PyTorch disagrees with fedge:\n{said}");
+    Ok(())
+}
+
+/// POSTs `body` to `http://addr/path` and returns (status code, body).
+fn post(addr: &str, path: &str, body: &[u8]) -> Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )?;
+    s.write_all(body)?;
+    let mut answer = String::new();
+    s.read_to_string(&mut answer)?;
+    let code = answer.split_whitespace().nth(1).unwrap_or("0").parse()?;
+    let body = answer
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((code, body))
+}
+
+#[test]
+fn a_node_serves_local_predictions_with_each_newer_global_model() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let port = free_port();
+    let serve = format!("127.0.0.1:{}", free_port());
+    let small = || {
+        vec![
+            ("data.synthetic_train_samples", "1200".to_string()),
+            ("data.synthetic_test_samples", "200".into()),
+        ]
+    };
+    let mut settings = small();
+    settings.push(("rounds", "4".into()));
+    let mut coord = Daemon::start(
+        "coordinator",
+        "coordinator",
+        &coordinator_args(port, &tmp.path().join("run"), &settings),
+        tmp.path(),
+    )?;
+    let mut served = small();
+    served.push(("serve.listen", format!("\"{serve}\"")));
+    let mut nodes = vec![
+        Daemon::start(
+            "edge-node",
+            "node-1",
+            &node_args(port, "node-1", "0/2", &served),
+            tmp.path(),
+        )?,
+        Daemon::start(
+            "edge-node",
+            "node-2",
+            &node_args(port, "node-2", "1/2", &small()),
+            tmp.path(),
+        )?,
+    ];
+
+    // A test image as PNG.
+    let test = fedge_common::data::synthetic(17, 2, 1);
+    let chw = Vec::<u8>::try_from(test.images.view([-1]))?;
+    let chw = &chw;
+    let hwc: Vec<u8> = (0..1024).flat_map(|p| (0..3).map(move |c| chw[c * 1024 + p])).collect();
+    let mut png = Vec::new();
+    image::RgbImage::from_raw(32, 32, hwc)
+        .unwrap()
+        .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)?;
+
+    // Answers name the global model they came from; versions only grow.
+    let mut versions = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while Instant::now() < deadline && !coord.log_text().contains("run complete") {
+        match post(&serve, "/predict?top=2", &png) {
+            Ok((200, body)) => {
+                let a: Value = serde_json::from_str(&body)?;
+                assert_eq!(a["top"].as_array().map(Vec::len), Some(2), "{body}");
+                assert!(a["run_id"].as_str().is_some_and(|r| r.starts_with("run-")));
+                let p = a["probability"].as_f64().unwrap();
+                assert!((0.0..=1.0).contains(&p), "{body}");
+                versions.push(a["model_version"].as_u64().unwrap());
+                if versions.len() == 1 {
+                    let model = coordinator::http::check(&format!("http://{serve}/model"), Duration::from_secs(5))?;
+                    let info: Value = serde_json::from_str(&model)?;
+                    assert_eq!(info["model"], "cnn");
+                    assert_eq!(info["classes"].as_array().map(Vec::len), Some(10));
+                    let (code, body) = post(&serve, "/predict", b"not an image")?;
+                    assert_eq!(code, 400, "{body}");
+                    assert!(body.contains("cannot decode image"), "{body}");
+                }
+            }
+            Ok((503, body)) => assert!(body.contains("no global model yet"), "{body}"),
+            Ok((code, body)) => bail!("POST /predict answered {code}: {body}"),
+            Err(_) => {} // not listening yet
+        }
+        std::thread::sleep(Duration::from_millis(150));
+    }
+    assert!(
+        versions.windows(2).all(|w| w[0] <= w[1]),
+        "versions went back: {versions:?}"
+    );
+    let distinct: std::collections::BTreeSet<u64> = versions.iter().copied().collect();
+    assert!(
+        distinct.len() >= 3,
+        "served versions {distinct:?}: expected each new global model in turn"
+    );
+
+    assert!(coord.wait(Duration::from_secs(60))?.success(), "{}", coord.log_text());
+    for n in &mut nodes {
+        n.wait(Duration::from_secs(30))?;
+    }
     Ok(())
 }

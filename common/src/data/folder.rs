@@ -152,14 +152,24 @@ pub fn load_image_folder(dir: &Path, split: Split) -> Result<Dataset> {
 /// One image file as channel-major `u8` pixels of `shape` (`[channels,
 /// height, width]`), resized (bilinear) when its size differs.
 pub fn image_pixels(path: &Path, shape: [i64; 3]) -> Result<Vec<u8>> {
-    let img = decode(path)?;
+    Ok(fit(decode(path)?, shape))
+}
+
+/// An encoded image (PNG, JPEG) as channel-major `u8` pixels of `shape`,
+/// resized when its size differs; `what` names it in errors.
+pub fn image_bytes_pixels(bytes: &[u8], shape: [i64; 3], what: &str) -> Result<Vec<u8>> {
+    let img = image::load_from_memory(bytes).map_err(|e| Error::data(what, format!("cannot decode image: {e}")))?;
+    Ok(fit(img, shape))
+}
+
+fn fit(img: DynamicImage, shape: [i64; 3]) -> Vec<u8> {
     let (w, h) = (shape[2] as u32, shape[1] as u32);
     let img = if (img.width(), img.height()) == (w, h) {
         img
     } else {
         img.resize_exact(w, h, image::imageops::FilterType::Triangle)
     };
-    Ok(chw(&img, shape[0] == 1))
+    chw(&img, shape[0] == 1)
 }
 
 fn decode(path: &Path) -> Result<DynamicImage> {
