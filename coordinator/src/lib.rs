@@ -328,7 +328,14 @@ pub async fn run(
     if let Some(listener) = http_listener {
         let config_json = serde_json::to_value(&config).unwrap_or_default();
         let addr = listener.local_addr().ok();
-        tracing::info!(addr = ?addr, "http listening (/healthz, /api/status)");
+        tracing::info!(addr = ?addr, "http listening (dashboard /, /api/status, /metrics, /healthz)");
+        if addr.is_some_and(|a| !a.ip().is_loopback()) {
+            tracing::warn!(
+                addr = ?addr,
+                "the HTTP side (dashboard, status, metrics) is plaintext and unauthenticated, whatever \
+                 security says of gRPC; expose it only on a private network"
+            );
+        }
         let stop = server_stop.clone();
         tokio::spawn(async move {
             if let Err(e) = http::serve(listener, status_rx, metrics, config_json, stop).await {
