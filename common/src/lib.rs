@@ -38,5 +38,6 @@ pub mod shutdown;
 pub mod telemetry;
 pub mod train;
 pub mod wire;
+pub mod worker;
 
 pub use error::{Error, Result};

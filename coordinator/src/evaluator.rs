@@ -10,6 +10,7 @@ use fedge_common::data::{DataSource, Split};
 use fedge_common::model::ModelKind;
 use fedge_common::params::{self, Manifest};
 use fedge_common::train::{EvalMetrics, evaluate};
+use fedge_common::worker::Worker;
 use tch::nn::VarStore;
 use tokio::sync::oneshot;
 
@@ -21,21 +22,11 @@ struct Job {
 }
 
 /// Handle to the evaluation thread.
+/// Dropping it stops the thread after an evaluation in progress
+/// ([`Worker`]), so the process never exits while libtorch computes.
 #[derive(Debug)]
 pub struct Evaluator {
-    tx: Option<mpsc::Sender<Job>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-/// Dropping the evaluator stops its thread and waits for an evaluation in
-/// progress to end, so the process never exits while libtorch computes.
-impl Drop for Evaluator {
-    fn drop(&mut self) {
-        self.tx.take();
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
+    worker: Worker<Job>,
 }
 
 /// What the evaluation thread reports once it is ready.
@@ -59,75 +50,64 @@ impl Evaluator {
         batch_size: usize,
         threads: usize,
     ) -> Result<(Self, InitialModel)> {
-        let (tx, rx) = mpsc::channel::<Job>();
         let (ready_tx, ready_rx) = oneshot::channel();
-        let thread = std::thread::Builder::new()
-            .name("evaluator".into())
-            .spawn(move || {
-                if threads > 0 {
-                    tch::set_num_threads(threads as i32);
+        let worker = Worker::spawn("evaluator", move |rx: mpsc::Receiver<Job>| {
+            if threads > 0 {
+                tch::set_num_threads(threads as i32);
+            }
+            let setup = || -> Result<_> {
+                let test = source.load(Split::Test)?;
+                tch::manual_seed(seed as i64);
+                let mut vs = VarStore::new(tch::Device::Cpu);
+                let net = kind.build(&vs.root(), test.shape(), test.num_classes());
+                let manifest = Manifest::of_var_store(&vs);
+                let params = params::flatten(&vs, &manifest)?;
+                vs.freeze();
+                drop((net, vs));
+                Ok((test, manifest, params))
+            };
+            let (test, manifest, initial) = match setup() {
+                Ok(s) => s,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                    return;
                 }
-                let setup = || -> Result<_> {
-                    let test = source.load(Split::Test)?;
-                    tch::manual_seed(seed as i64);
-                    let mut vs = VarStore::new(tch::Device::Cpu);
-                    let net = kind.build(&vs.root(), test.shape(), test.num_classes());
-                    let manifest = Manifest::of_var_store(&vs);
-                    let params = params::flatten(&vs, &manifest)?;
-                    vs.freeze();
-                    drop((net, vs));
-                    Ok((test, manifest, params))
-                };
-                let (test, manifest, initial) = match setup() {
-                    Ok(s) => s,
-                    Err(e) => {
-                        let _ = ready_tx.send(Err(e));
-                        return;
-                    }
-                };
-                let _ = ready_tx.send(Ok(InitialModel {
-                    manifest: manifest.clone(),
-                    params: initial,
-                    test_samples: test.len(),
-                    input_shape: test.shape(),
-                    classes: test.classes.clone(),
-                }));
-                while let Ok(job) = rx.recv() {
-                    // The model is built for each evaluation and dropped after
-                    // it, so the coordinator holds no second copy of the
-                    // global model between evaluations.
-                    let mut vs = VarStore::new(tch::Device::Cpu);
-                    let net = kind.build(&vs.root(), test.shape(), test.num_classes());
-                    vs.freeze();
-                    let result = params::load_into(&mut vs, &manifest, &job.params)
-                        .map(|()| evaluate(&net, &test, batch_size, tch::Device::Cpu))
-                        .map_err(Error::from);
-                    drop((net, vs));
-                    let _ = job.reply.send(result);
-                }
-            })
-            .map_err(|e| Error::Io {
-                context: "starting the evaluation thread".into(),
-                source: e,
-            })?;
+            };
+            let _ = ready_tx.send(Ok(InitialModel {
+                manifest: manifest.clone(),
+                params: initial,
+                test_samples: test.len(),
+                input_shape: test.shape(),
+                classes: test.classes.clone(),
+            }));
+            while let Ok(job) = rx.recv() {
+                // The model is built for each evaluation and dropped after
+                // it, so the coordinator holds no second copy of the
+                // global model between evaluations.
+                let mut vs = VarStore::new(tch::Device::Cpu);
+                let net = kind.build(&vs.root(), test.shape(), test.num_classes());
+                vs.freeze();
+                let result = params::load_into(&mut vs, &manifest, &job.params)
+                    .map(|()| evaluate(&net, &test, batch_size, tch::Device::Cpu))
+                    .map_err(Error::from);
+                drop((net, vs));
+                let _ = job.reply.send(result);
+            }
+        })
+        .map_err(|e| Error::Io {
+            context: "starting the evaluation thread".into(),
+            source: e,
+        })?;
         let initial = ready_rx
             .await
             .map_err(|_| Error::Internal("evaluation thread stopped during start-up".into()))??;
-        Ok((
-            Self {
-                tx: Some(tx),
-                thread: Some(thread),
-            },
-            initial,
-        ))
+        Ok((Self { worker }, initial))
     }
 
     /// Evaluates `params` on the test split.
     pub async fn evaluate(&self, params: Arc<Vec<f32>>) -> Result<EvalMetrics> {
         let (reply, rx) = oneshot::channel();
-        self.tx
-            .as_ref()
-            .ok_or_else(|| Error::Internal("evaluation thread is gone".into()))?
+        self.worker
             .send(Job { params, reply })
             .map_err(|_| Error::Internal("evaluation thread is gone".into()))?;
         rx.await

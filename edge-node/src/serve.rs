@@ -23,6 +23,7 @@ use axum::routing::{get, post};
 use fedge_common::export::{Classifier, ModelCard};
 use fedge_common::model::ModelKind;
 use fedge_common::params::Manifest;
+use fedge_common::worker::Worker;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{oneshot, watch};
 
@@ -71,7 +72,8 @@ struct Request {
 
 #[derive(Clone)]
 struct Shared {
-    jobs: mpsc::Sender<Request>,
+    /// The inference thread, joined when the server (and so this) is dropped.
+    jobs: Arc<Worker<Request>>,
     feed: watch::Receiver<Option<Arc<ServedModel>>>,
 }
 
@@ -82,18 +84,18 @@ pub async fn start(addr: SocketAddr) -> Result<ModelFeed> {
         .await
         .map_err(|e| Error::Config(format!("serve.listen: cannot bind {addr}: {e}")))?;
     let (feed, feed_rx) = watch::channel(None);
-    let (jobs, rx) = mpsc::channel::<Request>();
     let thread_feed = feed_rx.clone();
-    std::thread::Builder::new()
-        .name("inference".into())
-        .spawn(move || inference(rx, thread_feed))
+    let jobs = Worker::spawn("inference", move |rx| inference(rx, thread_feed))
         .map_err(|e| Error::Trainer(format!("cannot start the inference thread: {e}")))?;
     let app = Router::new()
         .route("/predict", post(predict))
         .route("/model", get(model))
         .route("/healthz", get(|| async { "ok\n" }))
         .layer(DefaultBodyLimit::max(16 << 20))
-        .with_state(Shared { jobs, feed: feed_rx });
+        .with_state(Shared {
+            jobs: Arc::new(jobs),
+            feed: feed_rx,
+        });
     tracing::info!(%addr, "serving local predictions (POST /predict, GET /model)");
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {

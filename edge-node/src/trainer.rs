@@ -16,6 +16,7 @@ use fedge_common::params::{self, Manifest};
 use fedge_common::train::{
     Algorithm, EvalMetrics, Hyperparameters, LocalObjective, TrainMetrics, evaluate, gradient, train,
 };
+use fedge_common::worker::Worker;
 use rand::SeedableRng;
 use rand_distr::{Distribution, Normal};
 use tch::nn::VarStore;
@@ -62,22 +63,18 @@ struct Envelope {
 }
 
 /// Handle to the training thread. Dropping it stops the thread: training
-/// in progress ends before its next step, and the drop waits for that, so
-/// the process never exits while libtorch is mid-computation.
+/// in progress ends before its next step, and the drop waits for that
+/// ([`Worker`]), so the process never exits while libtorch is mid-computation.
 #[derive(Debug)]
 pub struct Trainer {
-    tx: Option<mpsc::Sender<Envelope>>,
     cancel: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    worker: Worker<Envelope>,
 }
 
 impl Drop for Trainer {
     fn drop(&mut self) {
+        // The worker field is dropped (and joined) after this.
         self.cancel.store(true, Ordering::Relaxed);
-        self.tx.take();
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
     }
 }
 
@@ -215,47 +212,38 @@ impl Trainer {
         adversary: AdversaryConfig,
         progress: bool,
     ) -> Result<Self> {
-        let (tx, rx) = mpsc::channel::<Envelope>();
         let cancel = Arc::new(AtomicBool::new(false));
         let stop = cancel.clone();
-        let thread = std::thread::Builder::new()
-            .name("trainer".into())
-            .spawn(move || {
-                if threads > 0 {
-                    tch::set_num_threads(threads as i32);
+        let worker = Worker::spawn("trainer", move |rx: mpsc::Receiver<Envelope>| {
+            if threads > 0 {
+                tch::set_num_threads(threads as i32);
+            }
+            let mut model: Option<(ModelKind, VarStore, Net)> = None;
+            let mut state = NodeState::new(state_dir);
+            while let Ok(Envelope { job, reply }) = rx.recv() {
+                if model.as_ref().is_none_or(|(k, _, _)| *k != job.kind) {
+                    let vs = VarStore::new(device);
+                    let net = job.kind.build(&vs.root(), data.shape(), job.classes);
+                    model = Some((job.kind, vs, net));
                 }
-                let mut model: Option<(ModelKind, VarStore, Net)> = None;
-                let mut state = NodeState::new(state_dir);
-                while let Ok(Envelope { job, reply }) = rx.recv() {
-                    if model.as_ref().is_none_or(|(k, _, _)| *k != job.kind) {
-                        let vs = VarStore::new(device);
-                        let net = job.kind.build(&vs.root(), data.shape(), job.classes);
-                        model = Some((job.kind, vs, net));
-                    }
-                    let (_, vs, net) = model.as_mut().expect("model built above");
-                    let result = run_job(vs, net, &data, held_out.as_ref(), &job, &mut state, &stop, progress)
-                        .and_then(|mut r| {
-                            adversary.apply(&mut r.delta, job.hyper.seed);
-                            r.payload = state.encode(&job, &r.delta, r.control_delta.as_deref())?;
-                            Ok(r)
-                        });
-                    let _ = reply.send(result);
-                }
-            })
-            .map_err(|e| Error::Trainer(format!("cannot start the training thread: {e}")))?;
-        Ok(Self {
-            tx: Some(tx),
-            cancel,
-            thread: Some(thread),
+                let (_, vs, net) = model.as_mut().expect("model built above");
+                let result =
+                    run_job(vs, net, &data, held_out.as_ref(), &job, &mut state, &stop, progress).and_then(|mut r| {
+                        adversary.apply(&mut r.delta, job.hyper.seed);
+                        r.payload = state.encode(&job, &r.delta, r.control_delta.as_deref())?;
+                        Ok(r)
+                    });
+                let _ = reply.send(result);
+            }
         })
+        .map_err(|e| Error::Trainer(format!("cannot start the training thread: {e}")))?;
+        Ok(Self { cancel, worker })
     }
 
     /// Runs `job` on the training thread and returns the update.
     pub async fn train(&self, job: Job) -> Result<TrainResult> {
         let (reply, rx) = oneshot::channel();
-        self.tx
-            .as_ref()
-            .ok_or_else(|| Error::Trainer("training thread is gone".into()))?
+        self.worker
             .send(Envelope { job, reply })
             .map_err(|_| Error::Trainer("training thread is gone".into()))?;
         rx.await
