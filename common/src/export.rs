@@ -169,13 +169,9 @@ impl Classifier {
     /// Classifies image files (any size: they are resized to the model's
     /// input), `batch` at a time.
     pub fn classify_files(&self, files: &[PathBuf], batch: usize, top: usize) -> Result<Vec<Prediction>> {
-        let shape = self.card.input_shape;
         let mut out = Vec::with_capacity(files.len());
         for chunk in files.chunks(batch.max(1)) {
-            let mut pixels = Vec::with_capacity(chunk.len() * (shape.iter().product::<i64>() as usize));
-            for f in chunk {
-                pixels.extend(crate::data::folder::image_pixels(f, shape)?);
-            }
+            let pixels = self.read_images(chunk)?;
             for (f, (class, probability, top)) in chunk.iter().zip(self.classify_pixels(&pixels, top)?) {
                 out.push(Prediction {
                     file: f.clone(),
@@ -186,6 +182,17 @@ impl Classifier {
             }
         }
         Ok(out)
+    }
+
+    /// Decodes image files (resizing them to the model's input) into the
+    /// pixels [`Classifier::classify_pixels`] takes.
+    pub fn read_images(&self, files: &[PathBuf]) -> Result<Vec<u8>> {
+        let shape = self.card.input_shape;
+        let mut pixels = Vec::with_capacity(files.len() * (shape.iter().product::<i64>() as usize));
+        for f in files {
+            pixels.extend(crate::data::folder::image_pixels(f, shape)?);
+        }
+        Ok(pixels)
     }
 
     /// Classifies images given as channel-major `u8` pixels of the card's

@@ -230,6 +230,15 @@ impl NodeTotals {
     }
 }
 
+/// The gauges that describe the last completed round.
+fn show_last_round(m: &Metrics, rec: &RoundRecord) {
+    m.participants.set(rec.participants.len() as i64);
+    if let (Some(a), Some(l)) = (rec.test_accuracy, rec.test_loss) {
+        m.test_accuracy.set(a);
+        m.test_loss.set(l);
+    }
+}
+
 fn round_point(rec: &RoundRecord) -> crate::http::RoundPoint {
     crate::http::RoundPoint {
         round: rec.round,
@@ -310,11 +319,7 @@ impl Driver {
                 NodeTotals::absorb(&mut self.node_totals, rec);
             }
             if let Some(last) = store.history.rounds.last() {
-                metrics.participants.set(last.participants.len() as i64);
-                if let (Some(a), Some(l)) = (last.test_accuracy, last.test_loss) {
-                    metrics.test_accuracy.set(a);
-                    metrics.test_loss.set(l);
-                }
+                show_last_round(&metrics, last);
             }
         }
         metrics.total_rounds.set(self.total_rounds as i64);
@@ -327,10 +332,8 @@ impl Driver {
     fn record_round(&mut self, rec: &RoundRecord) {
         NodeTotals::absorb(&mut self.node_totals, rec);
         let m = &self.metrics;
-        m.participants.set(rec.participants.len() as i64);
-        if let (Some(a), Some(l)) = (rec.test_accuracy, rec.test_loss) {
-            m.test_accuracy.set(a);
-            m.test_loss.set(l);
+        show_last_round(m, rec);
+        if rec.test_accuracy.is_some() {
             m.eval_seconds.observe(rec.eval_seconds);
         }
         m.bytes_up.inc_by(rec.bytes_up);
@@ -374,29 +377,18 @@ impl Driver {
             })
             .collect();
         let phase = crate::http::phase_label(self.machine.phase());
-        let (round, completed, connected) = (
-            self.machine.current_round(),
-            self.machine.version(),
-            self.machine.connected_nodes(),
-        );
-        tx.send_if_modified(|s| {
-            let changed = s.phase != phase
-                || s.round != round
-                || s.completed_rounds != completed
-                || s.connected_nodes != connected
-                || s.nodes != nodes
-                || s.rounds.len() != history.len();
+        // Readers only ever borrow the latest status; none waits for changes.
+        tx.send_modify(|s| {
             s.phase = phase.into();
-            s.round = round;
-            s.completed_rounds = completed;
-            s.connected_nodes = connected;
+            s.round = self.machine.current_round();
+            s.completed_rounds = self.machine.version();
+            s.connected_nodes = self.machine.connected_nodes();
             s.last_test_accuracy = last.and_then(|r| r.test_accuracy);
             s.last_test_loss = last.and_then(|r| r.test_loss);
             s.nodes = nodes;
-            if s.rounds.len() != history.len() {
-                s.rounds = history.iter().map(round_point).collect();
-            }
-            changed
+            // The history only grows: add the rounds not shown yet.
+            let shown = s.rounds.len();
+            s.rounds.extend(history.iter().skip(shown).map(round_point));
         });
     }
 
@@ -656,7 +648,8 @@ impl Driver {
         res?;
         self.snapshot.borrow().durable.store(true, Ordering::Release);
         if let Some(store) = &self.store {
-            let (dir, rounds) = (store.dir().to_path_buf(), store.history.rounds.clone());
+            let dir = store.dir().to_path_buf();
+            let rounds: Vec<_> = store.history.rounds.iter().map(round_point).collect();
             // Curves are a convenience: a failure to draw them is logged, not fatal.
             let drawn = tokio::task::spawn_blocking(move || crate::plots::write(&dir, &rounds)).await;
             match drawn {

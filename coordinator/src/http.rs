@@ -168,6 +168,31 @@ async fn prometheus(State(s): State<Shared>) -> impl IntoResponse {
 /// a 200 answer within `timeout`. Used as the container health check, where
 /// no HTTP client is installed.
 pub fn check(url: &str, timeout: Duration) -> Result<String> {
+    let answer = request("GET", url, &[], timeout)?;
+    if answer.code == 200 {
+        Ok(answer.body)
+    } else {
+        Err(Error::Internal(format!(
+            "health: {url} answered `{}`",
+            answer.status_line
+        )))
+    }
+}
+
+/// What [`request`] got back.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Answer {
+    pub code: u16,
+    pub status_line: String,
+    /// The body, trimmed.
+    pub body: String,
+}
+
+/// One HTTP/1.1 request to `url` (`http://host:port/path`) with `body`
+/// (sent with its length when not empty): the small client behind
+/// `coordinator health` and `coordinator status`, where no HTTP client is
+/// installed.
+pub fn request(method: &str, url: &str, body: &[u8], timeout: Duration) -> Result<Answer> {
     let rest = url
         .strip_prefix("http://")
         .ok_or_else(|| Error::Config(format!("health: expected an http:// URL, got `{url}`")))?;
@@ -188,10 +213,19 @@ pub fn check(url: &str, timeout: Duration) -> Result<String> {
     stream
         .set_write_timeout(Some(timeout))
         .map_err(io("setting a timeout".into()))?;
+    let length = if body.is_empty() {
+        String::new()
+    } else {
+        format!(
+            "Content-Type: application/octet-stream\r\nContent-Length: {}\r\n",
+            body.len()
+        )
+    };
     write!(
         stream,
-        "GET {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: {authority}\r\n{length}Connection: close\r\n\r\n"
     )
+    .and_then(|()| stream.write_all(body))
     .map_err(io(format!("writing to {addr}")))?;
     let mut answer = Vec::new();
     stream
@@ -199,14 +233,18 @@ pub fn check(url: &str, timeout: Duration) -> Result<String> {
         .read_to_end(&mut answer)
         .map_err(io(format!("reading from {addr}")))?;
     let answer = String::from_utf8_lossy(&answer);
-    let status_line = answer.lines().next().unwrap_or_default();
-    let code = status_line.split_whitespace().nth(1).unwrap_or_default();
+    let status_line = answer.lines().next().unwrap_or_default().to_string();
+    let code = status_line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
     let body = answer.split_once("\r\n\r\n").map(|(_, b)| b.trim()).unwrap_or_default();
-    if code == "200" {
-        Ok(body.to_string())
-    } else {
-        Err(Error::Internal(format!("health: {url} answered `{status_line}`")))
-    }
+    Ok(Answer {
+        code,
+        status_line,
+        body: body.to_string(),
+    })
 }
 
 /// `coordinator status`: the run, its nodes and its rounds as text tables.

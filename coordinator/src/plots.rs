@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use plotters::prelude::*;
 
-use crate::store::RoundRecord;
+use crate::http::RoundPoint;
 use crate::{Error, Result};
 
 const WIDTH: u32 = 1200;
@@ -17,7 +17,7 @@ const FEDERATED: RGBColor = RGBColor(31, 157, 106);
 const LOSS: RGBColor = RGBColor(217, 98, 43);
 
 /// Draws `rounds` into `dir/curves.svg` and `dir/curves.png`; returns their paths.
-pub fn write(dir: &Path, rounds: &[RoundRecord]) -> Result<Vec<PathBuf>> {
+pub fn write(dir: &Path, rounds: &[RoundPoint]) -> Result<Vec<PathBuf>> {
     let svg = render_svg(rounds)?;
     let svg_path = dir.join("curves.svg");
     fedge_common::fsutil::write_atomic(&svg_path, svg.as_bytes())?;
@@ -28,7 +28,7 @@ pub fn write(dir: &Path, rounds: &[RoundRecord]) -> Result<Vec<PathBuf>> {
 
 type Series = Vec<(f64, f64)>;
 
-fn series(rounds: &[RoundRecord], f: impl Fn(&RoundRecord) -> Option<f64>) -> Series {
+fn series(rounds: &[RoundPoint], f: impl Fn(&RoundPoint) -> Option<f64>) -> Series {
     rounds.iter().filter_map(|r| Some((r.round as f64, f(r)?))).collect()
 }
 
@@ -89,7 +89,7 @@ where
 }
 
 /// The three panels as an SVG document.
-pub fn render_svg(rounds: &[RoundRecord]) -> Result<String> {
+pub fn render_svg(rounds: &[RoundPoint]) -> Result<String> {
     let mut svg = String::new();
     {
         let root = SVGBackend::with_string(&mut svg, (WIDTH, HEIGHT)).into_drawing_area();
@@ -165,8 +165,8 @@ fn svg_to_png(svg: &str) -> Result<Vec<u8>> {
 mod tests {
     use super::*;
 
-    fn record(round: u64, acc: f64) -> RoundRecord {
-        RoundRecord {
+    fn record(round: u64, acc: f64) -> RoundPoint {
+        RoundPoint {
             round,
             test_accuracy: Some(acc),
             test_loss: Some(2.0 - acc),
@@ -174,14 +174,14 @@ mod tests {
             federated_loss: Some(2.1 - acc),
             bytes_up: 2_560_000,
             bytes_down: 2_570_000,
-            ..RoundRecord::default()
+            ..RoundPoint::default()
         }
     }
 
     #[test]
     fn draws_svg_and_png_of_every_round() {
         let dir = tempfile::tempdir().unwrap();
-        let rounds: Vec<RoundRecord> = (1..=5).map(|r| record(r, 0.2 * r as f64 - 0.1)).collect();
+        let rounds: Vec<RoundPoint> = (1..=5).map(|r| record(r, 0.2 * r as f64 - 0.1)).collect();
         let files = write(dir.path(), &rounds).unwrap();
         let svg = std::fs::read_to_string(&files[0]).unwrap();
         assert!(svg.starts_with("<svg"), "{}", &svg[..80]);

@@ -53,7 +53,7 @@ pub struct Participant {
 }
 
 /// One completed round.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RoundRecord {
     pub round: u64,
     pub selected: usize,

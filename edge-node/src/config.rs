@@ -195,7 +195,6 @@ impl PartitionConfig {
     }
 }
 
-/// Exponential backoff with jitter between connection attempts.
 /// `[serve]`: the node's prediction endpoint.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -205,6 +204,7 @@ pub struct ServeConfig {
     pub listen: Option<std::net::SocketAddr>,
 }
 
+/// Exponential backoff with jitter between connection attempts.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ReconnectConfig {

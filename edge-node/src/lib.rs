@@ -162,11 +162,7 @@ pub fn latency(
     images: &[std::path::PathBuf],
     n: usize,
 ) -> Result<String> {
-    let shape = classifier.card.input_shape;
-    let mut pixels = Vec::new();
-    for f in images {
-        pixels.extend(fedge_common::data::folder::image_pixels(f, shape)?);
-    }
+    let pixels = classifier.read_images(images)?;
     classifier.classify_pixels(&pixels, 1)?; // warm-up
     let mut ms: Vec<f64> = (0..n.max(1))
         .map(|_| {

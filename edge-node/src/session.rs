@@ -107,7 +107,6 @@ pub async fn run_session(ctx: SessionCtx<'_>) -> Result<SessionEnd> {
             ctx.data_shape, settings.input_shape
         )));
     }
-    let classes = settings.classes.len() as i64;
     if ctx.cache.run_id != settings.run_id {
         *ctx.cache = ModelCache {
             run_id: settings.run_id.clone(),
@@ -134,7 +133,6 @@ pub async fn run_session(ctx: SessionCtx<'_>) -> Result<SessionEnd> {
             Some(pb::instruction::Kind::Train(task)) => {
                 let run = RunInfo {
                     kind,
-                    classes,
                     run_id: &settings.run_id,
                     codec,
                     class_names: &settings.classes,
@@ -167,7 +165,6 @@ pub async fn run_session(ctx: SessionCtx<'_>) -> Result<SessionEnd> {
 #[derive(Debug, Clone, Copy)]
 struct RunInfo<'a> {
     kind: ModelKind,
-    classes: i64,
     run_id: &'a str,
     codec: Codec,
     class_names: &'a [String],
@@ -235,7 +232,7 @@ async fn handle_task(
             run_id: run.run_id.to_owned(),
             round,
             kind: run.kind,
-            classes: run.classes,
+            classes: run.class_names.len() as i64,
             manifest: cache.manifest.clone(),
             global: cache.params.clone(),
             server_control,

@@ -385,23 +385,8 @@ fn check_with_pytorch(model: &std::path::Path, files: &[PathBuf], pixels: &[u8],
 
 /// POSTs `body` to `http://addr/path` and returns (status code, body).
 fn post(addr: &str, path: &str, body: &[u8]) -> Result<(u16, String)> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr)?;
-    s.set_read_timeout(Some(Duration::from_secs(30)))?;
-    write!(
-        s,
-        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    )?;
-    s.write_all(body)?;
-    let mut answer = String::new();
-    s.read_to_string(&mut answer)?;
-    let code = answer.split_whitespace().nth(1).unwrap_or("0").parse()?;
-    let body = answer
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    Ok((code, body))
+    let a = coordinator::http::request("POST", &format!("http://{addr}{path}"), body, Duration::from_secs(30))?;
+    Ok((a.code, a.body))
 }
 
 #[test]
