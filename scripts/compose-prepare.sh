@@ -121,3 +121,6 @@ YAML
     log "wrote $(basename "$override") ($nodes nodes, $stragglers straggler(s))"
 fi
 log "fleet ready in $fleet; now run: docker-compose up   (or: docker compose up)"
+log "then watch it: https://localhost:${FEDGE_HTTP_PORT:-8080}/#token=$(cat "$fleet/pki/operator/token" 2>/dev/null || echo "<the token in $fleet/pki/operator/token>")"
+log "  (the development CA $fleet/pki/ca.pem signed its certificate), or:"
+log "  coordinator status --url https://localhost:${FEDGE_HTTP_PORT:-8080} --ca $fleet/pki/ca.pem --token-file $fleet/pki/operator/token"

@@ -58,12 +58,58 @@ pub struct CoordinatorConfig {
     pub log_format: LogFormat,
 }
 
-/// The coordinator's HTTP server (`/healthz`, `/api/status`).
+/// The coordinator's HTTP server: dashboard, `/api/*`, `/metrics`,
+/// `/healthz`. It follows `security`: HTTPS with the coordinator's
+/// certificate when gRPC uses TLS, and operator authentication (a bearer
+/// token or an operator's client certificate, see `operators`) when nodes
+/// must authenticate or `operators` is set. `/healthz` and the dashboard's
+/// page itself (which holds no data) stay open.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct HttpConfig {
     /// Listen address, e.g. `0.0.0.0:8080`; unset: no HTTP server.
     pub listen: Option<SocketAddr>,
+    /// A TOML file of operators (`[operators]` with `name = "sha256:<hex>"`
+    /// token hashes; `coordinator certs` writes one). A request is let in
+    /// with `Authorization: Bearer <token>` of a listed operator, or over a
+    /// client certificate (signed by `security.client_ca`) whose common
+    /// name is a listed operator's.
+    pub operators: Option<PathBuf>,
+    /// Serve plaintext HTTP to anyone, whatever `security` says (behind a
+    /// proxy that does TLS and authentication itself).
+    pub insecure: bool,
+}
+
+impl HttpConfig {
+    /// Whether the HTTP side is served over TLS.
+    pub fn tls(&self, security: &SecurityConfig) -> bool {
+        security.tls_cert.is_some() && !self.insecure
+    }
+
+    /// Whether requests for data must come from an operator.
+    pub fn authenticated(&self, security: &SecurityConfig) -> bool {
+        !self.insecure && (self.operators.is_some() || security.node_auth != NodeAuth::None)
+    }
+
+    fn validate(&self, security: &SecurityConfig) -> Result<()> {
+        if self.listen.is_none() {
+            return Ok(());
+        }
+        if self.insecure && self.operators.is_some() {
+            return Err(Error::Config(
+                "http: insecure = true serves the HTTP side to anyone, yet operators is set; choose one".into(),
+            ));
+        }
+        if self.authenticated(security) && self.operators.is_none() {
+            return Err(Error::Config(format!(
+                "http: nodes must authenticate (security.node_auth = \"{}\"), so the HTTP side must too: set \
+                 http.operators to a file of operator token hashes (`coordinator certs` writes operators.toml), \
+                 or http.insecure = true to serve it to anyone (behind your own authenticating proxy)",
+                security.node_auth.name()
+            )));
+        }
+        Ok(())
+    }
 }
 
 impl Default for CoordinatorConfig {
@@ -790,6 +836,7 @@ impl CoordinatorConfig {
             return bad("out_dir must not be empty".into());
         }
         self.security.validate()?;
+        self.http.validate(&self.security)?;
         self.limits.validate(c)?;
         Ok(())
     }
@@ -990,6 +1037,46 @@ mod tests {
             (c[0] - 0.1).abs() < 1e-12 && (c[2] - 0.06).abs() < 1e-12 && (c[4] - 0.02).abs() < 1e-12,
             "{c:?}"
         );
+    }
+
+    #[test]
+    fn the_http_side_must_authenticate_when_nodes_do() {
+        let load = |o: &[(&str, &str)]| {
+            let mut all = vec![
+                ("security.tls_cert".to_string(), "\"c.pem\"".to_string()),
+                ("security.tls_key".into(), "\"k.pem\"".into()),
+                ("security.client_ca".into(), "\"ca.pem\"".into()),
+                ("security.node_auth".into(), "\"certificate\"".into()),
+                ("http.listen".into(), "\"0.0.0.0:8080\"".into()),
+            ];
+            all.extend(o.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+            CoordinatorConfig::load_with_env(None, [], &all)
+        };
+        let err = load(&[]).unwrap_err().to_string();
+        assert!(
+            err.contains("nodes must authenticate (security.node_auth = \"certificate\")")
+                && err.contains("set http.operators"),
+            "{err}"
+        );
+        let c = load(&[("http.operators", "\"operators.toml\"")]).unwrap();
+        assert!(c.http.tls(&c.security) && c.http.authenticated(&c.security));
+        let c = load(&[("http.insecure", "true")]).unwrap();
+        assert!(!c.http.tls(&c.security) && !c.http.authenticated(&c.security));
+        let err = load(&[("http.insecure", "true"), ("http.operators", "\"o.toml\"")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("yet operators is set"), "{err}");
+        // Plaintext gRPC without node authentication: the HTTP side is open too, unless operators are named.
+        let open = CoordinatorConfig::load_with_env(
+            None,
+            [],
+            &[
+                ("security.insecure".to_string(), "true".to_string()),
+                ("http.listen".into(), "\"127.0.0.1:8080\"".into()),
+            ],
+        )
+        .unwrap();
+        assert!(!open.http.tls(&open.security) && !open.http.authenticated(&open.security));
     }
 
     #[test]

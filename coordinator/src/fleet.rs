@@ -126,7 +126,8 @@ pub async fn run_fleet(
 /// Unless the configuration says otherwise (its own certificates, or
 /// `security.insecure`), a local fleet runs with mutual TLS: a development
 /// CA and per-node certificates under `out_dir/pki` (kept for a resumed run),
-/// and an allow-list of the fleet's node names.
+/// and an allow-list of the fleet's node names; with `http.listen`, the
+/// PKI's operator opens the HTTP side.
 fn secure_by_default(config: &mut CoordinatorConfig, nodes: usize) -> Result<Option<Pki>> {
     let sec = &mut config.security;
     if sec.insecure || sec.tls_cert.is_some() {
@@ -137,6 +138,7 @@ fn secure_by_default(config: &mut CoordinatorConfig, nodes: usize) -> Result<Opt
     let existing = Pki::at(&dir, &names);
     let complete = existing.ca.is_file()
         && existing.server_key.is_file()
+        && existing.operators.is_file()
         && existing.nodes.iter().all(|(_, d)| d.join("key.pem").is_file());
     let pki = if complete {
         existing
@@ -155,6 +157,18 @@ fn secure_by_default(config: &mut CoordinatorConfig, nodes: usize) -> Result<Opt
     sec.node_auth = NodeAuth::Certificate;
     sec.allow = names;
     tracing::info!(pki = %dir.display(), "local fleet secured with mutual TLS (development CA)");
+    if let Some(addr) = config.http.listen
+        && config.http.operators.is_none()
+        && !config.http.insecure
+    {
+        config.http.operators = Some(pki.operators.clone());
+        tracing::info!(
+            token = %pki.operator.join("token").display(),
+            ca = %pki.ca.display(),
+            "dashboard at https://localhost:{}/#token=<operator token> (the token file, signed by the ca)",
+            addr.port()
+        );
+    }
     Ok(Some(pki))
 }
 

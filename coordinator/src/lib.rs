@@ -266,8 +266,22 @@ pub async fn run(
     )
     .with_status(status_tx, metrics.clone());
 
+    // The HTTP side's listener, TLS configuration and operators, read
+    // before anything is served so that a bad file stops the start.
     let http_listener = match config.http.listen {
-        Some(addr) => Some(http::bind(addr).await?),
+        Some(addr) => {
+            let (http, sec) = (&config.http, &config.security);
+            let tls = if http.tls(sec) {
+                http::listen::server_config(sec)?
+            } else {
+                None
+            };
+            let operators = match &http.operators {
+                Some(path) if http.authenticated(sec) => http::Operators(Some(security::load_operators(path)?)),
+                _ => http::Operators(None),
+            };
+            Some((http::bind(addr).await?, tls, operators))
+        }
         None => None,
     };
     let addr = listener.local_addr().map_err(|e| Error::Io {
@@ -325,20 +339,29 @@ pub async fn run(
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move { stop.cancelled().await })
     };
     let mut server = tokio::spawn(server);
-    if let Some(listener) = http_listener {
+    if let Some((tcp, tls, operators)) = http_listener {
         let config_json = serde_json::to_value(&config).unwrap_or_default();
-        let addr = listener.local_addr().ok();
-        tracing::info!(addr = ?addr, "http listening (dashboard /, /api/status, /metrics, /healthz)");
-        if addr.is_some_and(|a| !a.ip().is_loopback()) {
+        let addr = tcp.local_addr().ok();
+        tracing::info!(
+            addr = ?addr,
+            tls = tls.is_some(),
+            operators = operators.0.as_ref().map_or(0, |o| o.len()),
+            client_certificates = tls.is_some() && sec.client_ca.is_some(),
+            "http listening (dashboard /, /api/status, /metrics, /healthz)"
+        );
+        if addr.is_some_and(|a| !a.ip().is_loopback()) && (tls.is_none() || operators.0.is_none()) {
             tracing::warn!(
                 addr = ?addr,
-                "the HTTP side (dashboard, status, metrics) is plaintext and unauthenticated, whatever \
-                 security says of gRPC; expose it only on a private network"
+                tls = tls.is_some(),
+                authenticated = operators.0.is_some(),
+                "the HTTP side (dashboard, status, metrics) is served beyond loopback without TLS or without \
+                 operator authentication; expose it only on a private network"
             );
         }
+        let listener = http::HttpListener::new(tcp, tls, server_stop.clone())?;
         let stop = server_stop.clone();
         tokio::spawn(async move {
-            if let Err(e) = http::serve(listener, status_rx, metrics, config_json, stop).await {
+            if let Err(e) = http::serve(listener, status_rx, metrics, config_json, operators, stop).await {
                 tracing::error!(error = %e, "http server stopped");
             }
         });

@@ -110,17 +110,26 @@ enum Cmd {
     /// Check a running coordinator's HTTP health endpoint (exit status 0 when healthy).
     Health {
         /// The endpoint to ask.
-        #[arg(long, default_value = "http://127.0.0.1:8080/healthz")]
+        #[arg(long, default_value = "http://127.0.0.1:8080/healthz", conflicts_with = "config")]
         url: String,
+        /// Ask the coordinator this configuration describes (http.listen, http or https; FEDGE_*
+        /// variables apply), on loopback when it listens on all addresses. Its certificate is not
+        /// checked unless --ca is given: this checks that the local process answers.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        #[command(flatten)]
+        client: ClientArgs,
         /// How long to wait for an answer.
         #[arg(long, default_value = "3s", value_parser = humantime_serde::re::humantime::parse_duration)]
         timeout: std::time::Duration,
     },
     /// Show a running coordinator's run: phase, rounds, nodes, accuracy (from its HTTP API).
     Status {
-        /// The coordinator's HTTP address (`http.listen`).
+        /// The coordinator's HTTP address (`http.listen`): http://… or https://….
         #[arg(long, default_value = "http://127.0.0.1:8080")]
         url: String,
+        #[command(flatten)]
+        client: ClientArgs,
         /// Print the JSON of /api/status instead of tables.
         #[arg(long)]
         json: bool,
@@ -139,6 +148,49 @@ enum Cmd {
         #[arg(long, default_value_t = 0)]
         threads: usize,
     },
+}
+
+/// How `health` and `status` reach a coordinator whose HTTP side uses TLS
+/// or wants an operator (`http.operators`).
+#[derive(Args)]
+struct ClientArgs {
+    /// The CA certificate (PEM) that signed the coordinator's certificate, for https:// URLs.
+    #[arg(long, value_name = "FILE")]
+    ca: Option<PathBuf>,
+    /// An operator's token, in a file (`coordinator certs` writes operator/token).
+    #[arg(
+        long,
+        value_name = "FILE",
+        env = "FEDGE_OPERATOR_TOKEN_FILE",
+        conflicts_with = "token"
+    )]
+    token_file: Option<PathBuf>,
+    /// An operator's token (prefer the variable or --token-file to keep it off the command line).
+    #[arg(long, env = "FEDGE_OPERATOR_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// An operator's client certificate (PEM), signed by the coordinator's security.client_ca.
+    #[arg(long, value_name = "FILE", requires = "key")]
+    cert: Option<PathBuf>,
+    /// The key (PEM) of --cert.
+    #[arg(long, value_name = "FILE", requires = "cert")]
+    key: Option<PathBuf>,
+}
+
+impl ClientArgs {
+    fn options(&self, timeout: Duration) -> anyhow::Result<coordinator::http::ClientOptions> {
+        let token = match (&self.token_file, &self.token) {
+            (Some(f), _) => Some(fedge_common::security::read_token_file(f)?),
+            (None, t) => t.clone(),
+        };
+        Ok(coordinator::http::ClientOptions {
+            timeout,
+            ca: self.ca.clone(),
+            skip_verify: false,
+            token,
+            cert: self.cert.clone(),
+            key: self.key.clone(),
+        })
+    }
 }
 
 #[derive(Args)]
@@ -251,16 +303,48 @@ async fn main() -> anyhow::Result<()> {
             };
             run_fleet(cfg, opts, fedge_common::shutdown::signal()).await?;
         }
-        Cmd::Health { url, timeout } => {
-            let answer = tokio::task::spawn_blocking(move || coordinator::http::check(&url, timeout)).await??;
+        Cmd::Health {
+            url,
+            config,
+            client,
+            timeout,
+        } => {
+            let mut opts = client.options(timeout)?;
+            let url = match config {
+                Some(file) => {
+                    let cfg = CoordinatorConfig::load_unchecked(Some(&file), std::env::vars(), &[])?;
+                    let Some(mut addr) = cfg.http.listen else {
+                        anyhow::bail!(
+                            "{}: http.listen is not set; there is no HTTP side to ask",
+                            file.display()
+                        );
+                    };
+                    if addr.ip().is_unspecified() {
+                        addr.set_ip(if addr.is_ipv4() {
+                            std::net::Ipv4Addr::LOCALHOST.into()
+                        } else {
+                            std::net::Ipv6Addr::LOCALHOST.into()
+                        });
+                    }
+                    let tls = cfg.http.tls(&cfg.security);
+                    opts.skip_verify = tls && opts.ca.is_none();
+                    format!("{}://{addr}/healthz", if tls { "https" } else { "http" })
+                }
+                None => url,
+            };
+            let answer = tokio::task::spawn_blocking(move || coordinator::http::check(&url, &opts)).await??;
             let mut out = std::io::stdout().lock();
             std::io::Write::write_all(&mut out, format!("{answer}\n").as_bytes())?;
         }
-        Cmd::Status { url, json, watch } => loop {
+        Cmd::Status {
+            url,
+            client,
+            json,
+            watch,
+        } => loop {
             let base = url.clone();
-            let status =
-                tokio::task::spawn_blocking(move || coordinator::http::fetch_status(&base, Duration::from_secs(5)))
-                    .await??;
+            let opts = client.options(Duration::from_secs(5))?;
+            let status = tokio::task::spawn_blocking(move || coordinator::http::fetch_status(&base, &opts)).await??;
             let text = if json {
                 serde_json::to_string_pretty(&status)? + "\n"
             } else {

@@ -9,7 +9,14 @@
 //! DIR/coordinator.pem coordinator.key   server certificate for `hosts`
 //! DIR/tokens.toml                    node name = "sha256:…" (coordinator side)
 //! DIR/nodes/NAME/{ca.pem,cert.pem,key.pem,token}   what node NAME needs
+//! DIR/operators.toml                 operator = "sha256:…" (`http.operators`)
+//! DIR/operator/{ca.pem,cert.pem,key.pem,token}     what the operator needs
 //! ```
+//!
+//! The operator's credentials open the coordinator's HTTP side (dashboard,
+//! `coordinator status`, `/metrics`) when it authenticates: its token, or
+//! its client certificate (common name `operator`, so no node may be named
+//! so).
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -30,6 +37,10 @@ pub struct Pki {
     pub server_cert: PathBuf,
     pub server_key: PathBuf,
     pub tokens: PathBuf,
+    /// The operators' token hashes (`http.operators`).
+    pub operators: PathBuf,
+    /// The operator's folder (`ca.pem`, `cert.pem`, `key.pem`, `token`).
+    pub operator: PathBuf,
     /// Per node: its folder (`ca.pem`, `cert.pem`, `key.pem`, `token`).
     pub nodes: Vec<(String, PathBuf)>,
 }
@@ -43,6 +54,8 @@ impl Pki {
             server_cert: dir.join("coordinator.pem"),
             server_key: dir.join("coordinator.key"),
             tokens: dir.join("tokens.toml"),
+            operators: dir.join("operators.toml"),
+            operator: dir.join(OPERATOR),
             nodes: nodes.iter().map(|n| (n.clone(), dir.join("nodes").join(n))).collect(),
         }
     }
@@ -117,8 +130,18 @@ pub fn generate(dir: &Path, hosts: &[String], nodes: &[String]) -> Result<Pki> {
         tokens.push_str(&issue_node(&issuer, &ca_pem, name, folder)?);
     }
     write(&pki.tokens, tokens.as_bytes(), false)?;
+    let operators = format!(
+        "# fedge operators, stored hashed: name = \"sha256:<hex of SHA-256(token)>\". A listed\n\
+         # operator's token, or a client certificate of this CA issued to the name, opens the\n\
+         # coordinator's HTTP side. Point http.operators at this file.\n[operators]\n{}",
+        issue_node(&issuer, &ca_pem, OPERATOR, &pki.operator)?
+    );
+    write(&pki.operators, operators.as_bytes(), false)?;
     Ok(pki)
 }
+
+/// The name of the operator `generate` makes credentials for.
+pub const OPERATOR: &str = "operator";
 
 /// Writes node `name`'s certificate, key, CA copy and token into `folder`;
 /// returns its line for the token file.
@@ -174,6 +197,11 @@ fn check_names(nodes: &[String]) -> Result<()> {
         if n.is_empty() || n.contains(['/', '\\']) || n.starts_with('.') {
             return Err(Error::Config(format!("node name {n:?} cannot name a folder")));
         }
+        if n == OPERATOR {
+            return Err(Error::Config(format!(
+                "`{OPERATOR}` names the operator's certificate; choose another node name"
+            )));
+        }
     }
     Ok(())
 }
@@ -222,6 +250,21 @@ mod tests {
                 .mode();
             assert_eq!(mode & 0o777, 0o600);
         }
+        // The operator: a token listed in operators.toml and a client certificate.
+        let operators = crate::security::load_operators(&pki.operators).unwrap();
+        let token = std::fs::read_to_string(pki.operator.join("token")).unwrap();
+        assert!(fedge_common::security::token_matches(
+            token.trim(),
+            &operators[OPERATOR]
+        ));
+        let der = pem_der(&pki.operator.join("cert.pem"));
+        let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
+        assert_eq!(
+            cert.subject().iter_common_name().next().unwrap().as_str().unwrap(),
+            OPERATOR
+        );
+        let taken = add_nodes(dir.path(), &[OPERATOR.into()]).unwrap_err().to_string();
+        assert!(taken.contains("names the operator's certificate"), "{taken}");
         let again = generate(dir.path(), &["localhost".into()], &nodes)
             .unwrap_err()
             .to_string();

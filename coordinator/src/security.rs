@@ -138,7 +138,7 @@ impl Authenticator {
 }
 
 /// The subject common name of a DER certificate.
-fn common_name(der: &[u8]) -> std::result::Result<String, String> {
+pub(crate) fn common_name(der: &[u8]) -> std::result::Result<String, String> {
     let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|e| e.to_string())?;
     let cn = cert
         .subject()
@@ -152,26 +152,41 @@ fn common_name(der: &[u8]) -> std::result::Result<String, String> {
 
 /// Reads a token file: `[nodes]` with `name = "sha256:<64 hex>"` entries.
 pub fn load_tokens(path: &Path) -> Result<HashMap<String, String>> {
-    #[derive(serde::Deserialize)]
-    #[serde(deny_unknown_fields)]
-    struct File {
-        nodes: HashMap<String, String>,
+    load_hashes(path, "nodes", "security.tokens")
+}
+
+/// Reads an operator file (`http.operators`): `[operators]` with
+/// `name = "sha256:<64 hex>"` entries.
+pub fn load_operators(path: &Path) -> Result<HashMap<String, String>> {
+    load_hashes(path, "operators", "http.operators")
+}
+
+/// Reads the `[table]` of token hashes in the file of `setting`.
+fn load_hashes(path: &Path, table: &str, setting: &str) -> Result<HashMap<String, String>> {
+    let place = || format!("{setting} {}", path.display());
+    let text = std::fs::read_to_string(path).map_err(|e| Error::Config(format!("{}: {e}", place())))?;
+    let mut file: HashMap<String, HashMap<String, String>> =
+        toml::from_str(&text).map_err(|e| Error::Config(format!("{}: {}", place(), e.message())))?;
+    if let Some(other) = file.keys().find(|k| *k != table) {
+        return Err(Error::Config(format!(
+            "{}: unknown table [{other}]; expected [{table}]",
+            place()
+        )));
     }
-    let text =
-        std::fs::read_to_string(path).map_err(|e| Error::Config(format!("security.tokens {}: {e}", path.display())))?;
-    let file: File = toml::from_str(&text)
-        .map_err(|e| Error::Config(format!("security.tokens {}: {}", path.display(), e.message())))?;
-    for (name, hash) in &file.nodes {
+    let entries = file
+        .remove(table)
+        .ok_or_else(|| Error::Config(format!("{}: no [{table}] table", place())))?;
+    for (name, hash) in &entries {
         let hex = hash.strip_prefix(TOKEN_HASH_PREFIX).unwrap_or("");
         if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(Error::Config(format!(
-                "security.tokens {}: the entry of node {name} is not a `{TOKEN_HASH_PREFIX}<64 hex digits>` hash \
+                "{}: the entry of {name} is not a `{TOKEN_HASH_PREFIX}<64 hex digits>` hash \
                  (tokens are stored hashed, never in the clear)",
-                path.display()
+                place()
             )));
         }
     }
-    Ok(file.nodes)
+    Ok(entries)
 }
 
 #[cfg(test)]
@@ -247,9 +262,18 @@ mod tests {
         let path = dir.path().join("tokens.toml");
         std::fs::write(&path, "[nodes]\nnode-1 = \"plaintext-secret\"\n").unwrap();
         let err = load_tokens(&path).unwrap_err().to_string();
-        assert!(err.contains("node node-1") && err.contains("stored hashed"), "{err}");
+        assert!(
+            err.contains("entry of node-1") && err.contains("stored hashed"),
+            "{err}"
+        );
         std::fs::write(&path, "[nodes\n").unwrap();
         let err = load_tokens(&path).unwrap_err().to_string();
         assert!(err.contains("tokens.toml"), "{err}");
+        std::fs::write(&path, format!("[nodes]\nnode-1 = \"{}\"\n", hash_token("t"))).unwrap();
+        let err = load_operators(&path).unwrap_err().to_string();
+        assert!(
+            err.starts_with("invalid configuration: http.operators") && err.contains("unknown table [nodes]"),
+            "{err}"
+        );
     }
 }

@@ -194,8 +194,15 @@ impl Fleet {
 
     /// `/api/status` of the coordinator, when it answers.
     fn status(&self) -> Option<Value> {
-        let url = format!("http://127.0.0.1:{}/api/status", self.http_port);
-        let body = coordinator::http::check(&url, Duration::from_secs(2)).ok()?;
+        // The HTTP side is as safe as gRPC: HTTPS, for operators only.
+        let pki = self.dir.path().join("fleet/pki");
+        let opts = coordinator::http::ClientOptions {
+            ca: Some(pki.join("ca.pem")),
+            token: fedge_common::security::read_token_file(&pki.join("operator/token")).ok(),
+            ..coordinator::http::ClientOptions::plain(Duration::from_secs(2))
+        };
+        let url = format!("https://127.0.0.1:{}/api/status", self.http_port);
+        let body = coordinator::http::check(&url, &opts).ok()?;
         serde_json::from_str(&body).ok()
     }
 
@@ -288,7 +295,10 @@ fn baseline() -> Result<f64> {
     // While it trains, the commands behind the images' health checks pass.
     fleet.wait_status("round 1", Duration::from_secs(120), |s| s["round"].as_u64() >= Some(1))?;
     for (service, check) in [
-        ("coordinator", vec!["coordinator", "health"]),
+        (
+            "coordinator",
+            vec!["coordinator", "health", "--config", "/etc/fedge/coordinator.toml"],
+        ),
         ("node-1", vec!["edge-node", "health"]),
     ] {
         let id = fleet.container(service)?;

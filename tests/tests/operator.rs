@@ -3,6 +3,8 @@
 //! run trains, fills its accuracy chart and node table (a screenshot is
 //! written to the target folder); `/metrics` counts rounds, bytes and update
 //! latencies; `coordinator status` prints the run, its nodes and its rounds.
+//! The HTTP side names an operator (`http.operators`): the page and the
+//! command use its token (TLS on it is in `security.rs`).
 //!
 //! Chromium comes from Debian's `chromium` package (`.ci/run` installs it);
 //! without it the dashboard test says so and passes.
@@ -12,6 +14,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use fedge_common::config::toml_string;
 use fedge_tests::{Daemon, bin_dir, coordinator_args, free_port, node_args, run_fleet};
 use serde_json::Value;
 
@@ -28,6 +31,8 @@ fn chromium() -> Option<&'static str> {
 struct Run {
     _tmp: tempfile::TempDir,
     http: String,
+    /// The operator's token file.
+    token: PathBuf,
     coord: Daemon,
     nodes: Vec<Daemon>,
 }
@@ -37,6 +42,7 @@ impl Run {
         let tmp = tempfile::tempdir()?;
         let port = free_port();
         let http_port = free_port();
+        let pki = coordinator::pki::generate(&tmp.path().join("pki"), &["localhost".into()], &[])?;
         let small = || {
             vec![
                 ("data.synthetic_train_samples", "1200".to_string()),
@@ -47,6 +53,7 @@ impl Run {
         settings.extend([
             ("rounds", rounds.to_string()),
             ("http.listen", format!("\"127.0.0.1:{http_port}\"")),
+            ("http.operators", toml_string(pki.operators.display())),
             ("eval.federated_every", "1".into()),
         ]);
         let coord = Daemon::start(
@@ -70,16 +77,18 @@ impl Run {
         Ok(Self {
             _tmp: tmp,
             http: format!("http://127.0.0.1:{http_port}"),
+            token: pki.operator.join("token"),
             coord,
             nodes,
         })
     }
 
     fn get(&self, path: &str) -> Result<String> {
-        Ok(coordinator::http::check(
-            &format!("{}{path}", self.http),
-            Duration::from_secs(5),
-        )?)
+        let opts = coordinator::http::ClientOptions {
+            token: Some(fedge_common::security::read_token_file(&self.token)?),
+            ..coordinator::http::ClientOptions::plain(Duration::from_secs(5))
+        };
+        Ok(coordinator::http::check(&format!("{}{path}", self.http), &opts)?)
     }
 
     /// Waits until `/api/status` shows `rounds` completed rounds.
@@ -116,7 +125,8 @@ fn the_dashboard_fills_during_a_real_run() -> Result<()> {
     };
     let run = Run::start(40)?;
     run.wait_rounds(2)?;
-    let headless = |extra: &[&str]| -> Result<String> {
+    let token = fedge_common::security::read_token_file(&run.token)?;
+    let headless = |extra: &[&str], fragment: &str| -> Result<String> {
         let out = Command::new(browser)
             .args([
                 "--headless",
@@ -127,7 +137,7 @@ fn the_dashboard_fills_during_a_real_run() -> Result<()> {
                 "--virtual-time-budget=4000",
             ])
             .args(extra)
-            .arg(format!("{}/", run.http))
+            .arg(format!("{}/{fragment}", run.http))
             .output()
             .context("running chromium")?;
         if !out.status.success() {
@@ -135,7 +145,13 @@ fn the_dashboard_fills_during_a_real_run() -> Result<()> {
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     };
-    let dom = headless(&["--dump-dom"])?;
+    // Without the operator's token the page says what it needs.
+    let refused = headless(&["--dump-dom"], "")?;
+    assert!(
+        refused.contains("not authorized (401)") && refused.contains("#token=&lt;operator token&gt;"),
+        "the page without a token:\n{refused}"
+    );
+    let dom = headless(&["--dump-dom"], &format!("#token={token}"))?;
     let rows = dom.matches("<tr class=\"node\">").count();
     assert_eq!(rows, 2, "node table rows in the rendered page:\n{dom}");
     for node in ["node-1", "node-2"] {
@@ -156,7 +172,10 @@ fn the_dashboard_fills_during_a_real_run() -> Result<()> {
 
     let shot: PathBuf = bin_dir().join("dashboard.png");
     let _ = std::fs::remove_file(&shot);
-    headless(&[&format!("--screenshot={}", shot.display())])?;
+    headless(
+        &[&format!("--screenshot={}", shot.display())],
+        &format!("#token={token}"),
+    )?;
     let png = std::fs::read(&shot).context("no screenshot written")?;
     assert!(
         png.starts_with(b"\x89PNG") && png.len() > 20_000,
@@ -194,8 +213,14 @@ fn metrics_and_the_status_command_describe_the_run() -> Result<()> {
     assert!((0.0..=1.0).contains(&value("fedge_test_accuracy")));
     assert!(metrics.contains("# TYPE fedge_aggregation_duration_seconds histogram"));
 
-    let out = Command::new(bin_dir().join("coordinator"))
+    let token_file = run.token.display().to_string();
+    let refused = Command::new(bin_dir().join("coordinator"))
         .args(["status", "--url", &run.http])
+        .output()?;
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success() && err.contains("401 Unauthorized"), "{err}");
+    let out = Command::new(bin_dir().join("coordinator"))
+        .args(["status", "--url", &run.http, "--token-file", &token_file])
         .output()?;
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -210,6 +235,10 @@ fn metrics_and_the_status_command_describe_the_run() -> Result<()> {
     );
     let json = Command::new(bin_dir().join("coordinator"))
         .args(["status", "--json", "--url", &run.http])
+        .env(
+            "FEDGE_OPERATOR_TOKEN",
+            fedge_common::security::read_token_file(&run.token)?,
+        )
         .output()?;
     let parsed: Value = serde_json::from_slice(&json.stdout)?;
     assert!(parsed["rounds"].as_array().is_some_and(|r| !r.is_empty()));
@@ -385,7 +414,12 @@ fn check_with_pytorch(model: &std::path::Path, files: &[PathBuf], pixels: &[u8],
 
 /// POSTs `body` to `http://addr/path` and returns (status code, body).
 fn post(addr: &str, path: &str, body: &[u8]) -> Result<(u16, String)> {
-    let a = coordinator::http::request("POST", &format!("http://{addr}{path}"), body, Duration::from_secs(30))?;
+    let a = coordinator::http::request(
+        "POST",
+        &format!("http://{addr}{path}"),
+        body,
+        &coordinator::http::ClientOptions::plain(Duration::from_secs(30)),
+    )?;
     Ok((a.code, a.body))
 }
 
@@ -448,7 +482,10 @@ fn a_node_serves_local_predictions_with_each_newer_global_model() -> Result<()> 
                 assert!((0.0..=1.0).contains(&p), "{body}");
                 versions.push(a["model_version"].as_u64().unwrap());
                 if versions.len() == 1 {
-                    let model = coordinator::http::check(&format!("http://{serve}/model"), Duration::from_secs(5))?;
+                    let model = coordinator::http::check(
+                        &format!("http://{serve}/model"),
+                        &coordinator::http::ClientOptions::plain(Duration::from_secs(5)),
+                    )?;
                     let info: Value = serde_json::from_str(&model)?;
                     assert_eq!(info["model"], "cnn");
                     assert_eq!(info["classes"].as_array().map(Vec::len), Some(10));

@@ -310,3 +310,139 @@ fn plaintext_must_be_asked_for_and_is_announced() -> anyhow::Result<()> {
     assert!(err.contains("security.ca"), "{err}");
     Ok(())
 }
+
+/// `coordinator ARGS…`, run to its end: (success, stdout, stderr).
+fn coordinator_cli(args: &[&str]) -> anyhow::Result<(bool, String, String)> {
+    let out = std::process::Command::new(fedge_tests::bin_dir().join("coordinator"))
+        .args(args)
+        .output()?;
+    Ok((
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
+#[test]
+fn the_http_side_is_https_for_operators_only_when_nodes_authenticate() -> anyhow::Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let pki = pki(tmp.path(), "node-1")?;
+    let (port, http_port) = (free_port(), free_port());
+    let mut settings = server_tls(&pki);
+    settings.extend([
+        ("security.client_ca", toml_string(pki.join("ca.pem").display())),
+        ("security.node_auth", "\"certificate\"".into()),
+        ("http.listen", format!("\"127.0.0.1:{http_port}\"")),
+        ("http.operators", toml_string(pki.join("operators.toml").display())),
+    ]);
+    let coord = start_coordinator(tmp.path(), port, &settings)?;
+    let base = format!("https://localhost:{http_port}");
+    let ca = pki.join("ca.pem").display().to_string();
+    let p = |f: &str| pki.join(f).display().to_string();
+
+    // Health is open (orchestrators' probes carry no credentials), over TLS.
+    let health = format!("{base}/healthz");
+    let mut answered = None;
+    for _ in 0..100 {
+        let r = coordinator_cli(&["health", "--url", &health, "--ca", &ca])?;
+        if r.0 {
+            answered = Some(r.1);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let answered = answered.ok_or_else(|| anyhow::anyhow!("no health answer:\n{}", coord.log_text()))?;
+    assert_eq!(answered.trim(), "ok waiting");
+    // The health check of the images reads the configuration (here written as a file).
+    let config = tmp.path().join("coordinator.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[http]\nlisten = \"0.0.0.0:{http_port}\"\noperators = {}\n[security]\ntls_cert = {}\n",
+            toml_string(p("operators.toml")),
+            toml_string(p("coordinator.pem"))
+        ),
+    )?;
+    let (ok, out, err) = coordinator_cli(&["health", "--config", config.to_str().unwrap()])?;
+    assert!(ok && out.trim() == "ok waiting", "{out}{err}");
+
+    // The run's data wants an operator: none, a wrong token, a node's certificate are refused.
+    let (ok, _, err) = coordinator_cli(&["status", "--url", &base, "--ca", &ca])?;
+    assert!(!ok);
+    assert!(
+        err.contains("401 Unauthorized") && err.contains("this coordinator's HTTP API is for operators"),
+        "{err}"
+    );
+    assert!(err.contains("--token-file FILE or FEDGE_OPERATOR_TOKEN"), "{err}");
+    let (ok, _, err) = coordinator_cli(&["status", "--url", &base, "--ca", &ca, "--token", "guess"])?;
+    assert!(!ok && err.contains("the bearer token matches no operator's"), "{err}");
+    let (ok, _, err) = coordinator_cli(&[
+        "status",
+        "--url",
+        &base,
+        "--ca",
+        &ca,
+        "--cert",
+        &p("nodes/node-1/cert.pem"),
+        "--key",
+        &p("nodes/node-1/key.pem"),
+    ])?;
+    assert!(
+        !ok && err.contains("403 Forbidden") && err.contains("issued to node-1, who is not an operator"),
+        "{err}"
+    );
+    // The operator's token, or its certificate, opens it.
+    let (ok, out, err) = coordinator_cli(&[
+        "status",
+        "--url",
+        &base,
+        "--ca",
+        &ca,
+        "--token-file",
+        &p("operator/token"),
+    ])?;
+    assert!(
+        ok && out.starts_with("run run-") && out.contains("phase waiting"),
+        "{out}{err}"
+    );
+    let (ok, out, err) = coordinator_cli(&[
+        "status",
+        "--json",
+        "--url",
+        &base,
+        "--ca",
+        &ca,
+        "--cert",
+        &p("operator/cert.pem"),
+        "--key",
+        &p("operator/key.pem"),
+    ])?;
+    assert!(ok, "{err}");
+    let status: serde_json::Value = serde_json::from_str(&out)?;
+    assert_eq!(status["phase"], "waiting");
+
+    // What the client says when TLS goes wrong: no CA, the wrong CA, plaintext against TLS.
+    let (ok, _, err) = coordinator_cli(&["status", "--url", &base])?;
+    assert!(!ok && err.contains("an https:// URL needs --ca FILE"), "{err}");
+    let other = tempfile::tempdir()?;
+    let other_pki = self::pki(other.path(), "x")?;
+    let (ok, _, err) = coordinator_cli(&[
+        "status",
+        "--url",
+        &base,
+        "--ca",
+        other_pki.join("ca.pem").to_str().unwrap(),
+    ])?;
+    assert!(
+        !ok && err.contains("the coordinator's certificate is not trusted"),
+        "{err}"
+    );
+    let (ok, _, err) = coordinator_cli(&["health", "--url", &format!("http://127.0.0.1:{http_port}/healthz")])?;
+    assert!(
+        !ok && (err.contains("does it serve https://?") || err.contains("use https://")),
+        "{err}"
+    );
+
+    drop(coord);
+    Ok(())
+}

@@ -1,19 +1,31 @@
-//! The coordinator's HTTP side (`http.listen`): `/healthz` for container and
-//! orchestrator health checks; `/api/status`, a JSON view of the run (round,
-//! phase, nodes, per-round accuracy and bytes) that `coordinator status`
-//! reads; `/metrics` for Prometheus ([`crate::metrics`]). The driver
-//! publishes a [`Status`] after every event; the server reads the latest one.
+//! The coordinator's HTTP side (`http.listen`): the dashboard (`/`);
+//! `/healthz` for container and orchestrator health checks; `/api/status`, a
+//! JSON view of the run (round, phase, nodes, per-round accuracy and bytes)
+//! that `coordinator status` and the dashboard read; `/api/config`;
+//! `/metrics` for Prometheus ([`crate::metrics`]). The driver publishes a
+//! [`Status`] after every event; the server reads the latest one.
+//!
+//! It is as safe as the gRPC API ([`crate::config::HttpConfig`]): HTTPS with
+//! the coordinator's certificate when that uses TLS ([`listen`]), and, when
+//! nodes authenticate, only operators ([`Operators`]) read the run. The
+//! client side of `coordinator health` and `status` is in [`client`].
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+pub mod client;
+pub mod listen;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::Router;
-use axum::extract::State;
-use axum::http::StatusCode;
-use axum::response::{IntoResponse, Json};
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Json, Response};
 use axum::routing::get;
+pub use client::{Answer, ClientOptions, check, fetch_status, request};
+use fedge_common::security::token_matches;
+pub use listen::{HttpListener, Peer};
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -96,6 +108,68 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener> {
     })
 }
 
+/// Who may read the run over HTTP: `None` lets anyone in; otherwise the
+/// operators of `http.operators` (name → token hash), by bearer token or
+/// by a verified client certificate issued to their name.
+#[derive(Debug, Clone, Default)]
+pub struct Operators(pub Option<HashMap<String, String>>);
+
+impl Operators {
+    /// The operator a request comes from, or the reason it is refused.
+    fn check(&self, bearer: Option<&str>, peer: Option<&Peer>) -> std::result::Result<String, (StatusCode, String)> {
+        let Some(operators) = &self.0 else {
+            return Ok(String::new());
+        };
+        if let Some(token) = bearer {
+            return operators
+                .iter()
+                .find(|(_, hash)| token_matches(token.trim(), hash))
+                .map(|(name, _)| name.clone())
+                .ok_or_else(|| {
+                    (
+                        StatusCode::UNAUTHORIZED,
+                        "the bearer token matches no operator's in http.operators".to_string(),
+                    )
+                });
+        }
+        match peer.and_then(|p| p.certificate.as_deref()) {
+            Some(cn) if operators.contains_key(cn) => Ok(cn.to_owned()),
+            Some(cn) => Err((
+                StatusCode::FORBIDDEN,
+                format!("the client certificate is issued to {cn}, who is not an operator in http.operators"),
+            )),
+            None => Err((
+                StatusCode::UNAUTHORIZED,
+                "this coordinator's HTTP API is for operators: send `Authorization: Bearer <operator token>` \
+                 or an operator's client certificate"
+                    .to_string(),
+            )),
+        }
+    }
+}
+
+/// Lets a request through only if it comes from an operator.
+async fn require_operator(State(operators): State<Arc<Operators>>, request: Request, next: Next) -> Response {
+    let bearer = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    let peer = request.extensions().get::<ConnectInfo<Peer>>().map(|c| &c.0);
+    match operators.check(bearer, peer) {
+        Ok(_) => next.run(request).await,
+        Err((code, reason)) => {
+            tracing::debug!(peer = ?peer.map(|p| p.addr), path = %request.uri().path(), %reason, "http request refused");
+            (
+                code,
+                [(header::WWW_AUTHENTICATE, "Bearer realm=\"fedge\"")],
+                reason + "\n",
+            )
+                .into_response()
+        }
+    }
+}
+
 /// What the handlers read.
 #[derive(Clone)]
 struct Shared {
@@ -105,30 +179,38 @@ struct Shared {
 }
 
 /// The dashboard: one page that polls `/api/status` and draws the run.
-const DASHBOARD: &str = include_str!("dashboard.html");
+const DASHBOARD: &str = include_str!("../dashboard.html");
 
 /// Serves the dashboard (`/`), `/healthz`, `/api/status`, `/api/config`
 /// (the run's configuration, `config`) and `/metrics` on `listener` until
-/// `stop` fires.
+/// `stop` fires. All but `/` and `/healthz` need an operator when
+/// `operators` names some.
 pub async fn serve(
-    listener: TcpListener,
+    listener: HttpListener,
     status: watch::Receiver<Status>,
     metrics: Arc<Metrics>,
     config: serde_json::Value,
+    operators: Operators,
     stop: CancellationToken,
 ) -> Result<()> {
-    let app = Router::new()
-        .route("/", get(dashboard))
-        .route("/healthz", get(healthz))
+    let data = Router::new()
         .route("/api/status", get(api_status))
         .route("/api/config", get(api_config))
         .route("/metrics", get(prometheus))
+        .route_layer(axum::middleware::from_fn_with_state(
+            Arc::new(operators),
+            require_operator,
+        ));
+    let app = Router::new()
+        .route("/", get(dashboard))
+        .route("/healthz", get(healthz))
+        .merge(data)
         .with_state(Shared {
             status,
             metrics,
             config: Arc::new(config),
         });
-    axum::serve(listener, app)
+    axum::serve(listener, app.into_make_service_with_connect_info::<Peer>())
         .with_graceful_shutdown(async move { stop.cancelled().await })
         .await
         .map_err(|e| Error::Io {
@@ -162,89 +244,6 @@ async fn prometheus(State(s): State<Shared>) -> impl IntoResponse {
         )],
         s.metrics.encode(),
     )
-}
-
-/// `coordinator health`: GETs `url` (`http://host:port/path`) and succeeds on
-/// a 200 answer within `timeout`. Used as the container health check, where
-/// no HTTP client is installed.
-pub fn check(url: &str, timeout: Duration) -> Result<String> {
-    let answer = request("GET", url, &[], timeout)?;
-    if answer.code == 200 {
-        Ok(answer.body)
-    } else {
-        Err(Error::Internal(format!(
-            "health: {url} answered `{}`",
-            answer.status_line
-        )))
-    }
-}
-
-/// What [`request`] got back.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Answer {
-    pub code: u16,
-    pub status_line: String,
-    /// The body, trimmed.
-    pub body: String,
-}
-
-/// One HTTP/1.1 request to `url` (`http://host:port/path`) with `body`
-/// (sent with its length when not empty): the small client behind
-/// `coordinator health` and `coordinator status`, where no HTTP client is
-/// installed.
-pub fn request(method: &str, url: &str, body: &[u8], timeout: Duration) -> Result<Answer> {
-    let rest = url
-        .strip_prefix("http://")
-        .ok_or_else(|| Error::Config(format!("health: expected an http:// URL, got `{url}`")))?;
-    let (authority, path) = match rest.find('/') {
-        Some(i) => (&rest[..i], &rest[i..]),
-        None => (rest, "/"),
-    };
-    let io = |context: String| move |e: std::io::Error| Error::Io { context, source: e };
-    let addr = authority
-        .to_socket_addrs()
-        .map_err(io(format!("resolving {authority}")))?
-        .next()
-        .ok_or_else(|| Error::Config(format!("health: {authority} resolves to no address")))?;
-    let mut stream = TcpStream::connect_timeout(&addr, timeout).map_err(io(format!("connecting to {addr}")))?;
-    stream
-        .set_read_timeout(Some(timeout))
-        .map_err(io("setting a timeout".into()))?;
-    stream
-        .set_write_timeout(Some(timeout))
-        .map_err(io("setting a timeout".into()))?;
-    let length = if body.is_empty() {
-        String::new()
-    } else {
-        format!(
-            "Content-Type: application/octet-stream\r\nContent-Length: {}\r\n",
-            body.len()
-        )
-    };
-    write!(
-        stream,
-        "{method} {path} HTTP/1.1\r\nHost: {authority}\r\n{length}Connection: close\r\n\r\n"
-    )
-    .and_then(|()| stream.write_all(body))
-    .map_err(io(format!("writing to {addr}")))?;
-    let mut answer = Vec::new();
-    stream
-        .take(16 << 20)
-        .read_to_end(&mut answer)
-        .map_err(io(format!("reading from {addr}")))?;
-    let answer = String::from_utf8_lossy(&answer);
-    let status_line = answer.lines().next().unwrap_or_default().to_string();
-    let code = status_line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = answer.split_once("\r\n\r\n").map(|(_, b)| b.trim()).unwrap_or_default();
-    Ok(Answer {
-        code,
-        status_line,
-        body: body.to_string(),
-    })
 }
 
 /// `coordinator status`: the run, its nodes and its rounds as text tables.
@@ -310,34 +309,32 @@ pub fn render_status(s: &Status, now_ms: u64) -> String {
     out
 }
 
-/// Reads `/api/status` from the coordinator's HTTP address `base`
-/// (`http://host:port`).
-pub fn fetch_status(base: &str, timeout: Duration) -> Result<Status> {
-    let url = format!("{}/api/status", base.trim_end_matches('/'));
-    let body = check(&url, timeout)?;
-    serde_json::from_str(&body)
-        .map_err(|e| Error::Internal(format!("{url} answered something other than a fedge status: {e}")))
-}
-
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
+
+    fn plain() -> ClientOptions {
+        ClientOptions::plain(Duration::from_secs(5))
+    }
 
     #[tokio::test]
     async fn serves_health_and_status() {
-        let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
-        let addr = listener.local_addr().unwrap();
+        let tcp = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let addr = tcp.local_addr().unwrap();
+        let stop = CancellationToken::new();
+        let listener = HttpListener::new(tcp, None, stop.clone()).unwrap();
         let (tx, rx) = watch::channel(Status {
             run_id: "run-1".into(),
             phase: "waiting".into(),
             total_rounds: 3,
             ..Status::default()
         });
-        let stop = CancellationToken::new();
         let metrics = Arc::new(Metrics::new());
         metrics.rounds_completed.set(1);
         let config = serde_json::json!({"rounds": 3});
-        let server = tokio::spawn(serve(listener, rx, metrics, config, stop.clone()));
+        let server = tokio::spawn(serve(listener, rx, metrics, config, Operators::default(), stop.clone()));
         tx.send_modify(|s| {
             s.phase = "training".into();
             s.round = Some(2);
@@ -346,8 +343,8 @@ mod tests {
         let url = format!("http://{addr}");
         let (health, status) = tokio::task::spawn_blocking(move || {
             (
-                check(&format!("{url}/healthz"), Duration::from_secs(5)),
-                check(&format!("{url}/api/status"), Duration::from_secs(5)),
+                check(&format!("{url}/healthz"), &plain()),
+                check(&format!("{url}/api/status"), &plain()),
             )
         })
         .await
@@ -358,7 +355,7 @@ mod tests {
         assert_eq!(status.completed_rounds, 1);
         assert_eq!(status.run_id, "run-1");
         let url = format!("http://{addr}/metrics");
-        let metrics = tokio::task::spawn_blocking(move || check(&url, Duration::from_secs(5)))
+        let metrics = tokio::task::spawn_blocking(move || check(&url, &plain()))
             .await
             .unwrap()
             .unwrap();
@@ -366,8 +363,8 @@ mod tests {
         let base = format!("http://{addr}");
         let (page, config) = tokio::task::spawn_blocking(move || {
             (
-                check(&format!("{base}/"), Duration::from_secs(5)).unwrap(),
-                check(&format!("{base}/api/config"), Duration::from_secs(5)).unwrap(),
+                check(&format!("{base}/"), &plain()).unwrap(),
+                check(&format!("{base}/api/config"), &plain()).unwrap(),
             )
         })
         .await
@@ -377,15 +374,37 @@ mod tests {
             "{page}"
         );
         assert_eq!(config, r#"{"rounds":3}"#);
-        let missing =
-            tokio::task::spawn_blocking(move || check(&format!("http://{addr}/nope"), Duration::from_secs(5)))
-                .await
-                .unwrap()
-                .unwrap_err()
-                .to_string();
+        let missing = tokio::task::spawn_blocking(move || check(&format!("http://{addr}/nope"), &plain()))
+            .await
+            .unwrap()
+            .unwrap_err()
+            .to_string();
         assert!(missing.contains("404"), "{missing}");
         stop.cancel();
         server.await.unwrap().unwrap();
+    }
+
+    #[test]
+    fn only_operators_pass_when_operators_are_named() {
+        use fedge_common::security::hash_token;
+        let open = Operators(None);
+        assert!(open.check(None, None).is_ok());
+        let ops = Operators(Some(HashMap::from([("alice".to_string(), hash_token("s3cret"))])));
+        let peer = |cn: Option<&str>| Peer {
+            addr: "127.0.0.1:9".parse().unwrap(),
+            certificate: cn.map(str::to_owned),
+        };
+        assert_eq!(ops.check(Some("s3cret"), None).unwrap(), "alice");
+        assert_eq!(ops.check(None, Some(&peer(Some("alice")))).unwrap(), "alice");
+        let (code, why) = ops.check(Some("guess"), Some(&peer(Some("alice")))).unwrap_err();
+        assert_eq!(code, StatusCode::UNAUTHORIZED);
+        assert!(why.contains("matches no operator's"), "{why}");
+        let (code, why) = ops.check(None, Some(&peer(Some("node-1")))).unwrap_err();
+        assert_eq!(code, StatusCode::FORBIDDEN);
+        assert!(why.contains("issued to node-1, who is not an operator"), "{why}");
+        let (code, why) = ops.check(None, Some(&peer(None))).unwrap_err();
+        assert_eq!(code, StatusCode::UNAUTHORIZED);
+        assert!(why.contains("Authorization: Bearer <operator token>"), "{why}");
     }
 
     #[test]
@@ -452,14 +471,13 @@ mod tests {
 
     #[test]
     fn health_names_what_failed() {
-        let e = check("https://x/healthz", Duration::from_secs(1))
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("expected an http:// URL"), "{e}");
+        let quick = ClientOptions::plain(Duration::from_secs(1));
+        let e = check("ftp://x/healthz", &quick).unwrap_err().to_string();
+        assert!(e.contains("expected an http:// or https:// URL"), "{e}");
+        let e = check("https://127.0.0.1:1/healthz", &quick).unwrap_err().to_string();
+        assert!(e.contains("connecting to 127.0.0.1:1"), "{e}");
         // Nothing listens on port 1.
-        let e = check("http://127.0.0.1:1/healthz", Duration::from_secs(1))
-            .unwrap_err()
-            .to_string();
+        let e = check("http://127.0.0.1:1/healthz", &quick).unwrap_err().to_string();
         assert!(e.contains("connecting to 127.0.0.1:1"), "{e}");
     }
 }
