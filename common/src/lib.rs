@@ -14,6 +14,8 @@
 //! - [`data`]: CIFAR-10 binary loading, the synthetic set, normalization.
 //! - [`partition`]: how a simulated fleet splits a data set: IID, Dirichlet
 //!   label skew, label shards, log-normal quantity skew.
+//! - [`privacy`]: differential privacy: clipping, Gaussian noise, adaptive
+//!   clipping and the RDP accountant.
 //! - [`train`]: local training (SGD) and evaluation, to run on a blocking thread.
 //! - [`config`]: configuration sections both daemons use and the layered
 //!   loader (defaults, TOML file, environment, flags).
@@ -33,6 +35,7 @@ pub mod model;
 pub mod params;
 pub mod partition;
 pub mod pb;
+pub mod privacy;
 pub mod security;
 pub mod shutdown;
 pub mod telemetry;

@@ -75,6 +75,18 @@ pub struct Hyperparameters {
     pub optimizer: LocalOptimizer,
     /// Evaluate the received model on held-out data this round.
     pub evaluate: bool,
+    /// Differential privacy: what the node does to its update before sending it.
+    #[serde(default)]
+    pub privacy: Option<PrivacyTask>,
+}
+
+/// A round's differential-privacy instructions for a node.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct PrivacyTask {
+    /// Clip the model change the update makes to this L2 norm.
+    pub clip_norm: f64,
+    /// Then add Gaussian noise of this standard deviation to every value (0: none).
+    pub noise_stddev: f64,
 }
 
 impl Default for Hyperparameters {
@@ -93,6 +105,7 @@ impl Default for Hyperparameters {
             proximal_mu: 0.0,
             optimizer: LocalOptimizer::Sgd,
             evaluate: true,
+            privacy: None,
         }
     }
 }
@@ -107,6 +120,9 @@ pub struct TrainMetrics {
     pub steps: u64,
     pub examples: u64,
     pub train_seconds: f64,
+    /// Differential privacy: whether the update needed no clipping.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unclipped: Option<bool>,
 }
 
 /// Loss and accuracy of a model on a data set.
@@ -250,6 +266,7 @@ pub fn train(
         steps,
         examples,
         train_seconds: start.elapsed().as_secs_f64(),
+        unclipped: None,
     })
 }
 
@@ -320,6 +337,7 @@ pub fn gradient(
             steps,
             examples,
             train_seconds: start.elapsed().as_secs_f64(),
+            unclipped: None,
         },
     ))
 }

@@ -174,6 +174,10 @@ impl From<&Hyperparameters> for pb::Hyperparameters {
                 LocalOptimizer::Adam => pb::LocalOptimizer::Adam,
             } as i32,
             evaluate: h.evaluate,
+            privacy: h.privacy.map(|p| pb::PrivacyTask {
+                clip_norm: p.clip_norm,
+                noise_stddev: p.noise_stddev,
+            }),
         }
     }
 }
@@ -204,6 +208,21 @@ impl TryFrom<&pb::Hyperparameters> for Hyperparameters {
                 )));
             }
         };
+        let privacy = match &h.privacy {
+            Some(p) if p.clip_norm > 0.0 => {
+                if !(p.clip_norm.is_finite() && p.noise_stddev.is_finite() && p.noise_stddev >= 0.0) {
+                    return Err(Error::Payload(format!(
+                        "task asks for clipping norm {} and noise {}: not usable",
+                        p.clip_norm, p.noise_stddev
+                    )));
+                }
+                Some(crate::train::PrivacyTask {
+                    clip_norm: p.clip_norm,
+                    noise_stddev: p.noise_stddev,
+                })
+            }
+            _ => None,
+        };
         Ok(Hyperparameters {
             epochs: h.epochs,
             batch_size: h.batch_size,
@@ -218,6 +237,7 @@ impl TryFrom<&pb::Hyperparameters> for Hyperparameters {
             proximal_mu: h.proximal_mu,
             optimizer,
             evaluate: h.evaluate,
+            privacy,
         })
     }
 }
@@ -233,6 +253,7 @@ pub fn metrics_to_wire(m: &TrainMetrics, eval: Option<&EvalMetrics>) -> pb::Trai
         eval_loss: eval.map_or(0.0, |e| e.loss),
         eval_accuracy: eval.map_or(0.0, |e| e.accuracy),
         eval_examples: eval.map_or(0, |e| e.examples),
+        unclipped: m.unclipped,
     }
 }
 
@@ -244,6 +265,7 @@ pub fn metrics_from_wire(m: &pb::TrainMetrics) -> (TrainMetrics, Option<EvalMetr
         steps: m.steps,
         examples: m.examples,
         train_seconds: m.train_seconds,
+        unclipped: m.unclipped,
     };
     let eval = (m.eval_examples > 0).then_some(EvalMetrics {
         loss: m.eval_loss,

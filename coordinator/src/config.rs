@@ -54,8 +54,136 @@ pub struct CoordinatorConfig {
     pub limits: LimitsConfig,
     /// The HTTP side: health check and JSON status.
     pub http: HttpConfig,
+    /// Differential privacy (DP-FedAvg).
+    pub privacy: PrivacyConfig,
     /// Log output format.
     pub log_format: LogFormat,
+}
+
+/// Client-level differential privacy (DP-FedAvg, McMahan et al. 2018).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PrivacyConfig {
+    /// Who adds the Gaussian noise: `off`, `central` (the coordinator, to
+    /// the sum; nodes trust it with their clipped updates) or `distributed`
+    /// (each of the round's m nodes adds 1/√m of it to its own update).
+    pub noise: NoiseMode,
+    /// Noise standard deviation over the clipping norm (z).
+    pub noise_multiplier: f64,
+    /// L2 norm every update is clipped to (the initial one when adaptive).
+    pub clip_norm: f64,
+    /// Let the clipping norm follow `target_quantile` of the update norms
+    /// (Andrew et al. 2021).
+    pub adaptive_clip: bool,
+    /// Adaptive clipping: the fraction of updates that should need no clipping.
+    pub target_quantile: f64,
+    /// Adaptive clipping: learning rate of the geometric update of the norm.
+    pub clip_learning_rate: f64,
+    /// Adaptive clipping: standard deviation of the noise on the count of
+    /// unclipped updates (0: a twentieth of the nodes per round).
+    pub clip_count_stddev: f64,
+    /// δ of the reported (ε, δ).
+    pub delta: f64,
+    /// Stop the run before a round would take ε past this (0: no budget).
+    pub epsilon_budget: f64,
+}
+
+/// Who adds DP noise.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NoiseMode {
+    #[default]
+    Off,
+    Central,
+    Distributed,
+}
+
+impl Default for PrivacyConfig {
+    fn default() -> Self {
+        Self {
+            noise: NoiseMode::Off,
+            noise_multiplier: 1.0,
+            clip_norm: 1.0,
+            adaptive_clip: false,
+            target_quantile: 0.5,
+            clip_learning_rate: 0.2,
+            clip_count_stddev: 0.0,
+            delta: 1e-5,
+            epsilon_budget: 0.0,
+        }
+    }
+}
+
+impl PrivacyConfig {
+    /// Whether differential privacy is on.
+    pub fn enabled(&self) -> bool {
+        self.noise != NoiseMode::Off
+    }
+
+    fn validate(&self, strategy: &StrategyConfig, algorithm: Algorithm) -> Result<()> {
+        if !self.enabled() {
+            return Ok(());
+        }
+        let bad = |m: String| Err(Error::Config(format!("privacy: {m}")));
+        if !(self.noise_multiplier.is_finite() && self.noise_multiplier > 0.0) {
+            return bad(format!(
+                "noise_multiplier must be positive, got {}",
+                self.noise_multiplier
+            ));
+        }
+        if !(self.clip_norm.is_finite() && self.clip_norm > 0.0) {
+            return bad(format!("clip_norm must be positive, got {}", self.clip_norm));
+        }
+        if !(self.delta > 0.0 && self.delta < 1.0) {
+            return bad(format!("delta must be in (0, 1), got {}", self.delta));
+        }
+        if !(self.epsilon_budget.is_finite() && self.epsilon_budget >= 0.0) {
+            return bad(format!(
+                "epsilon_budget must be zero (none) or positive, got {}",
+                self.epsilon_budget
+            ));
+        }
+        if self.adaptive_clip {
+            if !(self.target_quantile > 0.0 && self.target_quantile < 1.0) {
+                return bad(format!(
+                    "target_quantile must be in (0, 1), got {}",
+                    self.target_quantile
+                ));
+            }
+            if !(self.clip_learning_rate.is_finite() && self.clip_learning_rate > 0.0) {
+                return bad(format!(
+                    "clip_learning_rate must be positive, got {}",
+                    self.clip_learning_rate
+                ));
+            }
+            if !(self.clip_count_stddev.is_finite() && self.clip_count_stddev >= 0.0) {
+                return bad(format!(
+                    "clip_count_stddev must be zero (automatic) or positive, got {}",
+                    self.clip_count_stddev
+                ));
+            }
+        }
+        let agg = strategy.aggregator();
+        if agg != Aggregator::Mean {
+            return bad(format!(
+                "differential privacy bounds what one node adds to a sum of clipped updates, so it needs \
+                 strategy.aggregator = \"mean\"; {agg} looks at individual updates"
+            ));
+        }
+        if strategy.clip_norm > 0.0 {
+            return bad(
+                "strategy.clip_norm and privacy.clip_norm both clip updates; set only privacy.clip_norm".into(),
+            );
+        }
+        if algorithm == Algorithm::Scaffold {
+            return bad(
+                "train.algorithm = \"scaffold\" sends control variates that the clipping does not bound; \
+                 use fedavg, fedprox or fedsgd"
+                    .into(),
+            );
+        }
+        Ok(())
+    }
 }
 
 /// The coordinator's HTTP server: dashboard, `/api/*`, `/metrics`,
@@ -131,6 +259,7 @@ impl Default for CoordinatorConfig {
             security: SecurityConfig::default(),
             limits: LimitsConfig::default(),
             http: HttpConfig::default(),
+            privacy: PrivacyConfig::default(),
             log_format: LogFormat::Text,
         }
     }
@@ -275,6 +404,7 @@ impl TrainConfig {
             proximal_mu: self.proximal_mu,
             optimizer: self.optimizer,
             evaluate,
+            privacy: None,
         }
     }
 }
@@ -837,6 +967,7 @@ impl CoordinatorConfig {
         }
         self.security.validate()?;
         self.http.validate(&self.security)?;
+        self.privacy.validate(&self.strategy, self.train.algorithm)?;
         self.limits.validate(c)?;
         Ok(())
     }
@@ -1077,6 +1208,44 @@ mod tests {
         )
         .unwrap();
         assert!(!open.http.tls(&open.security) && !open.http.authenticated(&open.security));
+    }
+
+    #[test]
+    fn privacy_settings_are_checked_against_the_strategy() {
+        let err = |o: &[(&str, &str)]| {
+            let mut all = vec![
+                ("security.insecure".to_string(), "true".to_string()),
+                ("privacy.noise".into(), "\"central\"".into()),
+            ];
+            all.extend(o.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+            CoordinatorConfig::load_with_env(None, [], &all)
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default()
+        };
+        assert_eq!(err(&[]), "");
+        assert!(err(&[("strategy.aggregator", "\"median\"")]).contains("needs strategy.aggregator = \"mean\""));
+        assert!(
+            err(&[("train.algorithm", "\"scaffold\"")]).contains("control variates that the clipping does not bound")
+        );
+        assert!(err(&[("strategy.clip_norm", "2.0")]).contains("set only privacy.clip_norm"));
+        assert!(err(&[("privacy.noise_multiplier", "0")]).contains("privacy: noise_multiplier must be positive"));
+        assert!(err(&[("privacy.delta", "1.5")]).contains("privacy: delta must be in (0, 1)"));
+        assert!(
+            err(&[("privacy.adaptive_clip", "true"), ("privacy.target_quantile", "1.0")])
+                .contains("target_quantile must be in (0, 1)")
+        );
+        let e = CoordinatorConfig::load_with_env(
+            None,
+            [],
+            &[
+                ("security.insecure".to_string(), "true".to_string()),
+                ("privacy.noise".into(), "\"loud\"".into()),
+            ],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("privacy.noise") || e.contains("loud"), "{e}");
     }
 
     #[test]

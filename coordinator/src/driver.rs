@@ -237,6 +237,9 @@ fn show_last_round(m: &Metrics, rec: &RoundRecord) {
         m.test_accuracy.set(a);
         m.test_loss.set(l);
     }
+    if let Some(p) = &rec.privacy {
+        m.privacy_epsilon.set(p.epsilon);
+    }
 }
 
 fn round_point(rec: &RoundRecord) -> crate::http::RoundPoint {
@@ -251,6 +254,7 @@ fn round_point(rec: &RoundRecord) -> crate::http::RoundPoint {
         bytes_down: rec.bytes_down,
         round_seconds: rec.round_seconds,
         rejected_updates: rec.rejected_updates,
+        epsilon: rec.privacy.as_ref().map(|p| p.epsilon),
     }
 }
 
@@ -376,6 +380,18 @@ impl Driver {
                 }
             })
             .collect();
+        let privacy = self.machine.privacy().map(|p| crate::http::PrivacyStatus {
+            noise: match p.mode {
+                crate::config::NoiseMode::Distributed => "distributed",
+                _ => "central",
+            }
+            .into(),
+            noise_multiplier: p.noise_multiplier,
+            clip_norm: p.clip,
+            epsilon: p.epsilon(),
+            delta: p.delta,
+            epsilon_budget: p.budget,
+        });
         let phase = crate::http::phase_label(self.machine.phase());
         // Readers only ever borrow the latest status; none waits for changes.
         tx.send_modify(|s| {
@@ -386,6 +402,9 @@ impl Driver {
             s.last_test_accuracy = last.and_then(|r| r.test_accuracy);
             s.last_test_loss = last.and_then(|r| r.test_loss);
             s.nodes = nodes;
+            if privacy.is_some() {
+                s.privacy = privacy;
+            }
             // The history only grows: add the rounds not shown yet.
             let shown = s.rounds.len();
             s.rounds.extend(history.iter().skip(shown).map(round_point));
@@ -631,6 +650,7 @@ impl Driver {
             aggregation_seconds: self.aggregation_seconds,
             eval_seconds,
             round_seconds: train_phase.as_secs_f64() + eval_seconds,
+            privacy: closed.privacy.clone(),
         };
         let mut store = self
             .store
@@ -678,6 +698,7 @@ impl Driver {
                 bytes_up = rec.bytes_up,
                 bytes_down = rec.bytes_down,
                 update_payload_bytes = rec.participants.iter().map(|p| p.payload_bytes).sum::<u64>(),
+                epsilon = rec.privacy.as_ref().map(|p| format!("{:.3}", p.epsilon)),
                 "round complete"
             );
         }
@@ -693,11 +714,13 @@ impl Driver {
     }
 
     fn finish(&mut self) -> Result<RunSummary> {
-        self.stop_nodes("run complete");
+        let stop_reason = self.machine.stop_reason().map(str::to_owned);
+        self.stop_nodes(stop_reason.as_deref().unwrap_or("run complete"));
         let store = self
             .store
             .as_mut()
             .ok_or_else(|| Error::Internal("run store missing".into()))?;
+        store.history.stop_reason = stop_reason;
         store.finish()?;
         let last = store.history.rounds.last();
         let summary = RunSummary {

@@ -7,6 +7,8 @@
 //!   `FEDGE_*` variables and flags, then validated.
 //! - [`round`]: the round state machine, pure: membership, sampling, update
 //!   validation, aggregation, closing. Unit-tested without sockets.
+//! - [`privacy`]: differential privacy: the round's clipping and noise, and
+//!   the accountant of the run's ε.
 //! - [`strategy`]: update bounding, aggregators (mean, median, trimmed mean,
 //!   Krum, Multi-Krum, Bulyan) and server optimizers (FedAvgM, FedAdam, ...).
 //! - [`driver`]: the task that owns the machine and carries out its outputs.
@@ -37,6 +39,7 @@ pub mod intake;
 pub mod metrics;
 pub mod pki;
 pub mod plots;
+pub mod privacy;
 pub mod round;
 pub mod security;
 pub mod service;
@@ -103,6 +106,19 @@ pub async fn run(
     );
     strategy.max_norm = st.max_norm();
     strategy.precision = st.precision(numel);
+    strategy.privacy = privacy::Privacy::from_config(&config.privacy);
+    if let Some(p) = &strategy.privacy {
+        let c = &config.privacy;
+        tracing::info!(
+            noise = ?p.mode,
+            noise_multiplier = p.noise_multiplier,
+            clip_norm = p.clip,
+            adaptive_clip = c.adaptive_clip,
+            delta = p.delta,
+            epsilon_budget = ?p.budget,
+            "differential privacy (DP-FedAvg): updates clipped, averaged with equal weights, noised"
+        );
+    }
     let codec = config.codec.codec()?;
     tracing::info!(
         algorithm = config.train.algorithm.name(),
@@ -125,6 +141,17 @@ pub async fn run(
             strategy
                 .restore(cp.strategy, cp.server_steps)
                 .map_err(|e| Error::Checkpoint(format!("{e} (was the strategy changed since the run started?)")))?;
+            if let Some(p) = &mut strategy.privacy {
+                p.replay(
+                    store
+                        .history
+                        .rounds
+                        .iter()
+                        .take(cp.round as usize)
+                        .map(|r| r.privacy.as_ref()),
+                )?;
+                tracing::info!(epsilon = p.epsilon(), clip_norm = p.clip, "privacy accountant restored");
+            }
             store.history.resumed += 1;
             store.history.config = config.clone();
             store.write_history()?;
@@ -150,6 +177,7 @@ pub async fn run(
                 finished: false,
                 resumed: 0,
                 peak_rss_bytes: None,
+                stop_reason: None,
                 rounds: Vec::new(),
             };
             // A new run: checkpoints of an earlier run in this folder are stale.

@@ -30,6 +30,8 @@ pub struct Metrics {
     pub participants: Gauge,
     pub test_accuracy: Gauge<f64, AtomicU64>,
     pub test_loss: Gauge<f64, AtomicU64>,
+    /// Differential privacy: ε spent by the run so far.
+    pub privacy_epsilon: Gauge<f64, AtomicU64>,
     pub bytes_up: Counter,
     pub bytes_down: Counter,
     pub updates_accepted: Counter,
@@ -58,6 +60,7 @@ impl Metrics {
             participants: Gauge::default(),
             test_accuracy: Gauge::default(),
             test_loss: Gauge::default(),
+            privacy_epsilon: Gauge::default(),
             bytes_up: Counter::default(),
             bytes_down: Counter::default(),
             updates_accepted: Counter::default(),
@@ -99,6 +102,11 @@ impl Metrics {
             "test_loss",
             "Central test loss after the last evaluated round",
             m.test_loss.clone(),
+        );
+        r.register(
+            "privacy_epsilon",
+            "Differential privacy: epsilon spent by the run so far (at the configured delta; 0 without privacy)",
+            m.privacy_epsilon.clone(),
         );
         r.register(
             "received_bytes",

@@ -30,6 +30,7 @@ use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
 
 use crate::config::TrainConfig;
+use crate::privacy::{RoundPlan, RoundPrivacy};
 use crate::strategy::aggregate::lock;
 use crate::strategy::{MeanSum, RoundAggregate, Strategy, UpdateSource, clip_scale, l2_norm};
 
@@ -96,6 +97,8 @@ pub struct ClosedRound {
     pub control: Option<Arc<Vec<f32>>>,
     /// Strategy state to checkpoint: named vectors and the server optimizer's steps.
     pub strategy_state: Arc<(BTreeMap<String, Vec<f32>>, u64)>,
+    /// Differential privacy: the round's noise, clipping and the run's ε after it.
+    pub privacy: Option<RoundPrivacy>,
 }
 
 /// A round's aggregation, to run off the async runtime.
@@ -106,6 +109,8 @@ pub struct AggregationJob {
     aggregate: RoundAggregate,
     total_nodes: usize,
     strategy: Strategy,
+    /// Differential privacy: the round's plan and how many updates needed no clipping.
+    privacy: Option<(RoundPlan, usize)>,
 }
 
 /// Folding one accepted update into the round's running sum, to run off the
@@ -150,6 +155,7 @@ pub struct Aggregated {
     result: Result<Vec<f32>, String>,
     strategy: Strategy,
     seconds: f64,
+    privacy: Option<RoundPrivacy>,
 }
 
 impl AggregationJob {
@@ -162,7 +168,12 @@ impl AggregationJob {
     pub fn run(mut self) -> Aggregated {
         let start = std::time::Instant::now();
         let count = self.aggregate.count();
-        let result = self.aggregate.finish().map(|(delta, control_sum)| {
+        let mut privacy = None;
+        let result = self.aggregate.finish().map(|(mut delta, control_sum)| {
+            if let (Some((plan, unclipped)), Some(p)) = (&self.privacy, &mut self.strategy.privacy) {
+                // The noise comes from the operating system-seeded CSPRNG.
+                privacy = Some(p.close_round(plan, &mut delta, count, *unclipped, &mut rand::rng()));
+            }
             let next = self.strategy.server.step(&self.global, delta);
             if let Some(sum) = &control_sum {
                 self.strategy.update_control(sum, count, self.total_nodes);
@@ -174,6 +185,7 @@ impl AggregationJob {
             result,
             strategy: self.strategy,
             seconds: start.elapsed().as_secs_f64(),
+            privacy,
         }
     }
 }
@@ -401,6 +413,8 @@ struct RoundState {
     folding: BTreeSet<String>,
     started_ms: u64,
     deadline_ms: u64,
+    /// Differential privacy: this round's clipping and noise.
+    privacy: Option<RoundPlan>,
 }
 
 #[derive(Debug)]
@@ -442,6 +456,8 @@ pub struct RoundMachine {
     phase: Phase,
     /// Taken while an aggregation job runs.
     strategy: Option<Strategy>,
+    /// Why the run finished before its last round, if it did.
+    stop_reason: Option<String>,
 }
 
 impl RoundMachine {
@@ -460,6 +476,7 @@ impl RoundMachine {
             nodes: BTreeMap::new(),
             phase: Phase::Waiting,
             strategy: Some(strategy),
+            stop_reason: None,
         }
     }
 
@@ -668,12 +685,23 @@ impl RoundMachine {
                 bound: max,
             });
         }
-        let bound = self.strategy.as_ref().and_then(|s| s.clip_norm);
-        let scale = step * clip_scale(update_norm, bound);
-        let clipped = bound.is_some_and(|b| update_norm > b);
         let Phase::Training(r) = &mut self.phase else {
             unreachable!("admit checked the phase");
         };
+        let private = self.strategy.as_ref().and_then(|s| s.privacy.as_ref());
+        let (bound, clipped, weight) = match (&r.privacy, private) {
+            // Differential privacy: equal weights; the coordinator clips
+            // (central) or the node did and says whether it had to (distributed).
+            (Some(plan), Some(p)) => match p.coordinator_clip(plan) {
+                Some(c) => (Some(c), update_norm > c, 1.0),
+                None => (None, update.metrics.unclipped != Some(true), 1.0),
+            },
+            _ => {
+                let bound = self.strategy.as_ref().and_then(|s| s.clip_norm);
+                (bound, bound.is_some_and(|b| update_norm > b), update.num_samples as f64)
+            }
+        };
+        let scale = step * clip_scale(update_norm, bound);
         let mut out = Vec::new();
         if let Some(target) = r.aggregate.accept(body.source.clone(), scale) {
             r.folding.insert(name.clone());
@@ -683,7 +711,7 @@ impl RoundMachine {
                 node: name.clone(),
                 target,
                 source: body.source,
-                weight: update.num_samples as f64,
+                weight,
                 scale,
             })));
         }
@@ -781,6 +809,7 @@ impl RoundMachine {
             unreachable!("checked above");
         };
         self.strategy = Some(done.strategy);
+        let privacy = done.privacy;
         let global = match done.result {
             Ok(g) => g,
             Err(reason) => {
@@ -803,6 +832,7 @@ impl RoundMachine {
             closed_ms: state.closed_ms,
             control: strategy.control.clone().map(Arc::new),
             strategy_state,
+            privacy,
         })]
     }
 
@@ -817,6 +847,17 @@ impl RoundMachine {
         }
         self.phase = Phase::Waiting;
         self.try_start(round + 1, 0, now_ms)
+    }
+
+    /// The run's differential privacy state (`None` when off, or while a
+    /// round is being aggregated).
+    pub fn privacy(&self) -> Option<&crate::privacy::Privacy> {
+        self.strategy.as_ref().and_then(|s| s.privacy.as_ref())
+    }
+
+    /// Why the run finished before its last round (the privacy budget), if it did.
+    pub fn stop_reason(&self) -> Option<&str> {
+        self.stop_reason.as_deref()
     }
 
     /// Every node that ever joined, by name, for status reports.
@@ -875,6 +916,24 @@ impl RoundMachine {
         let wanted = ((self.settings.fraction * available as f64).ceil() as usize)
             .max(self.settings.min_nodes)
             .min(available);
+        let privacy = match self.strategy.as_ref().and_then(|s| s.privacy.as_ref()) {
+            Some(p) => {
+                if let Some(why) = p.over_budget(wanted, available) {
+                    tracing::warn!(round, reason = %why, "stopping the run");
+                    self.stop_reason = Some(why);
+                    self.phase = Phase::Finished;
+                    return vec![Output::Finished];
+                }
+                match p.plan(wanted, available) {
+                    Ok(plan) => Some(plan),
+                    Err(why) => {
+                        self.phase = Phase::Finished;
+                        return vec![Output::Abort(format!("privacy: {why}"))];
+                    }
+                }
+            }
+            None => None,
+        };
         let mut rng = ChaCha8Rng::seed_from_u64(mix(self.settings.seed, round, u64::from(attempt)));
         fresh.shuffle(&mut rng);
         failed.shuffle(&mut rng);
@@ -898,6 +957,7 @@ impl RoundMachine {
             folding: BTreeSet::new(),
             started_ms: now_ms,
             deadline_ms: now_ms + self.settings.deadline_ms,
+            privacy,
         };
         tracing::info!(
             round,
@@ -926,15 +986,17 @@ impl RoundMachine {
         let total = self.settings.total_rounds;
         let every = self.settings.federated_every;
         let evaluate = every > 0 && (r.round.is_multiple_of(every) || r.round == total);
+        let mut hyper =
+            self.settings
+                .train
+                .hyperparameters(r.round, total, mix(self.settings.seed, r.round, node_hash), evaluate);
+        if let (Some(plan), Some(p)) = (&r.privacy, self.strategy.as_ref().and_then(|s| s.privacy.as_ref())) {
+            hyper.privacy = p.task(plan);
+        }
         Task {
             round: r.round,
             version: self.version,
-            hyper: self.settings.train.hyperparameters(
-                r.round,
-                total,
-                mix(self.settings.seed, r.round, node_hash),
-                evaluate,
-            ),
+            hyper,
             deadline_ms: r.deadline_ms,
         }
     }
@@ -1014,12 +1076,14 @@ impl RoundMachine {
         let Some(strategy) = self.strategy.take() else {
             return Vec::new();
         };
+        let unclipped = r.accepted.iter().filter(|c| !c.clipped).count();
         let job = AggregationJob {
             round: r.round,
             global: self.global.clone(),
             aggregate: r.aggregate,
             total_nodes: self.nodes.len(),
             strategy,
+            privacy: r.privacy.map(|plan| (plan, unclipped)),
         };
         self.phase = Phase::Aggregating {
             round: r.round,
@@ -1488,6 +1552,93 @@ mod tests {
         let a = &closed.contributions[0];
         assert!(a.clipped && (a.update_norm - 50.0).abs() < 1e-9);
         assert!(!closed.contributions[1].clipped);
+    }
+
+    fn private(noise: crate::config::NoiseMode, budget: f64) -> Strategy {
+        let mut s = mean(2);
+        s.privacy = crate::privacy::Privacy::from_config(&crate::config::PrivacyConfig {
+            noise,
+            noise_multiplier: 1e-3,
+            clip_norm: 1.0,
+            epsilon_budget: budget,
+            ..Default::default()
+        });
+        s
+    }
+
+    #[test]
+    fn central_privacy_clips_weighs_equally_and_accounts_each_round() {
+        let mut m = RoundMachine::new(
+            settings(3, 1.0),
+            vec![0.0, 0.0],
+            private(crate::config::NoiseMode::Central, 0.0),
+        );
+        let out = fleet(&mut m);
+        // Central noise: nodes send their updates as they are.
+        for o in &out {
+            if let Output::Assign { task, .. } = o {
+                assert_eq!(task.hyper.privacy, None);
+            }
+        }
+        // Sample counts do not weigh; the coordinator clips to 1.
+        submit(&mut m, "s-a", update(1, 0, vec![30.0, 40.0], 1000), 0).unwrap();
+        submit(&mut m, "s-b", update(1, 0, vec![0.3, 0.4], 1), 0).unwrap();
+        let (_, out) = submit(&mut m, "s-c", update(1, 0, vec![0.3, 0.4], 1), 0).unwrap();
+        let closed = closed_round(&mut m, out, 0);
+        // mean of [0.6, 0.8], [0.3, 0.4], [0.3, 0.4], plus noise of 1e-3/3
+        assert!((closed.global[0] - 0.4).abs() < 3e-3 && (closed.global[1] - 1.6 / 3.0).abs() < 3e-3);
+        let p = closed.privacy.expect("the round's privacy record");
+        assert_eq!((p.updates, p.unclipped, p.sampling_rate, p.clip_norm), (3, 2, 1.0, 1.0));
+        assert!(p.epsilon > 0.0 && p.epsilon.is_finite());
+        assert!(closed.contributions[0].clipped);
+    }
+
+    #[test]
+    fn distributed_privacy_tells_nodes_their_share_and_the_budget_ends_the_run() {
+        let mut m = RoundMachine::new(
+            settings(3, 1.0),
+            vec![0.0, 0.0],
+            private(crate::config::NoiseMode::Distributed, 1e9),
+        );
+        let out = fleet(&mut m);
+        let tasks: Vec<_> = out
+            .iter()
+            .filter_map(|o| match o {
+                Output::Assign { task, .. } => task.hyper.privacy,
+                _ => None,
+            })
+            .collect();
+        assert_eq!(tasks.len(), 3);
+        assert!((tasks[0].noise_stddev - 1e-3 / 3f64.sqrt()).abs() < 1e-15 && tasks[0].clip_norm == 1.0);
+        // The coordinator leaves distributed updates alone (nodes clipped them) and counts
+        // the ones their nodes say needed no clipping.
+        let mut fits = update(1, 0, vec![3.0, 4.0], 1);
+        fits.metrics.unclipped = Some(true);
+        submit(&mut m, "s-a", fits, 0).unwrap();
+        submit(&mut m, "s-b", update(1, 0, vec![0.0, 0.0], 1), 0).unwrap();
+        let (_, out) = submit(&mut m, "s-c", update(1, 0, vec![0.0, 0.0], 1), 0).unwrap();
+        let closed = closed_round(&mut m, out, 0);
+        assert!((closed.global[0] - 1.0).abs() < 1e-6 && (closed.global[1] - 4.0 / 3.0).abs() < 1e-6);
+        assert_eq!(closed.privacy.as_ref().map(|p| p.unclipped), Some(1));
+        // A budget the next round would pass finishes the run after round 1.
+        let mut m = RoundMachine::new(
+            settings(3, 1.0),
+            vec![0.0, 0.0],
+            private(crate::config::NoiseMode::Central, 1e9),
+        );
+        fleet(&mut m);
+        for s in ["s-a", "s-b"] {
+            submit(&mut m, s, update(1, 0, vec![0.0, 0.0], 1), 0).unwrap();
+        }
+        let (_, out) = submit(&mut m, "s-c", update(1, 0, vec![0.0, 0.0], 1), 0).unwrap();
+        let closed = closed_round(&mut m, out, 0);
+        let spent = closed.privacy.unwrap().epsilon;
+        if let Some(s) = m.strategy.as_mut().and_then(|s| s.privacy.as_mut()) {
+            s.budget = Some(spent * 1.5);
+        }
+        assert!(matches!(m.persisted(0).as_slice(), [Output::Finished]));
+        assert_eq!(m.phase(), PhaseKind::Finished);
+        assert!(m.stop_reason().unwrap().contains("the privacy budget is spent"));
     }
 
     #[test]

@@ -88,6 +88,10 @@ pub struct RoundRecord {
     /// From the round's start to the end of its central evaluation, seconds
     /// (`train_phase_seconds + eval_seconds`; the checkpoint write follows).
     pub round_seconds: f64,
+    /// Differential privacy: the round's clipping and noise, and ε spent
+    /// by the run after it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub privacy: Option<crate::privacy::RoundPrivacy>,
 }
 
 /// `run.json`.
@@ -107,6 +111,9 @@ pub struct RunHistory {
     pub resumed: u32,
     /// Peak resident memory of the coordinator process when the run finished.
     pub peak_rss_bytes: Option<u64>,
+    /// Why the run finished before its last round (its privacy budget), if it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_reason: Option<String>,
     pub rounds: Vec<RoundRecord>,
 }
 
@@ -414,6 +421,7 @@ mod tests {
             finished: false,
             resumed: 0,
             peak_rss_bytes: None,
+            stop_reason: None,
             rounds: Vec::new(),
         }
     }
@@ -437,6 +445,7 @@ mod tests {
             aggregation_seconds: 0.0,
             eval_seconds: 0.0,
             round_seconds: 0.0,
+            privacy: None,
         }
     }
 
@@ -451,6 +460,7 @@ mod tests {
             closed_ms: 0,
             control: None,
             strategy_state: std::sync::Arc::new((BTreeMap::from([("server.m".to_string(), m)]), round)),
+            privacy: None,
         }
     }
 

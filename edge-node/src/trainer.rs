@@ -14,7 +14,7 @@ use fedge_common::data::Dataset;
 use fedge_common::model::{ModelKind, Net};
 use fedge_common::params::{self, Manifest};
 use fedge_common::train::{
-    Algorithm, EvalMetrics, Hyperparameters, LocalObjective, TrainMetrics, evaluate, gradient, train,
+    Algorithm, EvalMetrics, Hyperparameters, LocalObjective, PrivacyTask, TrainMetrics, evaluate, gradient, train,
 };
 use fedge_common::worker::Worker;
 use rand::SeedableRng;
@@ -229,6 +229,9 @@ impl Trainer {
                 let (_, vs, net) = model.as_mut().expect("model built above");
                 let result =
                     run_job(vs, net, &data, held_out.as_ref(), &job, &mut state, &stop, progress).and_then(|mut r| {
+                        if let Some(p) = job.hyper.privacy {
+                            privatize(&mut r, p, job.hyper.learning_rate, &mut rand::rng());
+                        }
                         adversary.apply(&mut r.delta, job.hyper.seed);
                         r.payload = state.encode(&job, &r.delta, r.control_delta.as_deref())?;
                         Ok(r)
@@ -249,6 +252,22 @@ impl Trainer {
         rx.await
             .map_err(|_| Error::Trainer("training thread dropped the job".into()))?
     }
+}
+
+/// Differential privacy on the node: clips the model change the update
+/// makes to `p.clip_norm` (for a FedSGD gradient g the change is −η·g, so g
+/// is clipped to `clip_norm / η`), then adds the node's share of the noise,
+/// drawn from the operating system-seeded CSPRNG, and records whether
+/// clipping was needed (adaptive clipping counts it).
+fn privatize(r: &mut TrainResult, p: PrivacyTask, learning_rate: f64, rng: &mut impl rand::Rng) {
+    let unit = if r.is_gradient && learning_rate > 0.0 {
+        learning_rate
+    } else {
+        1.0
+    };
+    let norm = fedge_common::privacy::clip(&mut r.delta, p.clip_norm / unit);
+    fedge_common::privacy::add_noise(&mut r.delta, p.noise_stddev / unit, rng);
+    r.metrics.unclipped = Some(norm <= p.clip_norm / unit);
 }
 
 /// A terminal progress bar of one round's local training, drawn on stderr
@@ -383,6 +402,44 @@ impl AdversaryConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn privacy_clips_the_models_change_and_adds_the_nodes_noise() {
+        use rand::SeedableRng;
+        let result = |delta: Vec<f32>, is_gradient: bool| TrainResult {
+            delta,
+            is_gradient,
+            control_delta: None,
+            metrics: TrainMetrics::default(),
+            holdout: None,
+            payload: Vec::new(),
+        };
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+        let clip_only = PrivacyTask {
+            clip_norm: 1.0,
+            noise_stddev: 0.0,
+        };
+        let mut r = result(vec![3.0, 4.0], false);
+        privatize(&mut r, clip_only, 0.1, &mut rng);
+        assert!((r.delta[0] - 0.6).abs() < 1e-6 && (r.delta[1] - 0.8).abs() < 1e-6);
+        assert_eq!(r.metrics.unclipped, Some(false));
+        let mut r = result(vec![0.3, 0.4], false);
+        privatize(&mut r, clip_only, 0.1, &mut rng);
+        assert_eq!((r.delta.clone(), r.metrics.unclipped), (vec![0.3, 0.4], Some(true)));
+        // A FedSGD gradient g moves the model by −η·g: g is clipped to C/η.
+        let mut r = result(vec![30.0, 40.0], true);
+        privatize(&mut r, clip_only, 0.1, &mut rng);
+        assert!((r.delta[0] - 6.0).abs() < 1e-5 && (r.delta[1] - 8.0).abs() < 1e-5);
+        // Noise of the stated standard deviation on every value.
+        let mut r = result(vec![0.0; 50_000], false);
+        let noisy = PrivacyTask {
+            clip_norm: 1.0,
+            noise_stddev: 0.2,
+        };
+        privatize(&mut r, noisy, 0.1, &mut rng);
+        let var = r.delta.iter().map(|&x| f64::from(x).powi(2)).sum::<f64>() / r.delta.len() as f64;
+        assert!((var - 0.04).abs() < 0.002, "{var}");
+    }
 
     #[test]
     fn adversaries_corrupt_as_configured() {

@@ -54,6 +54,23 @@ pub struct Status {
     pub nodes: Vec<NodeStatus>,
     /// Every completed round, oldest first.
     pub rounds: Vec<RoundPoint>,
+    /// Differential privacy, when the run uses it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub privacy: Option<PrivacyStatus>,
+}
+
+/// The run's differential privacy in [`Status::privacy`].
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct PrivacyStatus {
+    /// `central` or `distributed`.
+    pub noise: String,
+    pub noise_multiplier: f64,
+    /// The clipping norm of the next round.
+    pub clip_norm: f64,
+    /// ε spent so far, at `delta`.
+    pub epsilon: f64,
+    pub delta: f64,
+    pub epsilon_budget: Option<f64>,
 }
 
 /// A node in [`Status::nodes`].
@@ -87,6 +104,9 @@ pub struct RoundPoint {
     pub bytes_down: u64,
     pub round_seconds: f64,
     pub rejected_updates: u64,
+    /// ε spent by the run after this round (differential privacy).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epsilon: Option<f64>,
 }
 
 /// The label of a phase in [`Status::phase`].
@@ -265,6 +285,17 @@ pub fn render_status(s: &Status, now_ms: u64) -> String {
         pct(s.last_test_accuracy),
         num(s.last_test_loss)
     );
+    if let Some(p) = &s.privacy {
+        out += &format!(
+            "privacy {} noise  epsilon {:.3} (delta {:e}){}  noise multiplier {}  clip norm {:.4}\n",
+            p.noise,
+            p.epsilon,
+            p.delta,
+            p.epsilon_budget.map_or(String::new(), |b| format!(" of budget {b}")),
+            p.noise_multiplier,
+            p.clip_norm
+        );
+    }
     out += &format!(
         "\n{:<16} {:<10} {:>8} {:>7} {:>8} {:>8} {:>11} {:>11} {:>9}\n",
         "node", "state", "seen", "rounds", "samples", "train_s", "bytes_up", "bytes_down", "rejected"
@@ -438,6 +469,14 @@ mod tests {
                 round_seconds: 16.06,
                 ..RoundPoint::default()
             }],
+            privacy: Some(PrivacyStatus {
+                noise: "central".into(),
+                noise_multiplier: 1.1,
+                clip_norm: 0.5,
+                epsilon: 2.3456,
+                delta: 1e-5,
+                epsilon_budget: Some(8.0),
+            }),
         };
         let text = render_status(&s, 10_000);
         assert!(
@@ -445,6 +484,10 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("test accuracy 83.21%  loss 0.5000"), "{text}");
+        assert!(
+            text.contains("privacy central noise  epsilon 2.346 (delta 1e-5) of budget 8  noise multiplier 1.1"),
+            "{text}"
+        );
         let node = text.lines().find(|l| l.starts_with("node-1")).unwrap();
         let cols: Vec<&str> = node.split_whitespace().collect();
         assert_eq!(

@@ -47,6 +47,8 @@ pub struct Strategy {
     pub control: Option<Vec<f32>>,
     /// Precision of the mean's running sum.
     pub precision: Precision,
+    /// Differential privacy: clipping, noise and the accountant (`None`: off).
+    pub privacy: Option<crate::privacy::Privacy>,
 }
 
 impl Strategy {
@@ -65,6 +67,7 @@ impl Strategy {
             max_norm: None,
             control: scaffold.then(|| vec![0.0; numel]),
             precision: Precision::F64,
+            privacy: None,
         }
     }
 
