@@ -71,7 +71,11 @@ where
         }
         let colour = *colour;
         chart
-            .draw_series(LineSeries::new(points.iter().copied(), colour.stroke_width(2)))
+            // A polyline needs two points: a single round is drawn as a zero-length line.
+            .draw_series(LineSeries::new(
+                points.iter().copied().chain((points.len() == 1).then(|| points[0])),
+                colour.stroke_width(2),
+            ))
             .map_err(plot_err)?
             .label(*label)
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], colour.stroke_width(2)));
