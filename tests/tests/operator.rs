@@ -38,7 +38,7 @@ struct Run {
 }
 
 impl Run {
-    fn start(rounds: u32) -> Result<Self> {
+    fn start(rounds: u32, extra: &[(&'static str, String)]) -> Result<Self> {
         let tmp = tempfile::tempdir()?;
         let port = free_port();
         let http_port = free_port();
@@ -56,6 +56,7 @@ impl Run {
             ("http.operators", toml_string(pki.operators.display())),
             ("eval.federated_every", "1".into()),
         ]);
+        settings.extend(extra.iter().cloned());
         let coord = Daemon::start(
             "coordinator",
             "coordinator",
@@ -123,7 +124,15 @@ fn the_dashboard_fills_during_a_real_run() -> Result<()> {
         eprintln!("skipping the dashboard test: no chromium here (Debian: apt-get install chromium)");
         return Ok(());
     };
-    let run = Run::start(40)?;
+    // With differential privacy (noise too small to matter here), the page shows ε.
+    let run = Run::start(
+        40,
+        &[
+            ("privacy.noise", "\"central\"".into()),
+            ("privacy.noise_multiplier", "1e-6".into()),
+            ("privacy.clip_norm", "100.0".into()),
+        ],
+    )?;
     run.wait_rounds(2)?;
     let token = fedge_common::security::read_token_file(&run.token)?;
     let headless = |extra: &[&str], fragment: &str| -> Result<String> {
@@ -169,6 +178,10 @@ fn the_dashboard_fills_during_a_real_run() -> Result<()> {
         "the page could not reach the API"
     );
     assert!(dom.contains("\"rounds\": 40"), "the run's configuration is not shown");
+    assert!(
+        dom.contains("ε spent (δ 0.00001, central noise z 0.000001"),
+        "the privacy spent is not shown:\n{dom}"
+    );
 
     let shot: PathBuf = bin_dir().join("dashboard.png");
     let _ = std::fs::remove_file(&shot);
@@ -189,7 +202,7 @@ fn the_dashboard_fills_during_a_real_run() -> Result<()> {
 
 #[test]
 fn metrics_and_the_status_command_describe_the_run() -> Result<()> {
-    let run = Run::start(3)?;
+    let run = Run::start(3, &[])?;
     let status = run.wait_rounds(2)?;
     assert_eq!(status["total_rounds"], 3);
     assert_eq!(status["nodes"].as_array().map(Vec::len), Some(2));
