@@ -16,6 +16,8 @@
 //!   label skew, label shards, log-normal quantity skew.
 //! - [`privacy`]: differential privacy: clipping, Gaussian noise, adaptive
 //!   clipping and the RDP accountant.
+//! - [`secagg`]: secure aggregation (SecAgg+): the protocol's client and
+//!   server state machines, quantization into Z_2^32, masks, Shamir shares.
 //! - [`train`]: local training (SGD) and evaluation, to run on a blocking thread.
 //! - [`config`]: configuration sections both daemons use and the layered
 //!   loader (defaults, TOML file, environment, flags).
@@ -36,6 +38,7 @@ pub mod params;
 pub mod partition;
 pub mod pb;
 pub mod privacy;
+pub mod secagg;
 pub mod security;
 pub mod shutdown;
 pub mod telemetry;
