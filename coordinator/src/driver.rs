@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::evaluator::Evaluator;
 use crate::metrics::Metrics;
-use crate::round::{ClosedRound, FoldJob, Folded, Output, Rejection, RoundMachine, Task, Update};
+use crate::round::{ClosedRound, FoldJob, Folded, Output, PhaseKind, Rejection, RoundMachine, Task, Update};
 use crate::store::{RoundRecord, RunStore, federated_eval, participant};
 use crate::{Error, Result};
 
@@ -206,6 +206,8 @@ pub struct Driver {
     metrics: Arc<Metrics>,
     /// Per-node sums over the run's rounds, for status reports.
     node_totals: BTreeMap<String, NodeTotals>,
+    /// When the status was last published, and the model version and phase it showed.
+    published: Option<(Instant, u64, PhaseKind)>,
 }
 
 /// A node's sums over the rounds it took part in.
@@ -307,6 +309,7 @@ impl Driver {
             streams: HashMap::new(),
             round_started: None,
             last_counters: (0, 0, 0),
+            published: None,
             aggregation_seconds: 0.0,
             status: None,
             metrics: Arc::new(Metrics::new()),
@@ -347,12 +350,23 @@ impl Driver {
         m.aggregation_seconds.observe(rec.aggregation_seconds);
     }
 
-    fn publish_status(&self) {
+    fn publish_status(&mut self) {
         let m = &self.metrics;
         m.rounds_completed.set(self.machine.version() as i64);
         m.round.set(self.machine.current_round().unwrap_or(0) as i64);
         m.connected_nodes.set(self.machine.connected_nodes() as i64);
         let Some(tx) = &self.status else { return };
+        // The node table costs O(nodes): rebuild it at most every 200 ms
+        // (the driver's tick publishes what the skipped events changed),
+        // and at once when a round completes or the phase changes.
+        let (version, phase_kind) = (self.machine.version(), self.machine.phase());
+        if self
+            .published
+            .is_some_and(|(at, v, p)| at.elapsed() < Duration::from_millis(200) && v == version && p == phase_kind)
+        {
+            return;
+        }
+        self.published = Some((Instant::now(), version, phase_kind));
         let history = self
             .store
             .as_ref()

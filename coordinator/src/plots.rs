@@ -71,9 +71,13 @@ where
         }
         let colour = *colour;
         chart
-            // A polyline needs two points: a single round is drawn as a zero-length line.
+            // A polyline needs two distinct points: a single round gets a
+            // stub a hundredth of a round long (its dot covers it).
             .draw_series(LineSeries::new(
-                points.iter().copied().chain((points.len() == 1).then(|| points[0])),
+                points
+                    .iter()
+                    .copied()
+                    .chain((points.len() == 1).then(|| (points[0].0 + 0.01, points[0].1))),
                 colour.stroke_width(2),
             ))
             .map_err(plot_err)?
