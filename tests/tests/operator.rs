@@ -202,9 +202,10 @@ fn the_dashboard_fills_during_a_real_run() -> Result<()> {
 
 #[test]
 fn metrics_and_the_status_command_describe_the_run() -> Result<()> {
-    let run = Run::start(3, &[])?;
+    // Enough rounds that the run is still going when the last command asks.
+    let run = Run::start(12, &[])?;
     let status = run.wait_rounds(2)?;
-    assert_eq!(status["total_rounds"], 3);
+    assert_eq!(status["total_rounds"], 12);
     assert_eq!(status["nodes"].as_array().map(Vec::len), Some(2));
 
     let metrics = run.get("/metrics")?;
@@ -215,7 +216,7 @@ fn metrics_and_the_status_command_describe_the_run() -> Result<()> {
             .unwrap_or_else(|| panic!("{name} missing from /metrics:\n{metrics}"))
     };
     assert!(value("fedge_rounds_completed") >= 2.0);
-    assert_eq!(value("fedge_total_rounds"), 3.0);
+    assert_eq!(value("fedge_total_rounds"), 12.0);
     assert!(
         value("fedge_received_bytes_total") > 1e6,
         "two rounds of two 640 kB updates"
@@ -238,7 +239,7 @@ fn metrics_and_the_status_command_describe_the_run() -> Result<()> {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(text.starts_with("run run-"), "{text}");
-    assert!(text.contains("round") && text.contains("/3"), "{text}");
+    assert!(text.contains("round") && text.contains("/12"), "{text}");
     for node in ["node-1", "node-2"] {
         assert!(text.lines().any(|l| l.starts_with(node)), "{node} missing:\n{text}");
     }
@@ -253,7 +254,8 @@ fn metrics_and_the_status_command_describe_the_run() -> Result<()> {
             fedge_common::security::read_token_file(&run.token)?,
         )
         .output()?;
-    let parsed: Value = serde_json::from_slice(&json.stdout)?;
+    let parsed: Value = serde_json::from_slice(&json.stdout)
+        .with_context(|| format!("status --json: {}", String::from_utf8_lossy(&json.stderr)))?;
     assert!(parsed["rounds"].as_array().is_some_and(|r| !r.is_empty()));
 
     // Nothing listens here: the command says so.
