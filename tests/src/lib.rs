@@ -185,6 +185,28 @@ pub fn node_args(port: u16, name: &str, partition: &str, extra: &[(&str, String)
     args
 }
 
+/// Starts edge nodes `node-1` … `node-{count}` against the coordinator on
+/// loopback `port`, node `i` (from 0) on partition `i/of` with `settings(i)`.
+pub fn start_nodes<'a>(
+    dir: &Path,
+    port: u16,
+    count: usize,
+    of: usize,
+    settings: impl Fn(usize) -> Vec<(&'a str, String)>,
+) -> Result<Vec<Daemon>> {
+    (0..count)
+        .map(|i| {
+            let name = format!("node-{}", i + 1);
+            Daemon::start(
+                "edge-node",
+                &name,
+                &node_args(port, &name, &format!("{i}/{of}"), &settings(i)),
+                dir,
+            )
+        })
+        .collect()
+}
+
 /// A coordinator and `nodes` edge nodes on loopback, run to the end.
 /// `node_extra(i)` gives node `i`'s own settings (besides `shared`, which
 /// both sides get). Returns the run's `run.json`.
@@ -200,18 +222,11 @@ pub fn run_fleet(
     let mut extra = coordinator_extra.to_vec();
     extra.extend(shared.iter().cloned());
     let mut coord = Daemon::start("coordinator", "coordinator", &coordinator_args(port, out, &extra), dir)?;
-    let mut daemons = Vec::new();
-    for i in 0..nodes {
-        let name = format!("node-{}", i + 1);
+    let mut daemons = start_nodes(dir, port, nodes, nodes, |i| {
         let mut settings = shared.to_vec();
         settings.extend(node_extra(i));
-        daemons.push(Daemon::start(
-            "edge-node",
-            &name,
-            &node_args(port, &name, &format!("{i}/{nodes}"), &settings),
-            dir,
-        )?);
-    }
+        settings
+    })?;
     let status = coord.wait(Duration::from_secs(300))?;
     if !status.success() {
         bail!("coordinator failed:\n{}", coord.log_text());

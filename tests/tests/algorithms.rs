@@ -8,8 +8,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use fedge_tests::{
-    Daemon, accuracies, coordinator_args, free_port, load_params, meta_u64, node_args, run_fleet, run_history,
-    run_to_end,
+    Daemon, accuracies, coordinator_args, free_port, load_params, meta_u64, run_fleet, run_history, run_to_end,
+    start_nodes,
 };
 
 fn small_data() -> Vec<(&'static str, String)> {
@@ -170,16 +170,7 @@ fn adam_run(dir: &Path, kill_after: Option<usize>) -> anyhow::Result<(Vec<f32>, 
     ]);
     let args = coordinator_args(port, &out, &extra);
     let mut coord = Daemon::start("coordinator", "coordinator", &args, dir)?;
-    let mut nodes = Vec::new();
-    for i in 0..3 {
-        let name = format!("node-{}", i + 1);
-        nodes.push(Daemon::start(
-            "edge-node",
-            &name,
-            &node_args(port, &name, &format!("{i}/3"), &small_data()),
-            dir,
-        )?);
-    }
+    let mut nodes = start_nodes(dir, port, 3, 3, |_| small_data())?;
     if let Some(k) = kill_after {
         let deadline = Instant::now() + Duration::from_secs(120);
         while run_history(&out).map_or(0, |h| h["rounds"].as_array().map_or(0, Vec::len)) < k {

@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use fedge_tests::{Daemon, coordinator_args, free_port, node_args, run_history};
+use fedge_tests::{Daemon, coordinator_args, free_port, node_args, run_history, start_nodes};
 
 fn small() -> Vec<(&'static str, String)> {
     vec![
@@ -43,16 +43,7 @@ fn a_node_killed_mid_upload_costs_only_its_contribution_and_rejoins() -> anyhow:
         &coordinator_args(port, &out, &settings),
         tmp.path(),
     )?;
-    let mut nodes = Vec::new();
-    for i in 0..2 {
-        let name = format!("node-{}", i + 1);
-        nodes.push(Daemon::start(
-            "edge-node",
-            &name,
-            &node_args(port, &name, &format!("{i}/3"), &small()),
-            tmp.path(),
-        )?);
-    }
+    let mut nodes = start_nodes(tmp.path(), port, 2, 3, |_| small())?;
     // node-3 sits behind an emulated 40 kB/s uplink: its 640 kB update
     // takes about 16 s to send, so it can be killed mid-stream.
     let mut slow = small();

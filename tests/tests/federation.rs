@@ -4,7 +4,7 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use fedge_tests::{Daemon, coordinator_args, free_port, load_params, meta_u64, node_args, run_history};
+use fedge_tests::{Daemon, coordinator_args, free_port, load_params, meta_u64, node_args, run_history, start_nodes};
 
 const PARAMS_CNN: usize = 160_202;
 
@@ -148,16 +148,7 @@ fn a_model_larger_than_16_mib_moves_in_chunks() -> anyhow::Result<()> {
         &coordinator_args(port, &out, &extra),
         tmp.path(),
     )?;
-    let mut nodes = Vec::new();
-    for i in 0..2 {
-        let name = format!("node-{}", i + 1);
-        nodes.push(Daemon::start(
-            "edge-node",
-            &name,
-            &node_args(port, &name, &format!("{i}/2"), &data),
-            tmp.path(),
-        )?);
-    }
+    let mut nodes = start_nodes(tmp.path(), port, 2, 2, |_| data.to_vec())?;
     let status = coord.wait(Duration::from_secs(300))?;
     assert!(status.success(), "coordinator failed:\n{}", coord.log_text());
     for n in &mut nodes {

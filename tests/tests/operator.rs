@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use fedge_common::config::toml_string;
-use fedge_tests::{Daemon, bin_dir, coordinator_args, free_port, node_args, run_fleet};
+use fedge_tests::{Daemon, bin_dir, coordinator_args, free_port, node_args, run_fleet, start_nodes};
 use serde_json::Value;
 
 fn chromium() -> Option<&'static str> {
@@ -63,18 +63,11 @@ impl Run {
             &coordinator_args(port, &tmp.path().join("run"), &settings),
             tmp.path(),
         )?;
-        let mut nodes = Vec::new();
-        for i in 0..2 {
-            let name = format!("node-{}", i + 1);
+        let nodes = start_nodes(tmp.path(), port, 2, 2, |_| {
             let mut s = small();
             s.push(("holdout", "0.1".into()));
-            nodes.push(Daemon::start(
-                "edge-node",
-                &name,
-                &node_args(port, &name, &format!("{i}/2"), &s),
-                tmp.path(),
-            )?);
-        }
+            s
+        })?;
         Ok(Self {
             _tmp: tmp,
             http: format!("http://127.0.0.1:{http_port}"),

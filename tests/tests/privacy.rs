@@ -8,7 +8,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
-use fedge_tests::{Daemon, bin_dir, coordinator_args, free_port, node_args, run_fleet, run_history};
+use fedge_tests::{Daemon, bin_dir, coordinator_args, free_port, run_fleet, run_history, start_nodes};
 use serde_json::Value;
 
 fn small() -> Vec<(&'static str, String)> {
@@ -89,16 +89,7 @@ fn distributed_noise_comes_from_the_nodes_and_status_shows_epsilon() -> Result<(
         &coordinator_args(port, &out, &settings),
         tmp.path(),
     )?;
-    let mut nodes = Vec::new();
-    for i in 0..2 {
-        let name = format!("node-{}", i + 1);
-        nodes.push(Daemon::start(
-            "edge-node",
-            &name,
-            &node_args(port, &name, &format!("{i}/2"), &small()),
-            tmp.path(),
-        )?);
-    }
+    let mut nodes = start_nodes(tmp.path(), port, 2, 2, |_| small())?;
     // While it runs, the status shows the privacy spent.
     let deadline = Instant::now() + Duration::from_secs(120);
     let status = loop {
