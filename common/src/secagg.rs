@@ -734,9 +734,10 @@ mod tests {
         assert!(same < 3, "{same}");
     }
 
-    #[test]
-    fn honest_nodes_refuse_to_unmask_a_node_that_did_not_drop() {
-        let mut rng = ChaCha20Rng::seed_from_u64(5);
+    /// Three nodes (threshold 2, four values) that have shared their keys:
+    /// the server, the clients, the roster, the graph and what each sealed.
+    fn three_after_sharing(seed: u64) -> (Server, Vec<Client>, Vec<Advertise>, Graph, Vec<Vec<SealedShares>>) {
+        let mut rng = ChaCha20Rng::seed_from_u64(seed);
         let mut server = Server::new(1, 4, 2);
         let mut clients = Vec::new();
         for id in 0..3 {
@@ -745,10 +746,18 @@ mod tests {
             clients.push(c);
         }
         let (roster, graph) = server.roster(2, 1).unwrap();
+        let mut all = Vec::new();
         for c in &mut clients {
             let sealed = c.share_keys(&roster, &graph[&c.id], 2).unwrap();
+            all.push(sealed.clone());
             server.share_keys(c.id, sealed).unwrap();
         }
+        (server, clients, roster, graph, all)
+    }
+
+    #[test]
+    fn honest_nodes_refuse_to_unmask_a_node_that_did_not_drop() {
+        let (mut server, mut clients, ..) = three_after_sharing(5);
         for c in &mut clients {
             c.receive_shares(&server.shares_for(c.id)).unwrap();
             server.add_masked(c.id, &c.mask(&[1, 2, 3, 4])).unwrap();
@@ -786,21 +795,7 @@ mod tests {
 
     #[test]
     fn tampered_or_misrouted_shares_and_bad_inputs_are_named() {
-        let mut rng = ChaCha20Rng::seed_from_u64(6);
-        let mut server = Server::new(1, 4, 2);
-        let mut clients = Vec::new();
-        for id in 0..3 {
-            let (c, a) = Client::new(id, 1, &mut rng);
-            server.advertise(a).unwrap();
-            clients.push(c);
-        }
-        let (roster, graph) = server.roster(2, 1).unwrap();
-        let mut all = Vec::new();
-        for c in &mut clients {
-            let sealed = c.share_keys(&roster, &graph[&c.id], 2).unwrap();
-            all.push(sealed.clone());
-            server.share_keys(c.id, sealed).unwrap();
-        }
+        let (mut server, mut clients, roster, graph, all) = three_after_sharing(6);
         let mut forged = server.shares_for(0);
         forged[0].ciphertext[3] ^= 1;
         let e = clients[0].receive_shares(&forged).unwrap_err();

@@ -98,6 +98,17 @@ pub enum NoiseMode {
     Distributed,
 }
 
+impl NoiseMode {
+    /// The name in configuration.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Off => "off",
+            Self::Central => "central",
+            Self::Distributed => "distributed",
+        }
+    }
+}
+
 impl Default for PrivacyConfig {
     fn default() -> Self {
         Self {

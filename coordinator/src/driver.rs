@@ -395,11 +395,7 @@ impl Driver {
             })
             .collect();
         let privacy = self.machine.privacy().map(|p| crate::http::PrivacyStatus {
-            noise: match p.mode {
-                crate::config::NoiseMode::Distributed => "distributed",
-                _ => "central",
-            }
-            .into(),
+            noise: p.mode.name().into(),
             noise_multiplier: p.noise_multiplier,
             clip_norm: p.clip,
             epsilon: p.epsilon(),

@@ -110,7 +110,7 @@ pub async fn run(
     if let Some(p) = &strategy.privacy {
         let c = &config.privacy;
         tracing::info!(
-            noise = ?p.mode,
+            noise = p.mode.name(),
             noise_multiplier = p.noise_multiplier,
             clip_norm = p.clip,
             adaptive_clip = c.adaptive_clip,

@@ -34,9 +34,9 @@ pub struct Privacy {
     pub noise_multiplier: f64,
     /// The clipping norm of the next round.
     pub clip: f64,
+    /// Adaptive clipping as configured (a `count_stddev` of 0: a twentieth
+    /// of each round's nodes).
     adaptive: Option<AdaptiveClip>,
-    /// `clip_count_stddev` as configured (0: a twentieth of the round's nodes).
-    count_stddev: f64,
     pub delta: f64,
     /// Stop before ε would pass this.
     pub budget: Option<f64>,
@@ -54,8 +54,9 @@ pub struct RoundPlan {
     /// The noise multiplier the updates get (z, or less when adaptive
     /// clipping's count takes a share).
     pub update_multiplier: f64,
-    /// Standard deviation of the noise on the count of unclipped updates.
-    pub count_stddev: f64,
+    /// Adaptive clipping in this round, with the standard deviation of the
+    /// noise on its count of unclipped updates.
+    pub adaptive: Option<AdaptiveClip>,
 }
 
 /// A closed round's privacy figures, in `run.json` and the logs.
@@ -89,7 +90,6 @@ impl Privacy {
                 learning_rate: c.clip_learning_rate,
                 count_stddev: c.clip_count_stddev,
             }),
-            count_stddev: c.clip_count_stddev,
             delta: c.delta,
             budget: (c.epsilon_budget > 0.0).then_some(c.epsilon_budget),
             accountant: Accountant::default(),
@@ -124,27 +124,24 @@ impl Privacy {
     /// cannot run: adaptive clipping's count cannot take its share of the noise.
     pub fn plan(&self, asked: usize, available: usize) -> Result<RoundPlan, String> {
         let sampling_rate = asked as f64 / available.max(1) as f64;
-        let (update_multiplier, count_stddev) = match &self.adaptive {
-            None => (self.noise_multiplier, 0.0),
-            Some(a) => {
-                let count_stddev = if self.count_stddev > 0.0 {
-                    self.count_stddev
-                } else {
-                    asked as f64 / 20.0
-                };
-                let a = AdaptiveClip {
-                    count_stddev,
-                    ..a.clone()
-                };
-                (a.update_noise_multiplier(self.noise_multiplier)?, count_stddev)
-            }
+        let adaptive = self.adaptive.as_ref().map(|a| AdaptiveClip {
+            count_stddev: if a.count_stddev > 0.0 {
+                a.count_stddev
+            } else {
+                asked as f64 / 20.0
+            },
+            ..a.clone()
+        });
+        let update_multiplier = match &adaptive {
+            Some(a) => a.update_noise_multiplier(self.noise_multiplier)?,
+            None => self.noise_multiplier,
         };
         Ok(RoundPlan {
             sampling_rate,
             asked,
             clip: self.clip,
             update_multiplier,
-            count_stddev,
+            adaptive,
         })
     }
 
@@ -183,18 +180,16 @@ impl Privacy {
             // Each of the m asked nodes added 1/√m of the noise; n delivered.
             _ => plan.update_multiplier * (n / plan.asked.max(1) as f64).sqrt().min(1.0),
         };
-        let noise_multiplier = match (&self.adaptive, plan.count_stddev > 0.0) {
-            (Some(_), true) => (update_multiplier.powi(-2) + (2.0 * plan.count_stddev).powi(-2)).powf(-0.5),
+        let noise_multiplier = match &plan.adaptive {
+            Some(a) if a.count_stddev > 0.0 => {
+                (update_multiplier.powi(-2) + (2.0 * a.count_stddev).powi(-2)).powf(-0.5)
+            }
             _ => update_multiplier,
         };
-        let next_clip = match &self.adaptive {
-            Some(a) => AdaptiveClip {
-                count_stddev: plan.count_stddev,
-                ..a.clone()
-            }
-            .next(plan.clip, unclipped, updates, rng),
-            None => plan.clip,
-        };
+        let next_clip = plan
+            .adaptive
+            .as_ref()
+            .map_or(plan.clip, |a| a.next(plan.clip, unclipped, updates, rng));
         self.clip = next_clip;
         self.accountant.add_round(plan.sampling_rate, noise_multiplier);
         RoundPrivacy {

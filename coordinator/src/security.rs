@@ -11,6 +11,9 @@ use std::path::Path;
 
 pub use fedge_common::security::error_chain;
 use fedge_common::security::{TOKEN_HASH_PREFIX, TOKEN_METADATA, read_pem, token_matches};
+use rustls::RootCertStore;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 use tonic::{Request, Status};
 
@@ -28,6 +31,31 @@ pub fn server_tls(c: &SecurityConfig) -> Result<Option<ServerTlsConfig>> {
         tls = tls.client_ca_root(Certificate::from_pem(read_pem(ca, "client CA certificate")?));
     }
     Ok(Some(tls))
+}
+
+/// The certificates of a PEM file (a chain, or CAs), for rustls; `what`
+/// names the file in errors.
+pub fn pem_certificates(path: &Path, what: &str) -> Result<Vec<CertificateDer<'static>>> {
+    CertificateDer::pem_slice_iter(&read_pem(path, what)?)
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|e| Error::Config(format!("{what} {}: {e}", path.display())))
+}
+
+/// The private key of a PEM file, for rustls.
+pub fn pem_private_key(path: &Path, what: &str) -> Result<PrivateKeyDer<'static>> {
+    PrivateKeyDer::from_pem_slice(&read_pem(path, what)?)
+        .map_err(|e| Error::Config(format!("{what} {}: {e}", path.display())))
+}
+
+/// The CAs of a PEM file as rustls trust anchors.
+pub fn pem_roots(path: &Path, what: &str) -> Result<RootCertStore> {
+    let mut roots = RootCertStore::empty();
+    for c in pem_certificates(path, what)? {
+        roots
+            .add(c)
+            .map_err(|e| Error::Config(format!("{what} {}: {e}", path.display())))?;
+    }
+    Ok(roots)
 }
 
 /// Checks that a joining node is allowed and is who it says it is.

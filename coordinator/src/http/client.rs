@@ -9,13 +9,12 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use fedge_common::security::read_pem;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
-use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{ClientConfig, DigitallySignedStruct, SignatureScheme};
 
 use super::Status;
+use crate::security::{pem_certificates, pem_private_key, pem_roots};
 use crate::{Error, Result};
 
 /// How to reach the coordinator's HTTP side.
@@ -57,16 +56,7 @@ impl ClientOptions {
             (_, true) => builder
                 .dangerous()
                 .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider))),
-            (Some(ca), false) => {
-                let mut roots = RootCertStore::empty();
-                for c in CertificateDer::pem_slice_iter(&read_pem(ca, "CA certificate")?) {
-                    let c = c.map_err(|e| bad(format!("CA certificate {}", ca.display()), &e))?;
-                    roots
-                        .add(c)
-                        .map_err(|e| bad(format!("CA certificate {}", ca.display()), &e))?;
-                }
-                builder.with_root_certificates(roots)
-            }
+            (Some(ca), false) => builder.with_root_certificates(pem_roots(ca, "CA certificate")?),
             (None, false) => {
                 return Err(Error::Config(
                     "an https:// URL needs --ca FILE, the CA that signed the coordinator's certificate \
@@ -76,16 +66,12 @@ impl ClientOptions {
             }
         };
         let mut config = match (&self.cert, &self.key) {
-            (Some(cert), Some(key)) => {
-                let chain = CertificateDer::pem_slice_iter(&read_pem(cert, "client certificate")?)
-                    .collect::<std::result::Result<Vec<_>, _>>()
-                    .map_err(|e| bad(format!("client certificate {}", cert.display()), &e))?;
-                let key_der = PrivateKeyDer::from_pem_slice(&read_pem(key, "client key")?)
-                    .map_err(|e| bad(format!("client key {}", key.display()), &e))?;
-                builder
-                    .with_client_auth_cert(chain, key_der)
-                    .map_err(|e| bad("the client certificate and key".into(), &e))?
-            }
+            (Some(cert), Some(key)) => builder
+                .with_client_auth_cert(
+                    pem_certificates(cert, "client certificate")?,
+                    pem_private_key(key, "client key")?,
+                )
+                .map_err(|e| bad("the client certificate and key".into(), &e))?,
             (None, None) => builder.with_no_client_auth(),
             _ => return Err(Error::Config("--cert and --key go together".into())),
         };

@@ -11,11 +11,8 @@ use std::time::Duration;
 
 use axum::extract::connect_info::Connected;
 use axum::serve::{IncomingStream, Listener};
-use fedge_common::security::read_pem;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::ServerConfig;
 use rustls::server::WebPkiClientVerifier;
-use rustls::{RootCertStore, ServerConfig};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
@@ -24,6 +21,7 @@ use tokio_util::either::Either;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::SecurityConfig;
+use crate::security::{pem_certificates, pem_private_key, pem_roots};
 use crate::{Error, Result};
 
 /// A client of the HTTP side.
@@ -132,24 +130,15 @@ pub fn server_config(security: &SecurityConfig) -> Result<Option<Arc<ServerConfi
         return Ok(None);
     };
     let bad = |what: &str, e: &dyn std::fmt::Display| Error::Config(format!("http: {what}: {e}"));
-    let chain = CertificateDer::pem_slice_iter(&read_pem(cert, "TLS certificate")?)
-        .collect::<std::result::Result<Vec<_>, _>>()
-        .map_err(|e| bad(&format!("the TLS certificate {}", cert.display()), &e))?;
-    let key_der = PrivateKeyDer::from_pem_slice(&read_pem(key, "TLS key")?)
-        .map_err(|e| bad(&format!("the TLS key {}", key.display()), &e))?;
+    let chain = pem_certificates(cert, "TLS certificate")?;
+    let key_der = pem_private_key(key, "TLS key")?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .map_err(|e| bad("tls versions", &e))?;
     let builder = match &security.client_ca {
         Some(ca) => {
-            let mut roots = RootCertStore::empty();
-            for c in CertificateDer::pem_slice_iter(&read_pem(ca, "client CA certificate")?) {
-                let c = c.map_err(|e| bad(&format!("the client CA {}", ca.display()), &e))?;
-                roots
-                    .add(c)
-                    .map_err(|e| bad(&format!("the client CA {}", ca.display()), &e))?;
-            }
+            let roots = pem_roots(ca, "client CA certificate")?;
             let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
                 .allow_unauthenticated()
                 .build()
