@@ -9,6 +9,7 @@
 //! | `int8` | 1 + 4/block | `max|block| / 127`, unbiased | per-block scale, stochastic rounding, error feedback |
 //! | `topk` | 8 per kept value | the dropped values | `⌈fraction·n⌉` largest magnitudes, error feedback |
 //! | `sign` | 1/8 + 4/block | biased | sign bits times the block's mean magnitude, error feedback |
+//! | `masked` | 4 | – | secure aggregation's masked ring elements (see [`crate::secagg`]) |
 //!
 //! Layouts (little-endian): `f32`/`f16`/`bf16` are the values in order.
 //! `int8` is, per block of `block` values (the last may be shorter), an f32
@@ -53,6 +54,11 @@ pub enum Codec {
     TopK { fraction: f64 },
     /// Signs with one magnitude per `block` values.
     Sign { block: u32 },
+    /// Secure aggregation's masked input: little-endian `u32` ring elements
+    /// made by [`crate::secagg`], announced by the coordinator when the run
+    /// uses it (not chosen by name). The decoder hands them on as `f32`s of
+    /// the same bits; only [`crate::secagg`] gives them meaning.
+    Masked,
 }
 
 impl fmt::Display for Codec {
@@ -79,6 +85,7 @@ impl Codec {
             Codec::Int8 { .. } => "int8",
             Codec::TopK { .. } => "topk",
             Codec::Sign { .. } => "sign",
+            Codec::Masked => "masked",
         }
     }
 
@@ -136,7 +143,7 @@ impl Codec {
     pub fn encoded_len(&self, n: usize) -> u64 {
         let n64 = n as u64;
         match *self {
-            Codec::F32 => 4 * n64,
+            Codec::F32 | Codec::Masked => 4 * n64,
             Codec::F16 | Codec::Bf16 => 2 * n64,
             Codec::Int8 { block } => n64 + 4 * n64.div_ceil(u64::from(block)),
             Codec::TopK { fraction } => 8 * Self::kept(fraction, n) as u64,
@@ -152,7 +159,7 @@ impl Codec {
     /// Bytes of the decodable unit that starts at value `pos` of `n`.
     fn unit_len(&self, pos: usize, n: usize) -> usize {
         match *self {
-            Codec::F32 => 4,
+            Codec::F32 | Codec::Masked => 4,
             Codec::TopK { .. } => 8,
             Codec::F16 | Codec::Bf16 => 2,
             Codec::Int8 { block } => 4 + (block as usize).min(n - pos),
@@ -161,10 +168,11 @@ impl Codec {
     }
 
     /// Encodes `values`. `seed` drives the `int8` codec's stochastic rounding.
+    /// `masked` writes the values' bits (masked inputs come from [`crate::secagg`]).
     pub fn encode(&self, values: &[f32], seed: u64) -> Vec<u8> {
         let mut out = Vec::with_capacity(self.encoded_len(values.len()) as usize);
         match *self {
-            Codec::F32 => out.extend(values.iter().flat_map(|v| v.to_le_bytes())),
+            Codec::F32 | Codec::Masked => out.extend(values.iter().flat_map(|v| v.to_le_bytes())),
             Codec::F16 => out.extend(values.iter().flat_map(|&v| f16::from_f32(v).to_le_bytes())),
             Codec::Bf16 => out.extend(values.iter().flat_map(|&v| bf16::from_f32(v).to_le_bytes())),
             Codec::Int8 { block } => {
@@ -376,7 +384,7 @@ impl Decoder {
         let pos = self.pos;
         self.scratch.clear();
         match self.codec {
-            Codec::F32 => self.scratch.extend(
+            Codec::F32 | Codec::Masked => self.scratch.extend(
                 bytes
                     .chunks_exact(4)
                     .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),

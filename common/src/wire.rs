@@ -310,6 +310,7 @@ impl Codec {
             Codec::Int8 { block } => (pb::Encoding::Int8Block, block),
             Codec::TopK { .. } => (pb::Encoding::Topk, 0),
             Codec::Sign { block } => (pb::Encoding::SignBlock, block),
+            Codec::Masked => (pb::Encoding::MaskedU32, 0),
         }
     }
 
@@ -355,6 +356,7 @@ impl TryFrom<&pb::UpdateCodec> for Codec {
                 fraction: c.topk_fraction,
             },
             Ok(pb::Encoding::SignBlock) => Codec::Sign { block: c.block_size },
+            Ok(pb::Encoding::MaskedU32) => Codec::Masked,
             _ => {
                 return Err(Error::Payload(format!(
                     "the coordinator asks for update encoding {}, which this node does not know",
@@ -581,5 +583,109 @@ mod tests {
             Hyperparameters::try_from(&bad).unwrap_err().to_string(),
             "payload: task asks for unknown training algorithm 42"
         );
+    }
+}
+
+/// Secure aggregation's messages on the wire (`fedge_common::secagg` types
+/// on both sides; these convert at the edges).
+pub mod secagg {
+    use crate::pb;
+    use crate::secagg::{Advertise, NodeId, Reveal, SealedShares, UnmaskRequest};
+    use crate::{Error, Result};
+
+    fn key(bytes: &[u8], what: &str) -> Result<[u8; 32]> {
+        <[u8; 32]>::try_from(bytes)
+            .map_err(|_| Error::Payload(format!("a {what} key has {} bytes; X25519 keys have 32", bytes.len())))
+    }
+
+    impl From<&Advertise> for pb::SecAggKeys {
+        fn from(a: &Advertise) -> Self {
+            pb::SecAggKeys {
+                id: a.id,
+                cipher_key: a.cipher_key.to_vec().into(),
+                mask_key: a.mask_key.to_vec().into(),
+            }
+        }
+    }
+
+    impl TryFrom<&pb::SecAggKeys> for Advertise {
+        type Error = Error;
+
+        fn try_from(k: &pb::SecAggKeys) -> Result<Self> {
+            Ok(Advertise {
+                id: k.id,
+                cipher_key: key(&k.cipher_key, "cipher")?,
+                mask_key: key(&k.mask_key, "mask")?,
+            })
+        }
+    }
+
+    impl From<&SealedShares> for pb::SealedShare {
+        fn from(s: &SealedShares) -> Self {
+            pb::SealedShare {
+                from: s.from,
+                to: s.to,
+                ciphertext: s.ciphertext.clone().into(),
+            }
+        }
+    }
+
+    impl From<&pb::SealedShare> for SealedShares {
+        fn from(s: &pb::SealedShare) -> Self {
+            SealedShares {
+                from: s.from,
+                to: s.to,
+                ciphertext: s.ciphertext.to_vec(),
+            }
+        }
+    }
+
+    fn shares_to_wire(v: &[(NodeId, Vec<u8>)]) -> Vec<pb::SecretShare> {
+        v.iter()
+            .map(|(node, share)| pb::SecretShare {
+                node: *node,
+                share: share.clone().into(),
+            })
+            .collect()
+    }
+
+    fn shares_from_wire(v: &[pb::SecretShare]) -> Vec<(NodeId, Vec<u8>)> {
+        v.iter().map(|s| (s.node, s.share.to_vec())).collect()
+    }
+
+    /// A node's answer to an unmasking request.
+    pub fn reveal_to_wire(r: &Reveal) -> pb::SecAggReveal {
+        pb::SecAggReveal {
+            seed_shares: shares_to_wire(&r.seed_shares),
+            key_shares: shares_to_wire(&r.key_shares),
+        }
+    }
+
+    /// An answer as the coordinator takes it; `from` is the sender's number.
+    pub fn reveal_from_wire(from: NodeId, r: &pb::SecAggReveal) -> Reveal {
+        Reveal {
+            from,
+            seed_shares: shares_from_wire(&r.seed_shares),
+            key_shares: shares_from_wire(&r.key_shares),
+        }
+    }
+
+    impl From<&UnmaskRequest> for pb::SecAggUnmask {
+        fn from(u: &UnmaskRequest) -> Self {
+            pb::SecAggUnmask {
+                round: 0,
+                survivors: u.survivors.clone(),
+                dropped: u.dropped.clone(),
+            }
+        }
+    }
+
+    impl From<&pb::SecAggUnmask> for UnmaskRequest {
+        fn from(u: &pb::SecAggUnmask) -> Self {
+            UnmaskRequest {
+                survivors: u.survivors.clone(),
+                dropped: u.dropped.clone(),
+            }
+        }
     }
 }

@@ -56,6 +56,8 @@ pub struct CoordinatorConfig {
     pub http: HttpConfig,
     /// Differential privacy (DP-FedAvg).
     pub privacy: PrivacyConfig,
+    /// Secure aggregation (SecAgg+): the coordinator sees only the sum.
+    pub secure_aggregation: SecureAggregationConfig,
     /// Log output format.
     pub log_format: LogFormat,
 }
@@ -197,6 +199,106 @@ impl PrivacyConfig {
     }
 }
 
+/// Secure aggregation (Bonawitz et al. 2017; SecAgg+, Bell et al. 2020):
+/// nodes mask their quantized updates with pairwise masks that cancel in
+/// the sum, so the coordinator learns the sum of the round's surviving
+/// updates and nothing about any one of them. See `fedge_common::secagg`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SecureAggregationConfig {
+    pub enabled: bool,
+    /// Neighbours of each node (SecAgg+'s graph: a node shares secrets and
+    /// masks with these only); 0: every other node of the round (SecAgg).
+    pub neighbours: u32,
+    /// Fraction of a node's share holders that may drop out while its
+    /// secrets can still be rebuilt: the Shamir threshold is
+    /// ⌈(1 − max_dropout) · holders⌉. Below 0.5, so that no two disjoint
+    /// sets of holders can both rebuild a secret.
+    pub max_dropout: f64,
+    /// Update values are clamped to [−range, range] before quantization.
+    pub range: f64,
+    /// How long the key advertisement, key sharing and unmasking steps each
+    /// wait for the nodes before going on without those that are silent.
+    #[serde(with = "humantime_serde")]
+    pub step_timeout: Duration,
+}
+
+impl Default for SecureAggregationConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            neighbours: 0,
+            max_dropout: 0.3,
+            range: 4.0,
+            step_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+impl SecureAggregationConfig {
+    fn validate(&self, config: &CoordinatorConfig) -> Result<()> {
+        if !self.enabled {
+            return Ok(());
+        }
+        let bad = |m: String| Err(Error::Config(format!("secure_aggregation: {m}")));
+        if !(0.0..0.5).contains(&self.max_dropout) {
+            return bad(format!("max_dropout must be in [0, 0.5), got {}", self.max_dropout));
+        }
+        if !(self.range.is_finite() && self.range > 0.0) {
+            return bad(format!("range must be positive, got {}", self.range));
+        }
+        if self.step_timeout.is_zero() {
+            return bad("step_timeout must be longer than zero".into());
+        }
+        if self.neighbours == 1 {
+            return bad("neighbours must be 0 (every node) or at least 2".into());
+        }
+        if config.sampling.min_nodes < 3 {
+            return bad(format!(
+                "sampling.min_nodes is {}; a sum of fewer than 3 updates would show one node's update to \
+                 another who knows its own, so secure aggregation needs at least 3",
+                config.sampling.min_nodes
+            ));
+        }
+        let st = &config.strategy;
+        let agg = st.aggregator();
+        if agg != Aggregator::Mean {
+            return bad(format!(
+                "the coordinator sees only the sum of the updates, so it cannot run strategy.aggregator = \
+                 \"{agg}\", which looks at individual updates; use \"mean\""
+            ));
+        }
+        if st.clip_norm > 0.0 || st.max_update_norm > 0.0 {
+            return bad(
+                "strategy.clip_norm and strategy.max_update_norm need each update's norm, which the coordinator \
+                 cannot see; clip on the nodes with privacy.clip_norm"
+                    .into(),
+            );
+        }
+        if config.train.algorithm == Algorithm::Scaffold {
+            return bad(
+                "train.algorithm = \"scaffold\" sends control variates beside the update; use fedavg, \
+                 fedprox or fedsgd"
+                    .into(),
+            );
+        }
+        if config.codec.update != "f32" {
+            return bad(format!(
+                "masked updates are 32-bit ring elements, so codec.update must be \"f32\" (got \"{}\")",
+                config.codec.update
+            ));
+        }
+        if config.privacy.noise == NoiseMode::Central {
+            return bad(
+                "privacy.noise = \"central\" has the coordinator clip each update, which it cannot see; \
+                 use \"distributed\" (the nodes clip and add the noise)"
+                    .into(),
+            );
+        }
+        Ok(())
+    }
+}
+
 /// The coordinator's HTTP server: dashboard, `/api/*`, `/metrics`,
 /// `/healthz`. It follows `security`: HTTPS with the coordinator's
 /// certificate when gRPC uses TLS, and operator authentication (a bearer
@@ -271,6 +373,7 @@ impl Default for CoordinatorConfig {
             limits: LimitsConfig::default(),
             http: HttpConfig::default(),
             privacy: PrivacyConfig::default(),
+            secure_aggregation: SecureAggregationConfig::default(),
             log_format: LogFormat::Text,
         }
     }
@@ -979,6 +1082,7 @@ impl CoordinatorConfig {
         self.security.validate()?;
         self.http.validate(&self.security)?;
         self.privacy.validate(&self.strategy, self.train.algorithm)?;
+        self.secure_aggregation.validate(self)?;
         self.limits.validate(c)?;
         Ok(())
     }
@@ -1257,6 +1361,34 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("privacy.noise") || e.contains("loud"), "{e}");
+    }
+
+    #[test]
+    fn secure_aggregation_settings_are_checked_against_the_rest() {
+        let err = |o: &[(&str, &str)]| {
+            let mut all = vec![
+                ("security.insecure".to_string(), "true".to_string()),
+                ("secure_aggregation.enabled".into(), "true".into()),
+                ("sampling.min_nodes".into(), "3".into()),
+                ("sampling.min_available".into(), "3".into()),
+            ];
+            all.extend(o.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+            CoordinatorConfig::load_with_env(None, [], &all)
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default()
+        };
+        assert_eq!(err(&[]), "");
+        assert_eq!(err(&[("privacy.noise", "\"distributed\"")]), "");
+        assert!(err(&[("sampling.min_nodes", "2")]).contains("secure aggregation needs at least 3"));
+        assert!(err(&[("secure_aggregation.max_dropout", "0.5")]).contains("max_dropout must be in [0, 0.5)"));
+        assert!(err(&[("secure_aggregation.range", "0")]).contains("range must be positive"));
+        assert!(err(&[("secure_aggregation.neighbours", "1")]).contains("0 (every node) or at least 2"));
+        assert!(err(&[("strategy.aggregator", "\"median\"")]).contains("cannot run strategy.aggregator = \"median\""));
+        assert!(err(&[("strategy.max_update_norm", "5.0")]).contains("need each update's norm"));
+        assert!(err(&[("train.algorithm", "\"scaffold\"")]).contains("sends control variates"));
+        assert!(err(&[("codec.update", "\"topk\"")]).contains("codec.update must be \"f32\""));
+        assert!(err(&[("privacy.noise", "\"central\"")]).contains("use \"distributed\""));
     }
 
     #[test]

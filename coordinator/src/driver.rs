@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use crate::evaluator::Evaluator;
 use crate::metrics::Metrics;
 use crate::round::{ClosedRound, FoldJob, Folded, Output, PhaseKind, Rejection, RoundMachine, Task, Update};
+use crate::secure::{SecAggInput, SecAggOutput};
 use crate::store::{RoundRecord, RunStore, federated_eval, participant};
 use crate::{Error, Result};
 
@@ -60,6 +61,14 @@ pub enum Command {
         session: String,
         update: Update,
         reply: oneshot::Sender<Result<usize, Rejection>>,
+    },
+    /// A secure-aggregation message of `bytes` on the wire.
+    SecAgg {
+        session: String,
+        round: u64,
+        input: SecAggInput,
+        bytes: u64,
+        reply: oneshot::Sender<Result<(), Rejection>>,
     },
 }
 
@@ -257,6 +266,8 @@ fn round_point(rec: &RoundRecord) -> crate::http::RoundPoint {
         round_seconds: rec.round_seconds,
         rejected_updates: rec.rejected_updates,
         epsilon: rec.privacy.as_ref().map(|p| p.epsilon),
+        secure_survivors: rec.secure_aggregation.as_ref().map(|s| s.survivors),
+        secure_dropped: rec.secure_aggregation.as_ref().map(|s| s.dropped),
     }
 }
 
@@ -402,6 +413,17 @@ impl Driver {
             delta: p.delta,
             epsilon_budget: p.budget,
         });
+        let secure = self.machine.secure_settings().map(|s| {
+            let current = self.machine.secure_round();
+            crate::http::SecureStatus {
+                neighbours: s.neighbours,
+                max_dropout: s.max_dropout,
+                threshold: current
+                    .map(|(_, t)| t)
+                    .or_else(|| last.and_then(|r| r.secure_aggregation.as_ref()).map(|r| r.threshold)),
+                step: current.map(|(step, _)| step.name().to_owned()),
+            }
+        });
         let phase = crate::http::phase_label(self.machine.phase());
         // Readers only ever borrow the latest status; none waits for changes.
         tx.send_modify(|s| {
@@ -415,6 +437,7 @@ impl Driver {
             if privacy.is_some() {
                 s.privacy = privacy;
             }
+            s.secure_aggregation = secure;
             // The history only grows: add the rounds not shown yet.
             let shown = s.rounds.len();
             s.rounds.extend(history.iter().skip(shown).map(round_point));
@@ -515,6 +538,23 @@ impl Driver {
                 let _ = reply.send(r);
                 Vec::new()
             }
+            Command::SecAgg {
+                session,
+                round,
+                input,
+                bytes,
+                reply,
+            } => match self.machine.secure_message(&session, round, input, bytes, now) {
+                Ok(out) => {
+                    let _ = reply.send(Ok(()));
+                    out
+                }
+                Err(e) => {
+                    self.traffic.count_refusal(e.label());
+                    let _ = reply.send(Err(e));
+                    Vec::new()
+                }
+            },
             Command::Submit { session, update, reply } => {
                 let node = self.machine.node_of(&session).unwrap_or("?").to_owned();
                 let round = update.round;
@@ -574,6 +614,7 @@ impl Driver {
                     self.round_started = None;
                     queue.extend(self.machine.persisted(now_ms()));
                 }
+                Output::SecAgg { node, message } => self.send_secure(&node, message),
                 Output::Finished => return self.finish().map(Some),
                 Output::Abort(reason) => {
                     tracing::error!(reason, "run stopped");
@@ -599,6 +640,13 @@ impl Driver {
                 model_version: task.version,
                 hyperparameters: Some(pb::Hyperparameters::from(&task.hyper)),
                 deadline_unix_ms: task.deadline_ms,
+                secure_aggregation: task.secure.as_ref().map(|s| pb::SecureAggregationTask {
+                    id: s.id,
+                    threshold: s.threshold as u32,
+                    range: s.quantizer.range,
+                    bits: s.quantizer.bits,
+                    weight: s.weight,
+                }),
             })),
         };
         if stream.try_send(Ok(msg)).is_err() {
@@ -607,6 +655,41 @@ impl Driver {
                 round = task.round,
                 "could not queue task on the node's instruction stream"
             );
+        }
+    }
+
+    /// Queues a secure-aggregation message on the node's instruction stream.
+    fn send_secure(&mut self, node: &str, message: SecAggOutput) {
+        let kind = match &message {
+            SecAggOutput::Roster {
+                round,
+                nodes,
+                neighbours,
+            } => pb::instruction::Kind::SecaggRoster(pb::SecAggRoster {
+                round: *round,
+                nodes: nodes.iter().map(pb::SecAggKeys::from).collect(),
+                neighbours: neighbours.clone(),
+            }),
+            SecAggOutput::Shares { round, shares } => pb::instruction::Kind::SecaggShares(pb::SecAggShares {
+                round: *round,
+                shares: shares.iter().map(pb::SealedShare::from).collect(),
+            }),
+            SecAggOutput::Unmask { round, request } => pb::instruction::Kind::SecaggUnmask(pb::SecAggUnmask {
+                round: *round,
+                ..pb::SecAggUnmask::from(request)
+            }),
+        };
+        let msg = pb::Instruction { kind: Some(kind) };
+        self.traffic
+            .bytes_down
+            .fetch_add(prost::Message::encoded_len(&msg) as u64, Ordering::Relaxed);
+        let stream = self.machine.session_of(node).and_then(|s| self.streams.get(s));
+        match stream {
+            Some(stream) if stream.try_send(Ok(msg)).is_ok() => {}
+            _ => tracing::warn!(
+                node,
+                "could not queue a secure aggregation message; the node counts as dropped"
+            ),
         }
     }
 
@@ -661,6 +744,7 @@ impl Driver {
             eval_seconds,
             round_seconds: train_phase.as_secs_f64() + eval_seconds,
             privacy: closed.privacy.clone(),
+            secure_aggregation: closed.secure.clone(),
         };
         let mut store = self
             .store

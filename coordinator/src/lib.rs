@@ -9,6 +9,8 @@
 //!   validation, aggregation, closing. Unit-tested without sockets.
 //! - [`privacy`]: differential privacy: the round's clipping and noise, and
 //!   the accountant of the run's ε.
+//! - [`secure`]: secure aggregation's steps in a round (SecAgg+; the
+//!   protocol itself is `fedge_common::secagg`).
 //! - [`strategy`]: update bounding, aggregators (mean, median, trimmed mean,
 //!   Krum, Multi-Krum, Bulyan) and server optimizers (FedAvgM, FedAdam, ...).
 //! - [`driver`]: the task that owns the machine and carries out its outputs.
@@ -41,6 +43,7 @@ pub mod pki;
 pub mod plots;
 pub mod privacy;
 pub mod round;
+pub mod secure;
 pub mod security;
 pub mod service;
 pub mod store;
@@ -119,7 +122,18 @@ pub async fn run(
             "differential privacy (DP-FedAvg): updates clipped, averaged with equal weights, noised"
         );
     }
-    let codec = config.codec.codec()?;
+    let sa = &config.secure_aggregation;
+    let codec = if sa.enabled {
+        tracing::info!(
+            neighbours = sa.neighbours,
+            max_dropout = sa.max_dropout,
+            range = sa.range,
+            "secure aggregation (SecAgg+): the coordinator sees only the sum of each round's updates"
+        );
+        fedge_common::codec::Codec::Masked
+    } else {
+        config.codec.codec()?
+    };
     tracing::info!(
         algorithm = config.train.algorithm.name(),
         aggregator = %strategy.aggregator,
@@ -235,6 +249,12 @@ pub async fn run(
             failure_cooldown_rounds: u64::from(config.sampling.failure_cooldown_rounds),
             federated_every: u64::from(config.eval.federated_every),
             train: config.train.clone(),
+            secure: sa.enabled.then_some(secure::SecureSettings {
+                neighbours: sa.neighbours as usize,
+                max_dropout: sa.max_dropout,
+                range: sa.range as f32,
+                step_timeout_ms: sa.step_timeout.as_millis() as u64,
+            }),
         },
         version,
         global,

@@ -31,6 +31,9 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::config::TrainConfig;
 use crate::privacy::{RoundPlan, RoundPrivacy};
+use crate::secure::{
+    SecAggInput, SecAggOutput, SecureRecord, SecureRound, SecureSettings, SecureTask, Step, UnmaskJob,
+};
 use crate::strategy::aggregate::lock;
 use crate::strategy::{MeanSum, RoundAggregate, Strategy, UpdateSource, clip_scale, l2_norm};
 
@@ -51,6 +54,8 @@ pub struct RoundSettings {
     pub federated_every: u64,
     /// What nodes are asked to compute, and with which hyper-parameters.
     pub train: TrainConfig,
+    /// Secure aggregation, when the run uses it.
+    pub secure: Option<SecureSettings>,
 }
 
 /// A training task for one node.
@@ -62,6 +67,8 @@ pub struct Task {
     /// This round's hyper-parameters, with the node's own seed.
     pub hyper: Hyperparameters,
     pub deadline_ms: u64,
+    /// Secure aggregation: the node's number, threshold, quantizer and weight.
+    pub secure: Option<SecureTask>,
 }
 
 /// One accepted update's record (its values are already folded in).
@@ -99,6 +106,8 @@ pub struct ClosedRound {
     pub strategy_state: Arc<(BTreeMap<String, Vec<f32>>, u64)>,
     /// Differential privacy: the round's noise, clipping and the run's ε after it.
     pub privacy: Option<RoundPrivacy>,
+    /// Secure aggregation: who took part in each step.
+    pub secure: Option<SecureRecord>,
 }
 
 /// A round's aggregation, to run off the async runtime.
@@ -111,6 +120,8 @@ pub struct AggregationJob {
     strategy: Strategy,
     /// Differential privacy: the round's plan and how many updates needed no clipping.
     privacy: Option<(RoundPlan, usize)>,
+    /// Secure aggregation: the masked sum to unmask instead of `aggregate`.
+    unmask: Option<UnmaskJob>,
 }
 
 /// Folding one accepted update into the round's running sum, to run off the
@@ -120,10 +131,22 @@ pub struct FoldJob {
     round: u64,
     attempt: u32,
     node: String,
-    target: Arc<Mutex<MeanSum>>,
+    target: FoldTarget,
     source: Arc<dyn UpdateSource>,
     weight: f64,
     scale: f64,
+}
+
+/// Where a [`FoldJob`] adds its update.
+#[derive(Debug)]
+enum FoldTarget {
+    /// The mean's running sum.
+    Mean(Arc<Mutex<MeanSum>>),
+    /// Secure aggregation's masked sum in `Z_2^32`, as node `id`'s input.
+    Masked {
+        server: Arc<Mutex<fedge_common::secagg::Server>>,
+        id: fedge_common::secagg::NodeId,
+    },
 }
 
 /// What a [`FoldJob`] did.
@@ -138,7 +161,20 @@ pub struct Folded {
 impl FoldJob {
     /// Decodes the update and adds it to the sum (blocking, CPU-bound).
     pub fn run(self) -> Folded {
-        let result = lock(&self.target).fold(self.source.as_ref(), self.weight, self.scale);
+        let result = match &self.target {
+            FoldTarget::Mean(sum) => lock(sum).fold(self.source.as_ref(), self.weight, self.scale),
+            FoldTarget::Masked { server, id } => {
+                // Masked values travel as the bits of f32s (`Codec::Masked`).
+                let mut words = vec![0u32; self.source.len()];
+                self.source
+                    .visit(&mut |offset, values| {
+                        for (w, v) in words[offset..offset + values.len()].iter_mut().zip(values) {
+                            *w = v.to_bits();
+                        }
+                    })
+                    .and_then(|()| lock(server).add_masked(*id, &words).map_err(|e| e.to_string()))
+            }
+        };
         Folded {
             round: self.round,
             attempt: self.attempt,
@@ -167,12 +203,22 @@ impl AggregationJob {
     /// Combines the updates and applies the server optimizer (blocking, CPU-bound).
     pub fn run(mut self) -> Aggregated {
         let start = std::time::Instant::now();
-        let count = self.aggregate.count();
+        let mut count = self.aggregate.count();
         let mut privacy = None;
-        let result = self.aggregate.finish().map(|(mut delta, control_sum)| {
+        let mut unclipped_secure = None;
+        let combined = match self.unmask.take() {
+            Some(job) => job.run().map(|u| {
+                count = u.survivors;
+                unclipped_secure = Some(u.unclipped);
+                (u.mean, None)
+            }),
+            None => self.aggregate.finish(),
+        };
+        let result = combined.map(|(mut delta, control_sum)| {
             if let (Some((plan, unclipped)), Some(p)) = (&self.privacy, &mut self.strategy.privacy) {
+                let unclipped = unclipped_secure.unwrap_or(*unclipped);
                 // The noise comes from the operating system-seeded CSPRNG.
-                privacy = Some(p.close_round(plan, &mut delta, count, *unclipped, &mut rand::rng()));
+                privacy = Some(p.close_round(plan, &mut delta, count, unclipped, &mut rand::rng()));
             }
             let next = self.strategy.server.step(&self.global, delta);
             if let Some(sum) = &control_sum {
@@ -212,6 +258,8 @@ pub enum Output {
     Finished,
     /// The run cannot go on (a round kept failing): stop with this error.
     Abort(String),
+    /// Send a secure-aggregation message to the node named `node`.
+    SecAgg { node: String, message: SecAggOutput },
 }
 
 /// What an update's main section holds.
@@ -293,6 +341,8 @@ pub enum Rejection {
     NormTooLarge { norm: f64, bound: f64 },
     /// Another session of this node name is connected.
     NameInUse { node: String },
+    /// A secure-aggregation message or masked input that does not fit the round.
+    SecAgg(String),
 }
 
 impl Rejection {
@@ -310,6 +360,7 @@ impl Rejection {
             Rejection::WrongKind { .. } => "wrong_kind",
             Rejection::NormTooLarge { .. } => "norm_too_large",
             Rejection::NameInUse { .. } => "name_in_use",
+            Rejection::SecAgg(_) => "secure_aggregation",
         }
     }
 
@@ -366,6 +417,8 @@ impl fmt::Display for Rejection {
             Rejection::NormTooLarge { norm, bound } => {
                 write!(f, "update norm {norm:.4e} exceeds the bound {bound:.4e}")
             }
+            Rejection::SecAgg(m) if m.starts_with("secure aggregation") => f.write_str(m),
+            Rejection::SecAgg(m) => write!(f, "secure aggregation: {m}"),
             Rejection::NameInUse { node } => write!(
                 f,
                 "node {node} is already connected in another session; a rejoining node presents its previous \
@@ -415,6 +468,8 @@ struct RoundState {
     deadline_ms: u64,
     /// Differential privacy: this round's clipping and noise.
     privacy: Option<RoundPlan>,
+    /// Secure aggregation: the protocol's state.
+    secure: Option<SecureRound>,
 }
 
 #[derive(Debug)]
@@ -434,6 +489,7 @@ struct ClosingState {
     started_ms: u64,
     closed_ms: u64,
     attempt: u32,
+    secure: Option<SecureRecord>,
 }
 
 /// Where a run stands, for status reports.
@@ -640,6 +696,9 @@ impl RoundMachine {
     /// mean, an [`Output::Fold`] of this update).
     pub fn submit(&mut self, session: &str, update: Update, now_ms: u64) -> Result<(usize, Vec<Output>), Rejection> {
         let name = self.admit(session, update.round, update.base_version)?;
+        if matches!(&self.phase, Phase::Training(r) if r.secure.is_some()) {
+            return self.submit_masked(name, update, now_ms);
+        }
         let body = update.body;
         let numel = self.global.len();
         let sections = 1 + usize::from(body.control);
@@ -709,7 +768,7 @@ impl RoundMachine {
                 round: r.round,
                 attempt: r.attempt,
                 node: name.clone(),
-                target,
+                target: FoldTarget::Mean(target),
                 source: body.source,
                 weight,
                 scale,
@@ -774,6 +833,9 @@ impl RoundMachine {
         let Phase::Training(r) = &self.phase else {
             return Vec::new();
         };
+        if r.secure.is_some() {
+            return self.advance_secure(now_ms);
+        }
         if now_ms < r.deadline_ms || !r.folding.is_empty() {
             return Vec::new();
         }
@@ -833,6 +895,7 @@ impl RoundMachine {
             control: strategy.control.clone().map(Arc::new),
             strategy_state,
             privacy,
+            secure: state.secure,
         })]
     }
 
@@ -945,7 +1008,7 @@ impl RoundMachine {
         let state = RoundState {
             round,
             attempt,
-            selected,
+            selected: selected.clone(),
             accepted: Vec::new(),
             refused: BTreeSet::new(),
             aggregate: RoundAggregate::new(
@@ -957,6 +1020,13 @@ impl RoundMachine {
             folding: BTreeSet::new(),
             started_ms: now_ms,
             deadline_ms: now_ms + self.settings.deadline_ms,
+            secure: self.settings.secure.as_ref().map(|s| {
+                let samples = selected
+                    .iter()
+                    .map(|n| (n.clone(), self.nodes.get(n).map_or(0, |r| r.num_samples)))
+                    .collect();
+                SecureRound::new(s, round, &samples, self.global.len(), privacy.is_some(), now_ms)
+            }),
             privacy,
         };
         tracing::info!(
@@ -998,6 +1068,7 @@ impl RoundMachine {
             version: self.version,
             hyper,
             deadline_ms: r.deadline_ms,
+            secure: r.secure.as_ref().and_then(|s| s.task(node)),
         }
     }
 
@@ -1005,6 +1076,9 @@ impl RoundMachine {
         let Phase::Training(r) = &self.phase else {
             return Vec::new();
         };
+        if r.secure.is_some() {
+            return self.advance_secure(now_ms);
+        }
         if !r.folding.is_empty() {
             return Vec::new();
         }
@@ -1077,6 +1151,11 @@ impl RoundMachine {
             return Vec::new();
         };
         let unclipped = r.accepted.iter().filter(|c| !c.clipped).count();
+        let secure = r.secure.map(|s| {
+            let record = s.record(r.selected.len(), now_ms);
+            (record, s.into_job(self.update_step(r.round)))
+        });
+        let (secure_record, unmask) = secure.map_or((None, None), |(rec, job)| (Some(rec), Some(job)));
         let job = AggregationJob {
             round: r.round,
             global: self.global.clone(),
@@ -1084,6 +1163,7 @@ impl RoundMachine {
             total_nodes: self.nodes.len(),
             strategy,
             privacy: r.privacy.map(|plan| (plan, unclipped)),
+            unmask,
         };
         self.phase = Phase::Aggregating {
             round: r.round,
@@ -1093,9 +1173,253 @@ impl RoundMachine {
                 started_ms: r.started_ms,
                 closed_ms: now_ms,
                 attempt: r.attempt,
+                secure: secure_record,
             },
         };
         vec![Output::Aggregate(Box::new(job))]
+    }
+}
+
+/// Secure aggregation's steps (see [`crate::secure`]).
+impl RoundMachine {
+    /// The factor that turns what a node sends into the model change it
+    /// asks for: 1 for a delta, −η for a FedSGD gradient.
+    fn update_step(&self, round: u64) -> f64 {
+        match self.settings.train.algorithm {
+            Algorithm::FedSgd => -self.settings.train.learning_rate_at(round, self.settings.total_rounds),
+            _ => 1.0,
+        }
+    }
+
+    /// The step of the secure round in progress, for status reports.
+    pub fn secure_step(&self) -> Option<Step> {
+        self.secure_round().map(|(step, _)| step)
+    }
+
+    /// The secure round in progress: its step and Shamir threshold.
+    pub fn secure_round(&self) -> Option<(Step, usize)> {
+        match &self.phase {
+            Phase::Training(r) => r.secure.as_ref().map(|s| (s.step, s.threshold)),
+            _ => None,
+        }
+    }
+
+    /// The run's secure aggregation settings, when it uses it.
+    pub fn secure_settings(&self) -> Option<&SecureSettings> {
+        self.settings.secure.as_ref()
+    }
+
+    /// A secure-aggregation message (`bytes` on the wire) from the node
+    /// behind `session` for `round`.
+    pub fn secure_message(
+        &mut self,
+        session: &str,
+        round: u64,
+        input: SecAggInput,
+        bytes: u64,
+        now_ms: u64,
+    ) -> Result<Vec<Output>, Rejection> {
+        let name = self.node_of(session).ok_or(Rejection::UnknownSession)?.to_owned();
+        let current = self.current_round();
+        let Phase::Training(r) = &mut self.phase else {
+            return Err(Rejection::WrongRound { got: round, current });
+        };
+        if r.round != round {
+            return Err(Rejection::WrongRound {
+                got: round,
+                current: Some(r.round),
+            });
+        }
+        if !r.selected.contains(&name) {
+            return Err(Rejection::NotSelected { node: name, round });
+        }
+        let Some(s) = &mut r.secure else {
+            return Err(Rejection::SecAgg("this run does not use secure aggregation".into()));
+        };
+        s.receive(&name, input, bytes).map_err(|e| Rejection::SecAgg(e.0))?;
+        if let Some(rec) = self.nodes.get_mut(&name) {
+            rec.last_seen_ms = now_ms;
+        }
+        Ok(self.advance_secure(now_ms))
+    }
+
+    /// A masked input: checked for what can be checked (its size, its
+    /// sender's part in the protocol), then added to the masked sum.
+    fn submit_masked(&mut self, name: String, update: Update, now_ms: u64) -> Result<(usize, Vec<Output>), Rejection> {
+        let numel = self.global.len();
+        let expected_kind = match self.settings.train.algorithm {
+            Algorithm::FedSgd => UpdateKind::Gradient,
+            _ => UpdateKind::Delta,
+        };
+        let Phase::Training(r) = &mut self.phase else {
+            unreachable!("admit checked the phase");
+        };
+        let s = r.secure.as_ref().expect("checked by the caller");
+        if s.step != Step::Masking || !s.shared.contains(&name) {
+            return Err(Rejection::SecAgg(format!(
+                "node {name} did not share its keys in round {}, so its masked input could never be unmasked",
+                r.round
+            )));
+        }
+        let body = update.body;
+        if body.source.len() != numel + 1 || body.control {
+            return Err(Rejection::WrongSize {
+                got: body.source.len().saturating_sub(1),
+                expected: numel,
+            });
+        }
+        if update.num_samples == 0 {
+            return Err(Rejection::NoSamples);
+        }
+        if update.kind != expected_kind {
+            return Err(Rejection::WrongKind {
+                expected: describe(expected_kind, false),
+                got: describe(update.kind, false),
+            });
+        }
+        r.folding.insert(name.clone());
+        let out = vec![Output::Fold(Box::new(FoldJob {
+            round: r.round,
+            attempt: r.attempt,
+            node: name.clone(),
+            target: FoldTarget::Masked {
+                server: s.server.clone(),
+                id: s.ids[&name],
+            },
+            source: body.source,
+            weight: 1.0,
+            scale: 1.0,
+        }))];
+        r.accepted.push(Contribution {
+            node: name.clone(),
+            num_samples: update.num_samples,
+            metrics: update.metrics,
+            federated_eval: update.federated_eval,
+            wire_bytes: update.wire_bytes,
+            payload_bytes: update.payload_bytes,
+            // Masked: neither the norm nor clipping is visible.
+            update_norm: f64::NAN,
+            clipped: false,
+        });
+        let accepted = r.accepted.len();
+        let rec = self.nodes.get_mut(&name).expect("known node");
+        rec.rounds_contributed += 1;
+        rec.last_seen_ms = now_ms;
+        Ok((accepted, out))
+    }
+
+    /// Moves a secure round on as far as its nodes' answers (or the step
+    /// deadlines) allow.
+    fn advance_secure(&mut self, now_ms: u64) -> Vec<Output> {
+        let mut out = Vec::new();
+        let settings = self.settings.secure.clone().expect("a secure round has settings");
+        let timeout = settings.step_timeout_ms;
+        loop {
+            let Phase::Training(r) = &mut self.phase else {
+                return out;
+            };
+            let Some(s) = &mut r.secure else {
+                return out;
+            };
+            let nodes = &self.nodes;
+            let live = |n: &String| !r.refused.contains(n) && nodes.get(n).is_some_and(|rec| rec.connected);
+            let expired = now_ms >= s.step_deadline_ms;
+            let needed = s.threshold.max(self.settings.min_nodes);
+            let (round, attempt) = (r.round, r.attempt);
+            let failed = match s.step {
+                Step::Advertising => {
+                    let pending = r
+                        .selected
+                        .iter()
+                        .filter(|n| !s.advertised.contains(*n) && live(n))
+                        .count();
+                    if pending > 0 && !expired {
+                        return out;
+                    }
+                    let seed = mix(self.settings.seed, round, u64::from(attempt) ^ 0x5ec);
+                    match s.roster(round, seed, settings.neighbours, now_ms, timeout) {
+                        Ok(msgs) => {
+                            tracing::debug!(
+                                round,
+                                advertised = s.advertised.len(),
+                                "secure aggregation: roster sent"
+                            );
+                            out.extend(msgs.into_iter().map(|(node, message)| Output::SecAgg { node, message }));
+                            None
+                        }
+                        Err(e) => Some(e.0),
+                    }
+                }
+                Step::Sharing => {
+                    let pending = s
+                        .advertised
+                        .iter()
+                        .filter(|n| !s.shared.contains(*n) && live(n))
+                        .count();
+                    if pending > 0 && !expired {
+                        return out;
+                    }
+                    if s.shared.len() < needed {
+                        Some(format!(
+                            "{} nodes shared keys; the round needs {needed}",
+                            s.shared.len()
+                        ))
+                    } else {
+                        let msgs = s.forward_shares(round, r.deadline_ms, now_ms);
+                        out.extend(msgs.into_iter().map(|(node, message)| Output::SecAgg { node, message }));
+                        None
+                    }
+                }
+                Step::Masking => {
+                    if !r.folding.is_empty() {
+                        return out;
+                    }
+                    let delivered: BTreeSet<String> = r.accepted.iter().map(|c| c.node.clone()).collect();
+                    let pending = s.shared.iter().filter(|n| !delivered.contains(*n) && live(n)).count();
+                    if pending > 0 && now_ms < r.deadline_ms {
+                        return out;
+                    }
+                    if delivered.len() < needed {
+                        Some(format!(
+                            "{} masked inputs arrived; the round needs {needed}",
+                            delivered.len()
+                        ))
+                    } else {
+                        tracing::info!(
+                            round,
+                            survivors = delivered.len(),
+                            dropped = s.shared.len() - delivered.len(),
+                            "secure aggregation: asking the survivors to unmask"
+                        );
+                        let msgs = s.unmask(round, delivered, now_ms, timeout);
+                        out.extend(msgs.into_iter().map(|(node, message)| Output::SecAgg { node, message }));
+                        None
+                    }
+                }
+                Step::Unmasking => {
+                    let pending = s
+                        .survivors
+                        .iter()
+                        .filter(|n| !s.reveals.contains_key(*n) && nodes.get(*n).is_some_and(|rec| rec.connected))
+                        .count();
+                    if pending > 0 && !expired {
+                        return out;
+                    }
+                    out.extend(self.close(now_ms));
+                    return out;
+                }
+            };
+            if let Some(reason) = failed {
+                tracing::warn!(
+                    round,
+                    attempt,
+                    reason,
+                    "secure aggregation: too few nodes; retrying the round"
+                );
+                out.extend(self.retry(now_ms));
+                return out;
+            }
+        }
     }
 }
 
@@ -1138,6 +1462,7 @@ mod tests {
             failure_cooldown_rounds: 3,
             federated_every: 1,
             train: TrainConfig::default(),
+            secure: None,
         }
     }
 
@@ -1755,5 +2080,229 @@ mod tests {
         assert_eq!(e.to_string(), "update norm 5.0000e1 exceeds the bound 1.0000e1");
         assert!(e.is_content());
         submit(&mut m, "s-a", update(1, 0, vec![3.0, 4.0], 1), 0).unwrap();
+    }
+
+    /// A secure round of five nodes, driven without sockets by real
+    /// `secagg::Client`s: one node drops after sharing keys (no masked
+    /// input), one after sending its masked input (no unmasking answer).
+    /// The round closes with the survivors' weighted mean, within the
+    /// quantization bound, and a record of who did what.
+    #[test]
+    fn a_secure_round_survives_dropouts_and_yields_the_weighted_mean() {
+        use fedge_common::secagg::{Client, Quantizer};
+        let numel = 6;
+        let mut s = settings(3, 1.0);
+        s.min_available = 5;
+        s.secure = Some(SecureSettings {
+            neighbours: 0,
+            max_dropout: 0.4,
+            range: 1.0,
+            step_timeout_ms: 1000,
+        });
+        let mut m = machine(s, vec![0.0; numel]);
+        let names = ["a", "b", "c", "d", "e"];
+        let mut tasks = BTreeMap::new();
+        for (i, n) in names.iter().enumerate() {
+            m.join(n, &format!("s-{n}"), 10 * (i as u64 + 1), None).unwrap();
+            for o in m.connect(&format!("s-{n}"), 0).unwrap() {
+                if let Output::Assign { node, task } = o {
+                    tasks.insert(node, task.secure.expect("a secure task"));
+                }
+            }
+        }
+        assert_eq!(tasks.len(), 5);
+        assert_eq!(tasks["a"].threshold, 3, "⌈0.6 · 5⌉");
+        let mut rng = rand::rng();
+        let mut clients = BTreeMap::new();
+        let mut out = Vec::new();
+        for n in names {
+            let (c, keys) = Client::new(tasks[n].id, 1, &mut rng);
+            clients.insert(n, c);
+            out = m
+                .secure_message(&format!("s-{n}"), 1, SecAggInput::Advertise(keys), 68, 1)
+                .unwrap();
+        }
+        // The last advertisement closes the step: a roster for everyone.
+        let mut shares_out = Vec::new();
+        for o in out {
+            let Output::SecAgg {
+                node,
+                message: SecAggOutput::Roster { nodes, neighbours, .. },
+            } = o
+            else {
+                panic!("expected rosters, got {o:?}");
+            };
+            let c = clients.get_mut(node.as_str()).unwrap();
+            let sealed = c.share_keys(&nodes, &neighbours, tasks[&node].threshold).unwrap();
+            shares_out.push((node, sealed));
+        }
+        let mut forwarded = Vec::new();
+        for (node, sealed) in shares_out {
+            forwarded = m
+                .secure_message(&format!("s-{node}"), 1, SecAggInput::Shares(sealed), 500, 2)
+                .unwrap();
+        }
+        assert_eq!(forwarded.len(), 5);
+        for o in forwarded {
+            let Output::SecAgg {
+                node,
+                message: SecAggOutput::Shares { shares, .. },
+            } = o
+            else {
+                panic!("expected shares, got {o:?}");
+            };
+            clients.get_mut(node.as_str()).unwrap().receive_shares(&shares).unwrap();
+        }
+        // "d" leaves before sending its input; the others send theirs.
+        m.disconnect("s-d", 3);
+        let updates: BTreeMap<&str, Vec<f32>> = names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| {
+                (
+                    *n,
+                    (0..numel)
+                        .map(|j| ((i * numel + j) as f32 * 0.37).sin() * 0.1)
+                        .collect(),
+                )
+            })
+            .collect();
+        let mut unmask = Vec::new();
+        for n in ["a", "b", "c", "e"] {
+            let t = &tasks[n];
+            let mut values: Vec<f32> = updates[n].iter().map(|v| v * t.weight as f32).collect();
+            values.push(1.0);
+            let q: Quantizer = t.quantizer;
+            let masked = clients[n].mask(&q.quantize(&values, &mut rng));
+            let bits: Vec<f32> = masked.iter().map(|w| f32::from_bits(*w)).collect();
+            let mut u = update(1, 0, vec![0.0; numel], 10);
+            u.body.source = Arc::new(bits);
+            u.body.non_finite = None;
+            unmask = submit(&mut m, &format!("s-{n}"), u, 4).unwrap().1;
+        }
+        // The masked inputs are not the updates: a masked value is anywhere in the ring.
+        let requests: Vec<(String, fedge_common::secagg::UnmaskRequest)> = unmask
+            .into_iter()
+            .map(|o| match o {
+                Output::SecAgg {
+                    node,
+                    message: SecAggOutput::Unmask { request, .. },
+                } => (node, request),
+                other => panic!("expected unmasking requests, got {other:?}"),
+            })
+            .collect();
+        assert_eq!(requests.len(), 4);
+        assert_eq!(requests[0].1.dropped, vec![tasks["d"].id]);
+        // "e" leaves without answering; the other three are the threshold.
+        m.disconnect("s-e", 5);
+        let mut closing = Vec::new();
+        for (node, req) in requests.iter().filter(|(n, _)| n != "e") {
+            let reveal = clients.get_mut(node.as_str()).unwrap().unmask(req).unwrap();
+            closing = m
+                .secure_message(&format!("s-{node}"), 1, SecAggInput::Reveal(reveal), 100, 6)
+                .unwrap();
+        }
+        let closed = closed_round(&mut m, closing, 6);
+        let survivors = ["a", "b", "c", "e"];
+        let wsum: f64 = survivors.iter().map(|n| tasks[*n].weight).sum();
+        let step = tasks["a"].quantizer.step();
+        for (j, got) in closed.global.iter().enumerate() {
+            let expected: f64 = survivors
+                .iter()
+                .map(|n| tasks[*n].weight * f64::from(updates[*n][j]))
+                .sum::<f64>()
+                / wsum;
+            let got = f64::from(*got);
+            assert!(
+                (got - expected).abs() <= 4.0 * step / wsum + 1e-6,
+                "value {j}: {got} against {expected}"
+            );
+        }
+        let rec = closed.secure.expect("a secure record");
+        assert_eq!(
+            (
+                rec.selected,
+                rec.advertised,
+                rec.shared,
+                rec.survivors,
+                rec.dropped,
+                rec.revealed
+            ),
+            (5, 5, 5, 4, 1, 3)
+        );
+        assert_eq!(closed.contributions.len(), 4);
+        assert!(closed.contributions.iter().all(|c| c.update_norm.is_nan()));
+    }
+
+    #[test]
+    fn secure_messages_out_of_step_or_from_strangers_are_refused() {
+        use fedge_common::secagg::Client;
+        let mut s = settings(3, 1.0);
+        s.secure = Some(SecureSettings {
+            neighbours: 0,
+            max_dropout: 0.3,
+            range: 1.0,
+            step_timeout_ms: 1000,
+        });
+        let mut m = machine(s, vec![0.0; 4]);
+        fleet(&mut m);
+        m.join("z", "s-z", 10, None).unwrap();
+        let (_, keys) = Client::new(0, 1, &mut rand::rng());
+        let err = |r: Result<Vec<Output>, Rejection>| r.unwrap_err().to_string();
+        // "a" is number 0 (names in order): its keys are taken, once.
+        assert!(
+            m.secure_message("s-a", 1, SecAggInput::Advertise(keys.clone()), 0, 1)
+                .unwrap()
+                .is_empty()
+        );
+        assert_eq!(
+            err(m.secure_message("s-a", 1, SecAggInput::Advertise(keys.clone()), 0, 1)),
+            "secure aggregation: node 0 advertised twice"
+        );
+        let (_, wrong) = Client::new(2, 1, &mut rand::rng());
+        assert_eq!(
+            err(m.secure_message("s-b", 1, SecAggInput::Advertise(wrong), 0, 1)),
+            "secure aggregation: node b is number 1 in this round, not 2"
+        );
+        assert_eq!(
+            err(m.secure_message("s-b", 1, SecAggInput::Shares(Vec::new()), 0, 1)),
+            "secure aggregation: shares came while the round is advertising"
+        );
+        assert_eq!(
+            err(m.secure_message("s-b", 2, SecAggInput::Shares(Vec::new()), 0, 1)),
+            "update for round 2; round 1 is in progress"
+        );
+        assert!(err(m.secure_message("s-z", 1, SecAggInput::Advertise(keys), 0, 1)).contains("not selected"));
+        // A masked input from a node that shared no keys cannot be unmasked.
+        let err = submit(&mut m, "s-c", update(1, 0, vec![0.0; 5], 10), 2)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "secure aggregation: node c did not share its keys in round 1, so its masked input could never be unmasked"
+        );
+    }
+
+    #[test]
+    fn a_secure_round_with_too_few_keys_is_retried_at_the_step_deadline() {
+        let mut s = settings(3, 1.0);
+        s.secure = Some(SecureSettings {
+            neighbours: 0,
+            max_dropout: 0.3,
+            range: 1.0,
+            step_timeout_ms: 1000,
+        });
+        let mut m = machine(s, vec![0.0; 4]);
+        fleet(&mut m);
+        let (_, keys) = fedge_common::secagg::Client::new(0, 1, &mut rand::rng());
+        assert!(
+            m.secure_message("s-a", 1, SecAggInput::Advertise(keys), 0, 1)
+                .unwrap()
+                .is_empty()
+        );
+        assert!(m.tick(999).is_empty());
+        let out = m.tick(1000);
+        assert_eq!(assigned(&out), ["a", "b", "c"], "a fresh attempt with fresh keys");
+        assert_eq!(m.secure_step(), Some(Step::Advertising));
     }
 }

@@ -13,6 +13,8 @@ use std::path::PathBuf;
 use fedge_common::codec::Codec;
 use fedge_common::params::Manifest;
 use fedge_common::pb::{self, PROTOCOL_VERSION};
+use fedge_common::secagg::{Advertise, NodeId, SealedShares};
+use fedge_common::wire::secagg::reveal_from_wire;
 use fedge_common::wire::{chunks, metrics_from_wire, tensors_from_wire};
 use prost::Message;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
@@ -24,6 +26,7 @@ use crate::config::LimitsConfig;
 use crate::driver::{Command, ModelSnapshot, Traffic};
 use crate::intake::{Intake, Received, SpoolBudget};
 use crate::round::{Body, Rejection, Update, UpdateKind};
+use crate::secure::SecAggInput;
 use crate::security::Authenticator;
 
 /// Implements `fedge.v1.Federation`.
@@ -187,6 +190,7 @@ pub fn rejection_status(r: &Rejection) -> Status {
         Rejection::UnknownSession => Status::unauthenticated(msg),
         Rejection::WrongRound { .. } | Rejection::WrongBaseVersion { .. } => Status::failed_precondition(msg),
         Rejection::NotSelected { .. } => Status::permission_denied(msg),
+        Rejection::SecAgg(_) => Status::failed_precondition(msg),
         Rejection::Duplicate { .. } | Rejection::NameInUse { .. } => Status::already_exists(msg),
         Rejection::WrongSize { .. }
         | Rejection::NonFinite { .. }
@@ -397,6 +401,10 @@ impl pb::federation_server::Federation for FederationService {
         })))
     }
 
+    async fn secure_aggregation(&self, request: Request<pb::SecAggMessage>) -> Result<Response<pb::SecAggAck>, Status> {
+        self.secure_message(request).await
+    }
+
     async fn submit_update(
         &self,
         request: Request<Streaming<pb::UpdateChunk>>,
@@ -494,6 +502,49 @@ impl pb::federation_server::Federation for FederationService {
 }
 
 impl FederationService {
+    /// Secure aggregation: a node's keys, sealed shares or unmasking answer.
+    async fn secure_message(&self, request: Request<pb::SecAggMessage>) -> Result<Response<pb::SecAggAck>, Status> {
+        let peer = self.auth.peer_identity(&request)?;
+        let msg = request.into_inner();
+        let bytes = msg.encoded_len() as u64;
+        let session = msg.node_id.clone();
+        if let Some(cn) = peer.as_deref() {
+            let node = self
+                .ask(|reply| Command::Identify {
+                    session: session.clone(),
+                    reply,
+                })
+                .await?
+                .ok_or_else(|| rejection_status(&Rejection::UnknownSession))?;
+            self.auth.check_session(Some(cn), &node)?;
+        }
+        let input = match &msg.kind {
+            Some(pb::sec_agg_message::Kind::Advertise(k)) => {
+                SecAggInput::Advertise(Advertise::try_from(k).map_err(|e| Status::invalid_argument(e.to_string()))?)
+            }
+            Some(pb::sec_agg_message::Kind::Shares(s)) => {
+                SecAggInput::Shares(s.shares.iter().map(SealedShares::from).collect())
+            }
+            Some(pb::sec_agg_message::Kind::Reveal(r)) => SecAggInput::Reveal(reveal_from_wire(NodeId::MAX, r)),
+            None => return Err(Status::invalid_argument("a secure aggregation message with no content")),
+        };
+        let round = msg.round;
+        self.traffic.bytes_up.fetch_add(bytes, Ordering::Relaxed);
+        self.ask(|reply| Command::SecAgg {
+            session,
+            round,
+            input,
+            bytes,
+            reply,
+        })
+        .await?
+        .map_err(|r| {
+            tracing::warn!(round, reason = %r, "secure aggregation message refused");
+            rejection_status(&r)
+        })?;
+        Ok(Response::new(pb::SecAggAck { round }))
+    }
+
     async fn read_payload(
         &self,
         stream: &mut Streaming<pb::UpdateChunk>,
@@ -517,9 +568,14 @@ impl FederationService {
         }
         let sections = if header.has_control_delta { 2 } else { 1 };
         let expected = wire_manifest.payload_bytes;
+        // A masked input carries one value beyond the model's (the clipping indicator).
+        let values = match self.codec {
+            Codec::Masked => manifest.numel() + 1,
+            _ => manifest.numel(),
+        };
         let mut intake = Intake::new(
             self.codec,
-            manifest.numel(),
+            values,
             sections,
             expected,
             &self.spool_dir,

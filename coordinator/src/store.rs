@@ -46,8 +46,9 @@ pub struct Participant {
     pub holdout_loss: Option<f64>,
     pub holdout_accuracy: Option<f64>,
     pub holdout_examples: u64,
-    /// L2 norm of the update as received.
-    pub update_norm: f64,
+    /// L2 norm of the update as received (`null` under secure aggregation,
+    /// where the coordinator sees only the sum).
+    pub update_norm: Option<f64>,
     /// Whether the update was scaled down to `strategy.clip_norm`.
     pub clipped: bool,
 }
@@ -92,6 +93,10 @@ pub struct RoundRecord {
     /// by the run after it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub privacy: Option<crate::privacy::RoundPrivacy>,
+    /// Secure aggregation: threshold, quantization, who took part in each
+    /// step, protocol bytes and time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secure_aggregation: Option<crate::secure::SecureRecord>,
 }
 
 /// `run.json`.
@@ -323,7 +328,7 @@ pub fn participant(c: &crate::round::Contribution, bytes_down: u64) -> Participa
         holdout_loss: c.federated_eval.map(|e| e.loss),
         holdout_accuracy: c.federated_eval.map(|e| e.accuracy),
         holdout_examples: c.federated_eval.map_or(0, |e| e.examples),
-        update_norm: c.update_norm,
+        update_norm: c.update_norm.is_finite().then_some(c.update_norm),
         clipped: c.clipped,
     }
 }
@@ -446,6 +451,7 @@ mod tests {
             eval_seconds: 0.0,
             round_seconds: 0.0,
             privacy: None,
+            secure_aggregation: None,
         }
     }
 
@@ -461,6 +467,7 @@ mod tests {
             control: None,
             strategy_state: std::sync::Arc::new((BTreeMap::from([("server.m".to_string(), m)]), round)),
             privacy: None,
+            secure: None,
         }
     }
 

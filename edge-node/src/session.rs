@@ -9,6 +9,7 @@ use fedge_common::codec::Codec;
 use fedge_common::model::ModelKind;
 use fedge_common::params::{Manifest, save_safetensors};
 use fedge_common::pb::{self, PROTOCOL_VERSION, federation_client::FederationClient};
+use fedge_common::secagg;
 use fedge_common::train::{Algorithm, Hyperparameters};
 use fedge_common::wire::{PayloadReader, chunks, crc32, metrics_to_wire, update_manifest};
 use tonic::transport::Channel;
@@ -128,7 +129,15 @@ pub async fn run_session(ctx: SessionCtx<'_>) -> Result<SessionEnd> {
         })
         .await?
         .into_inner();
-    while let Some(msg) = instructions.message().await? {
+    let mut pending: Option<pb::Instruction> = None;
+    loop {
+        let msg = match pending.take() {
+            Some(m) => m,
+            None => match instructions.message().await? {
+                Some(m) => m,
+                None => return Ok(SessionEnd::StreamClosed),
+            },
+        };
         match msg.kind {
             Some(pb::instruction::Kind::Train(task)) => {
                 let run = RunInfo {
@@ -139,26 +148,51 @@ pub async fn run_session(ctx: SessionCtx<'_>) -> Result<SessionEnd> {
                     input_shape: ctx.data_shape,
                     feed: ctx.feed,
                 };
-                handle_task(
-                    &mut client,
-                    &session,
-                    run,
-                    task,
-                    ctx.config,
-                    ctx.trainer,
-                    ctx.num_samples,
-                    ctx.cache,
-                    ctx.stats,
-                )
-                .await?;
+                let mut node = NodeCtx {
+                    client: &mut client,
+                    session: &session,
+                    config: ctx.config,
+                    trainer: ctx.trainer,
+                    num_samples: ctx.num_samples,
+                    cache: ctx.cache,
+                    stats: ctx.stats,
+                    instructions: &mut instructions,
+                };
+                match handle_task(&mut node, run, task).await? {
+                    Next::Read => {}
+                    Next::Handle(m) => pending = Some(m),
+                    Next::Closed => return Ok(SessionEnd::StreamClosed),
+                }
             }
             Some(pb::instruction::Kind::Stop(stop)) => {
                 return Ok(SessionEnd::Stopped { reason: stop.reason });
             }
+            Some(_) => tracing::debug!("secure aggregation message outside a secure round; ignored"),
             None => return Err(Error::Protocol("empty instruction".into())),
         }
     }
-    Ok(SessionEnd::StreamClosed)
+}
+
+/// What a session does after a task.
+enum Next {
+    /// Read the next instruction.
+    Read,
+    /// Handle this instruction, read while the task ran.
+    Handle(pb::Instruction),
+    /// The instruction stream closed.
+    Closed,
+}
+
+/// The session's connection and the node's state, for one task.
+struct NodeCtx<'a, 'b> {
+    client: &'a mut FederationClient<Channel>,
+    session: &'a str,
+    config: &'a NodeConfig,
+    trainer: &'a Trainer,
+    num_samples: u64,
+    cache: &'b mut ModelCache,
+    stats: &'b mut NodeStats,
+    instructions: &'a mut tonic::Streaming<pb::Instruction>,
 }
 
 /// What the run asks this node to build.
@@ -172,28 +206,33 @@ struct RunInfo<'a> {
     feed: Option<&'a crate::serve::ModelFeed>,
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn handle_task(
-    client: &mut FederationClient<Channel>,
-    session: &str,
-    run: RunInfo<'_>,
-    task: pb::TrainTask,
-    config: &NodeConfig,
-    trainer: &Trainer,
-    num_samples: u64,
-    cache: &mut ModelCache,
-    stats: &mut NodeStats,
-) -> Result<()> {
+async fn handle_task(node: &mut NodeCtx<'_, '_>, run: RunInfo<'_>, task: pb::TrainTask) -> Result<Next> {
     let round = task.round;
     let h = task
         .hyperparameters
         .ok_or_else(|| Error::Protocol("task without hyper-parameters".into()))?;
     let hyper = Hyperparameters::try_from(&h)?;
-    if cache.version != Some(task.model_version) {
-        let (manifest, params) = fetch(client, session, task.model_version, pb::ModelPart::Parameters, stats).await?;
-        cache.version = Some(task.model_version);
-        cache.manifest = Arc::new(manifest);
-        cache.params = Arc::new(params);
+    // Secure aggregation: fresh keys go out first, so the round's key
+    // exchange runs while this node fetches the model and trains.
+    let mut secure = match task.secure_aggregation {
+        Some(sec) => match SecureSession::start(node, round, sec).await {
+            Some(s) => Some(s),
+            None => return Ok(Next::Read),
+        },
+        None => None,
+    };
+    if node.cache.version != Some(task.model_version) {
+        let (manifest, params) = fetch(
+            node.client,
+            node.session,
+            task.model_version,
+            pb::ModelPart::Parameters,
+            node.stats,
+        )
+        .await?;
+        node.cache.version = Some(task.model_version);
+        node.cache.manifest = Arc::new(manifest);
+        node.cache.params = Arc::new(params);
         if let Some(feed) = run.feed {
             feed.send_replace(Some(Arc::new(crate::serve::ServedModel {
                 run_id: run.run_id.to_owned(),
@@ -201,18 +240,25 @@ async fn handle_task(
                 kind: run.kind,
                 input_shape: run.input_shape,
                 classes: run.class_names.to_vec(),
-                manifest: cache.manifest.clone(),
-                params: cache.params.clone(),
+                manifest: node.cache.manifest.clone(),
+                params: node.cache.params.clone(),
             })));
         }
     }
     let server_control = if hyper.algorithm == Algorithm::Scaffold {
-        match &cache.control {
+        match &node.cache.control {
             Some((v, c)) if *v == task.model_version => Some(c.clone()),
             _ => {
-                let (_, c) = fetch(client, session, task.model_version, pb::ModelPart::ServerControl, stats).await?;
+                let (_, c) = fetch(
+                    node.client,
+                    node.session,
+                    task.model_version,
+                    pb::ModelPart::ServerControl,
+                    node.stats,
+                )
+                .await?;
                 let c = Arc::new(c);
-                cache.control = Some((task.model_version, c.clone()));
+                node.cache.control = Some((task.model_version, c.clone()));
                 Some(c)
             }
         }
@@ -227,19 +273,42 @@ async fn handle_task(
         lr = hyper.learning_rate,
         "training"
     );
-    let result = trainer
-        .train(Job {
-            run_id: run.run_id.to_owned(),
-            round,
-            kind: run.kind,
-            classes: run.class_names.len() as i64,
-            manifest: cache.manifest.clone(),
-            global: cache.params.clone(),
-            server_control,
-            hyper,
-            codec: run.codec,
-        })
-        .await?;
+    let job = Job {
+        run_id: run.run_id.to_owned(),
+        round,
+        kind: run.kind,
+        classes: run.class_names.len() as i64,
+        manifest: node.cache.manifest.clone(),
+        global: node.cache.params.clone(),
+        server_control,
+        hyper,
+        codec: run.codec,
+    };
+    let mut result = match &mut secure {
+        None => node.trainer.train(job).await?,
+        Some(sec) => {
+            // Keys are shared while training runs; the masked input needs both.
+            let training = node.trainer.train(job);
+            tokio::pin!(training);
+            let mut trained = None;
+            loop {
+                if trained.is_some() && sec.ready() {
+                    break trained.take().expect("checked above");
+                }
+                tokio::select! {
+                    done = &mut training, if trained.is_none() => trained = Some(done?),
+                    msg = node.instructions.message() => match msg? {
+                        None => return Ok(Next::Closed),
+                        Some(m) => {
+                            if let Some(next) = sec.handle(node, m).await {
+                                return Ok(next);
+                            }
+                        }
+                    },
+                }
+            }
+        }
+    };
     let m = &result.metrics;
     tracing::info!(
         round,
@@ -253,35 +322,72 @@ async fn handle_task(
             .unwrap_or_else(|| "-".into()),
         "local training done"
     );
+    let config = node.config;
     if let Some(dir) = &config.record_dir {
         let meta = HashMap::from([
             ("node".to_string(), config.name.clone()),
             ("round".to_string(), round.to_string()),
             ("base_version".to_string(), task.model_version.to_string()),
-            ("num_samples".to_string(), num_samples.to_string()),
+            ("num_samples".to_string(), node.num_samples.to_string()),
         ]);
         let path = dir.join(format!("round-{round:04}.safetensors"));
-        save_safetensors(&path, &cache.manifest, &result.delta, meta)?;
+        save_safetensors(&path, &node.cache.manifest, &result.delta, meta)?;
     }
     let has_control_delta = result.control_delta.is_some();
     let values = result.delta.len() + result.control_delta.as_ref().map_or(0, Vec::len);
+    let (payload, codec) = match secure.take() {
+        Some(sec) => {
+            // The clipping indicator travels inside the masked sum, not in the clear.
+            let unclipped = result.metrics.unclipped.take() == Some(true);
+            let delta = std::mem::take(&mut result.delta);
+            let (sec, payload) = tokio::task::spawn_blocking(move || {
+                let payload = sec.masked_payload(delta, unclipped);
+                (sec, payload)
+            })
+            .await
+            .map_err(|e| Error::Trainer(format!("masking task failed: {e}")))?;
+            secure = Some(sec);
+            (prost::bytes::Bytes::from(payload), Codec::Masked)
+        }
+        None => (
+            prost::bytes::Bytes::from(std::mem::take(&mut result.payload)),
+            run.codec,
+        ),
+    };
     drop(result.delta);
-    let payload = prost::bytes::Bytes::from(result.payload);
+    let header = pb::UpdateHeader {
+        node_id: node.session.to_owned(),
+        round,
+        base_version: task.model_version,
+        num_samples: node.num_samples,
+        manifest: Some(update_manifest(&node.cache.manifest, &codec, payload.len() as u64)),
+        metrics: Some(metrics_to_wire(&result.metrics, result.holdout.as_ref())),
+        kind: if result.is_gradient {
+            pb::UpdateKind::Gradient
+        } else {
+            pb::UpdateKind::Delta
+        } as i32,
+        has_control_delta,
+    };
+    let delivered = upload(node, header, payload, values, codec).await?;
+    match secure {
+        Some(mut sec) if delivered => sec.await_unmask(node).await,
+        _ => Ok(Next::Read),
+    }
+}
+
+/// Sends an update (header, chunks, trailer), retrying transient failures.
+/// Returns whether the coordinator took it.
+async fn upload(
+    node: &mut NodeCtx<'_, '_>,
+    header: pb::UpdateHeader,
+    payload: prost::bytes::Bytes,
+    values: usize,
+    codec: Codec,
+) -> Result<bool> {
+    let (config, round) = (node.config, header.round);
     let header = pb::UpdateChunk {
-        part: Some(pb::update_chunk::Part::Header(pb::UpdateHeader {
-            node_id: session.to_owned(),
-            round,
-            base_version: task.model_version,
-            num_samples,
-            manifest: Some(update_manifest(&cache.manifest, &run.codec, payload.len() as u64)),
-            metrics: Some(metrics_to_wire(m, result.holdout.as_ref())),
-            kind: if result.is_gradient {
-                pb::UpdateKind::Gradient
-            } else {
-                pb::UpdateKind::Delta
-            } as i32,
-            has_control_delta,
-        })),
+        part: Some(pb::update_chunk::Part::Header(header)),
     };
     let trailer = pb::UpdateChunk {
         part: Some(pb::update_chunk::Part::Trailer(pb::Trailer { crc32: crc32(&payload) })),
@@ -303,30 +409,31 @@ async fn handle_task(
     let mut backoff = crate::backoff::Backoff::new(config.reconnect.initial, config.reconnect.max);
     let mut attempt = 1;
     loop {
-        let result = client
+        let result = node
+            .client
             .submit_update(upload_stream(msgs.clone(), config.upload_bytes_per_sec))
             .await;
         match result {
             Ok(ack) => {
-                stats.rounds_trained += 1;
-                stats.bytes_up += sent;
+                node.stats.rounds_trained += 1;
+                node.stats.bytes_up += sent;
                 tracing::info!(
                     round,
                     bytes = sent,
                     payload_bytes = payload.len(),
-                    codec = %run.codec,
+                    codec = %codec,
                     compression = format!("{:.1}x", (values * 4) as f64 / payload.len().max(1) as f64),
                     accepted_in_round = ack.get_ref().accepted_in_round,
                     attempt,
                     "update submitted"
                 );
-                return Ok(());
+                return Ok(true);
             }
             Err(s) if s.code() == tonic::Code::AlreadyExists && attempt > 1 => {
                 // The earlier attempt arrived; only its acknowledgement was lost.
-                stats.rounds_trained += 1;
+                node.stats.rounds_trained += 1;
                 tracing::info!(round, attempt, "update already counted (an earlier attempt arrived)");
-                return Ok(());
+                return Ok(true);
             }
             Err(s) if s.code() == tonic::Code::Unauthenticated => return Err(Error::Status(s)),
             Err(s) if retryable(s.code()) && attempt < SUBMIT_ATTEMPTS => {
@@ -345,7 +452,200 @@ async fn handle_task(
             Err(s) => {
                 // The round moved on or the update was refused: wait for the next task.
                 tracing::warn!(round, code = ?s.code(), reason = s.message(), "update refused");
-                return Ok(());
+                return Ok(false);
+            }
+        }
+    }
+}
+
+/// This node's side of one secure round (see `fedge_common::secagg`).
+struct SecureSession {
+    round: u64,
+    task: pb::SecureAggregationTask,
+    client: secagg::Client,
+    shared: bool,
+    received: bool,
+}
+
+impl SecureSession {
+    /// Makes fresh keys and advertises them; `None` when the coordinator
+    /// refuses them (the round goes on without this node).
+    async fn start(node: &mut NodeCtx<'_, '_>, round: u64, task: pb::SecureAggregationTask) -> Option<Self> {
+        let (client, keys) = secagg::Client::new(task.id, round, &mut rand::rng());
+        let s = Self {
+            round,
+            task,
+            client,
+            shared: false,
+            received: false,
+        };
+        let msg = pb::sec_agg_message::Kind::Advertise(pb::SecAggKeys::from(&keys));
+        s.send(node, msg, "keys").await.then_some(s)
+    }
+
+    /// Sends one protocol message; logs and returns false when refused.
+    async fn send(&self, node: &mut NodeCtx<'_, '_>, kind: pb::sec_agg_message::Kind, what: &str) -> bool {
+        let msg = pb::SecAggMessage {
+            node_id: node.session.to_owned(),
+            round: self.round,
+            kind: Some(kind),
+        };
+        node.stats.bytes_up += prost::Message::encoded_len(&msg) as u64;
+        match node.client.secure_aggregation(msg).await {
+            Ok(_) => true,
+            Err(s) => {
+                tracing::warn!(round = self.round, what, code = ?s.code(), reason = s.message(), "secure aggregation message refused");
+                false
+            }
+        }
+    }
+
+    /// Whether the node may send its masked input.
+    fn ready(&self) -> bool {
+        self.shared && self.received
+    }
+
+    /// Handles an instruction that arrived during the round. Returns what
+    /// the session must do instead of going on with this round, if anything.
+    async fn handle(&mut self, node: &mut NodeCtx<'_, '_>, msg: pb::Instruction) -> Option<Next> {
+        use pb::instruction::Kind;
+        node.stats.bytes_down += prost::Message::encoded_len(&msg) as u64;
+        match msg.kind {
+            Some(Kind::SecaggRoster(r)) if r.round == self.round => {
+                let roster: std::result::Result<Vec<secagg::Advertise>, _> =
+                    r.nodes.iter().map(secagg::Advertise::try_from).collect();
+                let sealed = roster.map_err(|e| e.to_string()).and_then(|roster| {
+                    self.client
+                        .share_keys(&roster, &r.neighbours, self.task.threshold as usize)
+                        .map_err(|e| e.to_string())
+                });
+                match sealed {
+                    Ok(sealed) => {
+                        let kind = pb::sec_agg_message::Kind::Shares(pb::SealedShares {
+                            shares: sealed.iter().map(pb::SealedShare::from).collect(),
+                        });
+                        if !self.send(node, kind, "shares").await {
+                            return Some(Next::Read);
+                        }
+                        self.shared = true;
+                        tracing::debug!(
+                            round = self.round,
+                            holders = sealed.len(),
+                            "secure aggregation: shares sent"
+                        );
+                        None
+                    }
+                    Err(reason) => {
+                        tracing::warn!(
+                            round = self.round,
+                            reason,
+                            "secure aggregation: cannot share keys; leaving the round"
+                        );
+                        Some(Next::Read)
+                    }
+                }
+            }
+            Some(Kind::SecaggShares(s)) if s.round == self.round => {
+                let shares: Vec<secagg::SealedShares> = s.shares.iter().map(secagg::SealedShares::from).collect();
+                match self.client.receive_shares(&shares) {
+                    Ok(()) => {
+                        self.received = true;
+                        None
+                    }
+                    Err(e) => {
+                        tracing::warn!(round = self.round, reason = %e, "secure aggregation: bad shares; leaving the round");
+                        Some(Next::Read)
+                    }
+                }
+            }
+            Some(Kind::SecaggUnmask(u)) if u.round == self.round => {
+                self.answer(node, &u).await;
+                None
+            }
+            Some(Kind::SecaggRoster(_) | Kind::SecaggShares(_) | Kind::SecaggUnmask(_)) => {
+                tracing::debug!(
+                    round = self.round,
+                    "secure aggregation message for another round; ignored"
+                );
+                None
+            }
+            _ => Some(Next::Handle(msg)),
+        }
+    }
+
+    /// Answers an unmasking request, or refuses it (logged) when answering
+    /// would reveal an update.
+    async fn answer(&mut self, node: &mut NodeCtx<'_, '_>, u: &pb::SecAggUnmask) -> bool {
+        match self.client.unmask(&secagg::UnmaskRequest::from(u)) {
+            Ok(reveal) => {
+                let kind = pb::sec_agg_message::Kind::Reveal(fedge_common::wire::secagg::reveal_to_wire(&reveal));
+                let sent = self.send(node, kind, "unmasking answer").await;
+                if sent {
+                    tracing::info!(
+                        round = self.round,
+                        survivors = u.survivors.len(),
+                        dropped = u.dropped.len(),
+                        "secure aggregation: unmasking answered"
+                    );
+                }
+                sent
+            }
+            Err(e) => {
+                tracing::warn!(round = self.round, reason = %e, "secure aggregation: unmasking request refused");
+                false
+            }
+        }
+    }
+
+    /// The masked input: `weight · update` clamped and quantized, the
+    /// clipping indicator after it, masked (blocking, CPU-bound).
+    fn masked_payload(&self, mut values: Vec<f32>, unclipped: bool) -> Vec<u8> {
+        let q = secagg::Quantizer {
+            range: self.task.range,
+            bits: self.task.bits,
+        };
+        let w = self.task.weight as f32;
+        let mut clamped = 0usize;
+        for v in &mut values {
+            *v *= w;
+            if v.abs() > q.range {
+                clamped += 1;
+            }
+        }
+        if clamped > 0 {
+            tracing::warn!(
+                round = self.round,
+                clamped,
+                range = q.range,
+                "update values beyond secure_aggregation.range were clamped"
+            );
+        }
+        values.push(if unclipped { 1.0 } else { 0.0 });
+        let quantized = q.quantize(&values, &mut rand::rng());
+        drop(values);
+        let masked = self.client.mask(&quantized);
+        masked.iter().flat_map(|w| w.to_le_bytes()).collect()
+    }
+
+    /// After the masked input went out: waits for the unmasking request
+    /// and answers it once.
+    async fn await_unmask(&mut self, node: &mut NodeCtx<'_, '_>) -> Result<Next> {
+        loop {
+            let Some(msg) = node.instructions.message().await? else {
+                return Ok(Next::Closed);
+            };
+            node.stats.bytes_down += prost::Message::encoded_len(&msg) as u64;
+            match msg.kind {
+                Some(pb::instruction::Kind::SecaggUnmask(u)) if u.round == self.round => {
+                    self.answer(node, &u).await;
+                    return Ok(Next::Read);
+                }
+                Some(
+                    pb::instruction::Kind::SecaggRoster(_)
+                    | pb::instruction::Kind::SecaggShares(_)
+                    | pb::instruction::Kind::SecaggUnmask(_),
+                ) => {}
+                _ => return Ok(Next::Handle(msg)),
             }
         }
     }

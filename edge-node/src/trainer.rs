@@ -233,7 +233,10 @@ impl Trainer {
                             privatize(&mut r, p, job.hyper.learning_rate, &mut rand::rng());
                         }
                         adversary.apply(&mut r.delta, job.hyper.seed);
-                        r.payload = state.encode(&job, &r.delta, r.control_delta.as_deref())?;
+                        // Secure aggregation masks the raw values (in the session).
+                        if job.codec != Codec::Masked {
+                            r.payload = state.encode(&job, &r.delta, r.control_delta.as_deref())?;
+                        }
                         Ok(r)
                     });
                 let _ = reply.send(result);

@@ -57,6 +57,21 @@ pub struct Status {
     /// Differential privacy, when the run uses it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub privacy: Option<PrivacyStatus>,
+    /// Secure aggregation, when the run uses it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secure_aggregation: Option<SecureStatus>,
+}
+
+/// The run's secure aggregation in [`Status::secure_aggregation`].
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SecureStatus {
+    /// Neighbours per node (0: every node of the round).
+    pub neighbours: usize,
+    pub max_dropout: f64,
+    /// Shamir threshold of the round in progress (or the last one).
+    pub threshold: Option<usize>,
+    /// `advertising`, `sharing`, `masking` or `unmasking`, while a round runs.
+    pub step: Option<String>,
 }
 
 /// The run's differential privacy in [`Status::privacy`].
@@ -107,6 +122,12 @@ pub struct RoundPoint {
     /// ε spent by the run after this round (differential privacy).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub epsilon: Option<f64>,
+    /// Secure aggregation: nodes whose masked input is in the sum, and
+    /// nodes that shared keys but sent none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secure_survivors: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secure_dropped: Option<usize>,
 }
 
 /// The label of a phase in [`Status::phase`].
@@ -296,6 +317,18 @@ pub fn render_status(s: &Status, now_ms: u64) -> String {
             p.clip_norm
         );
     }
+    if let Some(sa) = &s.secure_aggregation {
+        let neighbours = match sa.neighbours {
+            0 => "every node".to_string(),
+            k => format!("{k} neighbours"),
+        };
+        out += &format!(
+            "secure aggregation  {neighbours}  threshold {}  max dropout {}{}\n",
+            sa.threshold.map_or("-".into(), |t| t.to_string()),
+            sa.max_dropout,
+            sa.step.as_ref().map_or(String::new(), |st| format!("  step {st}"))
+        );
+    }
     out += &format!(
         "\n{:<16} {:<10} {:>8} {:>7} {:>8} {:>8} {:>11} {:>11} {:>9}\n",
         "node", "state", "seen", "rounds", "samples", "train_s", "bytes_up", "bytes_down", "rejected"
@@ -477,8 +510,18 @@ mod tests {
                 delta: 1e-5,
                 epsilon_budget: Some(8.0),
             }),
+            secure_aggregation: Some(SecureStatus {
+                neighbours: 4,
+                max_dropout: 0.3,
+                threshold: Some(4),
+                step: Some("masking".into()),
+            }),
         };
         let text = render_status(&s, 10_000);
+        assert!(
+            text.contains("secure aggregation  4 neighbours  threshold 4  max dropout 0.3  step masking\n"),
+            "{text}"
+        );
         assert!(
             text.starts_with("run run-7  phase training  round 3/5  completed 2  nodes connected 1\n"),
             "{text}"

@@ -302,7 +302,7 @@ impl RoundAggregate {
 }
 
 /// Locks a sum, whether or not a folding thread panicked while holding it.
-pub fn lock(m: &Mutex<MeanSum>) -> std::sync::MutexGuard<'_, MeanSum> {
+pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 

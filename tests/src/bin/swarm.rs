@@ -146,6 +146,7 @@ async fn node(args: Arc<Args>, index: usize, prepared: Arc<Prepared>, totals: Ar
         let task = match msg.kind {
             Some(pb::instruction::Kind::Train(t)) => t,
             Some(pb::instruction::Kind::Stop(_)) | None => return Ok(()),
+            Some(_) => bail!("fedge-swarm does not speak secure aggregation; run real edge nodes"),
         };
         let h = task.hyperparameters.unwrap_or_default();
         if h.algorithm == pb::Algorithm::Scaffold as i32 {
