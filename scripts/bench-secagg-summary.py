@@ -1,17 +1,25 @@
 #!/usr/bin/env python3
 """Tables of scripts/bench-secagg.sh's runs: per-round medians (rounds 2
-on) of time and bytes with and without secure aggregation, and accuracy."""
+on) of time and bytes with and without secure aggregation, and accuracy.
+Given several output folders (repeated runs), each figure is the median of
+the runs' medians.
+
+    python3 scripts/bench-secagg-summary.py runs/bench-secagg [runs/bench-secagg-2 ...]
+"""
 import json
 import pathlib
 import statistics
 import sys
 
-out = pathlib.Path(sys.argv[1] if len(sys.argv) > 1 else "runs/bench-secagg")
+outs = [pathlib.Path(p) for p in (sys.argv[1:] or ["runs/bench-secagg"])]
 
 
-def load(name):
+def load(out, name):
     path = out / name / "run.json"
-    return json.loads(path.read_text()) if path.exists() else None
+    if not path.exists():
+        return None
+    run = json.loads(path.read_text())
+    return run if run.get("finished") else None
 
 
 def med(rounds, f):
@@ -20,35 +28,49 @@ def med(rounds, f):
     return statistics.median(vals) if vals else None
 
 
-print("| nodes | aggregation | round s | outside evaluation s | key setup s | unmasking wait s | unmasking compute s | bytes up / round | bytes down / round | up ÷ plain | time ÷ plain |")
-print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-for n in sorted({int(p.name.split("-")[1]) for p in out.glob("plain-*")} | {int(p.name.split("-")[1]) for p in out.glob("secure-*")}):
-    base = load(f"plain-{n}")
-    for kind in ("plain", "secure"):
-        run = load(f"{kind}-{n}")
-        if run is None:
+def across(name, f):
+    """The median over the runs of `name` of the per-round median of `f`."""
+    vals = [med(run["rounds"], f) for run in (load(o, name) for o in outs) if run]
+    vals = [v for v in vals if v is not None]
+    return (statistics.median(vals), len(vals)) if vals else (None, 0)
+
+
+def fmt(v, p=2):
+    return "–" if v is None else f"{v:.{p}f}"
+
+
+sizes = sorted(
+    {int(p.name.rsplit("-", 1)[1]) for o in outs for p in o.glob("*-*") if p.is_dir() and not p.name.startswith("cifar")}
+)
+print("| nodes | aggregation | runs | round s | outside evaluation s | key setup s | unmasking wait s | unmasking compute s | bytes up / round | bytes down / round | up ÷ plain | time ÷ plain |")
+print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+for n in sizes:
+    base_t, _ = across(f"plain-{n}", lambda r: r["round_seconds"])
+    base_up, _ = across(f"plain-{n}", lambda r: r["bytes_up"])
+    for kind in ("plain", "secure", "secure-k8"):
+        name = f"{kind}-{n}"
+        t, runs = across(name, lambda r: r["round_seconds"])
+        if runs == 0:
             continue
-        rs = run["rounds"]
-        sa = lambda k: med(rs, lambda r: (r.get("secure_aggregation") or {}).get(k))
-        t = med(rs, lambda r: r["round_seconds"])
-        inside = med(rs, lambda r: r["train_phase_seconds"])
-        up = med(rs, lambda r: r["bytes_up"])
-        down = med(rs, lambda r: r["bytes_down"])
-        agg = med(rs, lambda r: r["aggregation_seconds"])
+        sa = lambda k: across(name, lambda r: (r.get("secure_aggregation") or {}).get(k))[0]
+        inside = across(name, lambda r: r["train_phase_seconds"])[0]
+        up = across(name, lambda r: r["bytes_up"])[0]
+        down = across(name, lambda r: r["bytes_down"])[0]
+        agg = across(name, lambda r: r["aggregation_seconds"])[0]
         ratio_up = ratio_t = "–"
-        if kind == "secure" and base:
-            ratio_up = f"{up / med(base['rounds'], lambda r: r['bytes_up']):.3f}×"
-            ratio_t = f"{t / med(base['rounds'], lambda r: r['round_seconds']):.2f}×"
-        fmt = lambda v, p=2: "–" if v is None else f"{v:.{p}f}"
+        if kind != "plain" and base_t:
+            ratio_up = f"{up / base_up:.3f}×"
+            ratio_t = f"{t / base_t:.2f}×"
+        label = {"plain": "plain", "secure": "SecAgg (every node)", "secure-k8": "SecAgg+ (8 neighbours)"}[kind]
         print(
-            f"| {n} | {kind} | {fmt(t)} | {fmt(inside)} | {fmt(sa('setup_seconds'))} | {fmt(sa('unmask_seconds'))} "
+            f"| {n} | {label} | {runs} | {fmt(t)} | {fmt(inside)} | {fmt(sa('setup_seconds'))} | {fmt(sa('unmask_seconds'))} "
             f"| {fmt(agg, 3)} | {up:,.0f} | {down:,.0f} | {ratio_up} | {ratio_t} |"
         )
 print()
 print("| CIFAR-10, 10 nodes | acc. round 1 | acc. round 5 | acc. round 10 | median round s | bytes up / round | coordinator peak RSS |")
 print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
 for kind in ("plain", "secure"):
-    run = load(f"cifar-{kind}")
+    run = next((r for r in (load(o, f"cifar-{kind}") for o in outs) if r), None)
     if run is None:
         continue
     rs = run["rounds"]

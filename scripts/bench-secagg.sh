@@ -5,8 +5,9 @@
 # each (so the round is mostly protocol), 6 rounds on the built-in
 # synthetic data, with and without secure aggregation, for N = 10 and 50.
 # Part 2, accuracy on real CIFAR-10: S1's setting with 10 nodes and 10
-# rounds, with and without it. Prints per-round medians (rounds 2 on) of
-# time and bytes, and the ratios.
+# rounds, with and without it. At 50 nodes also SecAgg+ with 8 neighbours
+# per node. Prints per-round medians (rounds 2 on) of time and bytes, and
+# the ratios.
 #
 #   [NODES="10 50"] [CIFAR=1] scripts/bench-secagg.sh [OUT_DIR]
 set -euo pipefail
@@ -34,6 +35,10 @@ overhead() {
 for n in ${NODES:-10 50}; do
     overhead "plain-$n" "$n"
     overhead "secure-$n" "$n" "${secure[@]}"
+    if ((n >= 50)); then
+        # SecAgg+: 8 neighbours per node instead of all n - 1.
+        overhead "secure-k8-$n" "$n" "${secure[@]}" --set secure_aggregation.neighbours=8
+    fi
 done
 if [[ ${CIFAR:-1} == 1 ]]; then
     bench_fleet "$out" cifar-plain 10 10 --node-set partition.scheme=iid

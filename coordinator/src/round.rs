@@ -1011,9 +1011,14 @@ impl RoundMachine {
             selected: selected.clone(),
             accepted: Vec::new(),
             refused: BTreeSet::new(),
+            // A secure round sums masked inputs instead (in its own state).
             aggregate: RoundAggregate::new(
                 strategy.aggregator,
-                self.global.len(),
+                if self.settings.secure.is_some() {
+                    0
+                } else {
+                    self.global.len()
+                },
                 strategy.precision,
                 strategy.control.is_some(),
             ),

@@ -47,13 +47,16 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> Resu
     let holdout = config.holdout;
     let describe = source.describe();
     let data = tokio::task::spawn_blocking(move || -> Result<_> {
-        let full = source.load(Split::Train)?;
+        // A partitioned node keeps only its own samples (CIFAR-10 never holds the whole set).
         let (mine, seed) = match partition {
             Some(p) => {
-                let parts = p.scheme()?.split(&full.label_vec(), p.count, p.seed)?;
-                (full.subset(&parts[p.index]), p.seed ^ p.index as u64)
+                let scheme = p.scheme()?;
+                let mine = source.load_part(Split::Train, |labels| {
+                    Ok(scheme.split(labels, p.count, p.seed)?.swap_remove(p.index))
+                })?;
+                (mine, p.seed ^ p.index as u64)
             }
-            None => (full, 0),
+            None => (source.load(Split::Train)?, 0),
         };
         Ok(split_holdout(mine, holdout, seed))
     })

@@ -225,3 +225,34 @@ fn a_killed_coordinator_resumes_with_its_server_optimizer_state() -> anyhow::Res
     );
     Ok(())
 }
+
+/// The centralized floor (`coordinator baseline`) trains the same model in
+/// one process and needs no certificate: it serves nothing.
+#[test]
+fn the_centralized_floor_trains_in_one_process_without_credentials() -> anyhow::Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let out = tmp.path().join("floor");
+    let out_arg = out.display().to_string();
+    let (status, log) = run_to_end(
+        "coordinator",
+        &[
+            "baseline",
+            "--out-dir",
+            &out_arg,
+            "--epochs",
+            "1",
+            "--threads",
+            "1",
+            "--set",
+            "data.synthetic_train_samples=600",
+            "--set",
+            "data.synthetic_test_samples=200",
+        ],
+    )?;
+    assert!(status.success(), "{log}");
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("baseline.json"))?)?;
+    let accuracy = report["test_accuracy"].as_f64().unwrap_or(-1.0);
+    assert!((0.0..=1.0).contains(&accuracy), "{report}");
+    assert!(report["peak_rss_bytes"].as_u64().unwrap_or(0) > 0, "{report}");
+    Ok(())
+}

@@ -34,6 +34,70 @@ pub fn resolve_cifar10_dir(dir: &Path) -> Option<PathBuf> {
 
 /// Loads CIFAR-10's binary layout from `dir`.
 pub fn load_cifar10(dir: &Path, split: Split) -> Result<Dataset> {
+    let (root, files) = cifar10_files(dir, split)?;
+    let mut images = Vec::new();
+    let mut labels = Vec::new();
+    for name in files {
+        let path = root.join(&name);
+        let bytes = read_file(&path, "file of the CIFAR-10 binary layout")?;
+        parse_cifar10_records(&path, &bytes, &mut images, &mut labels)?;
+    }
+    Ok(Dataset::from_raw(&images, &labels, [3, 32, 32], classes()))
+}
+
+/// Loads only the records `pick` chooses from the split's labels, in the
+/// order it gives them: a node keeps its partition without ever holding
+/// the whole set (one file of 10,000 records at a time).
+pub fn load_cifar10_part(dir: &Path, split: Split, pick: impl FnOnce(&[i64]) -> Result<Vec<i64>>) -> Result<Dataset> {
+    let (root, files) = cifar10_files(dir, split)?;
+    // First pass: every label (checked), and where each file's records start.
+    let mut labels = Vec::new();
+    let mut starts = Vec::with_capacity(files.len());
+    for name in &files {
+        let path = root.join(name);
+        let bytes = read_file(&path, "file of the CIFAR-10 binary layout")?;
+        starts.push(labels.len());
+        check_cifar10_records(&path, &bytes)?;
+        labels.extend(bytes.chunks_exact(CIFAR_RECORD).map(|r| i64::from(r[0])));
+    }
+    let picked = pick(&labels)?;
+    let mut images = vec![0u8; picked.len() * IMAGE_BYTES];
+    let mut picked_labels = Vec::with_capacity(picked.len());
+    for &i in &picked {
+        let l = usize::try_from(i)
+            .ok()
+            .and_then(|i| labels.get(i))
+            .ok_or_else(|| Error::data(&root, format!("record {i} is out of range ({} records)", labels.len())))?;
+        picked_labels.push(*l);
+    }
+    // Second pass: copy the picked records, one file in memory at a time.
+    for (f, name) in files.iter().enumerate() {
+        let (from, to) = (starts[f], starts.get(f + 1).copied().unwrap_or(labels.len()));
+        if !picked.iter().any(|&i| (from..to).contains(&(i as usize))) {
+            continue;
+        }
+        let path = root.join(name);
+        let bytes = read_file(&path, "file of the CIFAR-10 binary layout")?;
+        if bytes.len() != (to - from) * CIFAR_RECORD {
+            return Err(Error::data(&path, "the file changed while it was read"));
+        }
+        for (slot, &i) in picked.iter().enumerate() {
+            let i = i as usize;
+            if (from..to).contains(&i) {
+                let rec = &bytes[(i - from) * CIFAR_RECORD..(i - from + 1) * CIFAR_RECORD];
+                images[slot * IMAGE_BYTES..(slot + 1) * IMAGE_BYTES].copy_from_slice(&rec[1..]);
+            }
+        }
+    }
+    Ok(Dataset::from_raw(&images, &picked_labels, [3, 32, 32], classes()))
+}
+
+fn classes() -> Vec<String> {
+    CIFAR10_CLASSES.iter().map(|c| c.to_string()).collect()
+}
+
+/// The folder holding the layout and the split's file names.
+fn cifar10_files(dir: &Path, split: Split) -> Result<(PathBuf, Vec<String>)> {
     let root = resolve_cifar10_dir(dir).ok_or_else(|| {
         Error::data(
             dir,
@@ -48,22 +112,21 @@ pub fn load_cifar10(dir: &Path, split: Split) -> Result<Dataset> {
         Split::Train => (1..=5).map(|i| format!("data_batch_{i}.bin")).collect(),
         Split::Test => vec!["test_batch.bin".into()],
     };
-    let mut images = Vec::new();
-    let mut labels = Vec::new();
-    for name in files {
-        let path = root.join(&name);
-        let bytes = read_file(&path, "file of the CIFAR-10 binary layout")?;
-        parse_cifar10_records(&path, &bytes, &mut images, &mut labels)?;
-    }
-    Ok(Dataset::from_raw(
-        &images,
-        &labels,
-        [3, 32, 32],
-        CIFAR10_CLASSES.iter().map(|c| c.to_string()).collect(),
-    ))
+    Ok((root, files))
 }
 
 fn parse_cifar10_records(path: &Path, bytes: &[u8], images: &mut Vec<u8>, labels: &mut Vec<i64>) -> Result<()> {
+    check_cifar10_records(path, bytes)?;
+    images.reserve(bytes.len() / CIFAR_RECORD * IMAGE_BYTES);
+    for rec in bytes.chunks_exact(CIFAR_RECORD) {
+        labels.push(i64::from(rec[0]));
+        images.extend_from_slice(&rec[1..]);
+    }
+    Ok(())
+}
+
+/// Checks a file of records: whole records, labels in 0..=9.
+fn check_cifar10_records(path: &Path, bytes: &[u8]) -> Result<()> {
     if bytes.is_empty() {
         return Err(Error::data(path, "file is empty"));
     }
@@ -78,7 +141,6 @@ fn parse_cifar10_records(path: &Path, bytes: &[u8], images: &mut Vec<u8>, labels
             ),
         ));
     }
-    images.reserve(bytes.len() / CIFAR_RECORD * IMAGE_BYTES);
     for (i, rec) in bytes.chunks_exact(CIFAR_RECORD).enumerate() {
         let label = rec[0];
         if label >= 10 {
@@ -87,8 +149,6 @@ fn parse_cifar10_records(path: &Path, bytes: &[u8], images: &mut Vec<u8>, labels
                 format!("record {i} has label {label}; CIFAR-10 labels are 0..=9"),
             ));
         }
-        labels.push(i64::from(label));
-        images.extend_from_slice(&rec[1..]);
     }
     Ok(())
 }
@@ -144,6 +204,31 @@ mod tests {
         let test = load_cifar10(dir.path(), Split::Test).unwrap();
         assert_eq!(test.images.size(), vec![3, 3, 32, 32]);
         assert_eq!(test.images.int64_value(&[1, 2, 31, 31]), 1);
+    }
+
+    #[test]
+    fn a_part_loads_the_same_samples_as_a_subset_of_the_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        for i in 1..=5 {
+            write(
+                &dir.path().join(format!("data_batch_{i}.bin")),
+                &records(&[i, 9, i % 3]),
+            );
+        }
+        let whole = load_cifar10(dir.path(), Split::Train).unwrap();
+        let pick = vec![13, 0, 7, 4];
+        let part = load_cifar10_part(dir.path(), Split::Train, |labels| {
+            assert_eq!(labels.len(), 15);
+            Ok(pick.clone())
+        })
+        .unwrap();
+        let subset = whole.subset(&pick);
+        assert_eq!(part.label_vec(), subset.label_vec());
+        assert!(part.images.equal(&subset.images));
+        let err = load_cifar10_part(dir.path(), Split::Train, |_| Ok(vec![15]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.ends_with("record 15 is out of range (15 records)"), "{err}");
     }
 
     #[test]

@@ -204,6 +204,26 @@ impl DataSource {
         }
     }
 
+    /// Loads the samples of one split that `pick` chooses from its labels,
+    /// in `pick`'s order (a node's partition). CIFAR-10 reads them without
+    /// holding the whole set; other formats load it and keep the subset.
+    pub fn load_part(&self, split: Split, pick: impl FnOnce(&[i64]) -> Result<Vec<i64>>) -> Result<Dataset> {
+        match self {
+            DataSource::Cifar10(dir) => cifar::load_cifar10_part(dir, split, pick),
+            _ => {
+                let full = self.load(split)?;
+                let indices = pick(&full.label_vec())?;
+                if let Some(&bad) = indices.iter().find(|&&i| i < 0 || i as usize >= full.len()) {
+                    return Err(Error::Config(format!(
+                        "sample {bad} is out of range ({} samples)",
+                        full.len()
+                    )));
+                }
+                Ok(full.subset(&indices))
+            }
+        }
+    }
+
     /// A short human description, for logs.
     pub fn describe(&self) -> String {
         match self {
