@@ -45,7 +45,10 @@ async fn the_coordinator_refuses_bad_peers_with_clear_statuses() -> anyhow::Resu
     assert_eq!(s.code(), tonic::Code::FailedPrecondition);
     assert_eq!(
         s.message(),
-        "protocol version mismatch: node speaks v99, coordinator speaks v3"
+        format!(
+            "protocol version mismatch: node speaks v99, coordinator speaks v{}",
+            pb::PROTOCOL_VERSION
+        )
     );
 
     let s = c.join(join(pb::PROTOCOL_VERSION, "n1", &["mlp"])).await.unwrap_err();
