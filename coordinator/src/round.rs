@@ -1196,11 +1196,6 @@ impl RoundMachine {
         }
     }
 
-    /// The step of the secure round in progress, for status reports.
-    pub fn secure_step(&self) -> Option<Step> {
-        self.secure_round().map(|(step, _)| step)
-    }
-
     /// The secure round in progress: its step and Shamir threshold.
     pub fn secure_round(&self) -> Option<(Step, usize)> {
         match &self.phase {
@@ -2308,6 +2303,6 @@ mod tests {
         assert!(m.tick(999).is_empty());
         let out = m.tick(1000);
         assert_eq!(assigned(&out), ["a", "b", "c"], "a fresh attempt with fresh keys");
-        assert_eq!(m.secure_step(), Some(Step::Advertising));
+        assert_eq!(m.secure_round().map(|(step, _)| step), Some(Step::Advertising));
     }
 }

@@ -240,10 +240,6 @@ impl SecureRound {
         })
     }
 
-    fn name_of(&self, id: NodeId) -> Option<&str> {
-        self.ids.iter().find(|(_, v)| **v == id).map(|(k, _)| k.as_str())
-    }
-
     /// Takes a protocol message from `node`.
     pub fn receive(&mut self, node: &str, input: SecAggInput, bytes: u64) -> Result<(), Refusal> {
         let id = *self
@@ -416,11 +412,6 @@ impl SecureRound {
             weight_sum,
             step,
         }
-    }
-
-    /// The node named by a roster number.
-    pub fn node(&self, id: NodeId) -> Option<&str> {
-        self.name_of(id)
     }
 }
 

@@ -309,16 +309,7 @@ impl pb::federation_server::Federation for FederationService {
     ) -> Result<Response<Self::InstructionsStream>, Status> {
         let peer = self.auth.peer_identity(&request)?;
         let session = request.into_inner().node_id;
-        if let Some(cn) = peer.as_deref() {
-            let node = self
-                .ask(|reply| Command::Identify {
-                    session: session.clone(),
-                    reply,
-                })
-                .await?
-                .ok_or_else(|| rejection_status(&Rejection::UnknownSession))?;
-            self.auth.check_session(Some(cn), &node)?;
-        }
+        self.check_certificate_session(peer.as_deref(), &session).await?;
         let (tx, rx) = mpsc::channel(16);
         let s = session.clone();
         self.ask(|reply| Command::Connect {
@@ -502,22 +493,29 @@ impl pb::federation_server::Federation for FederationService {
 }
 
 impl FederationService {
+    /// With client certificates (`peer` is the certificate's name), checks
+    /// that `session` belongs to the node the certificate names.
+    async fn check_certificate_session(&self, peer: Option<&str>, session: &str) -> Result<(), Status> {
+        let Some(cn) = peer else {
+            return Ok(());
+        };
+        let node = self
+            .ask(|reply| Command::Identify {
+                session: session.to_owned(),
+                reply,
+            })
+            .await?
+            .ok_or_else(|| rejection_status(&Rejection::UnknownSession))?;
+        self.auth.check_session(Some(cn), &node)
+    }
+
     /// Secure aggregation: a node's keys, sealed shares or unmasking answer.
     async fn secure_message(&self, request: Request<pb::SecAggMessage>) -> Result<Response<pb::SecAggAck>, Status> {
         let peer = self.auth.peer_identity(&request)?;
         let msg = request.into_inner();
         let bytes = msg.encoded_len() as u64;
         let session = msg.node_id.clone();
-        if let Some(cn) = peer.as_deref() {
-            let node = self
-                .ask(|reply| Command::Identify {
-                    session: session.clone(),
-                    reply,
-                })
-                .await?
-                .ok_or_else(|| rejection_status(&Rejection::UnknownSession))?;
-            self.auth.check_session(Some(cn), &node)?;
-        }
+        self.check_certificate_session(peer.as_deref(), &session).await?;
         let input = match &msg.kind {
             Some(pb::sec_agg_message::Kind::Advertise(k)) => {
                 SecAggInput::Advertise(Advertise::try_from(k).map_err(|e| Status::invalid_argument(e.to_string()))?)
