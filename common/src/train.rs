@@ -120,6 +120,12 @@ pub struct TrainMetrics {
     pub steps: u64,
     pub examples: u64,
     pub train_seconds: f64,
+    /// Seconds the node spent fetching the round's global model (0 when cached).
+    #[serde(default)]
+    pub fetch_seconds: f64,
+    /// Seconds the node spent encoding (or masking) the update.
+    #[serde(default)]
+    pub encode_seconds: f64,
     /// Differential privacy: whether the update needed no clipping.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unclipped: Option<bool>,
@@ -266,7 +272,7 @@ pub fn train(
         steps,
         examples,
         train_seconds: start.elapsed().as_secs_f64(),
-        unclipped: None,
+        ..TrainMetrics::default()
     })
 }
 
@@ -337,7 +343,7 @@ pub fn gradient(
             steps,
             examples,
             train_seconds: start.elapsed().as_secs_f64(),
-            unclipped: None,
+            ..TrainMetrics::default()
         },
     ))
 }

@@ -254,7 +254,14 @@ pub fn metrics_to_wire(m: &TrainMetrics, eval: Option<&EvalMetrics>) -> pb::Trai
         eval_accuracy: eval.map_or(0.0, |e| e.accuracy),
         eval_examples: eval.map_or(0, |e| e.examples),
         unclipped: m.unclipped,
+        fetch_seconds: m.fetch_seconds,
+        encode_seconds: m.encode_seconds,
     }
+}
+
+/// A duration a node reported, or 0 when it is not a finite, non-negative number.
+fn finite_seconds(s: f64) -> f64 {
+    if s.is_finite() && s >= 0.0 { s } else { 0.0 }
 }
 
 /// The inverse of [`metrics_to_wire`].
@@ -265,6 +272,8 @@ pub fn metrics_from_wire(m: &pb::TrainMetrics) -> (TrainMetrics, Option<EvalMetr
         steps: m.steps,
         examples: m.examples,
         train_seconds: m.train_seconds,
+        fetch_seconds: finite_seconds(m.fetch_seconds),
+        encode_seconds: finite_seconds(m.encode_seconds),
         unclipped: m.unclipped,
     };
     let eval = (m.eval_examples > 0).then_some(EvalMetrics {

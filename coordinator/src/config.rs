@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use fedge_common::config::{DataConfig, LogFormat, load_layered};
 use fedge_common::model::ModelKind;
+use fedge_common::partition::{Scheme, SchemeParams};
 use fedge_common::train::{Algorithm, Hyperparameters, LocalOptimizer};
 use serde::{Deserialize, Serialize};
 
@@ -58,6 +59,8 @@ pub struct CoordinatorConfig {
     pub privacy: PrivacyConfig,
     /// Secure aggregation (SecAgg+): the coordinator sees only the sum.
     pub secure_aggregation: SecureAggregationConfig,
+    /// In-process simulation of a fleet (`coordinator simulate`).
+    pub simulation: SimulationConfig,
     /// Log output format.
     pub log_format: LogFormat,
 }
@@ -374,8 +377,85 @@ impl Default for CoordinatorConfig {
             http: HttpConfig::default(),
             privacy: PrivacyConfig::default(),
             secure_aggregation: SecureAggregationConfig::default(),
+            simulation: SimulationConfig::default(),
             log_format: LogFormat::Text,
         }
+    }
+}
+
+/// An in-process simulation (`coordinator simulate`): virtual nodes,
+/// each holding one share of `data.path`'s training split, trained by a
+/// pool of threads with the edge node's own training code, driving this
+/// run's round machine. Every other section applies as in a served run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SimulationConfig {
+    /// Number of virtual nodes (named sim-1 … sim-N).
+    pub nodes: u32,
+    /// How the training split is shared among them: `iid`, `dirichlet`,
+    /// `shards` or `quantity` (as `coordinator partition`).
+    pub partition: String,
+    /// Dirichlet concentration α (`dirichlet`).
+    pub alpha: f64,
+    /// Fewest samples a Dirichlet draw must give each node (`dirichlet`).
+    pub min_size: usize,
+    /// Shards, so at most this many labels, per node (`shards`).
+    pub labels_per_node: usize,
+    /// σ of the log-normal node sizes (`quantity`).
+    pub sigma: f64,
+    /// Training threads, each running one node's job at a time (0: one per core).
+    pub trainers: u32,
+    /// libtorch threads of each training thread.
+    pub trainer_threads: u32,
+}
+
+impl Default for SimulationConfig {
+    fn default() -> Self {
+        Self {
+            nodes: 100,
+            partition: "iid".into(),
+            alpha: 0.5,
+            min_size: 10,
+            labels_per_node: 2,
+            sigma: 1.0,
+            trainers: 0,
+            trainer_threads: 1,
+        }
+    }
+}
+
+impl SimulationConfig {
+    /// The partition scheme, validated.
+    pub fn scheme(&self) -> Result<Scheme> {
+        Scheme::from_params(&SchemeParams {
+            name: &self.partition,
+            alpha: self.alpha,
+            min_size: self.min_size,
+            labels_per_node: self.labels_per_node,
+            sigma: self.sigma,
+        })
+        .map_err(|e| match e {
+            fedge_common::Error::Config(m) => Error::Config(format!("simulation: {m}")),
+            other => other.into(),
+        })
+    }
+
+    /// Training threads: as configured, or one per core.
+    pub fn trainer_count(&self) -> usize {
+        match self.trainers {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n as usize,
+        }
+    }
+
+    fn validate(&self) -> Result<()> {
+        if self.nodes == 0 {
+            return Err(Error::Config("simulation.nodes must be at least 1".into()));
+        }
+        if self.trainer_threads == 0 {
+            return Err(Error::Config("simulation.trainer_threads must be at least 1".into()));
+        }
+        self.scheme().map(drop)
     }
 }
 
@@ -1083,6 +1163,7 @@ impl CoordinatorConfig {
         self.http.validate(&self.security)?;
         self.privacy.validate(&self.strategy, self.train.algorithm)?;
         self.secure_aggregation.validate(self)?;
+        self.simulation.validate()?;
         self.limits.validate(c)?;
         Ok(())
     }
@@ -1183,6 +1264,23 @@ mod tests {
                 .unwrap(),
             insecure
         );
+    }
+
+    #[test]
+    fn simulation_settings_are_checked() {
+        let mut c = CoordinatorConfig::default();
+        c.security.insecure = true;
+        c.simulation.nodes = 0;
+        assert_eq!(
+            c.validate().unwrap_err().to_string(),
+            "invalid configuration: simulation.nodes must be at least 1"
+        );
+        c.simulation.nodes = 10;
+        c.simulation.partition = "dirichlet".into();
+        c.simulation.alpha = -1.0;
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.starts_with("invalid configuration: simulation: "), "{err}");
+        assert!(err.contains("alpha"), "{err}");
     }
 
     #[test]

@@ -78,6 +78,10 @@ pub enum Command {
 pub struct ModelSnapshot {
     pub version: u64,
     pub manifest: Arc<Manifest>,
+    /// The parameters `payload` views (in-process readers take them as they are).
+    pub params: Arc<Vec<f32>>,
+    /// SCAFFOLD's server control variate, as values.
+    pub control_values: Option<Arc<Vec<f32>>>,
     pub payload: Bytes,
     pub crc32: u32,
     /// SCAFFOLD's server control variate at this version, encoded, with its checksum.
@@ -89,7 +93,8 @@ pub struct ModelSnapshot {
 impl ModelSnapshot {
     /// Publishes `params` (and the server control variate, if any) as version `version`.
     pub fn new(version: u64, manifest: Arc<Manifest>, params: Arc<Vec<f32>>, control: Option<Arc<Vec<f32>>>) -> Self {
-        let payload = f32_payload(params);
+        let payload = f32_payload(params.clone());
+        let control_values = control.clone();
         let control = control.map(|c| {
             let bytes = f32_payload(c);
             let crc = crc32(&bytes);
@@ -99,6 +104,8 @@ impl ModelSnapshot {
             version,
             crc32: crc32(&payload),
             manifest,
+            params,
+            control_values,
             payload,
             control,
             durable: std::sync::atomic::AtomicBool::new(false),
@@ -217,6 +224,8 @@ pub struct Driver {
     node_totals: BTreeMap<String, NodeTotals>,
     /// When the status was last published, and the model version and phase it showed.
     published: Option<(Instant, u64, PhaseKind)>,
+    /// The curves being drawn, if a drawing is still running.
+    curves: Option<tokio::task::JoinHandle<()>>,
 }
 
 /// A node's sums over the rounds it took part in.
@@ -321,6 +330,7 @@ impl Driver {
             round_started: None,
             last_counters: (0, 0, 0),
             published: None,
+            curves: None,
             aggregation_seconds: 0.0,
             status: None,
             metrics: Arc::new(Metrics::new()),
@@ -615,7 +625,10 @@ impl Driver {
                     queue.extend(self.machine.persisted(now_ms()));
                 }
                 Output::SecAgg { node, message } => self.send_secure(&node, message),
-                Output::Finished => return self.finish().map(Some),
+                Output::Finished => {
+                    self.draw_curves(true).await;
+                    return self.finish().map(Some);
+                }
                 Output::Abort(reason) => {
                     tracing::error!(reason, "run stopped");
                     self.stop_nodes(&reason);
@@ -742,6 +755,8 @@ impl Driver {
             train_phase_seconds: train_phase.as_secs_f64(),
             aggregation_seconds: self.aggregation_seconds,
             eval_seconds,
+            // Set when the round is persisted.
+            checkpoint_seconds: 0.0,
             round_seconds: train_phase.as_secs_f64() + eval_seconds,
             privacy: closed.privacy.clone(),
             secure_aggregation: closed.secure.clone(),
@@ -761,16 +776,10 @@ impl Driver {
         self.store = Some(store);
         res?;
         self.snapshot.borrow().durable.store(true, Ordering::Release);
-        if let Some(store) = &self.store {
-            let dir = store.dir().to_path_buf();
-            let rounds: Vec<_> = store.history.rounds.iter().map(round_point).collect();
-            // Curves are a convenience: a failure to draw them is logged, not fatal.
-            let drawn = tokio::task::spawn_blocking(move || crate::plots::write(&dir, &rounds)).await;
-            match drawn {
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) => tracing::warn!(error = %e, "curves not drawn"),
-                Err(e) => tracing::warn!(error = %e, "curves not drawn"),
-            }
+        self.draw_curves(false).await;
+        let checkpoint_seconds = persist_start.elapsed().as_secs_f64();
+        if let Some(last) = self.store.as_mut().and_then(|s| s.history.rounds.last_mut()) {
+            last.checkpoint_seconds = checkpoint_seconds;
         }
         let rec = self.store.as_ref().and_then(|s| s.history.rounds.last()).cloned();
         if let Some(rec) = rec {
@@ -788,7 +797,7 @@ impl Driver {
                     .federated_accuracy
                     .map(|a| format!("{:.2}%", a * 100.0))
                     .unwrap_or_else(|| "-".into()),
-                round_s = format!("{:.2}", rec.round_seconds + persist_start.elapsed().as_secs_f64()),
+                round_s = format!("{:.2}", rec.round_seconds + checkpoint_seconds),
                 bytes_up = rec.bytes_up,
                 bytes_down = rec.bytes_down,
                 update_payload_bytes = rec.participants.iter().map(|p| p.payload_bytes).sum::<u64>(),
@@ -797,6 +806,35 @@ impl Driver {
             );
         }
         Ok(())
+    }
+
+    /// Redraws `curves.svg`/`.png` off the round's path: the next round
+    /// starts while they are drawn, and a round that closes while the last
+    /// drawing is still running leaves it to the next one. With `settle`
+    /// (the run's end) it waits for that drawing and draws every round.
+    async fn draw_curves(&mut self, settle: bool) {
+        if let Some(pending) = self.curves.take() {
+            if settle || pending.is_finished() {
+                let _ = pending.await;
+            } else {
+                self.curves = Some(pending);
+                return;
+            }
+        }
+        let Some(store) = &self.store else { return };
+        let dir = store.dir().to_path_buf();
+        let rounds: Vec<_> = store.history.rounds.iter().map(round_point).collect();
+        let drawing = tokio::task::spawn_blocking(move || {
+            // Curves are a convenience: a failure to draw them is logged, not fatal.
+            if let Err(e) = crate::plots::write(&dir, &rounds) {
+                tracing::warn!(error = %e, "curves not drawn");
+            }
+        });
+        if settle {
+            let _ = drawing.await;
+        } else {
+            self.curves = Some(drawing);
+        }
     }
 
     fn stop_nodes(&self, reason: &str) {

@@ -28,6 +28,8 @@
 //! - [`http`]: `/healthz`, `/api/status` and `/metrics` on `http.listen`;
 //!   [`metrics`]: the Prometheus metrics the driver records.
 //! - [`fleet`]: a local fleet: this coordinator plus N `edge-node` processes.
+//! - [`simulation`]: thousands of virtual nodes in this process, driving
+//!   the same driver and round machine with the edge node's training code.
 //! - [`run`]: the entry point the binary and the tests call.
 
 pub mod baseline;
@@ -46,6 +48,7 @@ pub mod round;
 pub mod secure;
 pub mod security;
 pub mod service;
+pub mod simulation;
 pub mod store;
 pub mod strategy;
 
@@ -83,6 +86,151 @@ pub async fn run(
     // coordinator before it loads data or touches a checkpoint.
     let tls = security::server_tls(&config.security)?;
     let auth = Authenticator::from_config(&config.security)?;
+    let Parts {
+        driver,
+        commands,
+        snapshot,
+        manifest,
+        traffic,
+        settings,
+        codec,
+        spool_dir,
+        metrics,
+        status: status_rx,
+        ..
+    } = match assemble(&config).await? {
+        Assembled::Ready(parts) => *parts,
+        Assembled::Finished(summary) => return Ok(Some(summary)),
+    };
+    let service = FederationService {
+        driver: commands,
+        snapshot,
+        manifest,
+        traffic,
+        settings,
+        codec,
+        spool_dir,
+        chunk_bytes: config.wire.chunk_bytes,
+        auth: Arc::new(auth),
+        limits: TransferLimits::new(&config.limits),
+        spool_budget: crate::intake::SpoolBudget::new(config.limits.spool_memory_bytes),
+    };
+
+    // The HTTP side's listener, TLS configuration and operators, read
+    // before anything is served so that a bad file stops the start.
+    let http_listener = prepare_http(&config).await?;
+    let addr = listener.local_addr().map_err(|e| Error::Io {
+        context: "reading the listen address".into(),
+        source: e,
+    })?;
+    let limits = &config.limits;
+    let mut builder = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(20)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .tcp_keepalive(Some(Duration::from_secs(60)))
+        .initial_stream_window_size(Some(limits.stream_window_bytes))
+        .initial_connection_window_size(Some(limits.stream_window_bytes.saturating_mul(2)))
+        .max_concurrent_streams(Some(limits.max_streams_per_connection));
+    let sec = &config.security;
+    match tls {
+        Some(tls) => {
+            builder = builder.tls_config(tls).map_err(|e| {
+                Error::Config(format!(
+                    "security: the TLS certificate, key or client CA is unusable: {}",
+                    security::error_chain(&e)
+                ))
+            })?;
+            tracing::info!(
+                %addr,
+                mutual_tls = sec.client_ca.is_some(),
+                node_auth = sec.node_auth.name(),
+                registered_tokens = service.auth.registered(),
+                allow_list = sec.allow.len(),
+                "coordinator listening (tls)"
+            );
+        }
+        None => {
+            tracing::warn!(
+                %addr,
+                node_auth = sec.node_auth.name(),
+                "INSECURE: serving plaintext gRPC without TLS (security.insecure = true); model updates and \
+                 credentials cross the network unencrypted and unauthenticated. Use this on one machine only."
+            );
+        }
+    }
+    if sec.node_auth == config::NodeAuth::None && !sec.insecure {
+        tracing::warn!(
+            "security.node_auth = \"none\": any client that trusts this certificate can join as any node name"
+        );
+    }
+    let server_stop = CancellationToken::new();
+    let driver_stop = CancellationToken::new();
+    let server = {
+        let stop = server_stop.clone();
+        let svc =
+            pb::federation_server::FederationServer::new(service).max_decoding_message_size(limits.max_message_bytes);
+        builder
+            .add_service(svc)
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move { stop.cancelled().await })
+    };
+    let mut server = tokio::spawn(server);
+    if let Some(http_listener) = http_listener {
+        spawn_http(http_listener, &config, status_rx, metrics, server_stop.clone())?;
+    }
+    let mut driver_task = tokio::spawn(driver.run(driver_stop.clone()));
+    tokio::pin!(shutdown);
+    let outcome = tokio::select! {
+        res = &mut driver_task => res.map_err(|e| Error::Internal(format!("driver task failed: {e}")))?,
+        () = &mut shutdown => {
+            tracing::info!("shutdown requested");
+            driver_stop.cancel();
+            driver_task.await.map_err(|e| Error::Internal(format!("driver task failed: {e}")))?
+        }
+        res = &mut server => {
+            res.map_err(|e| Error::Internal(format!("server task failed: {e}")))??;
+            return Err(Error::Internal("grpc server stopped unexpectedly".into()));
+        }
+    };
+    // Give nodes a moment to read their stop instruction, then stop serving.
+    if matches!(outcome, Ok(Some(_))) {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    server_stop.cancel();
+    match tokio::time::timeout(Duration::from_secs(5), server).await {
+        Ok(res) => res.map_err(|e| Error::Internal(format!("server task failed: {e}")))??,
+        Err(_) => tracing::warn!("grpc server did not drain within 5s"),
+    }
+    outcome
+}
+
+/// A run's parts before anything is served: the driver (round machine,
+/// evaluator, store, status) and what a front end (the gRPC service, or
+/// the in-process simulation) needs to talk to it.
+pub(crate) struct Parts {
+    pub driver: Driver,
+    pub commands: mpsc::UnboundedSender<driver::Command>,
+    pub snapshot: watch::Receiver<Arc<ModelSnapshot>>,
+    pub manifest: Arc<fedge_common::params::Manifest>,
+    pub traffic: Arc<Traffic>,
+    pub settings: pb::RunSettings,
+    pub kind: fedge_common::model::ModelKind,
+    pub codec: fedge_common::codec::Codec,
+    pub spool_dir: std::path::PathBuf,
+    pub metrics: Arc<metrics::Metrics>,
+    pub status: watch::Receiver<http::Status>,
+}
+
+/// What [`assemble`] found.
+pub(crate) enum Assembled {
+    /// Ready to run.
+    Ready(Box<Parts>),
+    /// The run in `out_dir` had already completed every round.
+    Finished(RunSummary),
+}
+
+/// Loads the evaluation data, builds the model and strategy, creates or
+/// resumes the run's store, and builds the driver.
+pub(crate) async fn assemble(config: &CoordinatorConfig) -> Result<Assembled> {
     let kind = config.model_kind()?;
     let source = config.data.source()?;
     tracing::info!(data = %source.describe(), "central evaluation data");
@@ -217,7 +365,7 @@ pub async fn run(
             rounds = version,
             "every round was already complete; run marked finished"
         );
-        return Ok(Some(RunSummary {
+        return Ok(Assembled::Finished(RunSummary {
             rounds_completed: version,
             final_test_accuracy: last.and_then(|r| r.test_accuracy),
             final_test_loss: last.and_then(|r| r.test_loss),
@@ -272,30 +420,18 @@ pub async fn run(
     let spool_dir = crate::intake::prepare_spool(&config.out_dir)?;
     let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
     let traffic = Arc::new(Traffic::default());
-    let service = FederationService {
-        driver: cmd_tx,
-        snapshot: snapshot_rx,
-        manifest: manifest.clone(),
-        traffic: traffic.clone(),
-        settings: pb::RunSettings {
-            run_id,
-            model: kind.name().into(),
-            total_rounds: config.rounds,
-            encoding: pb::Encoding::F32Le as i32,
-            input_shape: initial.input_shape.to_vec(),
-            classes: initial.classes.clone(),
-            update_codec: Some(pb::UpdateCodec::from(&codec)),
-        },
-        codec,
-        spool_dir,
-        chunk_bytes: config.wire.chunk_bytes,
-        auth: Arc::new(auth),
-        limits: TransferLimits::new(&config.limits),
-        spool_budget: crate::intake::SpoolBudget::new(config.limits.spool_memory_bytes),
+    let settings = pb::RunSettings {
+        run_id: run_id.clone(),
+        model: kind.name().into(),
+        total_rounds: config.rounds,
+        encoding: pb::Encoding::F32Le as i32,
+        input_shape: initial.input_shape.to_vec(),
+        classes: initial.classes.clone(),
+        update_codec: Some(pb::UpdateCodec::from(&codec)),
     };
     let metrics = Arc::new(metrics::Metrics::new());
     let (status_tx, status_rx) = watch::channel(http::Status {
-        run_id: service.settings.run_id.clone(),
+        run_id,
         phase: http::phase_label(machine.phase()).into(),
         total_rounds: u64::from(config.rounds),
         completed_rounds: machine.version(),
@@ -305,18 +441,36 @@ pub async fn run(
         machine,
         cmd_rx,
         snapshot_tx,
-        manifest,
+        manifest.clone(),
         evaluator,
         store,
-        traffic,
+        traffic.clone(),
         config.eval.every,
         u64::from(config.rounds),
     )
     .with_status(status_tx, metrics.clone());
+    Ok(Assembled::Ready(Box::new(Parts {
+        driver,
+        commands: cmd_tx,
+        snapshot: snapshot_rx,
+        manifest,
+        traffic,
+        settings,
+        kind,
+        codec,
+        spool_dir,
+        metrics,
+        status: status_rx,
+    })))
+}
 
-    // The HTTP side's listener, TLS configuration and operators, read
-    // before anything is served so that a bad file stops the start.
-    let http_listener = match config.http.listen {
+/// The HTTP side's listener, TLS configuration and operators.
+type HttpParts = (TcpListener, Option<Arc<rustls::ServerConfig>>, http::Operators);
+
+/// Binds the HTTP side (when `http.listen` is set) and reads its TLS
+/// settings and operators, so that a bad file stops the start.
+async fn prepare_http(config: &CoordinatorConfig) -> Result<Option<HttpParts>> {
+    Ok(match config.http.listen {
         Some(addr) => {
             let (http, sec) = (&config.http, &config.security);
             let tls = if http.tls(sec) {
@@ -331,111 +485,41 @@ pub async fn run(
             Some((http::bind(addr).await?, tls, operators))
         }
         None => None,
-    };
-    let addr = listener.local_addr().map_err(|e| Error::Io {
-        context: "reading the listen address".into(),
-        source: e,
-    })?;
-    let limits = &config.limits;
-    let mut builder = tonic::transport::Server::builder()
-        .http2_keepalive_interval(Some(Duration::from_secs(20)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
-        .tcp_keepalive(Some(Duration::from_secs(60)))
-        .initial_stream_window_size(Some(limits.stream_window_bytes))
-        .initial_connection_window_size(Some(limits.stream_window_bytes.saturating_mul(2)))
-        .max_concurrent_streams(Some(limits.max_streams_per_connection));
+    })
+}
+
+/// Serves the dashboard, `/api/status`, `/metrics` and `/healthz` until `stop`.
+fn spawn_http(
+    (tcp, tls, operators): HttpParts,
+    config: &CoordinatorConfig,
+    status_rx: watch::Receiver<http::Status>,
+    metrics: Arc<metrics::Metrics>,
+    stop: CancellationToken,
+) -> Result<()> {
     let sec = &config.security;
-    match tls {
-        Some(tls) => {
-            builder = builder.tls_config(tls).map_err(|e| {
-                Error::Config(format!(
-                    "security: the TLS certificate, key or client CA is unusable: {}",
-                    security::error_chain(&e)
-                ))
-            })?;
-            tracing::info!(
-                %addr,
-                mutual_tls = sec.client_ca.is_some(),
-                node_auth = sec.node_auth.name(),
-                registered_tokens = service.auth.registered(),
-                allow_list = sec.allow.len(),
-                "coordinator listening (tls)"
-            );
-        }
-        None => {
-            tracing::warn!(
-                %addr,
-                node_auth = sec.node_auth.name(),
-                "INSECURE: serving plaintext gRPC without TLS (security.insecure = true); model updates and \
-                 credentials cross the network unencrypted and unauthenticated. Use this on one machine only."
-            );
-        }
-    }
-    if sec.node_auth == config::NodeAuth::None && !sec.insecure {
+    let config_json = serde_json::to_value(config).unwrap_or_default();
+    let addr = tcp.local_addr().ok();
+    tracing::info!(
+        addr = ?addr,
+        tls = tls.is_some(),
+        operators = operators.0.as_ref().map_or(0, |o| o.len()),
+        client_certificates = tls.is_some() && sec.client_ca.is_some(),
+        "http listening (dashboard /, /api/status, /metrics, /healthz)"
+    );
+    if addr.is_some_and(|a| !a.ip().is_loopback()) && (tls.is_none() || operators.0.is_none()) {
         tracing::warn!(
-            "security.node_auth = \"none\": any client that trusts this certificate can join as any node name"
-        );
-    }
-    let server_stop = CancellationToken::new();
-    let driver_stop = CancellationToken::new();
-    let server = {
-        let stop = server_stop.clone();
-        let svc =
-            pb::federation_server::FederationServer::new(service).max_decoding_message_size(limits.max_message_bytes);
-        builder
-            .add_service(svc)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move { stop.cancelled().await })
-    };
-    let mut server = tokio::spawn(server);
-    if let Some((tcp, tls, operators)) = http_listener {
-        let config_json = serde_json::to_value(&config).unwrap_or_default();
-        let addr = tcp.local_addr().ok();
-        tracing::info!(
             addr = ?addr,
             tls = tls.is_some(),
-            operators = operators.0.as_ref().map_or(0, |o| o.len()),
-            client_certificates = tls.is_some() && sec.client_ca.is_some(),
-            "http listening (dashboard /, /api/status, /metrics, /healthz)"
+            authenticated = operators.0.is_some(),
+            "the HTTP side (dashboard, status, metrics) is served beyond loopback without TLS or without \
+             operator authentication; expose it only on a private network"
         );
-        if addr.is_some_and(|a| !a.ip().is_loopback()) && (tls.is_none() || operators.0.is_none()) {
-            tracing::warn!(
-                addr = ?addr,
-                tls = tls.is_some(),
-                authenticated = operators.0.is_some(),
-                "the HTTP side (dashboard, status, metrics) is served beyond loopback without TLS or without \
-                 operator authentication; expose it only on a private network"
-            );
-        }
-        let listener = http::HttpListener::new(tcp, tls, server_stop.clone())?;
-        let stop = server_stop.clone();
-        tokio::spawn(async move {
-            if let Err(e) = http::serve(listener, status_rx, metrics, config_json, operators, stop).await {
-                tracing::error!(error = %e, "http server stopped");
-            }
-        });
     }
-    let mut driver_task = tokio::spawn(driver.run(driver_stop.clone()));
-    tokio::pin!(shutdown);
-    let outcome = tokio::select! {
-        res = &mut driver_task => res.map_err(|e| Error::Internal(format!("driver task failed: {e}")))?,
-        () = &mut shutdown => {
-            tracing::info!("shutdown requested");
-            driver_stop.cancel();
-            driver_task.await.map_err(|e| Error::Internal(format!("driver task failed: {e}")))?
+    let listener = http::HttpListener::new(tcp, tls, stop.clone())?;
+    tokio::spawn(async move {
+        if let Err(e) = http::serve(listener, status_rx, metrics, config_json, operators, stop).await {
+            tracing::error!(error = %e, "http server stopped");
         }
-        res = &mut server => {
-            res.map_err(|e| Error::Internal(format!("server task failed: {e}")))??;
-            return Err(Error::Internal("grpc server stopped unexpectedly".into()));
-        }
-    };
-    // Give nodes a moment to read their stop instruction, then stop serving.
-    if matches!(outcome, Ok(Some(_))) {
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
-    server_stop.cancel();
-    match tokio::time::timeout(Duration::from_secs(5), server).await {
-        Ok(res) => res.map_err(|e| Error::Internal(format!("server task failed: {e}")))??,
-        Err(_) => tracing::warn!("grpc server did not drain within 5s"),
-    }
-    outcome
+    });
+    Ok(())
 }

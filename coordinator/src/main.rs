@@ -54,6 +54,15 @@ enum Cmd {
         #[arg(long, default_value_t = 10.0)]
         adversary_scale: f64,
     },
+    /// Simulate a fleet in this process: `simulation.nodes` virtual nodes, each with a share of
+    /// data.path's training split, trained by a pool of threads with the edge node's code.
+    Simulate {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// Number of virtual nodes (simulation.nodes).
+        #[arg(long)]
+        nodes: Option<u32>,
+    },
     /// Split a data set into per-node folders (for fleets whose nodes each mount only their own data).
     Partition {
         /// The data set: CIFAR-10 binary, MNIST IDX or an image folder.
@@ -302,6 +311,15 @@ async fn main() -> anyhow::Result<()> {
                 ],
             };
             run_fleet(cfg, opts, fedge_common::shutdown::signal()).await?;
+        }
+        Cmd::Simulate { config, nodes } => {
+            let defaults: Vec<(&str, String)> =
+                nodes.map(|n| ("simulation.nodes", n.to_string())).into_iter().collect();
+            let mut cfg = config.load_unchecked(None, &defaults)?;
+            coordinator::simulation::complete(&mut cfg);
+            cfg.validate()?;
+            fedge_common::telemetry::init(cfg.log_format, "info");
+            coordinator::simulation::simulate(cfg, fedge_common::shutdown::signal()).await?;
         }
         Cmd::Health {
             url,

@@ -86,6 +86,10 @@ pub struct Contribution {
     pub update_norm: f64,
     /// Whether the update was scaled down to the norm bound.
     pub clipped: bool,
+    /// Receiving the update stream, seconds.
+    pub upload_seconds: f64,
+    /// When the update was accepted, seconds after the round started.
+    pub arrived_seconds: f64,
 }
 
 /// A round that reached its end; the driver persists and evaluates it, then
@@ -314,6 +318,8 @@ pub struct Update {
     pub wire_bytes: u64,
     /// The encoded payload's length in bytes.
     pub payload_bytes: u64,
+    /// Receiving the update stream took this long (from its header to its checksum).
+    pub upload_seconds: f64,
 }
 
 /// Why a call was refused. Each maps to one gRPC status in the service.
@@ -783,6 +789,8 @@ impl RoundMachine {
             payload_bytes: update.payload_bytes,
             update_norm,
             clipped,
+            upload_seconds: update.upload_seconds,
+            arrived_seconds: now_ms.saturating_sub(r.started_ms) as f64 / 1000.0,
         });
         let accepted = r.accepted.len();
         let rec = self.nodes.get_mut(&name).expect("known node");
@@ -1300,6 +1308,8 @@ impl RoundMachine {
             // Masked: neither the norm nor clipping is visible.
             update_norm: f64::NAN,
             clipped: false,
+            upload_seconds: update.upload_seconds,
+            arrived_seconds: now_ms.saturating_sub(r.started_ms) as f64 / 1000.0,
         });
         let accepted = r.accepted.len();
         let rec = self.nodes.get_mut(&name).expect("known node");
@@ -1492,6 +1502,7 @@ mod tests {
             federated_eval: None,
             wire_bytes: 0,
             payload_bytes: 0,
+            upload_seconds: 0.0,
         }
     }
 

@@ -407,6 +407,7 @@ impl pb::federation_server::Federation for FederationService {
             Ok(None) => Err(Status::invalid_argument("empty update stream")).inspect_err(|s| self.refused(s, None))?,
             Err(s) => Err(s).inspect_err(|s| self.refused(s, None))?,
         };
+        let receiving = std::time::Instant::now();
         let mut wire_bytes = first.encoded_len() as u64;
         let Some(pb::update_chunk::Part::Header(header)) = first.part else {
             let s = Status::invalid_argument("an update stream must start with its header");
@@ -452,6 +453,7 @@ impl pb::federation_server::Federation for FederationService {
                 return Err(status);
             }
         };
+        let upload_seconds = receiving.elapsed().as_secs_f64();
         let (metrics, federated_eval) = metrics_from_wire(&header.metrics.unwrap_or_default());
         let payload_bytes = header.manifest.as_ref().map_or(0, |m| m.payload_bytes);
         tracing::debug!(
@@ -477,6 +479,7 @@ impl pb::federation_server::Federation for FederationService {
             federated_eval,
             wire_bytes,
             payload_bytes,
+            upload_seconds,
         };
         let accepted = self
             .ask(|reply| Command::Submit { session, update, reply })

@@ -51,6 +51,18 @@ pub struct Participant {
     pub update_norm: Option<f64>,
     /// Whether the update was scaled down to `strategy.clip_norm`.
     pub clipped: bool,
+    /// The node's own timings: fetching the global model (0 when it had
+    /// it) and encoding the update.
+    #[serde(default)]
+    pub fetch_seconds: f64,
+    #[serde(default)]
+    pub encode_seconds: f64,
+    /// Receiving the update stream, from its header to its checksum.
+    #[serde(default)]
+    pub upload_seconds: f64,
+    /// When the update was accepted, seconds after the round's tasks went out.
+    #[serde(default)]
+    pub arrived_seconds: f64,
 }
 
 /// One completed round.
@@ -86,6 +98,10 @@ pub struct RoundRecord {
     #[serde(default)]
     pub aggregation_seconds: f64,
     pub eval_seconds: f64,
+    /// Writing the round's checkpoint, global model and curves, seconds
+    /// (after `round_seconds`; in `run.json` from the next write on).
+    #[serde(default)]
+    pub checkpoint_seconds: f64,
     /// From the round's start to the end of its central evaluation, seconds
     /// (`train_phase_seconds + eval_seconds`; the checkpoint write follows).
     pub round_seconds: f64,
@@ -330,6 +346,10 @@ pub fn participant(c: &crate::round::Contribution, bytes_down: u64) -> Participa
         holdout_examples: c.federated_eval.map_or(0, |e| e.examples),
         update_norm: c.update_norm.is_finite().then_some(c.update_norm),
         clipped: c.clipped,
+        fetch_seconds: c.metrics.fetch_seconds,
+        encode_seconds: c.metrics.encode_seconds,
+        upload_seconds: c.upload_seconds,
+        arrived_seconds: c.arrived_seconds,
     }
 }
 
@@ -449,6 +469,7 @@ mod tests {
             train_phase_seconds: 0.0,
             aggregation_seconds: 0.0,
             eval_seconds: 0.0,
+            checkpoint_seconds: 0.0,
             round_seconds: 0.0,
             privacy: None,
             secure_aggregation: None,

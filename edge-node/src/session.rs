@@ -221,6 +221,7 @@ async fn handle_task(node: &mut NodeCtx<'_, '_>, run: RunInfo<'_>, task: pb::Tra
         },
         None => None,
     };
+    let fetch_start = std::time::Instant::now();
     if node.cache.version != Some(task.model_version) {
         let (manifest, params) = fetch(
             node.client,
@@ -265,9 +266,11 @@ async fn handle_task(node: &mut NodeCtx<'_, '_>, run: RunInfo<'_>, task: pb::Tra
     } else {
         None
     };
+    let fetch_seconds = fetch_start.elapsed().as_secs_f64();
     tracing::info!(
         round,
         version = task.model_version,
+        fetch_seconds = format!("{fetch_seconds:.3}"),
         algorithm = hyper.algorithm.name(),
         epochs = hyper.epochs,
         lr = hyper.learning_rate,
@@ -309,6 +312,7 @@ async fn handle_task(node: &mut NodeCtx<'_, '_>, run: RunInfo<'_>, task: pb::Tra
             }
         }
     };
+    result.metrics.fetch_seconds = fetch_seconds;
     let m = &result.metrics;
     tracing::info!(
         round,
@@ -340,12 +344,14 @@ async fn handle_task(node: &mut NodeCtx<'_, '_>, run: RunInfo<'_>, task: pb::Tra
             // The clipping indicator travels inside the masked sum, not in the clear.
             let unclipped = result.metrics.unclipped.take() == Some(true);
             let delta = std::mem::take(&mut result.delta);
+            let start = std::time::Instant::now();
             let (sec, payload) = tokio::task::spawn_blocking(move || {
                 let payload = sec.masked_payload(delta, unclipped);
                 (sec, payload)
             })
             .await
             .map_err(|e| Error::Trainer(format!("masking task failed: {e}")))?;
+            result.metrics.encode_seconds = start.elapsed().as_secs_f64();
             secure = Some(sec);
             (prost::bytes::Bytes::from(payload), Codec::Masked)
         }

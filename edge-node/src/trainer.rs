@@ -147,7 +147,9 @@ impl Kept {
 }
 
 /// State a node keeps across rounds (and, with a state folder, across restarts).
-struct NodeState {
+/// What a node keeps across rounds: SCAFFOLD's control variate and the
+/// codec's error-feedback residual, in memory and, with a state folder, on disk.
+pub struct NodeState {
     dir: Option<PathBuf>,
     /// SCAFFOLD's client control variate cᵢ, keyed by run.
     control: Kept,
@@ -156,7 +158,8 @@ struct NodeState {
 }
 
 impl NodeState {
-    fn new(dir: Option<PathBuf>) -> Self {
+    /// A node's state, kept in `dir` when given (read back from there on first use).
+    pub fn new(dir: Option<PathBuf>) -> Self {
         Self {
             dir,
             control: Kept::new("scaffold-control.safetensors", "run_id", "scaffold control variate"),
@@ -218,28 +221,17 @@ impl Trainer {
             if threads > 0 {
                 tch::set_num_threads(threads as i32);
             }
-            let mut model: Option<(ModelKind, VarStore, Net)> = None;
+            let mut model = LocalModel::new(device);
             let mut state = NodeState::new(state_dir);
             while let Ok(Envelope { job, reply }) = rx.recv() {
-                if model.as_ref().is_none_or(|(k, _, _)| *k != job.kind) {
-                    let vs = VarStore::new(device);
-                    let net = job.kind.build(&vs.root(), data.shape(), job.classes);
-                    model = Some((job.kind, vs, net));
-                }
-                let (_, vs, net) = model.as_mut().expect("model built above");
-                let result =
-                    run_job(vs, net, &data, held_out.as_ref(), &job, &mut state, &stop, progress).and_then(|mut r| {
-                        if let Some(p) = job.hyper.privacy {
-                            privatize(&mut r, p, job.hyper.learning_rate, &mut rand::rng());
-                        }
-                        adversary.apply(&mut r.delta, job.hyper.seed);
-                        // Secure aggregation masks the raw values (in the session).
-                        if job.codec != Codec::Masked {
-                            r.payload = state.encode(&job, &r.delta, r.control_delta.as_deref())?;
-                        }
-                        Ok(r)
-                    });
-                let _ = reply.send(result);
+                let work = Work {
+                    data: &data,
+                    held_out: held_out.as_ref(),
+                    cancel: &stop,
+                    progress,
+                    adversary: &adversary,
+                };
+                let _ = reply.send(model.work(&work, &job, &mut state));
             }
         })
         .map_err(|e| Error::Trainer(format!("cannot start the training thread: {e}")))?;
@@ -254,6 +246,66 @@ impl Trainer {
             .map_err(|_| Error::Trainer("training thread is gone".into()))?;
         rx.await
             .map_err(|_| Error::Trainer("training thread dropped the job".into()))?
+    }
+}
+
+/// Where a job's training happens: the node's data, whether to stop, how to report.
+pub struct Work<'a> {
+    pub data: &'a Dataset,
+    /// Held-out samples the received global model is evaluated on, when asked.
+    pub held_out: Option<&'a Dataset>,
+    /// Set to stop training before its next step.
+    pub cancel: &'a Arc<AtomicBool>,
+    /// Draw a progress bar on stderr.
+    pub progress: bool,
+    pub adversary: &'a AdversaryConfig,
+}
+
+/// A model on one training thread, built on first use and rebuilt when a
+/// job names another architecture. The edge-node daemon has one; an
+/// in-process simulation has one per training thread, shared by the
+/// virtual nodes whose jobs that thread runs.
+pub struct LocalModel {
+    device: tch::Device,
+    built: Option<(ModelKind, VarStore, Net)>,
+}
+
+impl LocalModel {
+    pub fn new(device: tch::Device) -> Self {
+        Self { device, built: None }
+    }
+
+    /// One round of a node's work: local training from the job's global
+    /// model, then the node's differential privacy, then (robustness
+    /// experiments only) the adversary, then encoding with the run's codec.
+    pub fn work(&mut self, work: &Work<'_>, job: &Job, state: &mut NodeState) -> Result<TrainResult> {
+        if self.built.as_ref().is_none_or(|(k, _, _)| *k != job.kind) {
+            let vs = VarStore::new(self.device);
+            let net = job.kind.build(&vs.root(), work.data.shape(), job.classes);
+            self.built = Some((job.kind, vs, net));
+        }
+        let (_, vs, net) = self.built.as_mut().expect("model built above");
+        let mut r = run_job(
+            vs,
+            net,
+            work.data,
+            work.held_out,
+            job,
+            state,
+            work.cancel,
+            work.progress,
+        )?;
+        if let Some(p) = job.hyper.privacy {
+            privatize(&mut r, p, job.hyper.learning_rate, &mut rand::rng());
+        }
+        work.adversary.apply(&mut r.delta, job.hyper.seed);
+        // Secure aggregation masks the raw values (in the session).
+        if job.codec != Codec::Masked {
+            let start = std::time::Instant::now();
+            r.payload = state.encode(job, &r.delta, r.control_delta.as_deref())?;
+            r.metrics.encode_seconds = start.elapsed().as_secs_f64();
+        }
+        Ok(r)
     }
 }
 
