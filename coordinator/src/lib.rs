@@ -180,12 +180,8 @@ pub async fn run(
     let mut driver_task = tokio::spawn(driver.run(driver_stop.clone()));
     tokio::pin!(shutdown);
     let outcome = tokio::select! {
-        res = &mut driver_task => res.map_err(|e| Error::Internal(format!("driver task failed: {e}")))?,
-        () = &mut shutdown => {
-            tracing::info!("shutdown requested");
-            driver_stop.cancel();
-            driver_task.await.map_err(|e| Error::Internal(format!("driver task failed: {e}")))?
-        }
+        res = &mut driver_task => driver_outcome(res)?,
+        () = &mut shutdown => stop_driver(driver_task, &driver_stop).await?,
         res = &mut server => {
             res.map_err(|e| Error::Internal(format!("server task failed: {e}")))??;
             return Err(Error::Internal("grpc server stopped unexpectedly".into()));
@@ -462,6 +458,23 @@ pub(crate) async fn assemble(config: &CoordinatorConfig) -> Result<Assembled> {
         metrics,
         status: status_rx,
     })))
+}
+
+/// What the driver task ended with.
+fn driver_outcome(
+    joined: std::result::Result<Result<Option<RunSummary>>, tokio::task::JoinError>,
+) -> Result<Result<Option<RunSummary>>> {
+    joined.map_err(|e| Error::Internal(format!("driver task failed: {e}")))
+}
+
+/// Asks the driver to stop (every completed round is on disk) and waits for it.
+async fn stop_driver(
+    task: tokio::task::JoinHandle<Result<Option<RunSummary>>>,
+    stop: &CancellationToken,
+) -> Result<Result<Option<RunSummary>>> {
+    tracing::info!("shutdown requested");
+    stop.cancel();
+    driver_outcome(task.await)
 }
 
 /// The HTTP side's listener, TLS configuration and operators.

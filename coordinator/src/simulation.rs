@@ -438,12 +438,8 @@ pub async fn simulate(
     tracing::info!(nodes = shares.nodes(), "virtual nodes connected");
     tokio::pin!(shutdown);
     let outcome = tokio::select! {
-        res = &mut driver_task => res.map_err(|e| Error::Internal(format!("driver task failed: {e}")))?,
-        () = &mut shutdown => {
-            tracing::info!("shutdown requested");
-            driver_stop.cancel();
-            driver_task.await.map_err(|e| Error::Internal(format!("driver task failed: {e}")))?
-        }
+        res = &mut driver_task => crate::driver_outcome(res)?,
+        () = &mut shutdown => crate::stop_driver(driver_task, &driver_stop).await?,
     };
     http_stop.cancel();
     outcome
