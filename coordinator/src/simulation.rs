@@ -273,17 +273,27 @@ impl Fleet {
         }
         let payload = result.payload;
         let sections = if result.control_delta.is_some() { 2 } else { 1 };
-        let received = {
-            let mut intake = Intake::new(
-                self.codec,
-                manifest.numel(),
-                sections,
-                payload.len() as u64,
-                &self.spool_dir,
-                &self.spool_budget,
-            )?;
+        let received = Intake::new(
+            self.codec,
+            manifest.numel(),
+            sections,
+            payload.len() as u64,
+            &self.spool_dir,
+            &self.spool_budget,
+        )
+        .and_then(|mut intake| {
             intake.push(&payload)?;
-            intake.finish(crc32(&payload))?
+            intake.finish(crc32(&payload))
+        });
+        let received = match received {
+            Ok(r) => r,
+            Err(e) => {
+                // As for a stream that fails its checks: the round stops waiting for this node.
+                let _ = self.commands.send(Command::Refuse {
+                    session: session.to_owned(),
+                });
+                return Err(e.into());
+            }
         };
         let bytes = payload.len() as u64;
         drop(payload);
