@@ -92,6 +92,26 @@ pub struct Contribution {
     pub arrived_seconds: f64,
 }
 
+impl Contribution {
+    /// The record of `node`'s accepted `update`; `update_norm` as received
+    /// (NaN when it cannot be seen), `clipped` whether it was bounded.
+    fn new(node: String, update: &Update, update_norm: f64, clipped: bool) -> Self {
+        Self {
+            node,
+            num_samples: update.num_samples,
+            metrics: update.metrics.clone(),
+            federated_eval: update.federated_eval,
+            wire_bytes: update.wire_bytes,
+            payload_bytes: update.payload_bytes,
+            update_norm,
+            clipped,
+            upload_seconds: update.upload_seconds,
+            // Set by `RoundMachine::record`.
+            arrived_seconds: 0.0,
+        }
+    }
+}
+
 /// A round that reached its end; the driver persists and evaluates it, then
 /// calls [`RoundMachine::persisted`].
 #[derive(Debug, Clone)]
@@ -705,7 +725,7 @@ impl RoundMachine {
         if matches!(&self.phase, Phase::Training(r) if r.secure.is_some()) {
             return self.submit_masked(name, update, now_ms);
         }
-        let body = update.body;
+        let body = &update.body;
         let numel = self.global.len();
         let sections = 1 + usize::from(body.control);
         if body.source.len() != numel * sections {
@@ -775,27 +795,12 @@ impl RoundMachine {
                 attempt: r.attempt,
                 node: name.clone(),
                 target: FoldTarget::Mean(target),
-                source: body.source,
+                source: body.source.clone(),
                 weight,
                 scale,
             })));
         }
-        r.accepted.push(Contribution {
-            node: name.clone(),
-            num_samples: update.num_samples,
-            metrics: update.metrics,
-            federated_eval: update.federated_eval,
-            wire_bytes: update.wire_bytes,
-            payload_bytes: update.payload_bytes,
-            update_norm,
-            clipped,
-            upload_seconds: update.upload_seconds,
-            arrived_seconds: now_ms.saturating_sub(r.started_ms) as f64 / 1000.0,
-        });
-        let accepted = r.accepted.len();
-        let rec = self.nodes.get_mut(&name).expect("known node");
-        rec.rounds_contributed += 1;
-        rec.last_seen_ms = now_ms;
+        let accepted = self.record(Contribution::new(name, &update, update_norm, clipped), now_ms);
         out.extend(self.maybe_close(now_ms));
         Ok((accepted, out))
     }
@@ -1269,7 +1274,7 @@ impl RoundMachine {
                 r.round
             )));
         }
-        let body = update.body;
+        let body = &update.body;
         if body.source.len() != numel + 1 || body.control {
             return Err(Rejection::WrongSize {
                 got: body.source.len().saturating_sub(1),
@@ -1294,28 +1299,28 @@ impl RoundMachine {
                 server: s.server.clone(),
                 id: s.ids[&name],
             },
-            source: body.source,
+            source: body.source.clone(),
             weight: 1.0,
             scale: 1.0,
         }))];
-        r.accepted.push(Contribution {
-            node: name.clone(),
-            num_samples: update.num_samples,
-            metrics: update.metrics,
-            federated_eval: update.federated_eval,
-            wire_bytes: update.wire_bytes,
-            payload_bytes: update.payload_bytes,
-            // Masked: neither the norm nor clipping is visible.
-            update_norm: f64::NAN,
-            clipped: false,
-            upload_seconds: update.upload_seconds,
-            arrived_seconds: now_ms.saturating_sub(r.started_ms) as f64 / 1000.0,
-        });
-        let accepted = r.accepted.len();
-        let rec = self.nodes.get_mut(&name).expect("known node");
+        // Masked: neither the norm nor clipping is visible.
+        let accepted = self.record(Contribution::new(name, &update, f64::NAN, false), now_ms);
+        Ok((accepted, out))
+    }
+
+    /// Records an accepted update in the round in progress, with its
+    /// arrival after the round's start, and the node's activity; returns
+    /// the number of updates the round has accepted.
+    fn record(&mut self, mut c: Contribution, now_ms: u64) -> usize {
+        let Phase::Training(r) = &mut self.phase else {
+            unreachable!("only a round in progress accepts updates");
+        };
+        c.arrived_seconds = now_ms.saturating_sub(r.started_ms) as f64 / 1000.0;
+        let rec = self.nodes.get_mut(&c.node).expect("known node");
         rec.rounds_contributed += 1;
         rec.last_seen_ms = now_ms;
-        Ok((accepted, out))
+        r.accepted.push(c);
+        r.accepted.len()
     }
 
     /// Moves a secure round on as far as its nodes' answers (or the step
