@@ -776,6 +776,10 @@ impl Driver {
         self.store = Some(store);
         res?;
         self.snapshot.borrow().durable.store(true, Ordering::Release);
+        // The round's update chunks and the previous model were freed in
+        // the threads that handled them; return that memory before the
+        // next round's sum is built.
+        crate::memory::release_free_memory();
         self.draw_curves(false).await;
         let checkpoint_seconds = persist_start.elapsed().as_secs_f64();
         if let Some(last) = self.store.as_mut().and_then(|s| s.history.rounds.last_mut()) {

@@ -1,17 +1,21 @@
 //! Central evaluation on a dedicated thread, so tensor work never runs on
-//! the async runtime. The thread builds the model for each evaluation and
-//! drops it after, so between evaluations the coordinator holds the global
-//! model once.
+//! the async runtime. The thread builds the model once; during an
+//! evaluation its variables view the global model's own buffer (no copy),
+//! and between evaluations they are empty, so the coordinator holds the
+//! global model once whether or not it is evaluating.
 
 use std::sync::Arc;
 use std::sync::mpsc;
 
+use fedge_common::data::Dataset;
 use fedge_common::data::{DataSource, Split};
 use fedge_common::model::ModelKind;
-use fedge_common::params::{self, Manifest};
+use fedge_common::model::Net;
+use fedge_common::params::Manifest;
 use fedge_common::train::{EvalMetrics, evaluate};
 use fedge_common::worker::Worker;
 use tch::nn::VarStore;
+use tch::{Device, Kind, Tensor};
 use tokio::sync::oneshot;
 
 use crate::{Error, Result};
@@ -58,15 +62,11 @@ impl Evaluator {
             let setup = || -> Result<_> {
                 let test = source.load(Split::Test)?;
                 tch::manual_seed(seed as i64);
-                let mut vs = VarStore::new(tch::Device::Cpu);
-                let net = kind.build(&vs.root(), test.shape(), test.num_classes());
-                let manifest = Manifest::of_var_store(&vs);
-                let params = params::flatten(&vs, &manifest)?;
-                vs.freeze();
-                drop((net, vs));
-                Ok((test, manifest, params))
+                let mut model = EvalModel::new(kind, test.shape(), test.num_classes());
+                let initial = model.take_initial()?;
+                Ok((test, model, initial))
             };
-            let (test, manifest, initial) = match setup() {
+            let (test, mut model, initial) = match setup() {
                 Ok(s) => s,
                 Err(e) => {
                     let _ = ready_tx.send(Err(e));
@@ -74,23 +74,18 @@ impl Evaluator {
                 }
             };
             let _ = ready_tx.send(Ok(InitialModel {
-                manifest: manifest.clone(),
+                manifest: model.manifest.clone(),
                 params: initial,
                 test_samples: test.len(),
                 input_shape: test.shape(),
                 classes: test.classes.clone(),
             }));
             while let Ok(job) = rx.recv() {
-                // The model is built for each evaluation and dropped after
-                // it, so the coordinator holds no second copy of the
-                // global model between evaluations.
-                let mut vs = VarStore::new(tch::Device::Cpu);
-                let net = kind.build(&vs.root(), test.shape(), test.num_classes());
-                vs.freeze();
-                let result = params::load_into(&mut vs, &manifest, &job.params)
-                    .map(|()| evaluate(&net, &test, batch_size, tch::Device::Cpu))
-                    .map_err(Error::from);
-                drop((net, vs));
+                let result = model.evaluate(&job.params, &test, batch_size);
+                // Activations of the evaluation were freed into this
+                // thread's allocator arena; hand them back to the system
+                // so they do not sit beside the next round's buffers.
+                crate::memory::release_free_memory();
                 let _ = job.reply.send(result);
             }
         })
@@ -112,5 +107,162 @@ impl Evaluator {
             .map_err(|_| Error::Internal("evaluation thread is gone".into()))?;
         rx.await
             .map_err(|_| Error::Internal("evaluation thread dropped a job".into()))?
+    }
+}
+
+/// The evaluation model. Its variables hold no storage of their own after
+/// start-up: an evaluation points them at the parameters it is given.
+struct EvalModel {
+    net: Net,
+    /// Keeps the variables alive; `vars` are handles to the same tensors.
+    _vs: VarStore,
+    manifest: Manifest,
+    /// The variables, in manifest order.
+    vars: Vec<Tensor>,
+}
+
+impl EvalModel {
+    /// Builds `kind` for inputs of `shape` with `classes` outputs,
+    /// initialized from libtorch's (seeded) generator.
+    fn new(kind: ModelKind, shape: [i64; 3], classes: i64) -> Self {
+        let mut vs = VarStore::new(Device::Cpu);
+        let net = kind.build(&vs.root(), shape, classes);
+        vs.freeze();
+        let manifest = Manifest::of_var_store(&vs);
+        let mut by_name = vs.variables();
+        let vars = manifest
+            .tensors
+            .iter()
+            .map(|m| {
+                by_name
+                    .remove(&m.name)
+                    .expect("the manifest lists the store's variables")
+            })
+            .collect();
+        Self {
+            net,
+            _vs: vs,
+            manifest,
+            vars,
+        }
+    }
+
+    /// Moves the initial parameters out of the variables into one flat
+    /// buffer, releasing each variable's storage as soon as it is copied,
+    /// so start-up never holds two copies of the model.
+    fn take_initial(&mut self) -> Result<Vec<f32>> {
+        let mut flat = vec![0f32; self.manifest.numel()];
+        let mut offset = 0;
+        for (meta, var) in self.manifest.tensors.iter().zip(&mut self.vars) {
+            let n = meta.numel();
+            var.f_copy_data(&mut flat[offset..offset + n], n)
+                .map_err(fedge_common::Error::from)?;
+            var.f_set_data(&empty()).map_err(fedge_common::Error::from)?;
+            offset += n;
+        }
+        Ok(flat)
+    }
+
+    /// Evaluates the model with parameters `params` on `test`.
+    fn evaluate(&mut self, params: &[f32], test: &Dataset, batch_size: usize) -> Result<EvalMetrics> {
+        if params.len() != self.manifest.numel() {
+            return Err(Error::Internal(format!(
+                "{} values to evaluate for a model of {} parameters",
+                params.len(),
+                self.manifest.numel()
+            )));
+        }
+        let viewing = Viewing::new(&mut self.vars, &self.manifest, params)?;
+        let metrics = evaluate(&self.net, test, batch_size, Device::Cpu);
+        drop(viewing);
+        Ok(metrics)
+    }
+}
+
+/// An empty f32 tensor: what a variable holds between evaluations.
+fn empty() -> Tensor {
+    Tensor::empty([0], (Kind::Float, Device::Cpu))
+}
+
+/// The variables pointed at a parameter buffer; dropping it (also when the
+/// evaluation panics) empties them again, so no tensor outlives the
+/// buffer it views.
+struct Viewing<'a> {
+    vars: &'a mut [Tensor],
+}
+
+impl<'a> Viewing<'a> {
+    fn new(vars: &'a mut [Tensor], manifest: &Manifest, params: &'a [f32]) -> Result<Self> {
+        let viewing = Self { vars };
+        let mut offset = 0;
+        for (meta, var) in manifest.tensors.iter().zip(viewing.vars.iter_mut()) {
+            let n = meta.numel();
+            let values = &params[offset..offset + n];
+            // SAFETY: `values` is `n` initialized, aligned f32s that the
+            // borrow `'a` keeps alive and unchanged for the life of
+            // `Viewing`; the tensor viewing them is reachable only through
+            // `var` (the evaluation makes temporaries that it drops before
+            // returning), and `Viewing::drop` points `var` away from them.
+            // The model is only read (a no-grad forward pass).
+            #[allow(unsafe_code)]
+            let view =
+                unsafe { Tensor::f_from_blob(values.as_ptr().cast(), &meta.shape, &[], Kind::Float, Device::Cpu) }
+                    .map_err(fedge_common::Error::from)?;
+            var.f_set_data(&view).map_err(fedge_common::Error::from)?;
+            offset += n;
+        }
+        Ok(viewing)
+    }
+}
+
+impl Drop for Viewing<'_> {
+    fn drop(&mut self) {
+        for var in self.vars.iter_mut() {
+            // Cannot fail: same dtype and device.
+            let _ = var.f_set_data(&empty());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use fedge_common::data::synthetic;
+    use fedge_common::params;
+
+    use super::*;
+
+    #[test]
+    fn evaluating_through_views_matches_a_model_holding_the_parameters() {
+        let test = synthetic(7, 2, 300);
+        tch::manual_seed(3);
+        let mut model = EvalModel::new(ModelKind::Cnn, test.shape(), test.num_classes());
+        let initial = model.take_initial().unwrap();
+        assert!(
+            model.vars.iter().all(|v| v.numel() == 0),
+            "start-up leaves no parameter storage in the variables"
+        );
+        // Another parameter set than the initial one, so stale values would show.
+        let moved: Vec<f32> = initial
+            .iter()
+            .enumerate()
+            .map(|(i, v)| v + (i % 7) as f32 * 1e-3)
+            .collect();
+
+        let mut vs = VarStore::new(Device::Cpu);
+        let net = ModelKind::Cnn.build(&vs.root(), test.shape(), test.num_classes());
+        params::load_into(&mut vs, &model.manifest, &moved).unwrap();
+        let expected = evaluate(&net, &test, 64, Device::Cpu);
+
+        let got = model.evaluate(&moved, &test, 64).unwrap();
+        assert_eq!(got.examples, expected.examples);
+        assert!((got.loss - expected.loss).abs() < 1e-6, "{got:?} vs {expected:?}");
+        assert_eq!(got.accuracy, expected.accuracy);
+        assert!(
+            model.vars.iter().all(|v| v.numel() == 0),
+            "views are dropped after evaluating"
+        );
+
+        let err = model.evaluate(&moved[1..], &test, 64).unwrap_err();
+        assert!(err.to_string().contains("values to evaluate for a model of"), "{err}");
     }
 }

@@ -20,7 +20,9 @@
 //! - [`pki`]: a development CA, certificates and tokens (`coordinator certs`).
 //! - [`intake`]: receiving an update stream: decoding and checking each
 //!   chunk as it arrives, spooling the encoded bytes for the round to fold.
-//! - [`evaluator`]: central evaluation on a dedicated thread.
+//! - [`evaluator`]: central evaluation on a dedicated thread, viewing the
+//!   global model's buffer rather than copying it.
+//! - [`memory`]: handing freed memory back to the system between phases.
 //! - [`plots`]: `curves.svg` and `curves.png` next to the model.
 //! - [`store`]: durable checkpoints, resume and run history (`model.safetensors`,
 //!   `rounds/`, `run.json`).
@@ -40,6 +42,7 @@ pub mod evaluator;
 pub mod fleet;
 pub mod http;
 pub mod intake;
+pub mod memory;
 pub mod metrics;
 pub mod pki;
 pub mod plots;
