@@ -202,13 +202,35 @@ pub fn load_safetensors(path: &Path) -> Result<LoadedParams> {
 /// Parses safetensors bytes holding f32 tensors, ordered by name; any other
 /// content is an error, never a panic (fuzzed: `tests/fuzz`).
 pub fn parse_safetensors(data: &[u8]) -> Result<LoadedParams> {
+    let mut manifest = Manifest::default();
+    let mut values = Vec::new();
+    let metadata = visit_safetensors(data, |name, shape, bytes| {
+        values.extend(f32_values(bytes));
+        manifest.tensors.push(TensorMeta {
+            name: name.to_owned(),
+            shape: shape.to_vec(),
+        });
+        Ok(())
+    })?;
+    Ok(LoadedParams {
+        manifest,
+        values,
+        metadata,
+    })
+}
+
+/// Hands each f32 tensor of safetensors bytes to `visit`, in name order, as
+/// its name, shape and little-endian bytes (a view into `data`, no copy);
+/// returns the file's metadata. Any tensor of another type is an error.
+pub fn visit_safetensors(
+    data: &[u8],
+    mut visit: impl FnMut(&str, &[i64], &[u8]) -> Result<()>,
+) -> Result<HashMap<String, String>> {
     let (_, meta) = SafeTensors::read_metadata(data)?;
     let metadata = meta.metadata().clone().unwrap_or_default();
     let st = SafeTensors::deserialize(data)?;
     let mut names: Vec<String> = st.names().into_iter().map(str::to_owned).collect();
     names.sort();
-    let mut manifest = Manifest::default();
-    let mut values = Vec::new();
     for name in names {
         let view = st.tensor(&name)?;
         if view.dtype() != Dtype::F32 {
@@ -217,21 +239,17 @@ pub fn parse_safetensors(data: &[u8]) -> Result<LoadedParams> {
                 view.dtype()
             )));
         }
-        values.extend(
-            view.data()
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
-        );
-        manifest.tensors.push(TensorMeta {
-            name,
-            shape: view.shape().iter().map(|&d| d as i64).collect(),
-        });
+        let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
+        visit(&name, &shape, view.data())?;
     }
-    Ok(LoadedParams {
-        manifest,
-        values,
-        metadata,
-    })
+    Ok(metadata)
+}
+
+/// The f32 values of little-endian bytes (a whole number of 4-byte values).
+pub fn f32_values(bytes: &[u8]) -> impl Iterator<Item = f32> + '_ {
+    bytes
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
 }
 
 #[cfg(test)]

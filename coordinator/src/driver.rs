@@ -25,6 +25,18 @@ use crate::secure::{SecAggInput, SecAggOutput};
 use crate::store::{RoundRecord, RunStore, federated_eval, participant};
 use crate::{Error, Result};
 
+/// Sends the command `make` builds around a reply slot to the driver and
+/// waits for the reply; `None` when the driver has stopped or stops before
+/// replying. The gRPC service and the simulation's virtual nodes ask this way.
+pub async fn ask<T>(
+    driver: &mpsc::UnboundedSender<Command>,
+    make: impl FnOnce(oneshot::Sender<T>) -> Command,
+) -> Option<T> {
+    let (reply, rx) = oneshot::channel();
+    driver.send(make(reply)).ok()?;
+    rx.await.ok()
+}
+
 /// Messages from the service to the driver.
 #[derive(Debug)]
 pub enum Command {

@@ -292,13 +292,18 @@ pub(crate) async fn assemble(config: &CoordinatorConfig) -> Result<Assembled> {
         "strategy"
     );
     let keep = config.checkpoint.keep_round_models;
-    let resumed = if config.checkpoint.resume {
-        RunStore::resume(&config.out_dir, keep, (*manifest).clone())?
+    let unfinished = if config.checkpoint.resume {
+        RunStore::unfinished(&config.out_dir, keep, (*manifest).clone())?
     } else {
         None
     };
-    let (store, version, global) = match resumed {
-        Some((mut store, cp)) => {
+    let mut initial_params = Some(initial.params);
+    let (store, version, global) = match unfinished {
+        Some(mut store) => {
+            // The checkpoint's model replaces the initial one: free it
+            // before reading, so resuming holds one model besides the file.
+            drop(initial_params.take());
+            let cp = store.read_checkpoint()?;
             strategy
                 .restore(cp.strategy, cp.server_steps)
                 .map_err(|e| Error::Checkpoint(format!("{e} (was the strategy changed since the run started?)")))?;
@@ -351,8 +356,11 @@ pub(crate) async fn assemble(config: &CoordinatorConfig) -> Result<Assembled> {
             }
             let store = RunStore::create(&config.out_dir, keep, (*manifest).clone(), history)?;
             let (named, _) = strategy.state();
-            store.persist_initial(&initial.params, &named)?;
-            (store, 0, initial.params)
+            let params = initial_params
+                .take()
+                .ok_or_else(|| Error::Internal("initial parameters already released".into()))?;
+            store.persist_initial(&params, &named)?;
+            (store, 0, params)
         }
     };
     if version >= u64::from(config.rounds) {

@@ -218,12 +218,9 @@ impl FederationService {
     }
 
     async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T, Status> {
-        let (tx, rx) = oneshot::channel();
-        self.driver
-            .send(make(tx))
-            .map_err(|_| Status::unavailable("coordinator is shutting down"))?;
-        rx.await
-            .map_err(|_| Status::unavailable("coordinator is shutting down"))
+        crate::driver::ask(&self.driver, make)
+            .await
+            .ok_or_else(|| Status::unavailable("coordinator is shutting down"))
     }
 }
 

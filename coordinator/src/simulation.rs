@@ -196,12 +196,9 @@ struct Fleet {
 impl Fleet {
     /// Sends the driver a command and waits for its answer.
     async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T> {
-        let (reply, rx) = oneshot::channel();
-        self.commands
-            .send(make(reply))
-            .map_err(|_| Error::Internal("the driver stopped".into()))?;
-        rx.await
-            .map_err(|_| Error::Internal("the driver dropped a request".into()))
+        crate::driver::ask(&self.commands, make)
+            .await
+            .ok_or_else(|| Error::Internal("the driver stopped".into()))
     }
 
     /// One virtual node: reads its instruction stream until the run stops it.

@@ -18,7 +18,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use fedge_common::fsutil::write_atomic;
-use fedge_common::params::{Manifest, TensorMeta, parse_safetensors, save_safetensors, save_tensors};
+use fedge_common::params::{Manifest, TensorMeta, f32_values, save_safetensors, save_tensors, visit_safetensors};
 use serde::{Deserialize, Serialize};
 
 use crate::config::CoordinatorConfig;
@@ -266,6 +266,19 @@ impl RunStore {
     /// model and strategy state of the last round `run.json` lists. `None`
     /// when `dir` holds no run, or a finished one.
     pub fn resume(dir: &Path, keep_round_models: bool, manifest: Manifest) -> Result<Option<(Self, Checkpoint)>> {
+        match Self::unfinished(dir, keep_round_models, manifest)? {
+            Some(store) => {
+                let checkpoint = store.read_checkpoint()?;
+                Ok(Some((store, checkpoint)))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// The store of a run left unfinished in `dir`, from its history; `None`
+    /// when `dir` holds no run, or a finished one. Its checkpoint is read by
+    /// [`RunStore::read_checkpoint`].
+    pub fn unfinished(dir: &Path, keep_round_models: bool, manifest: Manifest) -> Result<Option<Self>> {
         let path = dir.join("run.json");
         let text = match std::fs::read(&path) {
             Ok(t) => t,
@@ -286,23 +299,27 @@ impl RunStore {
         if history.finished {
             return Ok(None);
         }
-        let store = Self::create(dir, keep_round_models, manifest, history)?;
-        let round = store.history.rounds.last().map_or(0, |r| r.round);
-        let file = store.checkpoint_path(round);
+        Self::create(dir, keep_round_models, manifest, history).map(Some)
+    }
+
+    /// The global model and strategy state of the last round `run.json`
+    /// lists, from its checkpoint file.
+    pub fn read_checkpoint(&self) -> Result<Checkpoint> {
+        let round = self.history.rounds.last().map_or(0, |r| r.round);
+        let file = self.checkpoint_path(round);
         let bytes = std::fs::read(&file).map_err(|e| {
             Error::Checkpoint(format!(
                 "cannot read the checkpoint of round {round} ({}: {e})",
                 file.display()
             ))
         })?;
-        let checkpoint = parse_checkpoint(&bytes, &store.manifest, &store.history.run_id, round).map_err(|e| {
+        parse_checkpoint(&bytes, &self.manifest, &self.history.run_id, round).map_err(|e| {
             Error::Checkpoint(format!(
                 "{}: {}",
                 file.display(),
                 e.to_string().trim_start_matches("checkpoint: ")
             ))
-        })?;
-        Ok(Some((store, checkpoint)))
+        })
     }
 
     /// Metadata stored in every checkpoint file.
@@ -374,34 +391,28 @@ pub fn federated_eval(contributions: &[crate::round::Contribution]) -> Option<fe
 /// `manifest`) and the strategy state of round `round` of run `run_id`.
 /// Corrupt or foreign bytes are an error, never a panic (fuzzed: `tests/fuzz`).
 pub fn parse_checkpoint(bytes: &[u8], manifest: &Manifest, run_id: &str, round: u64) -> Result<Checkpoint> {
-    let loaded = parse_safetensors(bytes)
-        .map_err(|e| Error::Checkpoint(format!("cannot read the checkpoint of round {round} ({e})")))?;
-    if loaded.metadata.get("run_id").map(String::as_str) != Some(run_id) {
-        return Err(Error::Checkpoint(format!("it belongs to another run than {run_id}")));
-    }
-    let steps = loaded
-        .metadata
-        .get("server_steps")
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
+    // Tensors are read straight out of `bytes` into the global model: the
+    // checkpoint is never held decoded twice.
     let mut global = Vec::with_capacity(manifest.numel());
     let mut strategy = BTreeMap::new();
-    let mut offset = 0;
     let mut model_tensors = Manifest::default();
-    for t in &loaded.manifest.tensors {
-        let n = t.numel();
-        let values = &loaded.values[offset..offset + n];
-        offset += n;
-        if let Some(name) = t.name.strip_prefix("model/") {
+    let metadata = visit_safetensors(bytes, |name, shape, data| {
+        if let Some(name) = name.strip_prefix("model/") {
             model_tensors.tensors.push(TensorMeta {
                 name: name.to_owned(),
-                shape: t.shape.clone(),
+                shape: shape.to_vec(),
             });
-            global.extend_from_slice(values);
-        } else if let Some(name) = t.name.strip_prefix("strategy/") {
-            strategy.insert(name.to_owned(), values.to_vec());
+            global.extend(f32_values(data));
+        } else if let Some(name) = name.strip_prefix("strategy/") {
+            strategy.insert(name.to_owned(), f32_values(data).collect());
         }
+        Ok(())
+    })
+    .map_err(|e| Error::Checkpoint(format!("cannot read the checkpoint of round {round} ({e})")))?;
+    if metadata.get("run_id").map(String::as_str) != Some(run_id) {
+        return Err(Error::Checkpoint(format!("it belongs to another run than {run_id}")));
     }
+    let steps = metadata.get("server_steps").and_then(|s| s.parse().ok()).unwrap_or(0);
     if &model_tensors != manifest {
         return Err(Error::Checkpoint(format!(
             "it holds a model of {} parameters in {} tensors; this run's model has {} in {}",
