@@ -2,8 +2,13 @@
 //! the async runtime. The thread builds the model once; during an
 //! evaluation its variables view the global model's own buffer (no copy),
 //! and between evaluations they are empty, so the coordinator holds the
-//! global model once whether or not it is evaluating.
+//! global model once whether or not it is evaluating. The test split's
+//! images wait in a file under the run's `spool/` folder and are read one
+//! batch at a time.
 
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::mpsc;
 
@@ -45,14 +50,16 @@ pub struct InitialModel {
 }
 
 impl Evaluator {
-    /// Starts the thread: loads the test split of `source`, initializes the
-    /// model with `seed`, and returns the initial parameters.
+    /// Starts the thread: loads the test split of `source` (its images go
+    /// to a file in `scratch`), initializes the model with `seed`, and
+    /// returns the initial parameters.
     pub async fn spawn(
         kind: ModelKind,
         source: DataSource,
         seed: u64,
         batch_size: usize,
         threads: usize,
+        scratch: PathBuf,
     ) -> Result<(Self, InitialModel)> {
         let (ready_tx, ready_rx) = oneshot::channel();
         let worker = Worker::spawn("evaluator", move |rx: mpsc::Receiver<Job>| {
@@ -60,9 +67,9 @@ impl Evaluator {
                 tch::set_num_threads(threads as i32);
             }
             let setup = || -> Result<_> {
-                let test = source.load(Split::Test)?;
+                let test = TestSplit::spill(source.load(Split::Test)?, &scratch)?;
                 tch::manual_seed(seed as i64);
-                let mut model = EvalModel::new(kind, test.shape(), test.num_classes());
+                let mut model = EvalModel::new(kind, test.shape, test.classes.len() as i64);
                 let initial = model.take_initial()?;
                 Ok((test, model, initial))
             };
@@ -76,8 +83,8 @@ impl Evaluator {
             let _ = ready_tx.send(Ok(InitialModel {
                 manifest: model.manifest.clone(),
                 params: initial,
-                test_samples: test.len(),
-                input_shape: test.shape(),
+                test_samples: test.labels.len(),
+                input_shape: test.shape,
                 classes: test.classes.clone(),
             }));
             while let Ok(job) = rx.recv() {
@@ -164,7 +171,7 @@ impl EvalModel {
     }
 
     /// Evaluates the model with parameters `params` on `test`.
-    fn evaluate(&mut self, params: &[f32], test: &Dataset, batch_size: usize) -> Result<EvalMetrics> {
+    fn evaluate(&mut self, params: &[f32], test: &TestSplit, batch_size: usize) -> Result<EvalMetrics> {
         if params.len() != self.manifest.numel() {
             return Err(Error::Internal(format!(
                 "{} values to evaluate for a model of {} parameters",
@@ -173,9 +180,88 @@ impl EvalModel {
             )));
         }
         let viewing = Viewing::new(&mut self.vars, &self.manifest, params)?;
-        let metrics = evaluate(&self.net, test, batch_size, Device::Cpu);
+        let n = test.labels.len();
+        let batch_size = batch_size.max(1);
+        let (mut loss_sum, mut correct) = (0f64, 0f64);
+        for start in (0..n).step_by(batch_size) {
+            let batch = test.batch(start, (start + batch_size).min(n))?;
+            let m = evaluate(&self.net, &batch, batch_size, Device::Cpu);
+            loss_sum += m.loss * m.examples as f64;
+            correct += (m.accuracy * m.examples as f64).round();
+        }
         drop(viewing);
-        Ok(metrics)
+        Ok(if n == 0 {
+            EvalMetrics::default()
+        } else {
+            EvalMetrics {
+                loss: loss_sum / n as f64,
+                accuracy: correct / n as f64,
+                examples: n as u64,
+            }
+        })
+    }
+}
+
+/// Images copied out of the test split's tensor at a time (4 MiB).
+const SPILL_PIECE: i64 = 4 << 20;
+
+/// The test split with its images in a file (raw `u8`, `[N, C, H, W]`),
+/// deleted when the split is dropped; labels stay in memory.
+struct TestSplit {
+    images: tempfile::NamedTempFile,
+    labels: Vec<i64>,
+    shape: [i64; 3],
+    classes: Vec<String>,
+}
+
+impl TestSplit {
+    /// Moves the images of `test` into a file in `dir`.
+    fn spill(test: Dataset, dir: &Path) -> Result<Self> {
+        let io = |e: std::io::Error| Error::Io {
+            context: format!("writing the test split's images under {}", dir.display()),
+            source: e,
+        };
+        let mut images = tempfile::Builder::new()
+            .prefix("test-images-")
+            .tempfile_in(dir)
+            .map_err(io)?;
+        let flat = test.images.contiguous().view([-1]);
+        let total = flat.size()[0];
+        let mut buf = Vec::new();
+        for start in (0..total).step_by(SPILL_PIECE as usize) {
+            let len = SPILL_PIECE.min(total - start);
+            buf.resize(len as usize, 0u8);
+            flat.narrow(0, start, len)
+                .f_copy_data(&mut buf, len as usize)
+                .map_err(fedge_common::Error::from)?;
+            images.write_all(&buf).map_err(io)?;
+        }
+        images.flush().map_err(io)?;
+        Ok(Self {
+            images,
+            labels: test.label_vec(),
+            shape: test.shape(),
+            classes: test.classes,
+        })
+    }
+
+    /// Samples `start..end`, read from the file.
+    fn batch(&self, start: usize, end: usize) -> Result<Dataset> {
+        let row = self.shape.iter().product::<i64>() as usize;
+        let mut bytes = vec![0u8; (end - start) * row];
+        self.images
+            .as_file()
+            .read_exact_at(&mut bytes, (start * row) as u64)
+            .map_err(|e| Error::Io {
+                context: format!("reading the test split's images from {}", self.images.path().display()),
+                source: e,
+            })?;
+        Ok(Dataset::from_raw(
+            &bytes,
+            &self.labels[start..end],
+            self.shape,
+            Vec::new(),
+        ))
     }
 }
 
@@ -234,6 +320,13 @@ mod tests {
     #[test]
     fn evaluating_through_views_matches_a_model_holding_the_parameters() {
         let test = synthetic(7, 2, 300);
+        let scratch = tempfile::tempdir().unwrap();
+        let split = TestSplit::spill(synthetic(7, 2, 300), scratch.path()).unwrap();
+        assert_eq!(
+            std::fs::read_dir(scratch.path()).unwrap().count(),
+            1,
+            "the images wait in one file"
+        );
         tch::manual_seed(3);
         let mut model = EvalModel::new(ModelKind::Cnn, test.shape(), test.num_classes());
         let initial = model.take_initial().unwrap();
@@ -253,7 +346,7 @@ mod tests {
         params::load_into(&mut vs, &model.manifest, &moved).unwrap();
         let expected = evaluate(&net, &test, 64, Device::Cpu);
 
-        let got = model.evaluate(&moved, &test, 64).unwrap();
+        let got = model.evaluate(&moved, &split, 64).unwrap();
         assert_eq!(got.examples, expected.examples);
         assert!((got.loss - expected.loss).abs() < 1e-6, "{got:?} vs {expected:?}");
         assert_eq!(got.accuracy, expected.accuracy);
@@ -262,7 +355,13 @@ mod tests {
             "views are dropped after evaluating"
         );
 
-        let err = model.evaluate(&moved[1..], &test, 64).unwrap_err();
+        let err = model.evaluate(&moved[1..], &split, 64).unwrap_err();
         assert!(err.to_string().contains("values to evaluate for a model of"), "{err}");
+        drop(split);
+        assert_eq!(
+            std::fs::read_dir(scratch.path()).unwrap().count(),
+            0,
+            "the file goes with the split"
+        );
     }
 }

@@ -236,12 +236,14 @@ pub(crate) async fn assemble(config: &CoordinatorConfig) -> Result<Assembled> {
     if matches!(source, fedge_common::data::DataSource::Synthetic { .. }) {
         tracing::info!("no data set configured (data.path or FEDGE_DATA__PATH): using the synthetic data set");
     }
+    let spool_dir = crate::intake::prepare_spool(&config.out_dir)?;
     let (evaluator, initial) = Evaluator::spawn(
         kind,
         source.clone(),
         config.seed,
         config.eval.batch_size,
         config.eval.threads,
+        spool_dir.clone(),
     )
     .await?;
     let manifest = Arc::new(initial.manifest);
@@ -424,7 +426,6 @@ pub(crate) async fn assemble(config: &CoordinatorConfig) -> Result<Assembled> {
         )
         .mark_durable(),
     ));
-    let spool_dir = crate::intake::prepare_spool(&config.out_dir)?;
     let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
     let traffic = Arc::new(Traffic::default());
     let settings = pb::RunSettings {
