@@ -205,7 +205,7 @@ pub fn parse_safetensors(data: &[u8]) -> Result<LoadedParams> {
     let mut manifest = Manifest::default();
     let mut values = Vec::new();
     let metadata = visit_safetensors(data, |name, shape, bytes| {
-        values.extend(f32_values(bytes));
+        values.extend(crate::wire::decode_f32(bytes));
         manifest.tensors.push(TensorMeta {
             name: name.to_owned(),
             shape: shape.to_vec(),
@@ -243,13 +243,6 @@ pub fn visit_safetensors(
         visit(&name, &shape, view.data())?;
     }
     Ok(metadata)
-}
-
-/// The f32 values of little-endian bytes (a whole number of 4-byte values).
-pub fn f32_values(bytes: &[u8]) -> impl Iterator<Item = f32> + '_ {
-    bytes
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
 }
 
 #[cfg(test)]

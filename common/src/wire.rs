@@ -32,6 +32,14 @@ pub fn encode_f32(values: &[f32]) -> Bytes {
     Bytes::from(out)
 }
 
+/// The values of little-endian f32 bytes (a whole number of 4-byte values;
+/// a trailing partial value is ignored).
+pub fn decode_f32(bytes: &[u8]) -> impl Iterator<Item = f32> + '_ {
+    bytes
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+}
+
 #[cfg(target_endian = "big")]
 compile_error!("fedge's wire format is little-endian f32; big-endian hosts are not supported");
 

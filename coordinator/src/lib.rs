@@ -299,12 +299,11 @@ pub(crate) async fn assemble(config: &CoordinatorConfig) -> Result<Assembled> {
     } else {
         None
     };
-    let mut initial_params = Some(initial.params);
     let (store, version, global) = match unfinished {
         Some(mut store) => {
             // The checkpoint's model replaces the initial one: free it
             // before reading, so resuming holds one model besides the file.
-            drop(initial_params.take());
+            drop(initial.params);
             let cp = store.read_checkpoint()?;
             strategy
                 .restore(cp.strategy, cp.server_steps)
@@ -358,11 +357,8 @@ pub(crate) async fn assemble(config: &CoordinatorConfig) -> Result<Assembled> {
             }
             let store = RunStore::create(&config.out_dir, keep, (*manifest).clone(), history)?;
             let (named, _) = strategy.state();
-            let params = initial_params
-                .take()
-                .ok_or_else(|| Error::Internal("initial parameters already released".into()))?;
-            store.persist_initial(&params, &named)?;
-            (store, 0, params)
+            store.persist_initial(&initial.params, &named)?;
+            (store, 0, initial.params)
         }
     };
     if version >= u64::from(config.rounds) {

@@ -18,7 +18,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use fedge_common::fsutil::write_atomic;
-use fedge_common::params::{Manifest, TensorMeta, f32_values, save_safetensors, save_tensors, visit_safetensors};
+use fedge_common::params::{Manifest, TensorMeta, save_safetensors, save_tensors, visit_safetensors};
+use fedge_common::wire::decode_f32;
 use serde::{Deserialize, Serialize};
 
 use crate::config::CoordinatorConfig;
@@ -402,9 +403,9 @@ pub fn parse_checkpoint(bytes: &[u8], manifest: &Manifest, run_id: &str, round: 
                 name: name.to_owned(),
                 shape: shape.to_vec(),
             });
-            global.extend(f32_values(data));
+            global.extend(decode_f32(data));
         } else if let Some(name) = name.strip_prefix("strategy/") {
-            strategy.insert(name.to_owned(), f32_values(data).collect());
+            strategy.insert(name.to_owned(), decode_f32(data).collect());
         }
         Ok(())
     })
