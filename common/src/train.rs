@@ -360,27 +360,46 @@ fn correct_predictions(logits: &Tensor, y: &Tensor) -> f64 {
 /// Evaluates `net` on `data` in batches of `batch_size`.
 pub fn evaluate(net: &impl ModuleT, data: &Dataset, batch_size: usize, device: Device) -> EvalMetrics {
     let n = data.len();
-    if n == 0 {
-        return EvalMetrics::default();
-    }
-    let (mut loss_sum, mut correct) = (0f64, 0f64);
-    tch::no_grad(|| {
-        let mut start = 0;
-        while start < n {
-            let end = (start + batch_size.max(1)).min(n);
-            let idx = Tensor::arange_start(start as i64, end as i64, (tch::Kind::Int64, Device::Cpu));
-            let (x, y) = data.batch(&idx, device);
-            let logits = net.forward_t(&x, false);
-            loss_sum += logits.cross_entropy_for_logits(&y).double_value(&[]) * (end - start) as f64;
-            correct += correct_predictions(&logits, &y);
-            start = end;
-        }
+    let step = batch_size.max(1);
+    let batches = (0..n).step_by(step).map(|start| {
+        let end = (start + step).min(n);
+        let idx = Tensor::arange_start(start as i64, end as i64, (tch::Kind::Int64, Device::Cpu));
+        Ok::<_, std::convert::Infallible>(data.batch(&idx, device))
     });
-    EvalMetrics {
-        loss: loss_sum / n as f64,
-        accuracy: correct / n as f64,
-        examples: n as u64,
+    match evaluate_batches(net, batches) {
+        Ok(metrics) => metrics,
+        Err(never) => match never {},
     }
+}
+
+/// Evaluates `net` on batches of normalized inputs and their labels, taken
+/// as they come (from memory or read from disk); stops at the first batch
+/// that cannot be had.
+pub fn evaluate_batches<E>(
+    net: &impl ModuleT,
+    batches: impl Iterator<Item = std::result::Result<(Tensor, Tensor), E>>,
+) -> std::result::Result<EvalMetrics, E> {
+    let (mut loss_sum, mut correct, mut n) = (0f64, 0f64, 0u64);
+    tch::no_grad(|| {
+        for batch in batches {
+            let (x, y) = batch?;
+            let k = y.size()[0];
+            let logits = net.forward_t(&x, false);
+            loss_sum += logits.cross_entropy_for_logits(&y).double_value(&[]) * k as f64;
+            correct += correct_predictions(&logits, &y);
+            n += k as u64;
+        }
+        Ok(())
+    })?;
+    Ok(if n == 0 {
+        EvalMetrics::default()
+    } else {
+        EvalMetrics {
+            loss: loss_sum / n as f64,
+            accuracy: correct / n as f64,
+            examples: n,
+        }
+    })
 }
 
 #[cfg(test)]

@@ -12,12 +12,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::mpsc;
 
-use fedge_common::data::Dataset;
-use fedge_common::data::{DataSource, Split};
+use fedge_common::data::{DataSource, Dataset, Split, normalize};
 use fedge_common::model::ModelKind;
 use fedge_common::model::Net;
 use fedge_common::params::Manifest;
-use fedge_common::train::{EvalMetrics, evaluate};
+use fedge_common::train::{EvalMetrics, evaluate_batches};
 use fedge_common::worker::Worker;
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
@@ -181,24 +180,15 @@ impl EvalModel {
         }
         let viewing = Viewing::new(&mut self.vars, &self.manifest, params)?;
         let n = test.labels.len();
-        let batch_size = batch_size.max(1);
-        let (mut loss_sum, mut correct) = (0f64, 0f64);
-        for start in (0..n).step_by(batch_size) {
-            let batch = test.batch(start, (start + batch_size).min(n))?;
-            let m = evaluate(&self.net, &batch, batch_size, Device::Cpu);
-            loss_sum += m.loss * m.examples as f64;
-            correct += (m.accuracy * m.examples as f64).round();
-        }
+        let step = batch_size.max(1);
+        let metrics = evaluate_batches(
+            &self.net,
+            (0..n)
+                .step_by(step)
+                .map(|start| test.batch(start, (start + step).min(n))),
+        );
         drop(viewing);
-        Ok(if n == 0 {
-            EvalMetrics::default()
-        } else {
-            EvalMetrics {
-                loss: loss_sum / n as f64,
-                accuracy: correct / n as f64,
-                examples: n as u64,
-            }
-        })
+        metrics
     }
 }
 
@@ -245,8 +235,8 @@ impl TestSplit {
         })
     }
 
-    /// Samples `start..end`, read from the file.
-    fn batch(&self, start: usize, end: usize) -> Result<Dataset> {
+    /// Samples `start..end`, read from the file: normalized images and labels.
+    fn batch(&self, start: usize, end: usize) -> Result<(Tensor, Tensor)> {
         let row = self.shape.iter().product::<i64>() as usize;
         let mut bytes = vec![0u8; (end - start) * row];
         self.images
@@ -256,12 +246,9 @@ impl TestSplit {
                 context: format!("reading the test split's images from {}", self.images.path().display()),
                 source: e,
             })?;
-        Ok(Dataset::from_raw(
-            &bytes,
-            &self.labels[start..end],
-            self.shape,
-            Vec::new(),
-        ))
+        let [c, h, w] = self.shape;
+        let images = Tensor::from_slice(&bytes).view([(end - start) as i64, c, h, w]);
+        Ok((normalize(&images), Tensor::from_slice(&self.labels[start..end])))
     }
 }
 
@@ -314,6 +301,7 @@ impl Drop for Viewing<'_> {
 mod tests {
     use fedge_common::data::synthetic;
     use fedge_common::params;
+    use fedge_common::train::evaluate;
 
     use super::*;
 
