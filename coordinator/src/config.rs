@@ -992,6 +992,12 @@ pub struct LimitsConfig {
     /// aggregators, to be aggregated) may hold together; beyond it they
     /// are spooled to `out_dir/spool/`.
     pub spool_memory_bytes: u64,
+    /// Global models up to this size stay in memory while a round runs;
+    /// larger ones are read back from their checkpoint file (fetches stream
+    /// from it, the aggregation reads it a block at a time), so the round's
+    /// running sum is the only model-sized buffer. Simulations keep the
+    /// model in memory, where their virtual nodes read it.
+    pub resident_model_bytes: u64,
 }
 
 impl Default for LimitsConfig {
@@ -1007,6 +1013,7 @@ impl Default for LimitsConfig {
             max_streams_per_connection: 16,
             stream_window_bytes: 1 << 20,
             spool_memory_bytes: 256 << 20,
+            resident_model_bytes: 64 << 20,
         }
     }
 }

@@ -19,10 +19,11 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::evaluator::Evaluator;
+use crate::global::{GlobalModel, StoredModel};
 use crate::metrics::Metrics;
 use crate::round::{ClosedRound, FoldJob, Folded, Output, PhaseKind, Rejection, RoundMachine, Task, Update};
 use crate::secure::{SecAggInput, SecAggOutput};
-use crate::store::{RoundRecord, RunStore, federated_eval, participant};
+use crate::store::{MODEL_PREFIX, RoundRecord, RunStore, federated_eval, participant};
 use crate::{Error, Result};
 
 /// Sends the command `make` builds around a reply slot to the driver and
@@ -84,17 +85,17 @@ pub enum Command {
     },
 }
 
-/// A global model version, shared by every fetch: its payload is a
-/// little-endian view of the round machine's own vector, not a copy.
+/// A global model version, shared by every fetch: in memory (fetches send a
+/// little-endian view of the round machine's own vector, not a copy), or in
+/// the checkpoint file that made it durable.
 #[derive(Debug)]
 pub struct ModelSnapshot {
     pub version: u64,
     pub manifest: Arc<Manifest>,
-    /// The parameters `payload` views (in-process readers take them as they are).
-    pub params: Arc<Vec<f32>>,
+    pub params: GlobalModel,
     /// SCAFFOLD's server control variate, as values.
     pub control_values: Option<Arc<Vec<f32>>>,
-    pub payload: Bytes,
+    /// Checksum of the parameters' wire payload.
     pub crc32: u32,
     /// SCAFFOLD's server control variate at this version, encoded, with its checksum.
     pub control: Option<(Bytes, u32)>,
@@ -105,7 +106,6 @@ pub struct ModelSnapshot {
 impl ModelSnapshot {
     /// Publishes `params` (and the server control variate, if any) as version `version`.
     pub fn new(version: u64, manifest: Arc<Manifest>, params: Arc<Vec<f32>>, control: Option<Arc<Vec<f32>>>) -> Self {
-        let payload = f32_payload(params.clone());
         let control_values = control.clone();
         let control = control.map(|c| {
             let bytes = f32_payload(c);
@@ -114,14 +114,31 @@ impl ModelSnapshot {
         });
         Self {
             version,
-            crc32: crc32(&payload),
+            crc32: crc32(&f32_payload(params.clone())),
             manifest,
-            params,
+            params: GlobalModel::Memory(params),
             control_values,
-            payload,
             control,
             durable: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// The same version, durable, read from `stored` (its checkpoint file).
+    pub fn stored(&self, stored: Arc<StoredModel>) -> Self {
+        Self {
+            version: self.version,
+            manifest: self.manifest.clone(),
+            params: GlobalModel::Stored(stored),
+            control_values: self.control_values.clone(),
+            crc32: self.crc32,
+            control: self.control.clone(),
+            durable: std::sync::atomic::AtomicBool::new(true),
+        }
+    }
+
+    /// Bytes of the parameters' wire payload.
+    pub fn payload_len(&self) -> usize {
+        4 * self.params.len()
     }
 
     /// Marks the version as saved, so fetches may be served.
@@ -238,6 +255,9 @@ pub struct Driver {
     published: Option<(Instant, u64, PhaseKind)>,
     /// The curves being drawn, if a drawing is still running.
     curves: Option<tokio::task::JoinHandle<()>>,
+    /// Global models larger than this are read from their checkpoint while
+    /// a round runs ([`crate::global`]).
+    resident_model_bytes: u64,
 }
 
 /// A node's sums over the rounds it took part in.
@@ -347,7 +367,63 @@ impl Driver {
             status: None,
             metrics: Arc::new(Metrics::new()),
             node_totals: BTreeMap::new(),
+            resident_model_bytes: u64::MAX,
         }
+    }
+
+    /// Reads global models larger than `bytes` from their checkpoint while
+    /// rounds run, starting with the current one ([`crate::global`]).
+    pub async fn with_resident_model_bytes(mut self, bytes: u64) -> Result<Self> {
+        self.resident_model_bytes = bytes;
+        self.store_large_global().await?;
+        if matches!(self.machine.global(), GlobalModel::Stored(_)) {
+            tracing::info!(
+                model_bytes = 4 * self.machine.global().len() as u64,
+                resident_model_bytes = bytes,
+                "the global model is read from its checkpoint while rounds run"
+            );
+        }
+        Ok(self)
+    }
+
+    /// Once the current version is durable: when it is larger than
+    /// `resident_model_bytes`, the round machine and fetches read it from its
+    /// checkpoint from now on, and the copy in memory is freed.
+    async fn store_large_global(&mut self) -> Result<()> {
+        let GlobalModel::Memory(values) = self.machine.global() else {
+            return Ok(());
+        };
+        let bytes = 4 * values.len() as u64;
+        if bytes <= self.resident_model_bytes {
+            return Ok(());
+        }
+        let version = self.machine.version();
+        let store = self
+            .store
+            .as_ref()
+            .ok_or_else(|| Error::Internal("run store missing".into()))?;
+        let path = store.checkpoint_file(version);
+        let manifest = self.manifest.clone();
+        let stored = tokio::task::spawn_blocking(move || StoredModel::open(&path, &manifest, MODEL_PREFIX))
+            .await
+            .map_err(|e| Error::Internal(format!("opening the checkpoint failed: {e}")))??;
+        let stored = Arc::new(stored);
+        let published = self.snapshot.borrow().stored(stored.clone());
+        if published.version != version {
+            return Err(Error::Internal(format!(
+                "published model version {} is not the machine's {version}",
+                published.version
+            )));
+        }
+        self.snapshot.send_replace(Arc::new(published));
+        self.machine.store_global(stored)?;
+        crate::memory::release_free_memory();
+        tracing::debug!(
+            version,
+            bytes,
+            "global model read from its checkpoint while the next round runs"
+        );
+        Ok(())
     }
 
     /// Publishes the run's [`crate::http::Status`] on `tx` after every
@@ -633,6 +709,7 @@ impl Driver {
                 }
                 Output::Close(closed) => {
                     self.close_round(closed).await?;
+                    self.store_large_global().await?;
                     self.round_started = None;
                     queue.extend(self.machine.persisted(now_ms()));
                 }

@@ -22,6 +22,8 @@
 //!   chunk as it arrives, spooling the encoded bytes for the round to fold.
 //! - [`evaluator`]: central evaluation on a dedicated thread, viewing the
 //!   global model's buffer rather than copying it.
+//! - [`global`]: where the global model is while a round runs: in memory,
+//!   or (when large) read back from its checkpoint file.
 //! - [`memory`]: handing freed memory back to the system between phases.
 //! - [`plots`]: `curves.svg` and `curves.png` next to the model.
 //! - [`store`]: durable checkpoints, resume and run history (`model.safetensors`,
@@ -40,6 +42,7 @@ pub mod driver;
 mod error;
 pub mod evaluator;
 pub mod fleet;
+pub mod global;
 pub mod http;
 pub mod intake;
 pub mod memory;
@@ -101,7 +104,7 @@ pub async fn run(
         metrics,
         status: status_rx,
         ..
-    } = match assemble(&config).await? {
+    } = match assemble(&config, false).await? {
         Assembled::Ready(parts) => *parts,
         Assembled::Finished(summary) => return Ok(Some(summary)),
     };
@@ -228,8 +231,10 @@ pub(crate) enum Assembled {
 }
 
 /// Loads the evaluation data, builds the model and strategy, creates or
-/// resumes the run's store, and builds the driver.
-pub(crate) async fn assemble(config: &CoordinatorConfig) -> Result<Assembled> {
+/// resumes the run's store, and builds the driver: for a served run, or
+/// (with `in_process_nodes`) a simulation's, whose virtual nodes read the
+/// global model from memory.
+pub(crate) async fn assemble(config: &CoordinatorConfig, in_process_nodes: bool) -> Result<Assembled> {
     let kind = config.model_kind()?;
     let source = config.data.source()?;
     tracing::info!(data = %source.describe(), "central evaluation data");
@@ -413,14 +418,13 @@ pub(crate) async fn assemble(config: &CoordinatorConfig) -> Result<Assembled> {
         global,
         strategy,
     );
+    let params = machine
+        .global()
+        .in_memory()
+        .cloned()
+        .ok_or_else(|| Error::Internal("a new round machine holds its model in memory".into()))?;
     let (snapshot_tx, snapshot_rx) = watch::channel(Arc::new(
-        ModelSnapshot::new(
-            version,
-            manifest.clone(),
-            machine.global().clone(),
-            control.map(Arc::new),
-        )
-        .mark_durable(),
+        ModelSnapshot::new(version, manifest.clone(), params, control.map(Arc::new)).mark_durable(),
     ));
     let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
     let traffic = Arc::new(Traffic::default());
@@ -452,7 +456,13 @@ pub(crate) async fn assemble(config: &CoordinatorConfig) -> Result<Assembled> {
         config.eval.every,
         u64::from(config.rounds),
     )
-    .with_status(status_tx, metrics.clone());
+    .with_status(status_tx, metrics.clone())
+    .with_resident_model_bytes(if in_process_nodes {
+        u64::MAX
+    } else {
+        config.limits.resident_model_bytes
+    })
+    .await?;
     Ok(Assembled::Ready(Box::new(Parts {
         driver,
         commands: cmd_tx,

@@ -30,6 +30,7 @@ use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
 
 use crate::config::TrainConfig;
+use crate::global::{GlobalModel, StoredModel};
 use crate::privacy::{RoundPlan, RoundPrivacy};
 use crate::secure::{
     SecAggInput, SecAggOutput, SecureRecord, SecureRound, SecureSettings, SecureTask, Step, UnmaskJob,
@@ -138,7 +139,7 @@ pub struct ClosedRound {
 #[derive(Debug)]
 pub struct AggregationJob {
     round: u64,
-    global: Arc<Vec<f32>>,
+    global: GlobalModel,
     aggregate: RoundAggregate,
     total_nodes: usize,
     strategy: Strategy,
@@ -238,17 +239,21 @@ impl AggregationJob {
             }),
             None => self.aggregate.finish(),
         };
-        let result = combined.map(|(mut delta, control_sum)| {
+        let result = combined.and_then(|(mut delta, control_sum)| {
             if let (Some((plan, unclipped)), Some(p)) = (&self.privacy, &mut self.strategy.privacy) {
                 let unclipped = unclipped_secure.unwrap_or(*unclipped);
                 // The noise comes from the operating system-seeded CSPRNG.
                 privacy = Some(p.close_round(plan, &mut delta, count, unclipped, &mut rand::rng()));
             }
-            let next = self.strategy.server.step(&self.global, delta);
+            let next = self
+                .strategy
+                .server
+                .step_model(&self.global, delta)
+                .map_err(|e| e.to_string())?;
             if let Some(sum) = &control_sum {
                 self.strategy.update_control(sum, count, self.total_nodes);
             }
-            next
+            Ok(next)
         });
         Aggregated {
             round: self.round,
@@ -533,7 +538,7 @@ pub enum PhaseKind {
 pub struct RoundMachine {
     settings: RoundSettings,
     version: u64,
-    global: Arc<Vec<f32>>,
+    global: GlobalModel,
     nodes: BTreeMap<String, NodeRecord>,
     phase: Phase,
     /// Taken while an aggregation job runs.
@@ -554,7 +559,7 @@ impl RoundMachine {
         Self {
             settings,
             version,
-            global: Arc::new(global),
+            global: GlobalModel::Memory(Arc::new(global)),
             nodes: BTreeMap::new(),
             phase: Phase::Waiting,
             strategy: Some(strategy),
@@ -573,8 +578,22 @@ impl RoundMachine {
     }
 
     /// The current global model.
-    pub fn global(&self) -> &Arc<Vec<f32>> {
+    pub fn global(&self) -> &GlobalModel {
         &self.global
+    }
+
+    /// The current version is durable in `stored`: read it from there from
+    /// now on, and drop the copy in memory.
+    pub fn store_global(&mut self, stored: Arc<StoredModel>) -> crate::Result<()> {
+        if stored.len() != self.global.len() {
+            return Err(crate::Error::Internal(format!(
+                "the stored global model has {} values; the model has {}",
+                stored.len(),
+                self.global.len()
+            )));
+        }
+        self.global = GlobalModel::Stored(stored);
+        Ok(())
     }
 
     /// The round in progress (training or closing), if any.
@@ -892,7 +911,8 @@ impl RoundMachine {
                 return self.start_attempt(round, state.attempt + 1, now_ms);
             }
         };
-        self.global = Arc::new(global);
+        let global = Arc::new(global);
+        self.global = GlobalModel::Memory(global.clone());
         self.version = round;
         self.phase = Phase::Closing { round };
         let strategy = self.strategy.as_ref().expect("restored above");
@@ -900,7 +920,7 @@ impl RoundMachine {
         vec![Output::Close(ClosedRound {
             round,
             version: self.version,
-            global: self.global.clone(),
+            global,
             contributions: state.accepted,
             selected: state.selected,
             started_ms: state.started_ms,
@@ -1643,7 +1663,7 @@ mod tests {
                 assert!(matches!(out.as_slice(), [Output::Finished]));
             }
         }
-        assert_eq!(*m.global().as_ref(), vec![2.0]);
+        assert_eq!(**m.global().in_memory().unwrap(), vec![2.0]);
         assert_eq!(m.phase(), PhaseKind::Finished);
     }
 

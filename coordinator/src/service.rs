@@ -15,15 +15,17 @@ use fedge_common::params::Manifest;
 use fedge_common::pb::{self, PROTOCOL_VERSION};
 use fedge_common::secagg::{Advertise, NodeId, SealedShares};
 use fedge_common::wire::secagg::reveal_from_wire;
-use fedge_common::wire::{chunks, metrics_from_wire, tensors_from_wire};
+use fedge_common::wire::{chunks, f32_payload, metrics_from_wire, tensors_from_wire};
 use prost::Message;
+use prost::bytes::Bytes;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
-use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::config::LimitsConfig;
 use crate::driver::{Command, ModelSnapshot, Traffic};
+use crate::global::{GlobalModel, StoredModel};
 use crate::intake::{Intake, Received, SpoolBudget};
 use crate::round::{Body, Rejection, Update, UpdateKind};
 use crate::secure::SecAggInput;
@@ -168,6 +170,62 @@ impl<S: Stream + Unpin> Stream for ModelStream<S> {
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         Pin::new(&mut self.inner).poll_next(cx)
     }
+}
+
+/// What a fetch sends: bytes in memory, or a model read from its checkpoint.
+enum Payload {
+    Memory(Bytes),
+    Stored(Arc<StoredModel>),
+}
+
+impl Payload {
+    fn len(&self) -> usize {
+        match self {
+            Payload::Memory(b) => b.len(),
+            Payload::Stored(s) => s.payload_len(),
+        }
+    }
+}
+
+/// Encoded size of a `ModelChunk` carrying `n` data bytes.
+fn data_chunk_len(n: usize) -> usize {
+    prost::encoding::key_len(2) + prost::encoding::encoded_len_varint(n as u64) + n
+}
+
+/// Streams a stored model's payload in chunks of `chunk_bytes`, each read off
+/// the runtime once the client has taken all but two of the earlier ones:
+/// a fetch holds a few chunks in memory, never the model.
+fn stored_chunks(stored: Arc<StoredModel>, chunk_bytes: usize) -> BoxStream<pb::ModelChunk> {
+    let (tx, rx) = mpsc::channel(2);
+    tokio::spawn(async move {
+        let total = stored.payload_len();
+        let mut start = 0;
+        while start < total {
+            let n = chunk_bytes.min(total - start);
+            let source = stored.clone();
+            let read = tokio::task::spawn_blocking(move || {
+                let mut buf = vec![0u8; n];
+                source.read_payload(start, &mut buf).map(|()| buf)
+            })
+            .await;
+            let msg = match read {
+                Ok(Ok(buf)) => Ok(pb::ModelChunk {
+                    part: Some(pb::model_chunk::Part::Data(buf.into())),
+                }),
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "cannot read the global model for a fetch");
+                    Err(Status::internal(format!("cannot read the global model: {e}")))
+                }
+                Err(e) => Err(Status::internal(format!("model read task failed: {e}"))),
+            };
+            let failed = msg.is_err();
+            if tx.send(msg).await.is_err() || failed {
+                return;
+            }
+            start += n;
+        }
+    });
+    Box::pin(ReceiverStream::new(rx))
 }
 
 /// A counter label for the status of a refused call.
@@ -356,9 +414,15 @@ impl pb::federation_server::Federation for FederationService {
         };
         self.auth.check_session(peer.as_deref(), &node)?;
         let (payload, crc32) = match pb::ModelPart::try_from(req.part) {
-            Ok(pb::ModelPart::Parameters) => (&snapshot.payload, snapshot.crc32),
+            Ok(pb::ModelPart::Parameters) => {
+                let payload = match &snapshot.params {
+                    GlobalModel::Memory(values) => Payload::Memory(f32_payload(values.clone())),
+                    GlobalModel::Stored(stored) => Payload::Stored(stored.clone()),
+                };
+                (payload, snapshot.crc32)
+            }
             Ok(pb::ModelPart::ServerControl) => match &snapshot.control {
-                Some((payload, crc)) => (payload, *crc),
+                Some((payload, crc)) => (Payload::Memory(payload.clone()), *crc),
                 None => {
                     return Err(Status::failed_precondition(
                         "this run has no server control variate (its algorithm is not scaffold)",
@@ -373,20 +437,36 @@ impl pb::federation_server::Federation for FederationService {
                 manifest: Some(pb::Manifest::from(snapshot.manifest.as_ref())),
             })),
         };
-        let mut msgs = vec![header];
-        msgs.extend(chunks(payload, self.chunk_bytes).map(|c| pb::ModelChunk {
-            part: Some(pb::model_chunk::Part::Data(c)),
-        }));
-        msgs.push(pb::ModelChunk {
+        let trailer = pb::ModelChunk {
             part: Some(pb::model_chunk::Part::Trailer(pb::Trailer { crc32 })),
-        });
+        };
+        drop(snapshot);
         let slot = self.limits.admit_download().await?;
-        let bytes: u64 = msgs.iter().map(|m| m.encoded_len() as u64).sum();
-        self.traffic.count_down(&node, bytes);
-        Ok(Response::new(Box::pin(ModelStream {
-            inner: tokio_stream::iter(msgs.into_iter().map(Ok)),
-            _slot: slot,
-        })))
+        let step = self.chunk_bytes.max(1);
+        let len = payload.len();
+        let data_bytes: usize = (0..len)
+            .step_by(step)
+            .map(|start| data_chunk_len(step.min(len - start)))
+            .sum();
+        let bytes = header.encoded_len() + data_bytes + trailer.encoded_len();
+        self.traffic.count_down(&node, bytes as u64);
+        let data: BoxStream<pb::ModelChunk> = match payload {
+            Payload::Memory(payload) => {
+                let msgs: Vec<_> = chunks(&payload, step)
+                    .map(|c| {
+                        Ok(pb::ModelChunk {
+                            part: Some(pb::model_chunk::Part::Data(c)),
+                        })
+                    })
+                    .collect();
+                Box::pin(tokio_stream::iter(msgs))
+            }
+            Payload::Stored(stored) => stored_chunks(stored, step),
+        };
+        let inner = tokio_stream::iter([Ok(header)])
+            .chain(data)
+            .chain(tokio_stream::iter([Ok(trailer)]));
+        Ok(Response::new(Box::pin(ModelStream { inner, _slot: slot })))
     }
 
     async fn secure_aggregation(&self, request: Request<pb::SecAggMessage>) -> Result<Response<pb::SecAggAck>, Status> {
@@ -605,6 +685,21 @@ impl FederationService {
                 }
                 None => return Err(Status::invalid_argument("an update chunk with no part")),
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counted_chunk_sizes_are_the_encoded_sizes() {
+        for n in [0, 1, 127, 128, 16_383, 16_384, 1 << 20] {
+            let chunk = pb::ModelChunk {
+                part: Some(pb::model_chunk::Part::Data(vec![7u8; n].into())),
+            };
+            assert_eq!(data_chunk_len(n), chunk.encoded_len(), "{n} bytes");
         }
     }
 }

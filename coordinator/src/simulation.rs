@@ -236,7 +236,7 @@ impl Fleet {
             .then(|| snapshot.control_values.clone())
             .flatten();
         // What a daemon would have fetched.
-        let fetched = snapshot.payload.len() + snapshot.control.as_ref().map_or(0, |(c, _)| c.len());
+        let fetched = snapshot.payload_len() + snapshot.control.as_ref().map_or(0, |(c, _)| c.len());
         self.traffic.count_down(name, fetched as u64);
         let manifest = snapshot.manifest.clone();
         let job = Job {
@@ -245,7 +245,11 @@ impl Fleet {
             kind: self.kind,
             classes: self.classes,
             manifest: manifest.clone(),
-            global: snapshot.params.clone(),
+            global: snapshot
+                .params
+                .in_memory()
+                .cloned()
+                .ok_or_else(|| Error::Internal("a simulation keeps the global model in memory".into()))?,
             server_control,
             hyper,
             codec: self.codec,
@@ -378,7 +382,7 @@ pub async fn simulate(
         "simulated fleet: the training split is shared among virtual nodes"
     );
     let shares = Arc::new(shares);
-    let parts = match assemble(&config).await? {
+    let parts = match assemble(&config, true).await? {
         Assembled::Ready(parts) => *parts,
         Assembled::Finished(summary) => return Ok(Some(summary)),
     };

@@ -149,6 +149,31 @@ pub struct Checkpoint {
     pub server_steps: u64,
 }
 
+#[cfg(test)]
+impl RunHistory {
+    /// The history of a fresh run with default settings.
+    pub(crate) fn for_tests(run_id: &str) -> Self {
+        Self {
+            run_id: run_id.into(),
+            model: "cnn".into(),
+            parameters: 3,
+            data: "synthetic".into(),
+            protocol_version: 2,
+            fedge_version: "test".into(),
+            config: CoordinatorConfig::default(),
+            started_unix_ms: 0,
+            finished: false,
+            resumed: 0,
+            peak_rss_bytes: None,
+            stop_reason: None,
+            rounds: Vec::new(),
+        }
+    }
+}
+
+/// Name prefix of the global model's tensors in a checkpoint.
+pub const MODEL_PREFIX: &str = "model/";
+
 /// Writes a run's checkpoints and history.
 #[derive(Debug)]
 pub struct RunStore {
@@ -213,7 +238,7 @@ impl RunStore {
         self.history.rounds.push(record);
         self.write_history()?;
         if closed.round > 0 {
-            let old = self.checkpoint_path(closed.round - 1);
+            let old = self.checkpoint_file(closed.round - 1);
             if old.exists() {
                 std::fs::remove_file(&old).map_err(|e| Error::Io {
                     context: format!("removing {}", old.display()),
@@ -224,7 +249,8 @@ impl RunStore {
         Ok(())
     }
 
-    fn checkpoint_path(&self, round: u64) -> PathBuf {
+    /// The restart checkpoint of `round` (`checkpoint/round-NNNN.safetensors`).
+    pub fn checkpoint_file(&self, round: u64) -> PathBuf {
         self.dir
             .join("checkpoint")
             .join(format!("round-{round:04}.safetensors"))
@@ -249,7 +275,7 @@ impl RunStore {
                 )));
             }
             tensors.push((
-                format!("model/{}", t.name),
+                format!("{MODEL_PREFIX}{}", t.name),
                 t.shape.clone(),
                 &global[offset..offset + n],
             ));
@@ -260,7 +286,7 @@ impl RunStore {
         }
         let mut meta = self.metadata(round, round);
         meta.insert("server_steps".into(), steps.to_string());
-        Ok(save_tensors(&self.checkpoint_path(round), tensors, meta)?)
+        Ok(save_tensors(&self.checkpoint_file(round), tensors, meta)?)
     }
 
     /// Reads back a run left unfinished in `dir`: its history, the global
@@ -307,7 +333,7 @@ impl RunStore {
     /// lists, from its checkpoint file.
     pub fn read_checkpoint(&self) -> Result<Checkpoint> {
         let round = self.history.rounds.last().map_or(0, |r| r.round);
-        let file = self.checkpoint_path(round);
+        let file = self.checkpoint_file(round);
         let bytes = std::fs::read(&file).map_err(|e| {
             Error::Checkpoint(format!(
                 "cannot read the checkpoint of round {round} ({}: {e})",
@@ -398,7 +424,7 @@ pub fn parse_checkpoint(bytes: &[u8], manifest: &Manifest, run_id: &str, round: 
     let mut strategy = BTreeMap::new();
     let mut model_tensors = Manifest::default();
     let metadata = visit_safetensors(bytes, |name, shape, data| {
-        if let Some(name) = name.strip_prefix("model/") {
+        if let Some(name) = name.strip_prefix(MODEL_PREFIX) {
             model_tensors.tensors.push(TensorMeta {
                 name: name.to_owned(),
                 shape: shape.to_vec(),
@@ -434,7 +460,6 @@ pub fn parse_checkpoint(bytes: &[u8], manifest: &Manifest, run_id: &str, round: 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::CoordinatorConfig;
 
     fn manifest() -> Manifest {
         Manifest {
@@ -446,21 +471,7 @@ mod tests {
     }
 
     fn history(run_id: &str) -> RunHistory {
-        RunHistory {
-            run_id: run_id.into(),
-            model: "cnn".into(),
-            parameters: 3,
-            data: "synthetic".into(),
-            protocol_version: 2,
-            fedge_version: "test".into(),
-            config: CoordinatorConfig::default(),
-            started_unix_ms: 0,
-            finished: false,
-            resumed: 0,
-            peak_rss_bytes: None,
-            stop_reason: None,
-            rounds: Vec::new(),
-        }
+        RunHistory::for_tests(run_id)
     }
 
     fn record(round: u64) -> RoundRecord {

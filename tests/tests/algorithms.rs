@@ -2,7 +2,8 @@
 //! FedSGD's global step recomputed from the gradients the nodes sent,
 //! SCAFFOLD's control variates on both sides, FedProx with a server
 //! optimizer, and a coordinator killed mid-run that resumes with its server
-//! optimizer's state and ends bit for bit where an uninterrupted run ends.
+//! optimizer's state and, keeping the global model on disk between rounds,
+//! ends bit for bit where an uninterrupted run with it in memory ends.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -158,7 +159,9 @@ fn fedprox_with_local_adam_and_a_fedyogi_server_learns() -> anyhow::Result<()> {
 
 /// Runs 4 rounds of FedAdam with 3 nodes; when `kill_after` is set, the
 /// coordinator is SIGKILLed once that many rounds are on disk and started
-/// again on the same folder. Returns the final model and the history.
+/// again on the same folder, and it keeps the global model on disk while
+/// rounds run (`limits.resident_model_bytes = 0`). Returns the final model
+/// and the history.
 fn adam_run(dir: &Path, kill_after: Option<usize>) -> anyhow::Result<(Vec<f32>, serde_json::Value)> {
     let out = dir.join("run");
     let port = free_port();
@@ -168,6 +171,9 @@ fn adam_run(dir: &Path, kill_after: Option<usize>) -> anyhow::Result<(Vec<f32>, 
         ("strategy.server_optimizer", "\"adam\"".to_string()),
         ("strategy.server_lr", "0.02".to_string()),
     ]);
+    if kill_after.is_some() {
+        extra.push(("limits.resident_model_bytes", "0".to_string()));
+    }
     let args = coordinator_args(port, &out, &extra);
     let mut coord = Daemon::start("coordinator", "coordinator", &args, dir)?;
     let mut nodes = start_nodes(dir, port, 3, 3, |_| small_data())?;
@@ -187,12 +193,11 @@ fn adam_run(dir: &Path, kill_after: Option<usize>) -> anyhow::Result<(Vec<f32>, 
         assert!(n.wait(Duration::from_secs(30))?.success(), "{}", n.log_text());
     }
     if kill_after.is_some() {
+        let log = coord.log_text();
         assert!(
-            coord
-                .log_text()
-                .contains("resuming an unfinished run from its checkpoint"),
-            "{}",
-            coord.log_text()
+            log.contains("resuming an unfinished run from its checkpoint")
+                && log.contains("the global model is read from its checkpoint while rounds run"),
+            "{log}"
         );
     }
     Ok((load_params(&out.join("model.safetensors"))?.values, run_history(&out)?))
@@ -213,7 +218,9 @@ fn a_killed_coordinator_resumes_with_its_server_optimizer_state() -> anyhow::Res
         .map(|r| r["round"].as_u64().unwrap())
         .collect();
     assert_eq!(rounds, [1, 2, 3, 4], "no round lost or repeated");
-    // Same seeds, same updates: only a restored Adam state (m, v) gives the same model.
+    // Same seeds, same updates: only a restored Adam state (m, v) gives the
+    // same model, and only if the model read back from disk (fetches, the
+    // server step) is the one that was in memory.
     assert!(
         expected == resumed,
         "the resumed run ended elsewhere (max difference {})",

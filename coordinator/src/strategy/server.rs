@@ -18,6 +18,8 @@ use std::collections::BTreeMap;
 
 use rayon::prelude::*;
 
+use crate::global::GlobalModel;
+
 const BLOCK: usize = 16 * 1024;
 
 /// Which server optimizer, with its constants.
@@ -97,6 +99,26 @@ impl ServerOptimizer {
     /// model, written over `delta`'s buffer (no model-sized allocation).
     pub fn step(&mut self, global: &[f32], mut delta: Vec<f32>) -> Vec<f32> {
         debug_assert_eq!(global.len(), delta.len());
+        self.apply(0, global, &mut delta);
+        self.steps += 1;
+        delta
+    }
+
+    /// [`ServerOptimizer::step`] for a global model in memory or on disk
+    /// (read a block at a time); fails only when the model cannot be read.
+    pub fn step_model(&mut self, global: &GlobalModel, mut delta: Vec<f32>) -> crate::Result<Vec<f32>> {
+        debug_assert_eq!(global.len(), delta.len());
+        global.visit(&mut |offset, x| self.apply(offset, x, &mut delta[offset..offset + x.len()]))?;
+        self.steps += 1;
+        Ok(delta)
+    }
+
+    /// Moves the values at `offset..offset + global.len()` (`global`) by
+    /// `delta`, writing the result over `delta`.
+    fn apply(&mut self, offset: usize, global: &[f32], delta: &mut [f32]) {
+        let range = offset..offset + global.len();
+        let m = self.m.get_mut(range.clone()).unwrap_or_default();
+        let v = self.v.get_mut(range).unwrap_or_default();
         let lr = self.lr;
         match self.opt {
             ServerOpt::Sgd => delta
@@ -109,7 +131,7 @@ impl ServerOptimizer {
                 }),
             ServerOpt::Momentum { beta } => delta
                 .par_chunks_mut(BLOCK)
-                .zip(self.m.par_chunks_mut(BLOCK))
+                .zip(m.par_chunks_mut(BLOCK))
                 .zip(global.par_chunks(BLOCK))
                 .for_each(|((d, m), x)| {
                     for ((d, m), &x) in d.iter_mut().zip(m).zip(x) {
@@ -127,8 +149,8 @@ impl ServerOptimizer {
                 };
                 delta
                     .par_chunks_mut(BLOCK)
-                    .zip(self.m.par_chunks_mut(BLOCK))
-                    .zip(self.v.par_chunks_mut(BLOCK))
+                    .zip(m.par_chunks_mut(BLOCK))
+                    .zip(v.par_chunks_mut(BLOCK))
                     .zip(global.par_chunks(BLOCK))
                     .for_each(|(((dd, m), v), x)| {
                         for (((dd, m), v), &x) in dd.iter_mut().zip(m).zip(v).zip(x) {
@@ -155,8 +177,6 @@ impl ServerOptimizer {
                     });
             }
         }
-        self.steps += 1;
-        delta
     }
 
     /// The state to checkpoint: named vectors and the step count.
