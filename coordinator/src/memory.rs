@@ -9,7 +9,7 @@
 //! arenas at two and fixes the thresholds; [`release_free_memory`], called
 //! after the phases that make temporaries (an evaluation, a round's close),
 //! hands what is free back to the system. Together they took the S3
-//! coordinator's peak from 358 to about 310 MiB (`BENCHMARKS.md`).
+//! coordinator's peak from 358 to 310–330 MiB (`BENCHMARKS.md`).
 
 /// Allocator arenas: the coordinator's work is one round at a time, not
 /// many threads allocating at once.
