@@ -395,6 +395,7 @@ pub(crate) async fn assemble(config: &CoordinatorConfig, in_process_nodes: bool)
         .write(&config.out_dir)?;
 
     let control = strategy.control.clone();
+    let global = Arc::new(global);
     let machine = RoundMachine::resume(
         RoundSettings {
             total_rounds: u64::from(config.rounds),
@@ -415,16 +416,11 @@ pub(crate) async fn assemble(config: &CoordinatorConfig, in_process_nodes: bool)
             }),
         },
         version,
-        global,
+        global.clone(),
         strategy,
     );
-    let params = machine
-        .global()
-        .in_memory()
-        .cloned()
-        .ok_or_else(|| Error::Internal("a new round machine holds its model in memory".into()))?;
     let (snapshot_tx, snapshot_rx) = watch::channel(Arc::new(
-        ModelSnapshot::new(version, manifest.clone(), params, control.map(Arc::new)).mark_durable(),
+        ModelSnapshot::new(version, manifest.clone(), global, control.map(Arc::new)).mark_durable(),
     ));
     let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
     let traffic = Arc::new(Traffic::default());

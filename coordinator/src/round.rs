@@ -550,16 +550,17 @@ pub struct RoundMachine {
 impl RoundMachine {
     /// A machine at model version 0 holding `initial` as the global model.
     pub fn new(settings: RoundSettings, initial: Vec<f32>, strategy: Strategy) -> Self {
-        Self::resume(settings, 0, initial, strategy)
+        Self::resume(settings, 0, Arc::new(initial), strategy)
     }
 
     /// A machine that continues after `version` completed rounds, from the
-    /// checkpointed global model and strategy state.
-    pub fn resume(settings: RoundSettings, version: u64, global: Vec<f32>, strategy: Strategy) -> Self {
+    /// checkpointed global model (shared with its first published
+    /// snapshot) and strategy state.
+    pub fn resume(settings: RoundSettings, version: u64, global: Arc<Vec<f32>>, strategy: Strategy) -> Self {
         Self {
             settings,
             version,
-            global: GlobalModel::Memory(Arc::new(global)),
+            global: GlobalModel::Memory(global),
             nodes: BTreeMap::new(),
             phase: Phase::Waiting,
             strategy: Some(strategy),
