@@ -43,9 +43,12 @@ SCENARIOS = {
         peer=dict(round=None, outside_eval=None, note="Flower did not finish round 1 with 40 processes"),
     ),
     "S3": dict(
-        title="S3, big model: cnn-wide (25,286,730 parameters), 4 nodes, one local step, 5 rounds, central evaluation after each",
+        title="S3, big model: cnn-wide (25,286,730 parameters), 4 nodes, one local step, 5 rounds, central evaluation after each (batches of 50)",
         nodes=4, rounds=5,
-        fleet=["--model", "cnn-wide", "--node-set", "partition.scheme=iid", "--set", "train.max_steps=1"],
+        # Evaluation batches of 50: evaluation's activations are what sits
+        # beside the model at the coordinator's peak (README, Robustness).
+        fleet=["--model", "cnn-wide", "--node-set", "partition.scheme=iid", "--set", "train.max_steps=1",
+               "--set", "eval.batch_size=50"],
         floor=["--model", "cnn-wide", "--epochs", "1", "--set", "train.max_steps=4"],
         peer=dict(round=51.2, outside_eval=37.4, server_rss_mb=(2.2 + 1.1) * 1000**3 / 2**20),
     ),

@@ -812,6 +812,9 @@ impl Driver {
             && (closed.round.is_multiple_of(u64::from(self.eval_every)) || closed.round == self.total_rounds);
         let eval_start = Instant::now();
         let eval = if eval_due {
+            // The round's uploads are over: return what they freed before
+            // the evaluation's activations are allocated beside the model.
+            let _ = tokio::task::spawn_blocking(crate::memory::release_free_memory).await;
             Some(self.evaluator.evaluate(closed.global.clone()).await?)
         } else {
             None

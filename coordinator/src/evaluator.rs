@@ -6,7 +6,7 @@
 //! images wait in a file under the run's `spool/` folder and are read one
 //! batch at a time.
 
-use std::io::Write;
+use std::io::{Read, Seek, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -51,7 +51,9 @@ pub struct InitialModel {
 impl Evaluator {
     /// Starts the thread: loads the test split of `source` (its images go
     /// to a file in `scratch`), initializes the model with `seed`, and
-    /// returns the initial parameters.
+    /// returns the initial parameters. A model larger than `resident_bytes`
+    /// passes through a file in `scratch` on its way out of libtorch, so
+    /// start-up never holds it twice.
     pub async fn spawn(
         kind: ModelKind,
         source: DataSource,
@@ -59,6 +61,7 @@ impl Evaluator {
         batch_size: usize,
         threads: usize,
         scratch: PathBuf,
+        resident_bytes: u64,
     ) -> Result<(Self, InitialModel)> {
         let (ready_tx, ready_rx) = oneshot::channel();
         let worker = Worker::spawn("evaluator", move |rx: mpsc::Receiver<Job>| {
@@ -69,7 +72,8 @@ impl Evaluator {
                 let test = TestSplit::spill(source.load(Split::Test)?, &scratch)?;
                 tch::manual_seed(seed as i64);
                 let mut model = EvalModel::new(kind, test.shape, test.classes.len() as i64);
-                let initial = model.take_initial()?;
+                let large = 4 * model.manifest.numel() as u64 > resident_bytes;
+                let initial = model.take_initial(large.then_some(scratch.as_path()))?;
                 Ok((test, model, initial))
             };
             let (test, mut model, initial) = match setup() {
@@ -154,18 +158,48 @@ impl EvalModel {
     }
 
     /// Moves the initial parameters out of the variables into one flat
-    /// buffer, releasing each variable's storage as soon as it is copied,
-    /// so start-up never holds two copies of the model.
-    fn take_initial(&mut self) -> Result<Vec<f32>> {
+    /// buffer, releasing each variable's storage as soon as it is copied.
+    /// Copied directly, the buffer and the variables not yet released hold
+    /// the model plus its largest tensor at the worst moment; with `spill`,
+    /// the values go to an unnamed file in that folder first, variable by
+    /// variable, and are read back once libtorch holds none of them, so the
+    /// model is in memory once.
+    fn take_initial(&mut self, spill: Option<&Path>) -> Result<Vec<f32>> {
         let mut flat = vec![0f32; self.manifest.numel()];
-        let mut offset = 0;
+        let Some(dir) = spill else {
+            let mut offset = 0;
+            for (meta, var) in self.manifest.tensors.iter().zip(&mut self.vars) {
+                let n = meta.numel();
+                var.f_copy_data(&mut flat[offset..offset + n], n)
+                    .map_err(fedge_common::Error::from)?;
+                var.f_set_data(&empty()).map_err(fedge_common::Error::from)?;
+                offset += n;
+            }
+            return Ok(flat);
+        };
+        let io = |e: std::io::Error| Error::Io {
+            context: format!("spilling the initial model under {}", dir.display()),
+            source: e,
+        };
+        let mut file = tempfile::tempfile_in(dir).map_err(io)?;
+        let mut piece = Vec::new();
         for (meta, var) in self.manifest.tensors.iter().zip(&mut self.vars) {
-            let n = meta.numel();
-            var.f_copy_data(&mut flat[offset..offset + n], n)
-                .map_err(fedge_common::Error::from)?;
+            let values = var.view([-1]);
+            let n = meta.numel() as i64;
+            for start in (0..n).step_by(SPILL_PIECE as usize / 4) {
+                let len = (SPILL_PIECE / 4).min(n - start);
+                piece.resize(len as usize, 0f32);
+                values
+                    .narrow(0, start, len)
+                    .f_copy_data(&mut piece, len as usize)
+                    .map_err(fedge_common::Error::from)?;
+                file.write_all(bytemuck::cast_slice(&piece)).map_err(io)?;
+            }
+            drop(values);
             var.f_set_data(&empty()).map_err(fedge_common::Error::from)?;
-            offset += n;
         }
+        file.seek(std::io::SeekFrom::Start(0)).map_err(io)?;
+        file.read_exact(bytemuck::cast_slice_mut(&mut flat)).map_err(io)?;
         Ok(flat)
     }
 
@@ -306,6 +340,28 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_spilled_initial_model_equals_a_copied_one_and_leaves_no_file() {
+        let shape = synthetic(1, 2, 10).shape();
+        let scratch = tempfile::tempdir().unwrap();
+        let take = |spill: Option<&Path>| {
+            tch::manual_seed(11);
+            let mut model = EvalModel::new(ModelKind::Cnn, shape, 10);
+            let values = model.take_initial(spill).unwrap();
+            assert!(model.vars.iter().all(|v| v.numel() == 0));
+            values
+        };
+        let copied = take(None);
+        let spilled = take(Some(scratch.path()));
+        assert_eq!(copied.len(), spilled.len());
+        assert!(copied == spilled, "the spilled values differ from the copied ones");
+        assert_eq!(
+            std::fs::read_dir(scratch.path()).unwrap().count(),
+            0,
+            "no spill file is left"
+        );
+    }
+
+    #[test]
     fn evaluating_through_views_matches_a_model_holding_the_parameters() {
         let test = synthetic(7, 2, 300);
         let scratch = tempfile::tempdir().unwrap();
@@ -317,7 +373,7 @@ mod tests {
         );
         tch::manual_seed(3);
         let mut model = EvalModel::new(ModelKind::Cnn, test.shape(), test.num_classes());
-        let initial = model.take_initial().unwrap();
+        let initial = model.take_initial(None).unwrap();
         assert!(
             model.vars.iter().all(|v| v.numel() == 0),
             "start-up leaves no parameter storage in the variables"

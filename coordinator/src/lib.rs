@@ -249,6 +249,7 @@ pub(crate) async fn assemble(config: &CoordinatorConfig, in_process_nodes: bool)
         config.eval.batch_size,
         config.eval.threads,
         spool_dir.clone(),
+        config.limits.resident_model_bytes,
     )
     .await?;
     let manifest = Arc::new(initial.manifest);

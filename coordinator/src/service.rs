@@ -224,6 +224,9 @@ fn stored_chunks(stored: Arc<StoredModel>, chunk_bytes: usize) -> BoxStream<pb::
             }
             start += n;
         }
+        // The fetch's chunks went through this process's allocator; a
+        // large model's worth of them is worth handing back at once.
+        let _ = tokio::task::spawn_blocking(crate::memory::release_free_memory).await;
     });
     Box::pin(ReceiverStream::new(rx))
 }
@@ -679,7 +682,15 @@ impl FederationService {
                         .map_err(|e| Status::internal(format!("decoding task failed: {e}")))?
                         .map_err(payload_status)?;
                 }
-                Some(pb::update_chunk::Part::Trailer(t)) => return intake.finish(t.crc32).map_err(payload_status),
+                Some(pb::update_chunk::Part::Trailer(t)) => {
+                    let received = intake.finish(t.crc32).map_err(payload_status)?;
+                    if received.update.on_disk() {
+                        // A large update's chunks passed through the
+                        // allocator; hand that memory back before the next.
+                        let _ = tokio::task::spawn_blocking(crate::memory::release_free_memory).await;
+                    }
+                    return Ok(received);
+                }
                 Some(pb::update_chunk::Part::Header(_)) => {
                     return Err(Status::invalid_argument("a second header inside one update stream"));
                 }
