@@ -393,10 +393,10 @@ impl Driver {
         let GlobalModel::Memory(values) = self.machine.global() else {
             return Ok(());
         };
-        let bytes = 4 * values.len() as u64;
-        if bytes <= self.resident_model_bytes {
+        if crate::global::stays_resident(values.len(), self.resident_model_bytes) {
             return Ok(());
         }
+        let bytes = 4 * values.len() as u64;
         let version = self.machine.version();
         let store = self
             .store
@@ -417,7 +417,7 @@ impl Driver {
         }
         self.snapshot.send_replace(Arc::new(published));
         self.machine.store_global(stored)?;
-        crate::memory::release_free_memory();
+        crate::memory::release_free_memory_off_runtime().await;
         tracing::debug!(
             version,
             bytes,
@@ -814,7 +814,7 @@ impl Driver {
         let eval = if eval_due {
             // The round's uploads are over: return what they freed before
             // the evaluation's activations are allocated beside the model.
-            let _ = tokio::task::spawn_blocking(crate::memory::release_free_memory).await;
+            crate::memory::release_free_memory_off_runtime().await;
             Some(self.evaluator.evaluate(closed.global.clone()).await?)
         } else {
             None
@@ -871,7 +871,7 @@ impl Driver {
         // The round's update chunks and the previous model were freed in
         // the threads that handled them; return that memory before the
         // next round's sum is built.
-        crate::memory::release_free_memory();
+        crate::memory::release_free_memory_off_runtime().await;
         self.draw_curves(false).await;
         let checkpoint_seconds = persist_start.elapsed().as_secs_f64();
         if let Some(last) = self.store.as_mut().and_then(|s| s.history.rounds.last_mut()) {

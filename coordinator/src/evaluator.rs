@@ -72,7 +72,7 @@ impl Evaluator {
                 let test = TestSplit::spill(source.load(Split::Test)?, &scratch)?;
                 tch::manual_seed(seed as i64);
                 let mut model = EvalModel::new(kind, test.shape, test.classes.len() as i64);
-                let large = 4 * model.manifest.numel() as u64 > resident_bytes;
+                let large = !crate::global::stays_resident(model.manifest.numel(), resident_bytes);
                 let initial = model.take_initial(large.then_some(scratch.as_path()))?;
                 Ok((test, model, initial))
             };
@@ -182,20 +182,8 @@ impl EvalModel {
             source: e,
         };
         let mut file = tempfile::tempfile_in(dir).map_err(io)?;
-        let mut piece = Vec::new();
-        for (meta, var) in self.manifest.tensors.iter().zip(&mut self.vars) {
-            let values = var.view([-1]);
-            let n = meta.numel() as i64;
-            for start in (0..n).step_by(SPILL_PIECE as usize / 4) {
-                let len = (SPILL_PIECE / 4).min(n - start);
-                piece.resize(len as usize, 0f32);
-                values
-                    .narrow(0, start, len)
-                    .f_copy_data(&mut piece, len as usize)
-                    .map_err(fedge_common::Error::from)?;
-                file.write_all(bytemuck::cast_slice(&piece)).map_err(io)?;
-            }
-            drop(values);
+        for var in &mut self.vars {
+            write_values::<f32>(var, &mut file, io)?;
             var.f_set_data(&empty()).map_err(fedge_common::Error::from)?;
         }
         file.seek(std::io::SeekFrom::Start(0)).map_err(io)?;
@@ -226,8 +214,30 @@ impl EvalModel {
     }
 }
 
-/// Images copied out of the test split's tensor at a time (4 MiB).
-const SPILL_PIECE: i64 = 4 << 20;
+/// Bytes copied out of a tensor at a time when it is written to a file (4 MiB).
+const SPILL_PIECE: usize = 4 << 20;
+
+/// Writes the values of the contiguous `tensor`, in order, to `out`, copied
+/// out [`SPILL_PIECE`] bytes at a time, so no copy of the whole tensor is made.
+fn write_values<T: tch::kind::Element + bytemuck::Pod>(
+    tensor: &Tensor,
+    out: &mut impl Write,
+    io: impl Fn(std::io::Error) -> Error,
+) -> Result<()> {
+    let flat = tensor.view([-1]);
+    let total = flat.size()[0];
+    let step = (SPILL_PIECE / std::mem::size_of::<T>()) as i64;
+    let mut piece: Vec<T> = Vec::new();
+    for start in (0..total).step_by(step as usize) {
+        let len = step.min(total - start);
+        piece.resize(len as usize, T::zeroed());
+        flat.narrow(0, start, len)
+            .f_copy_data(&mut piece, len as usize)
+            .map_err(fedge_common::Error::from)?;
+        out.write_all(bytemuck::cast_slice(&piece)).map_err(&io)?;
+    }
+    Ok(())
+}
 
 /// The test split with its images in a file (raw `u8`, `[N, C, H, W]`),
 /// deleted when the split is dropped; labels stay in memory.
@@ -249,17 +259,7 @@ impl TestSplit {
             .prefix("test-images-")
             .tempfile_in(dir)
             .map_err(io)?;
-        let flat = test.images.contiguous().view([-1]);
-        let total = flat.size()[0];
-        let mut buf = Vec::new();
-        for start in (0..total).step_by(SPILL_PIECE as usize) {
-            let len = SPILL_PIECE.min(total - start);
-            buf.resize(len as usize, 0u8);
-            flat.narrow(0, start, len)
-                .f_copy_data(&mut buf, len as usize)
-                .map_err(fedge_common::Error::from)?;
-            images.write_all(&buf).map_err(io)?;
-        }
+        write_values::<u8>(&test.images.contiguous(), &mut images, io)?;
         images.flush().map_err(io)?;
         Ok(Self {
             images,

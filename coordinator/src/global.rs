@@ -25,6 +25,12 @@ use crate::{Error, Result};
 /// Values read from disk at a time when a stored model is visited (4 MiB).
 const READ_BLOCK: usize = 1 << 20;
 
+/// Whether a model of `numel` f32 values is small enough to stay in memory
+/// under `limits.resident_model_bytes` (larger ones are read from files).
+pub fn stays_resident(numel: usize, resident_bytes: u64) -> bool {
+    4 * numel as u64 <= resident_bytes
+}
+
 /// The current global model: in memory, or in its durable checkpoint.
 #[derive(Debug, Clone)]
 pub enum GlobalModel {

@@ -57,3 +57,9 @@ pub fn release_free_memory() {
         }
     }
 }
+
+/// [`release_free_memory`] from async code: on a blocking thread, since
+/// walking the arenas of a large heap takes milliseconds.
+pub async fn release_free_memory_off_runtime() {
+    let _ = tokio::task::spawn_blocking(release_free_memory).await;
+}

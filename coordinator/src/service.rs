@@ -226,7 +226,7 @@ fn stored_chunks(stored: Arc<StoredModel>, chunk_bytes: usize) -> BoxStream<pb::
         }
         // The fetch's chunks went through this process's allocator; a
         // large model's worth of them is worth handing back at once.
-        let _ = tokio::task::spawn_blocking(crate::memory::release_free_memory).await;
+        crate::memory::release_free_memory_off_runtime().await;
     });
     Box::pin(ReceiverStream::new(rx))
 }
@@ -687,7 +687,7 @@ impl FederationService {
                     if received.update.on_disk() {
                         // A large update's chunks passed through the
                         // allocator; hand that memory back before the next.
-                        let _ = tokio::task::spawn_blocking(crate::memory::release_free_memory).await;
+                        crate::memory::release_free_memory_off_runtime().await;
                     }
                     return Ok(received);
                 }
