@@ -24,8 +24,13 @@ def uplink(run):
     return payload, wire
 
 
+def accuracy(round_):
+    """A round's central test accuracy, in percent (0 when it had none)."""
+    return 100 * (round_["test_accuracy"] or 0)
+
+
 def final(run):
-    return 100 * (run["rounds"][-1]["test_accuracy"] or 0)
+    return accuracy(run["rounds"][-1])
 
 
 base = runs.get("f32")
@@ -33,7 +38,8 @@ print("| codec | uplink payload / round | uplink stream / round | fewer bytes th
       "| rounds | final acc. | vs f32 | median round s |")
 print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
 order = ["f32", "f16", "bf16", "int8", "topk1", "topk10", "sign"]
-for name in sorted(runs, key=lambda n: order.index(n) if n in order else len(order)):
+names = sorted(runs, key=lambda n: order.index(n) if n in order else len(order))
+for name in names:
     run = runs[name]
     payload, wire = uplink(run)
     down = statistics.mean(r["bytes_down"] for r in run["rounds"])
@@ -58,15 +64,15 @@ if base:
     print()
     print("| codec | first round at or above | accuracy then | uplink to then | fewer bytes than f32's run |")
     print("| --- | ---: | ---: | ---: | ---: |")
-    for name in sorted(runs, key=lambda n: order.index(n) if n in order else len(order)):
+    for name in names:
         if name == "f32":
             continue
         rounds = runs[name]["rounds"]
-        hit = next((i for i, r in enumerate(rounds) if 100 * (r["test_accuracy"] or 0) >= target), None)
+        hit = next((i for i, r in enumerate(rounds) if accuracy(r) >= target), None)
         if hit is None:
-            best = max(100 * (r["test_accuracy"] or 0) for r in rounds)
+            best = max(accuracy(r) for r in rounds)
             print(f"| {name} | not in {len(rounds)} rounds (best {best:.2f}%) | - | - | - |")
             continue
         up = sum(r["bytes_up"] for r in rounds[: hit + 1])
-        print(f"| {name} | {rounds[hit]['round']} | {100 * rounds[hit]['test_accuracy']:.2f}% "
+        print(f"| {name} | {rounds[hit]['round']} | {accuracy(rounds[hit]):.2f}% "
               f"| {up / 2**20:.2f} MiB | {f32_up / up:.1f}x |")
