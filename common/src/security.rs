@@ -64,6 +64,34 @@ pub fn read_pem(path: &Path, what: &str) -> Result<Vec<u8>> {
     Ok(bytes)
 }
 
+/// Longest node name the coordinator accepts, in bytes.
+pub const MAX_NODE_NAME: usize = 128;
+
+/// Whether `name` may name a node: 1 to [`MAX_NODE_NAME`] ASCII letters,
+/// digits, `.`, `_` and `-`, starting with a letter or digit (host names
+/// qualify). Names reach logs, `run.json`, metrics and the dashboard, so
+/// nothing else gets that far; the error describes the name without
+/// echoing it.
+pub fn check_node_name(name: &str) -> std::result::Result<(), String> {
+    let rule = format!(
+        "a node name is 1 to {MAX_NODE_NAME} ASCII letters, digits, '.', '_' or '-', starting with a letter or digit"
+    );
+    if name.is_empty() {
+        return Err(format!("the node name is empty; {rule}"));
+    }
+    if name.len() > MAX_NODE_NAME {
+        return Err(format!("the node name is {} bytes long; {rule}", name.len()));
+    }
+    let ok = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
+    if let Some((i, _)) = name.char_indices().find(|&(_, c)| !ok(c)) {
+        return Err(format!("the node name has a character not allowed at byte {i}; {rule}"));
+    }
+    if !name.starts_with(|c: char| c.is_ascii_alphanumeric()) {
+        return Err(format!("the node name starts with '{}'; {rule}", &name[..1]));
+    }
+    Ok(())
+}
+
 /// Reads a token file: its first line, trimmed; it must not be empty.
 pub fn read_token_file(path: &Path) -> Result<String> {
     let text =
@@ -93,6 +121,32 @@ mod tests {
         assert_eq!(
             hash_token("abc"),
             "sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
+
+    #[test]
+    fn node_names_are_plain_and_bounded() {
+        for good in ["node-1", "edge.example.org", "a", "Pi_4-b", &"n".repeat(MAX_NODE_NAME)] {
+            assert_eq!(check_node_name(good), Ok(()), "{good}");
+        }
+        for (bad, why) in [
+            ("", "is empty"),
+            ("node\nINFO round complete", "not allowed at byte 4"),
+            ("a\u{1b}[31m", "not allowed at byte 1"),
+            ("nul\0", "not allowed at byte 3"),
+            ("two words", "not allowed at byte 3"),
+            ("-lead", "starts with '-'"),
+            ("héllo", "not allowed at byte 1"),
+        ] {
+            let e = check_node_name(bad).unwrap_err();
+            assert!(e.contains(why), "{bad:?}: {e}");
+            assert!(bad.is_empty() || !e.contains(bad), "the error echoes {bad:?}: {e}");
+        }
+        let long = "x".repeat(1 << 20);
+        let e = check_node_name(&long).unwrap_err();
+        assert!(
+            e.starts_with("the node name is 1048576 bytes long") && e.len() < 200,
+            "{e}"
         );
     }
 

@@ -12,7 +12,7 @@ use fedge_common::partition::{Scheme, SchemeParams};
 use fedge_common::train::{Algorithm, Hyperparameters, LocalOptimizer};
 use serde::{Deserialize, Serialize};
 
-use crate::strategy::{Aggregator, Precision, ServerOpt};
+use crate::strategy::{Aggregator, Precision, ServerOpt, Weighting};
 use crate::{Error, Result};
 use fedge_common::codec::Codec;
 
@@ -620,6 +620,17 @@ pub struct StrategyConfig {
     pub clip_norm: f64,
     /// Updates whose L2 norm exceeds this are refused (0: no limit).
     pub max_update_norm: f64,
+    /// Updates whose L2 norm exceeds this many times the median norm of
+    /// the last completed round's updates are refused; until a round has
+    /// completed, updates larger than the starting model's own norm are
+    /// (0: off). Needs no tuning: it follows the run's own scale.
+    pub max_norm_factor: f64,
+    /// A node's FedAvg weight is its sample count, capped at this many
+    /// times the median count its round's cohort declared at join, so a
+    /// node that lies about its data cannot outweigh the rest (0: no cap).
+    pub max_weight_factor: f64,
+    /// Weigh every update the same, whatever its sample count.
+    pub equal_weights: bool,
     /// `sgd` (FedAvg when `server_lr` = 1), `momentum` (FedAvgM), `adagrad`,
     /// `adam` or `yogi` (FedAdagrad, FedAdam, FedYogi).
     pub server_optimizer: ServerOptName,
@@ -684,6 +695,9 @@ impl Default for StrategyConfig {
             multi_krum_m: 0,
             clip_norm: 0.0,
             max_update_norm: 0.0,
+            max_norm_factor: 10.0,
+            max_weight_factor: 4.0,
+            equal_weights: false,
             server_optimizer: ServerOptName::Sgd,
             server_lr: 1.0,
             server_momentum: 0.9,
@@ -746,6 +760,20 @@ impl StrategyConfig {
     /// The norm above which updates are refused, if any.
     pub fn max_norm(&self) -> Option<f64> {
         (self.max_update_norm > 0.0).then_some(self.max_update_norm)
+    }
+
+    /// The multiple of the last round's median norm above which updates
+    /// are refused, if any.
+    pub fn max_norm_factor(&self) -> Option<f64> {
+        (self.max_norm_factor > 0.0).then_some(self.max_norm_factor)
+    }
+
+    /// How updates are weighted in the mean.
+    pub fn weighting(&self) -> Weighting {
+        Weighting {
+            equal: self.equal_weights,
+            max_factor: (self.max_weight_factor > 0.0).then_some(self.max_weight_factor),
+        }
     }
 }
 
@@ -972,13 +1000,18 @@ pub struct LimitsConfig {
     /// refused (`RESOURCE_EXHAUSTED`; the node retries).
     #[serde(with = "humantime_serde")]
     pub queue_timeout: Duration,
-    /// A download holds its slot at most this long (a client that stops
-    /// reading cannot keep others waiting).
+    /// A download not consumed within this long is ended (the node fetches
+    /// again), which frees its slot: a client that stops reading cannot keep
+    /// others waiting, and downloads hold at most their slots' worth of memory.
     #[serde(with = "humantime_serde")]
     pub download_slot_timeout: Duration,
     /// An update stream that sends nothing for this long is dropped.
     #[serde(with = "humantime_serde")]
     pub stream_idle_timeout: Duration,
+    /// An update stream must deliver its payload at least this fast on
+    /// average (after a grace of `stream_idle_timeout`), or it is dropped:
+    /// a trickle cannot hold an upload slot for ever (0: no floor).
+    pub min_upload_bytes_per_sec: u64,
     /// Largest gRPC message (one chunk) the coordinator accepts, in bytes.
     pub max_message_bytes: usize,
     /// HTTP/2 streams one connection may have open at once.
@@ -1009,6 +1042,7 @@ impl Default for LimitsConfig {
             queue_timeout: Duration::from_secs(300),
             download_slot_timeout: Duration::from_secs(120),
             stream_idle_timeout: Duration::from_secs(60),
+            min_upload_bytes_per_sec: 4096,
             max_message_bytes: 4 << 20,
             max_streams_per_connection: 16,
             stream_window_bytes: 1 << 20,
@@ -1197,6 +1231,14 @@ impl CoordinatorConfig {
                 "strategy.max_update_norm must be zero (off) or positive, got {}",
                 st.max_update_norm
             ));
+        }
+        for (name, v) in [
+            ("max_norm_factor", st.max_norm_factor),
+            ("max_weight_factor", st.max_weight_factor),
+        ] {
+            if !(v.is_finite() && (v == 0.0 || v >= 1.0)) {
+                return bad(format!("strategy.{name} must be 0 (off) or at least 1, got {v}"));
+            }
         }
         if !(st.server_lr.is_finite() && st.server_lr > 0.0) {
             return bad(format!(

@@ -56,9 +56,11 @@ pub enum Command {
     Disconnect {
         session: String,
     },
-    /// An admitted update stream broke or failed its checks before it was complete.
+    /// An admitted update stream for `round` broke or failed its checks
+    /// before it was complete.
     Refuse {
         session: String,
+        round: u64,
     },
     Identify {
         session: String,
@@ -579,7 +581,10 @@ impl Driver {
             } => {
                 let session = uuid::Uuid::new_v4().to_string();
                 let old = self.machine.session_of(&name).map(str::to_owned);
-                match self.machine.join(&name, &session, num_samples, previous.as_deref()) {
+                match self
+                    .machine
+                    .join(&name, &session, num_samples, previous.as_deref(), now)
+                {
                     Ok(()) => {
                         // A rejoin replaces the node's previous session and stream.
                         if let Some(old) = old {
@@ -617,7 +622,7 @@ impl Driver {
                     Vec::new()
                 }
             }
-            Command::Refuse { session } => self.machine.refuse(&session, now),
+            Command::Refuse { session, round } => self.machine.refuse(&session, round, now),
             Command::Identify { session, reply } => {
                 let _ = reply.send(self.machine.node_of(&session).map(str::to_owned));
                 Vec::new()
@@ -671,7 +676,7 @@ impl Driver {
                         let content = e.is_content();
                         let _ = reply.send(Err(e));
                         if content {
-                            self.machine.refuse(&session, now)
+                            self.machine.refuse(&session, round, now)
                         } else {
                             Vec::new()
                         }

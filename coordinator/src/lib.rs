@@ -91,7 +91,10 @@ pub async fn run(
     // Credentials are read first: a bad certificate or token file stops the
     // coordinator before it loads data or touches a checkpoint.
     let tls = security::server_tls(&config.security)?;
-    let auth = Authenticator::from_config(&config.security)?;
+    let mut auth = Authenticator::from_config(&config.security)?;
+    if let Some(path) = &config.http.operators {
+        auth = auth.with_operators(security::load_operators(path)?.into_keys());
+    }
     let Parts {
         driver,
         commands,
@@ -263,6 +266,8 @@ pub(crate) async fn assemble(config: &CoordinatorConfig, in_process_nodes: bool)
         numel,
     );
     strategy.max_norm = st.max_norm();
+    strategy.max_norm_factor = st.max_norm_factor();
+    strategy.weighting = st.weighting();
     strategy.precision = st.precision(numel);
     strategy.privacy = privacy::Privacy::from_config(&config.privacy);
     if let Some(p) = &strategy.privacy {
@@ -397,7 +402,7 @@ pub(crate) async fn assemble(config: &CoordinatorConfig, in_process_nodes: bool)
 
     let control = strategy.control.clone();
     let global = Arc::new(global);
-    let machine = RoundMachine::resume(
+    let mut machine = RoundMachine::resume(
         RoundSettings {
             total_rounds: u64::from(config.rounds),
             fraction: config.sampling.fraction,
@@ -420,6 +425,16 @@ pub(crate) async fn assemble(config: &CoordinatorConfig, in_process_nodes: bool)
         global.clone(),
         strategy,
     );
+    // A resumed run bounds its next updates by its last round's, as if it
+    // had never stopped.
+    if let Some(median) = store
+        .history
+        .rounds
+        .last()
+        .and_then(|r| crate::round::median_norm_of(r.participants.iter().filter_map(|p| p.update_norm)))
+    {
+        machine.set_norm_reference(median);
+    }
     let (snapshot_tx, snapshot_rx) = watch::channel(Arc::new(
         ModelSnapshot::new(version, manifest.clone(), global, control.map(Arc::new)).mark_durable(),
     ));

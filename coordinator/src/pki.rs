@@ -134,7 +134,13 @@ pub fn generate(dir: &Path, hosts: &[String], nodes: &[String]) -> Result<Pki> {
         "# fedge operators, stored hashed: name = \"sha256:<hex of SHA-256(token)>\". A listed\n\
          # operator's token, or a client certificate of this CA issued to the name, opens the\n\
          # coordinator's HTTP side. Point http.operators at this file.\n[operators]\n{}",
-        issue_node(&issuer, &ca_pem, OPERATOR, &pki.operator)?
+        issue(
+            &issuer,
+            &ca_pem,
+            OPERATOR,
+            crate::security::OPERATOR_ROLE,
+            &pki.operator
+        )?
     );
     write(&pki.operators, operators.as_bytes(), false)?;
     Ok(pki)
@@ -146,12 +152,19 @@ pub const OPERATOR: &str = "operator";
 /// Writes node `name`'s certificate, key, CA copy and token into `folder`;
 /// returns its line for the token file.
 fn issue_node(issuer: &Issuer<'_, KeyPair>, ca_pem: &str, name: &str, folder: &Path) -> Result<String> {
+    issue(issuer, ca_pem, name, crate::security::NODE_ROLE, folder)
+}
+
+/// Writes a client certificate for `name` in `role` (its organizational
+/// unit), key, CA copy and token into `folder`; returns its token line.
+fn issue(issuer: &Issuer<'_, KeyPair>, ca_pem: &str, name: &str, role: &str, folder: &Path) -> Result<String> {
     std::fs::create_dir_all(folder).map_err(|e| Error::Io {
         context: format!("creating {}", folder.display()),
         source: e,
     })?;
     let mut p = CertificateParams::default();
     p.distinguished_name.push(DnType::CommonName, name);
+    p.distinguished_name.push(DnType::OrganizationalUnitName, role);
     p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
     let key = KeyPair::generate().map_err(rc)?;
     let cert = p.signed_by(&key, issuer).map_err(rc)?;
@@ -194,9 +207,7 @@ pub fn add_nodes(dir: &Path, nodes: &[String]) -> Result<Pki> {
 /// Node names must be usable as folder names.
 fn check_names(nodes: &[String]) -> Result<()> {
     for n in nodes {
-        if n.is_empty() || n.contains(['/', '\\']) || n.starts_with('.') {
-            return Err(Error::Config(format!("node name {n:?} cannot name a folder")));
-        }
+        fedge_common::security::check_node_name(n).map_err(|e| Error::Config(format!("{e} (got {n:?})")))?;
         if n == OPERATOR {
             return Err(Error::Config(format!(
                 "`{OPERATOR}` names the operator's certificate; choose another node name"
@@ -226,7 +237,14 @@ mod tests {
     #[test]
     fn writes_a_ca_server_and_node_credentials_with_hashed_tokens() {
         let dir = tempfile::tempdir().unwrap();
-        let nodes = vec!["node-1".to_string(), "cam 7".to_string()];
+        let nodes = vec!["node-1".to_string(), "cam.7".to_string()];
+        let odd = generate(dir.path(), &["localhost".into()], &["cam 7".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            odd.contains("not allowed at byte 3") && odd.contains("\"cam 7\""),
+            "{odd}"
+        );
         let pki = generate(dir.path(), &["localhost".into(), "127.0.0.1".into()], &nodes).unwrap();
         let tokens = load_tokens(&pki.tokens).unwrap();
         assert_eq!(tokens.len(), 2);
@@ -240,6 +258,8 @@ mod tests {
             let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
             let cn = cert.subject().iter_common_name().next().unwrap().as_str().unwrap();
             assert_eq!(cn, name);
+            let (_, role) = crate::security::certificate_identity(&der).unwrap();
+            assert_eq!(role.as_deref(), Some(crate::security::NODE_ROLE));
         }
         #[cfg(unix)]
         {
@@ -263,6 +283,8 @@ mod tests {
             cert.subject().iter_common_name().next().unwrap().as_str().unwrap(),
             OPERATOR
         );
+        let (_, role) = crate::security::certificate_identity(&der).unwrap();
+        assert_eq!(role.as_deref(), Some(crate::security::OPERATOR_ROLE));
         let taken = add_nodes(dir.path(), &[OPERATOR.into()]).unwrap_err().to_string();
         assert!(taken.contains("names the operator's certificate"), "{taken}");
         let again = generate(dir.path(), &["localhost".into()], &nodes)

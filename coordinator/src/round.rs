@@ -20,7 +20,7 @@
 //! train and did not deliver within the last `failure_cooldown_rounds`
 //! rounds are picked only after every other available node.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fmt;
 use std::sync::{Arc, Mutex};
 
@@ -240,6 +240,13 @@ impl AggregationJob {
             None => self.aggregate.finish(),
         };
         let result = combined.and_then(|(mut delta, control_sum)| {
+            // Nothing non-finite reaches the server optimizer's state or
+            // the global model: the round is retried instead.
+            if let Some(i) = delta.iter().position(|v| !v.is_finite()) {
+                return Err(format!(
+                    "the combined update has a non-finite value at index {i} (its updates' sum overflowed)"
+                ));
+            }
             if let (Some((plan, unclipped)), Some(p)) = (&self.privacy, &mut self.strategy.privacy) {
                 let unclipped = unclipped_secure.unwrap_or(*unclipped);
                 // The noise comes from the operating system-seeded CSPRNG.
@@ -250,6 +257,9 @@ impl AggregationJob {
                 .server
                 .step_model(&self.global, delta)
                 .map_err(|e| e.to_string())?;
+            if let Some(i) = next.iter().position(|v| !v.is_finite()) {
+                return Err(format!("the new global model has a non-finite value at index {i}"));
+            }
             if let Some(sum) = &control_sum {
                 self.strategy.update_control(sum, count, self.total_nodes);
             }
@@ -370,6 +380,11 @@ pub enum Rejection {
     WrongKind { expected: String, got: String },
     /// The update's L2 norm exceeds `strategy.max_update_norm`.
     NormTooLarge { norm: f64, bound: f64 },
+    /// The update's L2 norm is far beyond what the run's updates look like
+    /// (`strategy.max_norm_factor` times the reference `reference`).
+    NormOutlier { norm: f64, bound: f64, reference: String },
+    /// The update claims more samples than its node declared when it joined.
+    TooManySamples { claimed: u64, declared: u64 },
     /// Another session of this node name is connected.
     NameInUse { node: String },
     /// A secure-aggregation message or masked input that does not fit the round.
@@ -390,6 +405,8 @@ impl Rejection {
             Rejection::NoSamples => "no_samples",
             Rejection::WrongKind { .. } => "wrong_kind",
             Rejection::NormTooLarge { .. } => "norm_too_large",
+            Rejection::NormOutlier { .. } => "norm_outlier",
+            Rejection::TooManySamples { .. } => "samples_above_declared",
             Rejection::NameInUse { .. } => "name_in_use",
             Rejection::SecAgg(_) => "secure_aggregation",
         }
@@ -404,6 +421,8 @@ impl Rejection {
                 | Rejection::NoSamples
                 | Rejection::WrongKind { .. }
                 | Rejection::NormTooLarge { .. }
+                | Rejection::NormOutlier { .. }
+                | Rejection::TooManySamples { .. }
         )
     }
 }
@@ -448,6 +467,15 @@ impl fmt::Display for Rejection {
             Rejection::NormTooLarge { norm, bound } => {
                 write!(f, "update norm {norm:.4e} exceeds the bound {bound:.4e}")
             }
+            Rejection::NormOutlier { norm, bound, reference } => write!(
+                f,
+                "update norm {norm:.4e} exceeds {bound:.4e}, the most this run accepts ({reference}; \
+                 strategy.max_norm_factor)"
+            ),
+            Rejection::TooManySamples { claimed, declared } => write!(
+                f,
+                "update claims {claimed} training samples; the node declared {declared} when it joined"
+            ),
             Rejection::SecAgg(m) if m.starts_with("secure aggregation") => f.write_str(m),
             Rejection::SecAgg(m) => write!(f, "secure aggregation: {m}"),
             Rejection::NameInUse { node } => write!(
@@ -469,6 +497,9 @@ struct NodeRecord {
     last_failure: Option<u64>,
     /// When the node last connected, disconnected or delivered (ms since the epoch).
     last_seen_ms: u64,
+    /// Whether the node ever opened its instruction stream; a session
+    /// that never does expires ([`RoundMachine::tick`]).
+    connected_once: bool,
 }
 
 /// A node as status reports show it.
@@ -497,6 +528,10 @@ struct RoundState {
     folding: BTreeSet<String>,
     started_ms: u64,
     deadline_ms: u64,
+    /// The most one update may weigh in the mean (`None`: its samples).
+    weight_cap: Option<f64>,
+    /// Updates with a larger norm are refused, and why that bound.
+    norm_bound: Option<(f64, String)>,
     /// Differential privacy: this round's clipping and noise.
     privacy: Option<RoundPlan>,
     /// Secure aggregation: the protocol's state.
@@ -545,7 +580,20 @@ pub struct RoundMachine {
     strategy: Option<Strategy>,
     /// Why the run finished before its last round, if it did.
     stop_reason: Option<String>,
+    /// The median norm of the last completed round's updates (what
+    /// `strategy.max_norm_factor` multiplies), once a round has completed.
+    norm_reference: Option<f64>,
+    /// The norm of the model the machine started from: the bound on
+    /// updates until a round completes.
+    start_norm: f64,
+    /// Joins whose session has not connected yet, oldest first, with when
+    /// they expire: a session that never connects is forgotten.
+    pending_joins: VecDeque<(u64, String, String)>,
 }
+
+/// How long a joined session may take to open its instruction stream
+/// before it is forgotten.
+pub const JOIN_EXPIRY_MS: u64 = 120_000;
 
 impl RoundMachine {
     /// A machine at model version 0 holding `initial` as the global model.
@@ -560,11 +608,23 @@ impl RoundMachine {
         Self {
             settings,
             version,
+            start_norm: l2_norm(&global),
             global: GlobalModel::Memory(global),
             nodes: BTreeMap::new(),
             phase: Phase::Waiting,
             strategy: Some(strategy),
             stop_reason: None,
+            norm_reference: None,
+            pending_joins: VecDeque::new(),
+        }
+    }
+
+    /// Sets the median update norm of the last completed round (a resumed
+    /// run reads it from its history), which bounds the next round's
+    /// updates under `strategy.max_norm_factor`.
+    pub fn set_norm_reference(&mut self, median: f64) {
+        if median.is_finite() && median > 0.0 {
+            self.norm_reference = Some(median);
         }
     }
 
@@ -647,6 +707,7 @@ impl RoundMachine {
         session: &str,
         num_samples: u64,
         previous: Option<&str>,
+        now_ms: u64,
     ) -> Result<(), Rejection> {
         if let Some(rec) = self.nodes.get(name)
             && rec.connected
@@ -660,11 +721,14 @@ impl RoundMachine {
             num_samples,
             rounds_contributed: 0,
             last_failure: None,
-            last_seen_ms: 0,
+            last_seen_ms: now_ms,
+            connected_once: false,
         });
         rec.session = session.to_owned();
         rec.connected = false;
         rec.num_samples = num_samples;
+        self.pending_joins
+            .push_back((now_ms + JOIN_EXPIRY_MS, name.to_owned(), session.to_owned()));
         Ok(())
     }
 
@@ -675,6 +739,7 @@ impl RoundMachine {
         let name = self.node_of(session).ok_or(Rejection::UnknownSession)?.to_owned();
         let rec = self.nodes.get_mut(&name).expect("known node");
         rec.connected = true;
+        rec.connected_once = true;
         rec.last_seen_ms = now_ms;
         let out = match &self.phase {
             Phase::Waiting => self.try_start(self.version + 1, 0, now_ms),
@@ -757,9 +822,7 @@ impl RoundMachine {
         if let Some(index) = body.non_finite {
             return Err(Rejection::NonFinite { index });
         }
-        if update.num_samples == 0 {
-            return Err(Rejection::NoSamples);
-        }
+        self.check_samples(&name, update.num_samples)?;
         let algorithm = self.settings.train.algorithm;
         let expected_kind = match algorithm {
             Algorithm::FedSgd => UpdateKind::Gradient,
@@ -793,6 +856,19 @@ impl RoundMachine {
         let Phase::Training(r) = &mut self.phase else {
             unreachable!("admit checked the phase");
         };
+        if let Some((bound, reference)) = &r.norm_bound
+            && update_norm > *bound
+        {
+            return Err(Rejection::NormOutlier {
+                norm: update_norm,
+                bound: *bound,
+                reference: reference.clone(),
+            });
+        }
+        let samples_weight = match r.weight_cap {
+            Some(cap) => (update.num_samples as f64).min(cap),
+            None => update.num_samples as f64,
+        };
         let private = self.strategy.as_ref().and_then(|s| s.privacy.as_ref());
         let (bound, clipped, weight) = match (&r.privacy, private) {
             // Differential privacy: equal weights; the coordinator clips
@@ -803,7 +879,7 @@ impl RoundMachine {
             },
             _ => {
                 let bound = self.strategy.as_ref().and_then(|s| s.clip_norm);
-                (bound, bound.is_some_and(|b| update_norm > b), update.num_samples as f64)
+                (bound, bound.is_some_and(|b| update_norm > b), samples_weight)
             }
         };
         let scale = step * clip_scale(update_norm, bound);
@@ -845,24 +921,27 @@ impl RoundMachine {
         self.maybe_close(now_ms)
     }
 
-    /// The update of the node behind `session` for the round in progress was
-    /// refused for its content (or its stream broke): the round stops waiting
-    /// for that node, and may now close.
-    pub fn refuse(&mut self, session: &str, now_ms: u64) -> Vec<Output> {
+    /// The update of the node behind `session` for `round` was refused for
+    /// its content (or its stream broke): when `round` is the round in
+    /// progress, the round stops waiting for that node, and may now close.
+    /// A refusal of an earlier round's stream changes nothing.
+    pub fn refuse(&mut self, session: &str, round: u64, now_ms: u64) -> Vec<Output> {
         let Some(name) = self.node_of(session).map(str::to_owned) else {
             return Vec::new();
         };
         let Phase::Training(r) = &mut self.phase else {
             return Vec::new();
         };
-        if r.selected.contains(&name) && !r.accepted.iter().any(|c| c.node == name) {
+        if r.round == round && r.selected.contains(&name) && !r.accepted.iter().any(|c| c.node == name) {
             r.refused.insert(name);
         }
         self.maybe_close(now_ms)
     }
 
-    /// Time passed: closes or retries a round whose deadline is over.
+    /// Time passed: forgets sessions that joined and never connected, and
+    /// closes or retries a round whose deadline is over.
     pub fn tick(&mut self, now_ms: u64) -> Vec<Output> {
+        self.expire_joins(now_ms);
         let Phase::Training(r) = &self.phase else {
             return Vec::new();
         };
@@ -888,6 +967,26 @@ impl RoundMachine {
                 "round deadline reached with too few updates; retrying the round"
             );
             self.retry(now_ms)
+        }
+    }
+
+    /// Forgets the nodes whose join is older than [`JOIN_EXPIRY_MS`] and
+    /// whose session never opened its instruction stream (a node that
+    /// connected once keeps its record). Amortized O(1) per join.
+    fn expire_joins(&mut self, now_ms: u64) {
+        while let Some((expires, _, _)) = self.pending_joins.front() {
+            if *expires > now_ms {
+                return;
+            }
+            let (_, name, session) = self.pending_joins.pop_front().expect("checked above");
+            if self
+                .nodes
+                .get(&name)
+                .is_some_and(|n| n.session == session && !n.connected_once)
+            {
+                self.nodes.remove(&name);
+                tracing::debug!(node = %name, "joined session never connected; forgotten");
+            }
         }
     }
 
@@ -1039,6 +1138,24 @@ impl RoundMachine {
         let Some(strategy) = &self.strategy else {
             return Vec::new();
         };
+        let declared: BTreeMap<String, u64> = selected
+            .iter()
+            .map(|n| (n.clone(), self.nodes.get(n).map_or(0, |r| r.num_samples)))
+            .collect();
+        let weight_cap = strategy.weighting.cap(declared.values().copied());
+        let norm_bound = strategy.max_norm_factor.and_then(|factor| match self.norm_reference {
+            Some(median) => Some((
+                factor * median,
+                format!("{factor} times {median:.4e}, the median norm of the last completed round's updates"),
+            )),
+            // An update larger than the model itself is no training step.
+            None => (self.start_norm > 0.0).then(|| {
+                (
+                    self.start_norm,
+                    "the norm of the model the run started from, until a round has completed".to_string(),
+                )
+            }),
+        });
         let state = RoundState {
             round,
             attempt,
@@ -1060,12 +1177,16 @@ impl RoundMachine {
             started_ms: now_ms,
             deadline_ms: now_ms + self.settings.deadline_ms,
             secure: self.settings.secure.as_ref().map(|s| {
-                let samples = selected
+                // A masked input's weight is planned from the capped counts.
+                let samples = declared
                     .iter()
-                    .map(|n| (n.clone(), self.nodes.get(n).map_or(0, |r| r.num_samples)))
+                    .map(|(n, &d)| (n.clone(), weight_cap.map_or(d, |cap| d.min(cap.ceil() as u64))))
                     .collect();
-                SecureRound::new(s, round, &samples, self.global.len(), privacy.is_some(), now_ms)
+                let equal = privacy.is_some() || strategy.weighting.equal;
+                SecureRound::new(s, round, &samples, self.global.len(), equal, now_ms)
             }),
+            weight_cap,
+            norm_bound,
             privacy,
         };
         tracing::info!(
@@ -1186,6 +1307,9 @@ impl RoundMachine {
         let Phase::Training(r) = std::mem::replace(&mut self.phase, Phase::Waiting) else {
             return Vec::new();
         };
+        if let Some(median) = median_norm(&r.accepted) {
+            self.norm_reference = Some(median);
+        }
         let Some(strategy) = self.strategy.take() else {
             return Vec::new();
         };
@@ -1280,6 +1404,7 @@ impl RoundMachine {
     /// A masked input: checked for what can be checked (its size, its
     /// sender's part in the protocol), then added to the masked sum.
     fn submit_masked(&mut self, name: String, update: Update, now_ms: u64) -> Result<(usize, Vec<Output>), Rejection> {
+        self.check_samples(&name, update.num_samples)?;
         let numel = self.global.len();
         let expected_kind = match self.settings.train.algorithm {
             Algorithm::FedSgd => UpdateKind::Gradient,
@@ -1301,9 +1426,6 @@ impl RoundMachine {
                 got: body.source.len().saturating_sub(1),
                 expected: numel,
             });
-        }
-        if update.num_samples == 0 {
-            return Err(Rejection::NoSamples);
         }
         if update.kind != expected_kind {
             return Err(Rejection::WrongKind {
@@ -1327,6 +1449,19 @@ impl RoundMachine {
         // Masked: neither the norm nor clipping is visible.
         let accepted = self.record(Contribution::new(name, &update, f64::NAN, false), now_ms);
         Ok((accepted, out))
+    }
+
+    /// An update's sample count: at least one, and at most what its node
+    /// declared when it joined (what its weight was planned from).
+    fn check_samples(&self, name: &str, claimed: u64) -> Result<(), Rejection> {
+        if claimed == 0 {
+            return Err(Rejection::NoSamples);
+        }
+        let declared = self.nodes.get(name).map_or(0, |n| n.num_samples);
+        if claimed > declared {
+            return Err(Rejection::TooManySamples { claimed, declared });
+        }
+        Ok(())
     }
 
     /// Records an accepted update in the round in progress, with its
@@ -1459,6 +1594,27 @@ impl RoundMachine {
     }
 }
 
+/// The median L2 norm of accepted updates whose norm was seen (masked
+/// inputs hide theirs), if any.
+fn median_norm(accepted: &[Contribution]) -> Option<f64> {
+    median_norm_of(accepted.iter().map(|c| c.update_norm))
+}
+
+/// The median of the finite, positive `norms`, if there are any.
+pub fn median_norm_of(norms: impl Iterator<Item = f64>) -> Option<f64> {
+    let mut norms: Vec<f64> = norms.filter(|n| n.is_finite() && *n > 0.0).collect();
+    if norms.is_empty() {
+        return None;
+    }
+    norms.sort_by(f64::total_cmp);
+    let mid = norms.len() / 2;
+    Some(if norms.len() % 2 == 1 {
+        norms[mid]
+    } else {
+        (norms[mid - 1] + norms[mid]) / 2.0
+    })
+}
+
 fn describe(kind: UpdateKind, control: bool) -> String {
     let main = match kind {
         UpdateKind::Delta => "a model delta",
@@ -1581,7 +1737,7 @@ mod tests {
     fn fleet(m: &mut RoundMachine) -> Vec<Output> {
         let mut last = Vec::new();
         for n in ["a", "b", "c"] {
-            m.join(n, &format!("s-{n}"), 10, None).unwrap();
+            m.join(n, &format!("s-{n}"), 1000, None, 0).unwrap();
             last = m.connect(&format!("s-{n}"), 0).unwrap();
         }
         last
@@ -1639,7 +1795,7 @@ mod tests {
         let a = &m.node_views()[0];
         assert_eq!(
             (a.rounds_contributed, a.num_samples, a.last_seen_ms, a.connected),
-            (1, 10, 42, true)
+            (1, 1000, 42, true)
         );
         assert_eq!(m.node_views()[2].last_seen_ms, 43);
     }
@@ -1712,7 +1868,7 @@ mod tests {
             let mut out = Vec::new();
             for i in 0..6 {
                 let n = format!("n{i}");
-                m.join(&n, &n, 5, None).unwrap();
+                m.join(&n, &n, 5, None, 0).unwrap();
                 out = m.connect(&n, 0).unwrap();
             }
             assigned(&out)
@@ -1769,7 +1925,7 @@ mod tests {
         let mut m = machine(settings(3, 1.0), vec![0.0]);
         fleet(&mut m);
         assert!(m.disconnect("s-b", 1).is_empty() || m.phase() == PhaseKind::Training);
-        m.join("b", "s-b2", 10, None).unwrap();
+        m.join("b", "s-b2", 10, None, 0).unwrap();
         assert_eq!(
             submit(&mut m, "s-b", update(1, 0, vec![1.0], 1), 2).unwrap_err(),
             Rejection::UnknownSession
@@ -1782,25 +1938,25 @@ mod tests {
     fn a_connected_name_cannot_be_taken_by_another_session() {
         let mut m = machine(settings(3, 1.0), vec![0.0]);
         fleet(&mut m);
-        let e = m.join("a", "s-intruder", 10, None).unwrap_err();
+        let e = m.join("a", "s-intruder", 10, None, 0).unwrap_err();
         assert_eq!(e, Rejection::NameInUse { node: "a".into() });
         assert!(
             e.to_string()
                 .starts_with("node a is already connected in another session")
         );
-        assert_eq!(m.join("a", "s-x", 10, Some("s-wrong")).unwrap_err(), e);
+        assert_eq!(m.join("a", "s-x", 10, Some("s-wrong"), 0).unwrap_err(), e);
         // The node itself, presenting its session, rejoins at once.
-        m.join("a", "s-a2", 10, Some("s-a")).unwrap();
+        m.join("a", "s-a2", 10, Some("s-a"), 0).unwrap();
         assert_eq!(m.session_of("a"), Some("s-a2"));
         // Once the old connection is gone, any process may take the name.
         m.disconnect("s-b", 1);
-        m.join("b", "s-b2", 10, None).unwrap();
+        m.join("b", "s-b2", 10, None, 0).unwrap();
     }
 
     fn four(m: &mut RoundMachine) -> Vec<Output> {
         let mut last = Vec::new();
         for n in ["w", "x", "y", "z"] {
-            m.join(n, &format!("s-{n}"), 10, None).unwrap();
+            m.join(n, &format!("s-{n}"), 10, None, 0).unwrap();
             last = m.connect(&format!("s-{n}"), 0).unwrap();
         }
         last
@@ -2024,6 +2180,157 @@ mod tests {
         assert_eq!((m.current_round(), m.version()), (Some(1), 0));
     }
 
+    /// Joins and connects `nodes` (name, declared samples).
+    fn cohort(m: &mut RoundMachine, nodes: &[(&str, u64)]) -> Vec<Output> {
+        let mut last = Vec::new();
+        for (n, samples) in nodes {
+            m.join(n, &format!("s-{n}"), *samples, None, 0).unwrap();
+            last = m.connect(&format!("s-{n}"), 0).unwrap();
+        }
+        last
+    }
+
+    fn capped(numel: usize, factor: f64) -> Strategy {
+        let mut s = mean(numel);
+        s.weighting.max_factor = Some(factor);
+        s
+    }
+
+    #[test]
+    fn a_node_weighs_at_most_what_it_declared_and_the_cohorts_cap() {
+        let mut m = RoundMachine::new(settings(3, 1.0), vec![0.0], capped(1, 4.0));
+        cohort(&mut m, &[("a", 100), ("b", 100), ("c", u64::MAX)]);
+        // An update may not claim more than its node declared.
+        let e = submit(&mut m, "s-a", update(1, 0, vec![1.0], 101), 0).unwrap_err();
+        assert_eq!(
+            e,
+            Rejection::TooManySamples {
+                claimed: 101,
+                declared: 100
+            }
+        );
+        assert_eq!(
+            e.to_string(),
+            "update claims 101 training samples; the node declared 100 when it joined"
+        );
+        assert!(e.is_content());
+        submit(&mut m, "s-a", update(1, 0, vec![3.0], 100), 0).unwrap();
+        submit(&mut m, "s-b", update(1, 0, vec![3.0], 100), 0).unwrap();
+        // c claims 2^64 - 1 samples with a zero update: it weighs 4 x 100.
+        let (_, out) = submit(&mut m, "s-c", update(1, 0, vec![0.0], u64::MAX), 0).unwrap();
+        let closed = closed_round(&mut m, out, 0);
+        assert_eq!(*closed.global, vec![1.0], "(3 x 100 + 3 x 100 + 0 x 400) / 600");
+    }
+
+    fn norm_bounded() -> RoundMachine {
+        let mut s = mean(2);
+        s.max_norm_factor = Some(10.0);
+        RoundMachine::new(settings(3, 1.0), vec![3.0, 4.0], s)
+    }
+
+    #[test]
+    fn updates_far_beyond_the_runs_norm_are_refused() {
+        let mut m = norm_bounded();
+        fleet(&mut m);
+        // Before any round completes: at most the starting model's norm (5).
+        let e = submit(&mut m, "s-a", update(1, 0, vec![-6.0, -8.0], 1), 0).unwrap_err();
+        assert!(
+            matches!(&e, Rejection::NormOutlier { norm, bound, .. } if *norm == 10.0 && *bound == 5.0),
+            "{e:?}"
+        );
+        assert!(
+            e.to_string().contains("the norm of the model the run started from"),
+            "{e}"
+        );
+        assert!(e.is_content());
+        let mut m = norm_bounded();
+        fleet(&mut m);
+        for (n, d) in [("a", 0.1f32), ("b", 0.2), ("c", 0.3)] {
+            let (_, out) = submit(&mut m, &format!("s-{n}"), update(1, 0, vec![0.0, d], 1), 0).unwrap();
+            if n == "c" {
+                closed_round(&mut m, out, 0);
+            }
+        }
+        m.persisted(0);
+        // Round 2: at most 10 x the median norm of round 1 (0.2).
+        let e = submit(&mut m, "s-a", update(2, 1, vec![0.0, 2.5], 1), 0).unwrap_err();
+        match &e {
+            Rejection::NormOutlier { norm, bound, .. } => {
+                assert_eq!(*norm, 2.5);
+                assert!((bound - 2.0).abs() < 1e-6, "{bound}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(
+            e.to_string()
+                .contains("the median norm of the last completed round's updates"),
+            "{e}"
+        );
+        submit(&mut m, "s-b", update(2, 1, vec![0.0, 1.9], 1), 0).unwrap();
+    }
+
+    #[test]
+    fn a_non_finite_new_model_retries_the_round() {
+        let mut m = machine(settings(3, 1.0), vec![3e38]);
+        fleet(&mut m);
+        submit(&mut m, "s-a", update(1, 0, vec![3e38], 1), 0).unwrap();
+        submit(&mut m, "s-b", update(1, 0, vec![3e38], 1), 0).unwrap();
+        let (_, out) = submit(&mut m, "s-c", update(1, 0, vec![3e38], 1), 0).unwrap();
+        // 3e38 + 3e38 is infinite in f32: nothing is committed; the round starts again.
+        let out = settle(&mut m, out, 0);
+        assert_eq!(assigned(&out), ["a", "b", "c"]);
+        assert_eq!((m.current_round(), m.version()), (Some(1), 0));
+        assert_eq!(m.global().in_memory().map(|g| g[0]), Some(3e38));
+    }
+
+    #[test]
+    fn a_refusal_counts_only_for_the_round_its_stream_was_for() {
+        let mut m = machine(
+            RoundSettings {
+                min_available: 3,
+                ..settings(2, 1.0)
+            },
+            vec![0.0],
+        );
+        fleet(&mut m);
+        for n in ["a", "b"] {
+            submit(&mut m, &format!("s-{n}"), update(1, 0, vec![1.0], 1), 0).unwrap();
+        }
+        // c's round-1 stream broke: round 1 closes without it.
+        let out = m.refuse("s-c", 1, 0);
+        closed_round(&mut m, out, 0);
+        m.persisted(0);
+        assert_eq!(m.current_round(), Some(2));
+        // A round-1 stream of c's that times out during round 2 changes nothing:
+        // round 2 still waits for c's round-2 update.
+        for n in ["a", "b"] {
+            submit(&mut m, &format!("s-{n}"), update(2, 1, vec![1.0], 1), 0).unwrap();
+        }
+        assert!(m.refuse("s-c", 1, 0).is_empty());
+        assert_eq!(m.phase(), PhaseKind::Training);
+        let (_, out) = submit(&mut m, "s-c", update(2, 1, vec![1.0], 1), 0).unwrap();
+        assert_eq!(closed_round(&mut m, out, 0).contributions.len(), 3);
+    }
+
+    #[test]
+    fn sessions_that_never_connect_are_forgotten() {
+        let mut m = machine(settings(2, 1.0), vec![0.0]);
+        for i in 0..400 {
+            m.join(&format!("flood-{i}"), &format!("s-{i}"), 1, None, 0).unwrap();
+        }
+        m.join("real", "s-real", 1, None, 0).unwrap();
+        m.connect("s-real", 0).unwrap();
+        m.disconnect("s-real", 10);
+        assert_eq!(m.node_views().len(), 401);
+        m.tick(JOIN_EXPIRY_MS - 1);
+        assert_eq!(m.node_views().len(), 401);
+        m.tick(JOIN_EXPIRY_MS);
+        // The node that connected once keeps its record (and its history).
+        let views = m.node_views();
+        assert_eq!(views.iter().map(|v| v.name.as_str()).collect::<Vec<_>>(), ["real"]);
+        assert!(m.node_of("s-7").is_none());
+    }
+
     #[test]
     fn tasks_carry_the_rounds_learning_rate_and_evaluation_cadence() {
         let mut s = settings(3, 1.0);
@@ -2065,7 +2372,7 @@ mod tests {
         submit(&mut m, "s-b", update(1, 0, vec![3.0], 1), 0).unwrap();
         let e = submit(&mut m, "s-c", update(1, 0, vec![f32::INFINITY], 1), 0).unwrap_err();
         assert!(e.is_content());
-        let out = m.refuse("s-c", 0);
+        let out = m.refuse("s-c", 1, 0);
         let closed = closed_round(&mut m, out, 0);
         assert_eq!(*closed.global, vec![2.0]);
     }
@@ -2140,7 +2447,7 @@ mod tests {
         let names = ["a", "b", "c", "d", "e"];
         let mut tasks = BTreeMap::new();
         for (i, n) in names.iter().enumerate() {
-            m.join(n, &format!("s-{n}"), 10 * (i as u64 + 1), None).unwrap();
+            m.join(n, &format!("s-{n}"), 10 * (i as u64 + 1), None, 0).unwrap();
             for o in m.connect(&format!("s-{n}"), 0).unwrap() {
                 if let Output::Assign { node, task } = o {
                     tasks.insert(node, task.secure.expect("a secure task"));
@@ -2283,7 +2590,7 @@ mod tests {
         });
         let mut m = machine(s, vec![0.0; 4]);
         fleet(&mut m);
-        m.join("z", "s-z", 10, None).unwrap();
+        m.join("z", "s-z", 10, None, 0).unwrap();
         let (_, keys) = Client::new(0, 1, &mut rand::rng());
         let err = |r: Result<Vec<Output>, Rejection>| r.unwrap_err().to_string();
         // "a" is number 0 (names in order): its keys are taken, once.

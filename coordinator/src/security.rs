@@ -58,6 +58,11 @@ pub fn pem_roots(path: &Path, what: &str) -> Result<RootCertStore> {
     Ok(roots)
 }
 
+/// The organizational unit `coordinator certs` puts in a node's certificate.
+pub const NODE_ROLE: &str = "fedge node";
+/// The organizational unit `coordinator certs` puts in an operator's certificate.
+pub const OPERATOR_ROLE: &str = "fedge operator";
+
 /// Checks that a joining node is allowed and is who it says it is.
 #[derive(Debug, Clone)]
 pub struct Authenticator {
@@ -66,6 +71,8 @@ pub struct Authenticator {
     tokens: HashMap<String, String>,
     /// Names that may join; empty: any authenticated node.
     allow: HashSet<String>,
+    /// The operators' names (`http.operators`): no node may use one.
+    operators: HashSet<String>,
 }
 
 impl Authenticator {
@@ -79,7 +86,15 @@ impl Authenticator {
             mode: c.node_auth,
             tokens,
             allow: c.allow.iter().map(|n| n.trim().to_owned()).collect(),
+            operators: HashSet::new(),
         })
+    }
+
+    /// Refuses the operators of `http.operators` as nodes, so an operator's
+    /// credentials never stand in for a node's.
+    pub fn with_operators(mut self, names: impl IntoIterator<Item = String>) -> Self {
+        self.operators = names.into_iter().collect();
+        self
     }
 
     /// How nodes authenticate.
@@ -92,8 +107,17 @@ impl Authenticator {
         self.tokens.len()
     }
 
-    /// Checks a `Join` from a node calling itself `name`.
+    /// Checks a `Join` from a node calling itself `name` (a name that
+    /// passed [`fedge_common::security::check_node_name`]).
     pub fn check_join<T>(&self, request: &Request<T>, name: &str) -> Result<(), Status> {
+        // Who the connection is comes first: an operator's certificate is
+        // refused whatever name it asks for.
+        let peer = self.peer_identity(request)?;
+        if self.operators.contains(name) {
+            return Err(Status::permission_denied(format!(
+                "{name} is an operator (http.operators); operators cannot join as nodes"
+            )));
+        }
         if !self.allow.is_empty() && !self.allow.contains(name) {
             return Err(Status::permission_denied(format!(
                 "node {name} is not on this coordinator's allow-list"
@@ -125,7 +149,7 @@ impl Authenticator {
                 }
             }
             NodeAuth::Certificate => {
-                let cn = self.peer_identity(request)?.unwrap_or_default();
+                let cn = peer.unwrap_or_default();
                 if cn == name {
                     Ok(())
                 } else {
@@ -138,7 +162,9 @@ impl Authenticator {
     }
 
     /// In `certificate` mode, the common name of the connection's client
-    /// certificate; `None` in the other modes.
+    /// certificate; `None` in the other modes. An operator's certificate
+    /// (organizational unit [`OPERATOR_ROLE`]) is refused: it opens the
+    /// HTTP side, never a node's calls.
     pub fn peer_identity<T>(&self, request: &Request<T>) -> Result<Option<String>, Status> {
         if self.mode != NodeAuth::Certificate {
             return Ok(None);
@@ -147,9 +173,14 @@ impl Authenticator {
             .peer_certs()
             .and_then(|certs| certs.first().cloned())
             .ok_or_else(|| Status::unauthenticated("the connection presented no client certificate"))?;
-        common_name(leaf.as_ref())
-            .map(Some)
-            .map_err(|e| Status::unauthenticated(format!("the client certificate is unreadable: {e}")))
+        let (cn, role) = certificate_identity(leaf.as_ref())
+            .map_err(|e| Status::unauthenticated(format!("the client certificate is unreadable: {e}")))?;
+        if role.as_deref() == Some(OPERATOR_ROLE) {
+            return Err(Status::permission_denied(
+                "the client certificate is an operator's (OU=fedge operator); operators cannot act as nodes",
+            ));
+        }
+        Ok(Some(cn))
     }
 
     /// In `certificate` mode, every call on a session must come over the
@@ -165,8 +196,9 @@ impl Authenticator {
     }
 }
 
-/// The subject common name of a DER certificate.
-pub(crate) fn common_name(der: &[u8]) -> std::result::Result<String, String> {
+/// The subject common name and organizational unit (the role, where
+/// `coordinator certs` issued it) of a DER certificate.
+pub(crate) fn certificate_identity(der: &[u8]) -> std::result::Result<(String, Option<String>), String> {
     let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|e| e.to_string())?;
     let cn = cert
         .subject()
@@ -175,7 +207,13 @@ pub(crate) fn common_name(der: &[u8]) -> std::result::Result<String, String> {
         .ok_or("it has no common name")?
         .as_str()
         .map_err(|e| e.to_string())?;
-    Ok(cn.to_owned())
+    let role = cert
+        .subject()
+        .iter_organizational_unit()
+        .next()
+        .and_then(|ou| ou.as_str().ok())
+        .map(str::to_owned);
+    Ok((cn.to_owned(), role))
 }
 
 /// Reads a token file: `[nodes]` with `name = "sha256:<64 hex>"` entries.

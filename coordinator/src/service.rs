@@ -2,6 +2,7 @@
 //! [`Command`]s, streams model snapshots, reassembles update streams, and maps
 //! every refusal to a gRPC status in one place ([`rejection_status`]).
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -14,6 +15,7 @@ use fedge_common::codec::Codec;
 use fedge_common::params::Manifest;
 use fedge_common::pb::{self, PROTOCOL_VERSION};
 use fedge_common::secagg::{Advertise, NodeId, SealedShares};
+use fedge_common::security::check_node_name;
 use fedge_common::wire::secagg::reveal_from_wire;
 use fedge_common::wire::{chunks, f32_payload, metrics_from_wire, tensors_from_wire};
 use prost::Message;
@@ -30,6 +32,12 @@ use crate::intake::{Intake, Received, SpoolBudget};
 use crate::round::{Body, Rejection, Update, UpdateKind};
 use crate::secure::SecAggInput;
 use crate::security::Authenticator;
+
+/// Most model names a join may offer, and their longest length in bytes.
+const MAX_MODELS: usize = 64;
+const MAX_MODEL_NAME: usize = 64;
+/// Longest session token a call may present (the coordinator's are 36 bytes).
+const MAX_SESSION_BYTES: usize = 64;
 
 /// Implements `fedge.v1.Federation`.
 #[derive(Clone)]
@@ -54,8 +62,9 @@ pub struct FederationService {
 
 /// Bounds on transfers: how many update streams are read at once, how many
 /// announced payload bytes they hold together, how many model streams are
-/// sent at once, how long one waits for a slot, and how long an update
-/// stream may stay silent.
+/// sent at once, how long one waits for a slot, how long an update stream
+/// may stay silent and how slow it may be, and one upload (and one fetch of
+/// each model part) in flight per session.
 #[derive(Debug, Clone)]
 pub struct TransferLimits {
     uploads: Arc<Semaphore>,
@@ -66,6 +75,38 @@ pub struct TransferLimits {
     queue_timeout: Duration,
     download_slot_timeout: Duration,
     pub idle_timeout: Duration,
+    /// Bytes per second an upload must average (0: no floor).
+    min_upload_rate: u64,
+    /// Sessions with an update stream being read.
+    uploading: InFlightSet,
+    /// Sessions and model parts being fetched.
+    fetching: InFlightSet,
+}
+
+type InFlightSet = Arc<std::sync::Mutex<std::collections::HashSet<String>>>;
+
+/// One transfer of a session in flight; dropping it ends it.
+#[derive(Debug)]
+pub struct InFlight {
+    set: InFlightSet,
+    key: String,
+}
+
+impl InFlight {
+    /// Marks `key` in flight in `set`, unless it already is.
+    fn claim(set: &InFlightSet, key: String) -> Option<Self> {
+        let mut held = set.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        held.insert(key.clone()).then(|| Self { set: set.clone(), key })
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.set
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&self.key);
+    }
 }
 
 /// What an upload holds while it is read.
@@ -86,7 +127,36 @@ impl TransferLimits {
             queue_timeout: c.queue_timeout,
             download_slot_timeout: c.download_slot_timeout,
             idle_timeout: c.stream_idle_timeout,
+            min_upload_rate: c.min_upload_bytes_per_sec,
+            uploading: InFlightSet::default(),
+            fetching: InFlightSet::default(),
         }
+    }
+
+    /// Claims the one upload `node`'s session may have in flight.
+    fn claim_upload(&self, session: &str, node: &str, round: u64) -> Result<InFlight, Status> {
+        InFlight::claim(&self.uploading, session.to_owned()).ok_or_else(|| {
+            Status::already_exists(format!(
+                "node {node} already has an update stream open for round {round}; a node sends one at a time"
+            ))
+        })
+    }
+
+    /// Claims the one fetch of model part `part` `node`'s session may have in flight.
+    fn claim_fetch(&self, session: &str, node: &str, part: i32) -> Result<InFlight, Status> {
+        InFlight::claim(&self.fetching, format!("{part}/{session}")).ok_or_else(|| {
+            Status::already_exists(format!(
+                "node {node} is already fetching this model part; a node fetches one copy at a time"
+            ))
+        })
+    }
+
+    /// When an upload of `payload_bytes` that starts now must be complete.
+    fn upload_deadline(&self, payload_bytes: u64) -> Option<tokio::time::Instant> {
+        (self.min_upload_rate > 0).then(|| {
+            let secs = payload_bytes as f64 / self.min_upload_rate as f64;
+            tokio::time::Instant::now() + self.idle_timeout + Duration::from_secs_f64(secs.min(1e9))
+        })
     }
 
     fn busy(&self, what: &str) -> Status {
@@ -119,56 +189,92 @@ impl TransferLimits {
             .map_err(|_| self.busy("uploads"))?
     }
 
-    /// Waits (up to the queue timeout) for a download slot. The slot goes
-    /// back when the stream ends or after the slot timeout, whichever is first.
-    pub async fn admit_download(&self) -> Result<DownloadSlot, Status> {
-        let permit = tokio::time::timeout(self.queue_timeout, self.downloads.clone().acquire_owned())
+    /// Waits (up to the queue timeout) for a download slot. The stream
+    /// holds it until it ends: it is sent whole, or ended at the slot timeout.
+    pub async fn admit_download(&self) -> Result<OwnedSemaphorePermit, Status> {
+        tokio::time::timeout(self.queue_timeout, self.downloads.clone().acquire_owned())
             .await
             .map_err(|_| self.busy("downloads"))?
-            .map_err(|_| Status::unavailable("coordinator is shutting down"))?;
-        let slot = Arc::new(std::sync::Mutex::new(Some(permit)));
-        let expiring = Arc::downgrade(&slot);
-        let after = self.download_slot_timeout;
-        tokio::spawn(async move {
-            tokio::time::sleep(after).await;
-            if let Some(slot) = expiring.upgrade() {
-                slot.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
-            }
-        });
-        Ok(DownloadSlot { _held: slot })
+            .map_err(|_| Status::unavailable("coordinator is shutting down"))
     }
 
     /// The next message of an update stream, or an error if it stays silent
     /// longer than the idle timeout.
     pub async fn next<T>(&self, stream: &mut Streaming<T>) -> Result<Option<T>, Status> {
-        tokio::time::timeout(self.idle_timeout, stream.message())
-            .await
-            .map_err(|_| {
-                Status::deadline_exceeded(format!(
-                    "update stream sent nothing for {:?}; upload abandoned",
-                    self.idle_timeout
-                ))
-            })?
+        self.next_before(stream, None).await
+    }
+
+    /// As [`TransferLimits::next`], and an error once `deadline` passes.
+    async fn next_before<T>(
+        &self,
+        stream: &mut Streaming<T>,
+        deadline: Option<tokio::time::Instant>,
+    ) -> Result<Option<T>, Status> {
+        let idle = tokio::time::Instant::now() + self.idle_timeout;
+        let until = deadline.map_or(idle, |d| d.min(idle));
+        match tokio::time::timeout_at(until, stream.message()).await {
+            Ok(msg) => msg.map_err(broken_stream),
+            Err(_) if until < idle => Err(Status::deadline_exceeded(format!(
+                "update stream too slow: uploads must average at least {} bytes/s \
+                 (limits.min_upload_bytes_per_sec) after {:?}; upload abandoned",
+                self.min_upload_rate, self.idle_timeout
+            ))),
+            Err(_) => Err(Status::deadline_exceeded(format!(
+                "update stream sent nothing for {:?}; upload abandoned",
+                self.idle_timeout
+            ))),
+        }
     }
 }
 
-/// A download's slot, held by its model stream.
-#[derive(Debug)]
-pub struct DownloadSlot {
-    _held: Arc<std::sync::Mutex<Option<OwnedSemaphorePermit>>>,
+/// A transport error while reading a stream (the client went away, the
+/// connection broke) as `CANCELLED`, so it is counted as a broken stream;
+/// a message that does not decode stays what it is.
+fn broken_stream(s: Status) -> Status {
+    if s.code() == tonic::Code::Internal && !s.message().contains("decode") {
+        Status::cancelled(format!("the update stream broke: {}", s.message()))
+    } else {
+        s
+    }
 }
 
-/// A model stream that holds its download slot until it is dropped.
+/// A model stream: holds its download slot and its session's fetch until
+/// it ends, counts the bytes it hands on as sent to its node, and ends with
+/// `DEADLINE_EXCEEDED` when it is not consumed within the slot timeout.
 struct ModelStream<S> {
     inner: S,
-    _slot: DownloadSlot,
+    deadline: Pin<Box<tokio::time::Sleep>>,
+    timeout: Duration,
+    traffic: Arc<Traffic>,
+    node: String,
+    done: bool,
+    _slot: OwnedSemaphorePermit,
+    _fetch: InFlight,
 }
 
-impl<S: Stream + Unpin> Stream for ModelStream<S> {
+impl<S: Stream<Item = Result<pb::ModelChunk, Status>> + Unpin> Stream for ModelStream<S> {
     type Item = S::Item;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        Pin::new(&mut self.inner).poll_next(cx)
+        if self.done {
+            return Poll::Ready(None);
+        }
+        if self.deadline.as_mut().poll(cx).is_ready() {
+            self.done = true;
+            tracing::debug!(node = %self.node, "model download not consumed in time; ended");
+            return Poll::Ready(Some(Err(Status::deadline_exceeded(format!(
+                "the model download was not consumed within {:?} (limits.download_slot_timeout); fetch it again",
+                self.timeout
+            )))));
+        }
+        let next = Pin::new(&mut self.inner).poll_next(cx);
+        if let Poll::Ready(Some(Ok(chunk))) = &next {
+            let bytes = chunk.encoded_len() as u64;
+            let node = std::mem::take(&mut self.node);
+            self.traffic.count_down(&node, bytes);
+            self.node = node;
+        }
+        next
     }
 }
 
@@ -178,23 +284,26 @@ enum Payload {
     Stored(Arc<StoredModel>),
 }
 
-impl Payload {
-    fn len(&self) -> usize {
-        match self {
-            Payload::Memory(b) => b.len(),
-            Payload::Stored(s) => s.payload_len(),
-        }
-    }
+/// The largest data message of a model stream. HTTP/2 sends a message only
+/// once the client's window has room for part of it, and asks the stream for
+/// the next one only after that: with messages no larger than a window, a
+/// client that stops reading stops the stream, so its download slot stays
+/// taken (and is freed at the slot timeout) while at most a window's worth
+/// of the model waits in the coordinator for it.
+const PIECE_BYTES: usize = 64 << 10;
+
+/// A payload's data messages, [`PIECE_BYTES`] at most each (zero-copy).
+fn pieces(payload: &Bytes) -> impl Iterator<Item = Result<pb::ModelChunk, Status>> + '_ {
+    chunks(payload, PIECE_BYTES).map(|c| {
+        Ok(pb::ModelChunk {
+            part: Some(pb::model_chunk::Part::Data(c)),
+        })
+    })
 }
 
-/// Encoded size of a `ModelChunk` carrying `n` data bytes.
-fn data_chunk_len(n: usize) -> usize {
-    prost::encoding::key_len(2) + prost::encoding::encoded_len_varint(n as u64) + n
-}
-
-/// Streams a stored model's payload in chunks of `chunk_bytes`, each read off
-/// the runtime once the client has taken all but two of the earlier ones:
-/// a fetch holds a few chunks in memory, never the model.
+/// Streams a stored model's payload, read off the runtime in chunks of
+/// `chunk_bytes`, each once the client has taken all but two pieces of the
+/// earlier ones: a fetch holds a chunk and a few pieces in memory, never the model.
 fn stored_chunks(stored: Arc<StoredModel>, chunk_bytes: usize) -> BoxStream<pb::ModelChunk> {
     let (tx, rx) = mpsc::channel(2);
     tokio::spawn(async move {
@@ -208,18 +317,24 @@ fn stored_chunks(stored: Arc<StoredModel>, chunk_bytes: usize) -> BoxStream<pb::
                 source.read_payload(start, &mut buf).map(|()| buf)
             })
             .await;
-            let msg = match read {
-                Ok(Ok(buf)) => Ok(pb::ModelChunk {
-                    part: Some(pb::model_chunk::Part::Data(buf.into())),
-                }),
+            let failed = match read {
+                Ok(Ok(buf)) => {
+                    let buf = Bytes::from(buf);
+                    for piece in pieces(&buf) {
+                        if tx.send(piece).await.is_err() {
+                            return;
+                        }
+                    }
+                    None
+                }
                 Ok(Err(e)) => {
                     tracing::error!(error = %e, "cannot read the global model for a fetch");
-                    Err(Status::internal(format!("cannot read the global model: {e}")))
+                    Some(Status::internal(format!("cannot read the global model: {e}")))
                 }
-                Err(e) => Err(Status::internal(format!("model read task failed: {e}"))),
+                Err(e) => Some(Status::internal(format!("model read task failed: {e}"))),
             };
-            let failed = msg.is_err();
-            if tx.send(msg).await.is_err() || failed {
+            if let Some(status) = failed {
+                let _ = tx.send(Err(status)).await;
                 return;
             }
             start += n;
@@ -239,6 +354,7 @@ fn status_label(s: &Status) -> &'static str {
         tonic::Code::DeadlineExceeded => "stream_idle",
         tonic::Code::PermissionDenied => "not_allowed",
         tonic::Code::Unauthenticated => "unauthenticated",
+        tonic::Code::AlreadyExists => "duplicate",
         tonic::Code::Cancelled | tonic::Code::Unavailable | tonic::Code::Unknown => "stream_broken",
         _ => "malformed_payload",
     }
@@ -257,7 +373,9 @@ pub fn rejection_status(r: &Rejection) -> Status {
         | Rejection::NonFinite { .. }
         | Rejection::NoSamples
         | Rejection::WrongKind { .. }
-        | Rejection::NormTooLarge { .. } => Status::invalid_argument(msg),
+        | Rejection::NormTooLarge { .. }
+        | Rejection::NormOutlier { .. }
+        | Rejection::TooManySamples { .. } => Status::invalid_argument(msg),
     }
 }
 
@@ -268,6 +386,33 @@ fn payload_status(e: fedge_common::Error) -> Status {
         e @ fedge_common::Error::Io { .. } => Status::internal(e.to_string()),
         other => Status::invalid_argument(other.to_string()),
     }
+}
+
+/// What differs between an update's manifest and the model's: the first
+/// tensor whose name or shape differs, or the tensor count. Names come from
+/// the node, so they are quoted with escapes and cut short.
+fn manifest_difference(got: &Manifest, model: &Manifest) -> String {
+    let show = |t: &fedge_common::params::TensorMeta| {
+        let mut name: String = format!("{:?}", t.name).chars().take(80).collect();
+        if name.len() < format!("{:?}", t.name).len() {
+            name.push('…');
+        }
+        format!("{name} {:?}", t.shape)
+    };
+    for (i, (a, b)) in got.tensors.iter().zip(&model.tensors).enumerate() {
+        if a != b {
+            return format!(
+                "update manifest does not match the model at tensor {i}: the update has {}, the model {}",
+                show(a),
+                show(b)
+            );
+        }
+    }
+    format!(
+        "update manifest does not match the model: it has {} tensors, the model {}",
+        got.tensors.len(),
+        model.tensors.len()
+    )
 }
 
 impl FederationService {
@@ -313,33 +458,52 @@ type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 #[tonic::async_trait]
 impl pb::federation_server::Federation for FederationService {
     async fn join(&self, request: Request<pb::JoinRequest>) -> Result<Response<pb::JoinResponse>, Status> {
-        let claimed = request.get_ref().node_name.trim().to_owned();
-        if let Err(status) = self.auth.check_join(&request, &claimed) {
+        // Everything a join carries is checked before any of it is logged
+        // or echoed: the name first, in every authentication mode.
+        let name = request.get_ref().node_name.clone();
+        if let Err(why) = check_node_name(&name) {
+            let status = Status::invalid_argument(why);
+            self.traffic.count_refusal("bad_name");
+            tracing::warn!(reason = %status.message(), "join refused");
+            return Err(status);
+        }
+        if let Err(status) = self.auth.check_join(&request, &name) {
             self.traffic.count_refusal(status_label(&status));
-            tracing::warn!(node = %claimed, reason = %status.message(), "join refused");
+            tracing::warn!(node = %name, reason = %status.message(), "join refused");
             return Err(status);
         }
         let req = request.into_inner();
         if req.protocol_version != PROTOCOL_VERSION {
-            tracing::warn!(node = %req.node_name, theirs = req.protocol_version, ours = PROTOCOL_VERSION, "join refused: protocol version mismatch");
+            tracing::warn!(node = %name, theirs = req.protocol_version, ours = PROTOCOL_VERSION, "join refused: protocol version mismatch");
             self.traffic.count_refusal("protocol_version");
             return Err(Status::failed_precondition(format!(
                 "protocol version mismatch: node speaks v{}, coordinator speaks v{PROTOCOL_VERSION}",
                 req.protocol_version
             )));
         }
-        let name = req.node_name.trim().to_owned();
-        if name.is_empty() || name.len() > 128 || name.chars().any(char::is_control) {
-            return Err(Status::invalid_argument(
-                "node name must be 1 to 128 printable characters",
-            ));
+        if req.previous_node_id.len() > MAX_SESSION_BYTES {
+            self.traffic.count_refusal("malformed_payload");
+            return Err(Status::invalid_argument(format!(
+                "previous_node_id is {} bytes long; a session is at most {MAX_SESSION_BYTES}",
+                req.previous_node_id.len()
+            )));
+        }
+        let models = &req.models;
+        if models.len() > MAX_MODELS || models.iter().any(|m| m.len() > MAX_MODEL_NAME) {
+            self.traffic.count_refusal("malformed_payload");
+            return Err(Status::invalid_argument(format!(
+                "a join offers at most {MAX_MODELS} model names of at most {MAX_MODEL_NAME} bytes; \
+                 node {name} offered {}",
+                models.len()
+            )));
         }
         if !req.models.contains(&self.settings.model) {
             tracing::warn!(node = %name, model = %self.settings.model, "join refused: node cannot build the run's model");
+            let offered: Vec<String> = req.models.iter().map(|m| m.escape_debug().to_string()).collect();
             return Err(Status::failed_precondition(format!(
                 "this run trains model `{}`, which node {name} cannot build (it offers: {})",
                 self.settings.model,
-                req.models.join(", ")
+                offered.join(", ")
             )));
         }
         let num_samples = req.num_samples;
@@ -416,6 +580,7 @@ impl pb::federation_server::Federation for FederationService {
             return Err(rejection_status(&Rejection::UnknownSession));
         };
         self.auth.check_session(peer.as_deref(), &node)?;
+        let fetch = self.limits.claim_fetch(&req.node_id, &node, req.part)?;
         let (payload, crc32) = match pb::ModelPart::try_from(req.part) {
             Ok(pb::ModelPart::Parameters) => {
                 let payload = match &snapshot.params {
@@ -446,30 +611,24 @@ impl pb::federation_server::Federation for FederationService {
         drop(snapshot);
         let slot = self.limits.admit_download().await?;
         let step = self.chunk_bytes.max(1);
-        let len = payload.len();
-        let data_bytes: usize = (0..len)
-            .step_by(step)
-            .map(|start| data_chunk_len(step.min(len - start)))
-            .sum();
-        let bytes = header.encoded_len() + data_bytes + trailer.encoded_len();
-        self.traffic.count_down(&node, bytes as u64);
         let data: BoxStream<pb::ModelChunk> = match payload {
-            Payload::Memory(payload) => {
-                let msgs: Vec<_> = chunks(&payload, step)
-                    .map(|c| {
-                        Ok(pb::ModelChunk {
-                            part: Some(pb::model_chunk::Part::Data(c)),
-                        })
-                    })
-                    .collect();
-                Box::pin(tokio_stream::iter(msgs))
-            }
+            Payload::Memory(payload) => Box::pin(tokio_stream::iter(pieces(&payload).collect::<Vec<_>>())),
             Payload::Stored(stored) => stored_chunks(stored, step),
         };
         let inner = tokio_stream::iter([Ok(header)])
             .chain(data)
             .chain(tokio_stream::iter([Ok(trailer)]));
-        Ok(Response::new(Box::pin(ModelStream { inner, _slot: slot })))
+        let timeout = self.limits.download_slot_timeout;
+        Ok(Response::new(Box::pin(ModelStream {
+            inner,
+            deadline: Box::pin(tokio::time::sleep(timeout)),
+            timeout,
+            traffic: self.traffic.clone(),
+            node,
+            done: false,
+            _slot: slot,
+            _fetch: fetch,
+        })))
     }
 
     async fn secure_aggregation(&self, request: Request<pb::SecAggMessage>) -> Result<Response<pb::SecAggAck>, Status> {
@@ -512,6 +671,12 @@ impl pb::federation_server::Federation for FederationService {
             self.refused(&s, Some(&node));
             return Err(s);
         }
+        // One stream per node: further streams are refused at once, so one
+        // node cannot hold the upload slots (they are not charged to its round).
+        let _uploading = self
+            .limits
+            .claim_upload(&session, &node, round)
+            .inspect_err(|s| self.refused(s, Some(&node)))?;
         // An unknown kind is refused before any of the payload is read.
         let result = match pb::UpdateKind::try_from(header.kind) {
             Ok(k) => {
@@ -529,7 +694,7 @@ impl pb::federation_server::Federation for FederationService {
             Ok(ok) => ok,
             Err(status) => {
                 self.refused(&status, Some(&node));
-                let _ = self.driver.send(Command::Refuse { session });
+                let _ = self.driver.send(Command::Refuse { session, round });
                 return Err(status);
             }
         };
@@ -639,13 +804,7 @@ impl FederationService {
         self.codec.check_wire(wire_manifest).map_err(payload_status)?;
         let manifest = tensors_from_wire(wire_manifest).map_err(payload_status)?;
         if manifest != *self.manifest {
-            return Err(Status::invalid_argument(format!(
-                "update manifest ({} tensors, {} parameters) does not match the model ({} tensors, {} parameters)",
-                manifest.tensors.len(),
-                manifest.numel(),
-                self.manifest.tensors.len(),
-                self.manifest.numel()
-            )));
+            return Err(Status::invalid_argument(manifest_difference(&manifest, &self.manifest)));
         }
         let sections = if header.has_control_delta { 2 } else { 1 };
         let expected = wire_manifest.payload_bytes;
@@ -665,8 +824,9 @@ impl FederationService {
         .map_err(payload_status)?;
         // Held until the payload is read whole (or refused).
         let _permit = self.limits.admit_upload(expected).await?;
+        let deadline = self.limits.upload_deadline(expected);
         loop {
-            let Some(msg) = self.limits.next(stream).await? else {
+            let Some(msg) = self.limits.next_before(stream, deadline).await? else {
                 return Err(Status::invalid_argument(format!(
                     "update stream ended without a trailer after {} of {} payload bytes",
                     intake.received_bytes(),
@@ -696,21 +856,6 @@ impl FederationService {
                 }
                 None => return Err(Status::invalid_argument("an update chunk with no part")),
             }
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn counted_chunk_sizes_are_the_encoded_sizes() {
-        for n in [0, 1, 127, 128, 16_383, 16_384, 1 << 20] {
-            let chunk = pb::ModelChunk {
-                part: Some(pb::model_chunk::Part::Data(vec![7u8; n].into())),
-            };
-            assert_eq!(data_chunk_len(n), chunk.encoded_len(), "{n} bytes");
         }
     }
 }

@@ -292,6 +292,7 @@ impl Fleet {
                 // As for a stream that fails its checks: the round stops waiting for this node.
                 let _ = self.commands.send(Command::Refuse {
                     session: session.to_owned(),
+                    round: task.round,
                 });
                 return Err(e.into());
             }

@@ -293,9 +293,7 @@ impl NodeConfig {
                 self.coordinator
             )));
         }
-        if self.name.trim().is_empty() {
-            return Err(Error::Config("name must not be empty".into()));
-        }
+        fedge_common::security::check_node_name(&self.name).map_err(|e| Error::Config(format!("name: {e}")))?;
         self.device()?;
         if let Some(p) = &self.partition {
             if p.count == 0 || p.index >= p.count {

@@ -8,6 +8,8 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+pub mod raw;
+
 use anyhow::{Context, Result, bail};
 use fedge_common::params::{LoadedParams, load_safetensors};
 use fedge_common::pb::federation_client::FederationClient;

@@ -84,10 +84,14 @@ fn node_files(pki: &Path, name: &str, with_cert: bool) -> Vec<(&'static str, Str
 
 /// A TLS channel as `identity` (a node folder of the PKI), or without a client certificate.
 async fn channel(pki: &Path, port: u16, identity: Option<&str>) -> anyhow::Result<Channel> {
+    channel_as(pki, port, identity.map(|name| pki.join("nodes").join(name)).as_deref()).await
+}
+
+/// A TLS channel with the certificate in `folder` (`cert.pem`, `key.pem`), or none.
+async fn channel_as(pki: &Path, port: u16, folder: Option<&Path>) -> anyhow::Result<Channel> {
     let ca = std::fs::read(pki.join("ca.pem"))?;
     let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca));
-    if let Some(name) = identity {
-        let d = pki.join("nodes").join(name);
+    if let Some(d) = folder {
         tls = tls.identity(Identity::from_pem(
             std::fs::read(d.join("cert.pem"))?,
             std::fs::read(d.join("key.pem"))?,
@@ -149,6 +153,16 @@ async fn mutual_tls_admits_only_certified_allowed_nodes() -> anyhow::Result<()> 
     let s = as_node3.join(join_request("node-3", None)).await.unwrap_err();
     assert_eq!(s.code(), tonic::Code::PermissionDenied);
     assert_eq!(s.message(), "node node-3 is not on this coordinator's allow-list");
+    // The operator's certificate (same CA) opens the HTTP side, never a node's calls.
+    let mut as_operator = FederationClient::new(channel_as(&pki, port, Some(&pki.join("operator"))).await?);
+    for name in ["operator", "node-1"] {
+        let s = as_operator.join(join_request(name, None)).await.unwrap_err();
+        assert_eq!(s.code(), tonic::Code::PermissionDenied);
+        assert_eq!(
+            s.message(),
+            "the client certificate is an operator's (OU=fedge operator); operators cannot act as nodes"
+        );
+    }
     // A session token taken to another certified client is useless there.
     let session = as_node1.join(join_request("node-1", None)).await?.into_inner().node_id;
     let s = as_node3
@@ -247,6 +261,13 @@ async fn tokens_are_checked_against_their_stored_hashes() -> anyhow::Result<()> 
     let s = c.join(join_request("node-9", Some(&token1))).await.unwrap_err();
     assert_eq!(s.code(), tonic::Code::PermissionDenied);
     assert_eq!(s.message(), "unknown node node-9: no token is registered for it");
+    // A name that would forge a log line is refused before it is logged.
+    let s = c
+        .join(join_request("node-1\nINFO round complete round=99", Some(&token1)))
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), tonic::Code::InvalidArgument);
+    assert!(s.message().contains("not allowed at byte 6"), "{}", s.message());
 
     // A real node with a wrong token stops with the coordinator's reason.
     let mut wrong = start_node(tmp.path(), port, "node-1", 0, &{
@@ -281,6 +302,7 @@ async fn tokens_are_checked_against_their_stored_hashes() -> anyhow::Result<()> 
     assert_eq!(history["rounds"][0]["participants"].as_array().unwrap().len(), 2);
     let refusals = &history["rounds"][0]["refusals"];
     assert!(refusals["unauthenticated"].as_u64().unwrap() >= 3, "{refusals}");
+    assert!(!coord.log_text().contains("round=99"), "a node name forged a log line");
     Ok(())
 }
 
@@ -388,7 +410,7 @@ fn the_http_side_is_https_for_operators_only_when_nodes_authenticate() -> anyhow
         &p("nodes/node-1/key.pem"),
     ])?;
     assert!(
-        !ok && err.contains("403 Forbidden") && err.contains("issued to node-1, who is not an operator"),
+        !ok && err.contains("403 Forbidden") && err.contains("issued to node-1, a node (OU=fedge node)"),
         "{err}"
     );
     // The operator's token, or its certificate, opens it.

@@ -30,6 +30,9 @@ pub struct Peer {
     pub addr: SocketAddr,
     /// The common name of its verified client certificate, if it presented one.
     pub certificate: Option<String>,
+    /// Whether that certificate is a node's (organizational unit
+    /// [`crate::security::NODE_ROLE`]), which never opens the operators' side.
+    pub node_certificate: bool,
 }
 
 impl Connected<IncomingStream<'_, HttpListener>> for Peer {
@@ -75,6 +78,7 @@ impl HttpListener {
                     let peer = Peer {
                         addr,
                         certificate: None,
+                        node_certificate: false,
                     };
                     if tx.send((Either::Left(stream), peer)).await.is_err() {
                         break;
@@ -85,13 +89,21 @@ impl HttpListener {
                 tokio::spawn(async move {
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
                         Ok(Ok(tls)) => {
-                            let certificate = tls
+                            let identity = tls
                                 .get_ref()
                                 .1
                                 .peer_certificates()
                                 .and_then(|c| c.first())
-                                .and_then(|leaf| crate::security::common_name(leaf.as_ref()).ok());
-                            let _ = tx.send((Either::Right(tls), Peer { addr, certificate })).await;
+                                .and_then(|leaf| crate::security::certificate_identity(leaf.as_ref()).ok());
+                            let node_certificate = identity
+                                .as_ref()
+                                .is_some_and(|(_, role)| role.as_deref() == Some(crate::security::NODE_ROLE));
+                            let peer = Peer {
+                                addr,
+                                certificate: identity.map(|(cn, _)| cn),
+                                node_certificate,
+                            };
+                            let _ = tx.send((Either::Right(tls), peer)).await;
                         }
                         Ok(Err(e)) => tracing::debug!(%addr, error = %e, "http: tls handshake failed"),
                         Err(_) => tracing::debug!(%addr, "http: tls handshake timed out"),
@@ -119,6 +131,7 @@ impl Listener for HttpListener {
         Ok(Peer {
             addr: self.local,
             certificate: None,
+            node_certificate: false,
         })
     }
 }

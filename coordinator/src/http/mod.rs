@@ -174,6 +174,13 @@ impl Operators {
                 });
         }
         match peer.and_then(|p| p.certificate.as_deref()) {
+            Some(cn) if peer.is_some_and(|p| p.node_certificate) => Err((
+                StatusCode::FORBIDDEN,
+                format!(
+                    "the client certificate is issued to {cn}, a node (OU=fedge node); node credentials do not open \
+                     the operators' side"
+                ),
+            )),
             Some(cn) if operators.contains_key(cn) => Ok(cn.to_owned()),
             Some(cn) => Err((
                 StatusCode::FORBIDDEN,
@@ -457,6 +464,7 @@ mod tests {
         let peer = |cn: Option<&str>| Peer {
             addr: "127.0.0.1:9".parse().unwrap(),
             certificate: cn.map(str::to_owned),
+            node_certificate: false,
         };
         assert_eq!(ops.check(Some("s3cret"), None).unwrap(), "alice");
         assert_eq!(ops.check(None, Some(&peer(Some("alice")))).unwrap(), "alice");
@@ -466,6 +474,14 @@ mod tests {
         let (code, why) = ops.check(None, Some(&peer(Some("node-1")))).unwrap_err();
         assert_eq!(code, StatusCode::FORBIDDEN);
         assert!(why.contains("issued to node-1, who is not an operator"), "{why}");
+        // A node's certificate, even under an operator's name.
+        let node = Peer {
+            node_certificate: true,
+            ..peer(Some("alice"))
+        };
+        let (code, why) = ops.check(None, Some(&node)).unwrap_err();
+        assert_eq!(code, StatusCode::FORBIDDEN);
+        assert!(why.contains("issued to alice, a node (OU=fedge node)"), "{why}");
         let (code, why) = ops.check(None, Some(&peer(None))).unwrap_err();
         assert_eq!(code, StatusCode::UNAUTHORIZED);
         assert!(why.contains("Authorization: Bearer <operator token>"), "{why}");

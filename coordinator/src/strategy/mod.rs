@@ -29,6 +29,42 @@ pub fn clip_scale(norm: f64, bound: Option<f64>) -> f64 {
     }
 }
 
+/// How much one node's update weighs in the mean: its sample count
+/// (FedAvg), capped at `max_factor` times the median count its round's
+/// cohort declared, or the same for every node (`equal`).
+///
+/// The cap is what keeps one node that lies about its data from
+/// outweighing the rest: with `n` nodes of about equal data and a cap of
+/// `k`, one node holds at most `k / (k + n − 1)` of the round's weight.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Weighting {
+    pub equal: bool,
+    pub max_factor: Option<f64>,
+}
+
+impl Weighting {
+    /// The most one update may weigh in a round whose nodes declared
+    /// `declared` samples (`None`: no cap).
+    pub fn cap(&self, declared: impl Iterator<Item = u64>) -> Option<f64> {
+        if self.equal {
+            return Some(1.0);
+        }
+        let factor = self.max_factor?;
+        let mut counts: Vec<u64> = declared.collect();
+        if counts.is_empty() {
+            return None;
+        }
+        counts.sort_unstable();
+        let mid = counts.len() / 2;
+        let median = if counts.len() % 2 == 1 {
+            counts[mid] as f64
+        } else {
+            (counts[mid - 1] as f64 + counts[mid] as f64) / 2.0
+        };
+        (median > 0.0).then_some(factor * median)
+    }
+}
+
 /// L2 norm in f64.
 pub fn l2_norm(v: &[f32]) -> f64 {
     v.iter().map(|&x| f64::from(x) * f64::from(x)).sum::<f64>().sqrt()
@@ -43,6 +79,12 @@ pub struct Strategy {
     pub clip_norm: Option<f64>,
     /// Updates with a larger L2 norm are refused outright (`None`: no limit).
     pub max_norm: Option<f64>,
+    /// Updates whose norm exceeds this many times the median norm of the
+    /// last completed round's updates (before any, the starting model's
+    /// norm) are refused (`None`: off).
+    pub max_norm_factor: Option<f64>,
+    /// How updates are weighted in the mean.
+    pub weighting: Weighting,
     /// SCAFFOLD's server control variate `c`, when the run uses SCAFFOLD.
     pub control: Option<Vec<f32>>,
     /// Precision of the mean's running sum.
@@ -65,6 +107,8 @@ impl Strategy {
             server,
             clip_norm,
             max_norm: None,
+            max_norm_factor: None,
+            weighting: Weighting::default(),
             control: scaffold.then(|| vec![0.0; numel]),
             precision: Precision::F64,
             privacy: None,
@@ -128,6 +172,26 @@ mod tests {
         assert!((l2_norm(&clipped) - 1.0).abs() < 1e-6);
         assert_eq!(clip_scale(0.5, Some(1.0)), 1.0);
         assert_eq!(clip_scale(50.0, None), 1.0);
+    }
+
+    #[test]
+    fn weights_are_capped_at_a_multiple_of_the_cohorts_median() {
+        let capped = Weighting {
+            equal: false,
+            max_factor: Some(4.0),
+        };
+        // One node claims 2^64 - 1 samples beside two of 5,000: it weighs
+        // at most 4 x 5,000, two thirds of the round, not all of it.
+        let cap = capped.cap([5_000, u64::MAX, 5_000].into_iter()).unwrap();
+        assert_eq!(cap, 20_000.0);
+        assert_eq!(capped.cap([10, 30].into_iter()), Some(80.0));
+        assert_eq!(capped.cap(std::iter::empty()), None);
+        assert_eq!(Weighting::default().cap([1, 2].into_iter()), None);
+        let equal = Weighting {
+            equal: true,
+            max_factor: None,
+        };
+        assert_eq!(equal.cap([7, 9].into_iter()), Some(1.0));
     }
 
     #[test]

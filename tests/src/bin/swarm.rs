@@ -217,9 +217,18 @@ async fn main() -> Result<()> {
         Some(c) => Codec::try_from(c)?,
         None => Codec::F32,
     };
-    let (manifest, _) = fetch(&mut probe, &joined.node_id, 0).await.or_else(|_| {
-        bail!("the probe could not fetch the model; start fedge-swarm before the run's first round completes")
-    })?;
+    // Only nodes with a task fetch the model: the layout comes from building
+    // the run's model here.
+    let kind: ModelKind = settings.model.parse().context("the run's model")?;
+    let input: [i64; 3] = settings
+        .input_shape
+        .as_slice()
+        .try_into()
+        .context("the run's input shape is not [channels, height, width]")?;
+    let vs = tch::nn::VarStore::new(tch::Device::Cpu);
+    let _net = kind.build(&vs.root(), input, settings.classes.len() as i64);
+    let manifest = Manifest::of_var_store(&vs);
+    drop(vs);
     let prepared = Arc::new(prepare(manifest, codec, args.scale, args.seed));
     eprintln!(
         "fedge-swarm: {} nodes, model `{}` ({} parameters), codec {codec}, update payload {} bytes",

@@ -1,0 +1,238 @@
+//! Hostile nodes against a real coordinator, through a gRPC client written
+//! from the protocol alone (not the edge node): each attack gets its status
+//! and message, the coordinator keeps serving, and the committed model is
+//! what the honest updates make of it.
+//!
+//! Honest nodes `a` and `b` (100 samples each) and two attackers join:
+//! `c` declares 2^64 − 1 samples at join and finally sends a zero update
+//! (the "freeze" attack: capped at `strategy.max_weight_factor` × the
+//! cohort's median, it slows the round down by a bounded share instead of
+//! freezing it), and `d` declares 100 and lies about it in its update. On
+//! the way: names that forge log lines or flood the status, a finite but
+//! huge update, the negated model, a permuted manifest, 70 update streams
+//! and 300 stalled downloads from one session.
+
+use std::path::Path;
+use std::time::Duration;
+
+use fedge_common::pb;
+use fedge_tests::raw::{Upload, fetch_values, header, honest, join, join_request, model_manifest, numel, send, task};
+use fedge_tests::{Daemon, coordinator_args, free_port, plaintext_client, run_history};
+
+fn start(dir: &Path, port: u16) -> anyhow::Result<Daemon> {
+    let settings = [
+        ("rounds", "1".to_string()),
+        ("seed", "7".into()),
+        ("sampling.min_nodes", "2".into()),
+        ("sampling.min_available", "4".into()),
+        ("sampling.failure_cooldown_rounds", "0".into()),
+        ("limits.stream_idle_timeout", "\"2s\"".into()),
+        ("data.synthetic_test_samples", "50".into()),
+    ];
+    Daemon::start(
+        "coordinator",
+        "coordinator",
+        &coordinator_args(port, &dir.join("run"), &settings),
+        dir,
+    )
+}
+
+fn refused<T: std::fmt::Debug>(got: Result<T, tonic::Status>, code: tonic::Code, msg: &str) -> tonic::Status {
+    let s = got.expect_err(msg);
+    assert_eq!(s.code(), code, "{msg}: {}", s.message());
+    assert!(s.message().contains(msg), "expected `{msg}`, got `{}`", s.message());
+    s
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_nodes_get_clear_refusals_and_cannot_take_the_model_over() -> anyhow::Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let port = free_port();
+    let mut coord = start(tmp.path(), port)?;
+
+    // Names are checked before anything logs or echoes them.
+    let mut stranger = plaintext_client(port).await;
+    let forged = "x\n2026-01-01T00:00:00Z  INFO round complete round=99 test_accuracy=100%";
+    for (name, why) in [
+        (forged.to_string(), "not allowed at byte 1"),
+        ("nul\0byte".into(), "not allowed at byte 3"),
+        ("esc\u{1b}[31mred".into(), "not allowed at byte 3"),
+        ("m".repeat(1 << 20), "is 1048576 bytes long"),
+    ] {
+        let s = refused(
+            stranger.join(join_request(&name, 10)).await,
+            tonic::Code::InvalidArgument,
+            why,
+        );
+        assert!(s.message().len() < 300, "a {}-byte refusal", s.message().len());
+    }
+    let mut many = join_request("many-models", 10);
+    many.models = (0..100_000).map(|i| format!("model-{i}")).collect();
+    let s = refused(
+        stranger.join(many).await,
+        tonic::Code::InvalidArgument,
+        "at most 64 model names",
+    );
+    assert!(s.message().len() < 300, "a {}-byte refusal", s.message().len());
+    let mut a = join(port, "node-a", 100).await?;
+    let mut b = join(port, "node-b", 100).await?;
+    let mut c = join(port, "node-c", u64::MAX).await?;
+    let mut d = join(port, "node-d", 100).await?;
+    let (ta, tb, tc, td) = (
+        task(&mut a).await?,
+        task(&mut b).await?,
+        task(&mut c).await?,
+        task(&mut d).await?,
+    );
+    let manifest = model_manifest(&mut a).await?;
+    let n = numel(&manifest);
+    let start_model = fetch_values(&mut a, 0).await?;
+    let (ha, hb) = (honest(n, 1), honest(n, 2));
+
+    // d lies about its data in its update.
+    refused(
+        send(
+            &mut d.client,
+            Upload::new(&d.session, &td, &manifest, &honest(n, 4), u64::MAX).messages(1 << 20),
+        )
+        .await,
+        tonic::Code::InvalidArgument,
+        "update claims 18446744073709551615 training samples; the node declared 100 when it joined",
+    );
+
+    // Finite but huge, and the negated model: both far beyond any update
+    // the run has seen (before round 1 completes: the model's own norm).
+    let cl = &mut c.client;
+    for values in [vec![1e30f32; n], start_model.iter().map(|w| -2.0 * w).collect()] {
+        refused(
+            send(
+                cl,
+                Upload::new(&c.session, &tc, &manifest, &values, 100).messages(1 << 20),
+            )
+            .await,
+            tonic::Code::InvalidArgument,
+            "the most this run accepts (the norm of the model the run started from",
+        );
+    }
+    // A permuted manifest is refused with what differs.
+    let mut permuted = Upload::new(&c.session, &tc, &manifest, &ha, 100);
+    permuted.header.manifest.as_mut().unwrap().tensors.swap(0, 1);
+    refused(
+        send(cl, permuted.messages(1 << 20)).await,
+        tonic::Code::InvalidArgument,
+        "update manifest does not match the model at tensor 0: the update has",
+    );
+
+    // One update stream per node: c opens one (header only, then silence)
+    // and 69 more are refused at once instead of taking the upload slots.
+    let stalled = Upload::new(&c.session, &tc, &manifest, &ha, 100);
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tx.send(header(stalled.header.clone())).await?;
+    let mut held = cl.clone();
+    let first = tokio::spawn(async move {
+        held.submit_update(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for _ in 0..69 {
+        let msgs = vec![header(stalled.header.clone())];
+        refused(
+            send(cl, msgs).await,
+            tonic::Code::AlreadyExists,
+            "node node-c already has an update stream open for round 1",
+        );
+    }
+    // 300 downloads from one session that stop reading (a small HTTP/2
+    // window, never read): one is served, the rest refused at once.
+    let stalling = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))?
+        .initial_stream_window_size(65_535)
+        .initial_connection_window_size(65_535)
+        .connect()
+        .await?;
+    let mut stalling = pb::federation_client::FederationClient::new(stalling);
+    let mut downloads = Vec::new();
+    for i in 0..300 {
+        let r = stalling
+            .fetch_model(pb::FetchModelRequest {
+                node_id: c.session.clone(),
+                version: 0,
+                part: pb::ModelPart::Parameters as i32,
+            })
+            .await;
+        if i == 0 {
+            downloads.push(r?.into_inner());
+        } else {
+            refused(
+                r,
+                tonic::Code::AlreadyExists,
+                "node node-c is already fetching this model part",
+            );
+        }
+    }
+
+    // The stalled stream ends; then c's zero update, claiming every sample
+    // it declared, is accepted at a capped weight; the honest nodes deliver.
+    drop(tx);
+    let s = first.await?.unwrap_err();
+    assert!(
+        matches!(s.code(), tonic::Code::InvalidArgument | tonic::Code::DeadlineExceeded),
+        "{s:?}"
+    );
+    drop(downloads);
+    send(
+        cl,
+        Upload::new(&c.session, &tc, &manifest, &vec![0.0; n], u64::MAX).messages(1 << 20),
+    )
+    .await?;
+    send(
+        &mut a.client,
+        Upload::new(&a.session, &ta, &manifest, &ha, 100).messages(1 << 20),
+    )
+    .await?;
+    send(
+        &mut b.client,
+        Upload::new(&b.session, &tb, &manifest, &hb, 100).messages(1 << 18),
+    )
+    .await?;
+    let status = coord.wait(Duration::from_secs(120))?;
+    anyhow::ensure!(status.success(), "coordinator failed:\n{}", coord.log_text());
+    let log = coord.log_text();
+    assert!(!log.contains("round=99"), "a node name forged a log line:\n{log}");
+    assert!(
+        !log.contains('\0') && !log.contains('\u{1b}'),
+        "control bytes reached the log"
+    );
+
+    // c weighs 4 x the cohort's median (100), not 2^64 - 1: the model moved
+    // by (100 a + 100 b + 400 x 0) / 600 of the honest updates.
+    let model = fedge_tests::load_params(&tmp.path().join("run/model.safetensors"))?;
+    let mut worst = 0f64;
+    for i in 0..n {
+        let expected = f64::from(start_model[i]) + (100.0 * f64::from(ha[i]) + 100.0 * f64::from(hb[i])) / 600.0;
+        worst = worst.max((f64::from(model.values[i]) - expected).abs());
+    }
+    assert!(worst < 1e-6, "the committed model is off the capped FedAvg by {worst}");
+
+    let history = run_history(&tmp.path().join("run"))?;
+    let round = &history["rounds"][0];
+    let mut names: Vec<&str> = round["participants"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["node"].as_str().unwrap())
+        .collect();
+    names.sort_unstable();
+    assert_eq!(names, ["node-a", "node-b", "node-c"]);
+    let refusals = &round["refusals"];
+    for (label, at_least) in [
+        ("bad_name", 4),
+        ("samples_above_declared", 1),
+        ("norm_outlier", 2),
+        ("malformed_payload", 2),
+        ("duplicate", 69),
+    ] {
+        let got = refusals[label].as_u64().unwrap_or(0);
+        assert!(got >= at_least, "{label}: {got} < {at_least} in {refusals}");
+    }
+    Ok(())
+}
