@@ -479,6 +479,13 @@ pub struct SamplingConfig {
     /// Nodes that were asked to train and did not deliver within this many
     /// rounds are picked only after every other available node (0: off).
     pub failure_cooldown_rounds: u32,
+    /// Once half the selected nodes (and at least `min_nodes`) have
+    /// delivered, a round waits for the others at most this many times as
+    /// long as that half took (one second more at least), then closes
+    /// without them: no node that holds back its update, slow or hostile,
+    /// stalls a round until its deadline (0: wait for the deadline;
+    /// simulations never cut).
+    pub straggler_factor: f64,
 }
 
 impl Default for SamplingConfig {
@@ -490,6 +497,7 @@ impl Default for SamplingConfig {
             round_deadline: Duration::from_secs(600),
             max_attempts: 10,
             failure_cooldown_rounds: 3,
+            straggler_factor: 3.0,
         }
     }
 }
@@ -631,6 +639,11 @@ pub struct StrategyConfig {
     pub max_weight_factor: f64,
     /// Weigh every update the same, whatever its sample count.
     pub equal_weights: bool,
+    /// Each new global model is evaluated before it is committed; one whose
+    /// central loss exceeds this many times the last committed model's is
+    /// rejected, and the round retried without the update that weighed
+    /// most (0: no check; off under differential privacy).
+    pub max_loss_ratio: f64,
     /// `sgd` (FedAvg when `server_lr` = 1), `momentum` (FedAvgM), `adagrad`,
     /// `adam` or `yogi` (FedAdagrad, FedAdam, FedYogi).
     pub server_optimizer: ServerOptName,
@@ -698,6 +711,7 @@ impl Default for StrategyConfig {
             max_norm_factor: 10.0,
             max_weight_factor: 4.0,
             equal_weights: false,
+            max_loss_ratio: 2.0,
             server_optimizer: ServerOptName::Sgd,
             server_lr: 1.0,
             server_momentum: 0.9,
@@ -1148,6 +1162,12 @@ impl CoordinatorConfig {
         if s.round_deadline.is_zero() {
             return bad("sampling.round_deadline must be longer than zero".into());
         }
+        if !(s.straggler_factor.is_finite() && (s.straggler_factor == 0.0 || s.straggler_factor >= 1.0)) {
+            return bad(format!(
+                "sampling.straggler_factor must be 0 (off) or at least 1, got {}",
+                s.straggler_factor
+            ));
+        }
         let t = &self.train;
         if t.epochs == 0 {
             return bad("train.epochs must be at least 1".into());
@@ -1235,6 +1255,7 @@ impl CoordinatorConfig {
         for (name, v) in [
             ("max_norm_factor", st.max_norm_factor),
             ("max_weight_factor", st.max_weight_factor),
+            ("max_loss_ratio", st.max_loss_ratio),
         ] {
             if !(v.is_finite() && (v == 0.0 || v >= 1.0)) {
                 return bad(format!("strategy.{name} must be 0 (off) or at least 1, got {v}"));

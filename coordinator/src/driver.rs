@@ -21,10 +21,13 @@ use tokio_util::sync::CancellationToken;
 use crate::evaluator::Evaluator;
 use crate::global::{GlobalModel, StoredModel};
 use crate::metrics::Metrics;
-use crate::round::{ClosedRound, FoldJob, Folded, Output, PhaseKind, Rejection, RoundMachine, Task, Update};
+use crate::round::{
+    Aggregated, ClosedRound, FoldJob, Folded, Output, PhaseKind, Rejection, RoundMachine, Task, Update,
+};
 use crate::secure::{SecAggInput, SecAggOutput};
 use crate::store::{MODEL_PREFIX, RoundRecord, RunStore, federated_eval, participant};
 use crate::{Error, Result};
+use fedge_common::train::EvalMetrics;
 
 /// Sends the command `make` builds around a reply slot to the driver and
 /// waits for the reply; `None` when the driver has stopped or stops before
@@ -65,6 +68,12 @@ pub enum Command {
     Identify {
         session: String,
         reply: oneshot::Sender<Option<String>>,
+    },
+    /// A model fetch of `version`.
+    AdmitFetch {
+        session: String,
+        version: u64,
+        reply: oneshot::Sender<Result<String, Rejection>>,
     },
     Admit {
         session: String,
@@ -260,6 +269,13 @@ pub struct Driver {
     /// Global models larger than this are read from their checkpoint while
     /// a round runs ([`crate::global`]).
     resident_model_bytes: u64,
+    /// Each new global model's central loss may be at most this many times
+    /// the last committed model's (`strategy.max_loss_ratio`), if checked.
+    model_check: Option<f64>,
+    /// The last committed model's central test loss.
+    reference_loss: Option<f64>,
+    /// The evaluation the check made of the round being closed.
+    checked_eval: Option<(u64, EvalMetrics)>,
 }
 
 /// A node's sums over the rounds it took part in.
@@ -370,7 +386,34 @@ impl Driver {
             metrics: Arc::new(Metrics::new()),
             node_totals: BTreeMap::new(),
             resident_model_bytes: u64::MAX,
+            model_check: None,
+            reference_loss: None,
+            checked_eval: None,
         }
+    }
+
+    /// Checks each new global model before it is committed: its central
+    /// loss may be at most `ratio` times the last committed model's. The
+    /// reference is the last round's recorded loss, or the current model's,
+    /// evaluated now.
+    pub async fn with_model_check(mut self, ratio: f64) -> Result<Self> {
+        let recorded = self
+            .store
+            .as_ref()
+            .and_then(|s| s.history.rounds.last())
+            .and_then(|r| r.test_loss);
+        self.reference_loss = match (recorded, self.machine.global().in_memory()) {
+            (Some(loss), _) => Some(loss),
+            (None, Some(global)) => Some(self.evaluator.evaluate(global.clone()).await?.loss),
+            (None, None) => None,
+        };
+        tracing::info!(
+            max_loss_ratio = ratio,
+            reference_loss = self.reference_loss.map(|l| format!("{l:.4}")),
+            "each new global model is checked before it is committed"
+        );
+        self.model_check = Some(ratio);
+        Ok(self)
     }
 
     /// Reads global models larger than `bytes` from their checkpoint while
@@ -627,6 +670,18 @@ impl Driver {
                 let _ = reply.send(self.machine.node_of(&session).map(str::to_owned));
                 Vec::new()
             }
+            Command::AdmitFetch {
+                session,
+                version,
+                reply,
+            } => {
+                let r = self.machine.admit_fetch(&session, version);
+                if let Err(e) = &r {
+                    self.traffic.count_refusal(e.label());
+                }
+                let _ = reply.send(r);
+                Vec::new()
+            }
             Command::Admit {
                 session,
                 round,
@@ -705,11 +760,12 @@ impl Driver {
                 }
                 Output::Aggregate(job) => {
                     let round = job.round();
-                    let done = tokio::task::spawn_blocking(move || job.run())
+                    let mut done = tokio::task::spawn_blocking(move || job.run())
                         .await
                         .map_err(|e| Error::Internal(format!("aggregation task failed: {e}")))?;
                     tracing::debug!(round, seconds = format!("{:.3}", done.seconds()), "aggregation done");
                     self.aggregation_seconds = done.seconds();
+                    self.check_model(round, &mut done).await?;
                     queue.extend(self.machine.aggregated(done, now_ms()));
                 }
                 Output::Close(closed) => {
@@ -731,6 +787,27 @@ impl Driver {
             }
         }
         Ok(None)
+    }
+
+    /// The check of a new global model (`strategy.max_loss_ratio`): its
+    /// central loss against the last committed model's. A model that fails
+    /// is rejected (the round is retried without the update that weighed
+    /// most); one that passes keeps its evaluation for the round's record.
+    async fn check_model(&mut self, round: u64, done: &mut Aggregated) -> Result<()> {
+        let (Some(ratio), Some(candidate)) = (self.model_check, done.candidate().cloned()) else {
+            return Ok(());
+        };
+        crate::memory::release_free_memory_off_runtime().await;
+        let eval = self.evaluator.evaluate(candidate).await?;
+        match self.reference_loss {
+            Some(reference) if eval.loss.is_nan() || eval.loss > ratio * reference => done.reject(format!(
+                "the new global model's central loss {:.4} is more than {ratio} times the last model's {reference:.4} \
+                 (strategy.max_loss_ratio)",
+                eval.loss
+            )),
+            _ => self.checked_eval = Some((round, eval)),
+        }
+        Ok(())
     }
 
     fn send_task(&mut self, node: &str, task: &Task) {
@@ -816,7 +893,10 @@ impl Driver {
         let eval_due = self.eval_every > 0
             && (closed.round.is_multiple_of(u64::from(self.eval_every)) || closed.round == self.total_rounds);
         let eval_start = Instant::now();
-        let eval = if eval_due {
+        let checked = self.checked_eval.take().filter(|(r, _)| *r == closed.round);
+        let eval = if let Some((_, e)) = checked {
+            Some(e)
+        } else if eval_due {
             // The round's uploads are over: return what they freed before
             // the evaluation's activations are allocated beside the model.
             crate::memory::release_free_memory_off_runtime().await;
@@ -825,6 +905,9 @@ impl Driver {
             None
         };
         let eval_seconds = eval_start.elapsed().as_secs_f64();
+        if let Some(e) = eval {
+            self.reference_loss = Some(e.loss);
+        }
         let up = self.traffic.bytes_up.load(Ordering::Relaxed);
         let down = self.traffic.bytes_down.load(Ordering::Relaxed);
         let rejected = self.traffic.rejected_updates.load(Ordering::Relaxed);

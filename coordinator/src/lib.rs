@@ -400,6 +400,10 @@ pub(crate) async fn assemble(config: &CoordinatorConfig, in_process_nodes: bool)
     fedge_common::export::ModelCard::new(kind, initial.input_shape, initial.classes.clone(), &manifest)
         .write(&config.out_dir)?;
 
+    // Under differential privacy clipping bounds every update's influence,
+    // and a loss computed on a noised model never released would be one
+    // more release to account for: no check there.
+    let model_check = (st.max_loss_ratio > 0.0 && strategy.privacy.is_none()).then_some(st.max_loss_ratio);
     let control = strategy.control.clone();
     let global = Arc::new(global);
     let mut machine = RoundMachine::resume(
@@ -412,6 +416,14 @@ pub(crate) async fn assemble(config: &CoordinatorConfig, in_process_nodes: bool)
             seed: config.seed,
             max_attempts: config.sampling.max_attempts,
             failure_cooldown_rounds: u64::from(config.sampling.failure_cooldown_rounds),
+            // A simulation's virtual nodes queue on a few trainer threads:
+            // late arrivals there are no stragglers.
+            straggler_factor: if in_process_nodes {
+                0.0
+            } else {
+                config.sampling.straggler_factor
+            },
+            check_model: model_check.is_some(),
             federated_every: u64::from(config.eval.federated_every),
             train: config.train.clone(),
             secure: sa.enabled.then_some(secure::SecureSettings {
@@ -468,13 +480,18 @@ pub(crate) async fn assemble(config: &CoordinatorConfig, in_process_nodes: bool)
         config.eval.every,
         u64::from(config.rounds),
     )
-    .with_status(status_tx, metrics.clone())
-    .with_resident_model_bytes(if in_process_nodes {
-        u64::MAX
-    } else {
-        config.limits.resident_model_bytes
-    })
-    .await?;
+    .with_status(status_tx, metrics.clone());
+    let driver = match model_check {
+        Some(ratio) => driver.with_model_check(ratio).await?,
+        None => driver,
+    };
+    let driver = driver
+        .with_resident_model_bytes(if in_process_nodes {
+            u64::MAX
+        } else {
+            config.limits.resident_model_bytes
+        })
+        .await?;
     Ok(Assembled::Ready(Box::new(Parts {
         driver,
         commands: cmd_tx,

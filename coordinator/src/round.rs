@@ -51,6 +51,15 @@ pub struct RoundSettings {
     pub max_attempts: u32,
     /// Rounds during which a node that failed to deliver is picked last (0: off).
     pub failure_cooldown_rounds: u64,
+    /// Once half the selected nodes (and at least `min_nodes`) have
+    /// delivered, the round waits for the rest at most this many times as
+    /// long as that half took (at least one second more), then closes
+    /// without them (0: wait for the deadline).
+    pub straggler_factor: f64,
+    /// Whether the driver checks each new global model before it is
+    /// committed ([`Aggregated::reject`]): aggregation jobs then keep the
+    /// strategy as it was before the server step.
+    pub check_model: bool,
     /// Federated evaluation every this many rounds (and in the last); 0: never.
     pub federated_every: u64,
     /// What nodes are asked to compute, and with which hyper-parameters.
@@ -87,6 +96,8 @@ pub struct Contribution {
     pub update_norm: f64,
     /// Whether the update was scaled down to the norm bound.
     pub clipped: bool,
+    /// Its weight in the round's mean (NaN for a masked input).
+    pub weight: f64,
     /// Receiving the update stream, seconds.
     pub upload_seconds: f64,
     /// When the update was accepted, seconds after the round started.
@@ -96,7 +107,7 @@ pub struct Contribution {
 impl Contribution {
     /// The record of `node`'s accepted `update`; `update_norm` as received
     /// (NaN when it cannot be seen), `clipped` whether it was bounded.
-    fn new(node: String, update: &Update, update_norm: f64, clipped: bool) -> Self {
+    fn new(node: String, update: &Update, update_norm: f64, clipped: bool, weight: f64) -> Self {
         Self {
             node,
             num_samples: update.num_samples,
@@ -106,6 +117,7 @@ impl Contribution {
             payload_bytes: update.payload_bytes,
             update_norm,
             clipped,
+            weight,
             upload_seconds: update.upload_seconds,
             // Set by `RoundMachine::record`.
             arrived_seconds: 0.0,
@@ -147,6 +159,8 @@ pub struct AggregationJob {
     privacy: Option<(RoundPlan, usize)>,
     /// Secure aggregation: the masked sum to unmask instead of `aggregate`.
     unmask: Option<UnmaskJob>,
+    /// Keep the strategy as it was before the server step, for a rejection.
+    keep_before: bool,
 }
 
 /// Folding one accepted update into the round's running sum, to run off the
@@ -213,10 +227,14 @@ impl FoldJob {
 #[derive(Debug)]
 pub struct Aggregated {
     round: u64,
-    result: Result<Vec<f32>, String>,
+    result: Result<Arc<Vec<f32>>, String>,
     strategy: Strategy,
     seconds: f64,
     privacy: Option<RoundPrivacy>,
+    /// The strategy before the server step (when the model is checked).
+    before: Option<Box<Strategy>>,
+    /// Set when the driver's check refused the new model.
+    rejected: bool,
 }
 
 impl AggregationJob {
@@ -231,6 +249,7 @@ impl AggregationJob {
         let mut count = self.aggregate.count();
         let mut privacy = None;
         let mut unclipped_secure = None;
+        let before = self.keep_before.then(|| Box::new(self.strategy.clone()));
         let combined = match self.unmask.take() {
             Some(job) => job.run().map(|u| {
                 count = u.survivors;
@@ -263,7 +282,7 @@ impl AggregationJob {
             if let Some(sum) = &control_sum {
                 self.strategy.update_control(sum, count, self.total_nodes);
             }
-            Ok(next)
+            Ok(Arc::new(next))
         });
         Aggregated {
             round: self.round,
@@ -271,6 +290,8 @@ impl AggregationJob {
             strategy: self.strategy,
             seconds: start.elapsed().as_secs_f64(),
             privacy,
+            before,
+            rejected: false,
         }
     }
 }
@@ -279,6 +300,24 @@ impl Aggregated {
     /// Seconds the aggregation took.
     pub fn seconds(&self) -> f64 {
         self.seconds
+    }
+
+    /// The new global model, when the aggregation produced one.
+    pub fn candidate(&self) -> Option<&Arc<Vec<f32>>> {
+        self.result.as_ref().ok()
+    }
+
+    /// Refuses the new model for `reason`: the strategy goes back to where
+    /// it was before the server step (the round's privacy is not counted),
+    /// and [`RoundMachine::aggregated`] retries the round without the
+    /// update that weighed most.
+    pub fn reject(&mut self, reason: String) {
+        if let Some(before) = self.before.take() {
+            self.strategy = *before;
+        }
+        self.privacy = None;
+        self.result = Err(reason);
+        self.rejected = true;
     }
 }
 
@@ -385,6 +424,8 @@ pub enum Rejection {
     NormOutlier { norm: f64, bound: f64, reference: String },
     /// The update claims more samples than its node declared when it joined.
     TooManySamples { claimed: u64, declared: u64 },
+    /// A fetch from a node that has no task for that model version.
+    NoTask { node: String, version: u64 },
     /// Another session of this node name is connected.
     NameInUse { node: String },
     /// A secure-aggregation message or masked input that does not fit the round.
@@ -407,6 +448,7 @@ impl Rejection {
             Rejection::NormTooLarge { .. } => "norm_too_large",
             Rejection::NormOutlier { .. } => "norm_outlier",
             Rejection::TooManySamples { .. } => "samples_above_declared",
+            Rejection::NoTask { .. } => "no_task",
             Rejection::NameInUse { .. } => "name_in_use",
             Rejection::SecAgg(_) => "secure_aggregation",
         }
@@ -476,6 +518,11 @@ impl fmt::Display for Rejection {
                 f,
                 "update claims {claimed} training samples; the node declared {declared} when it joined"
             ),
+            Rejection::NoTask { node, version } => write!(
+                f,
+                "node {node} has no task for model version {version}; only nodes training in the round in \
+                 progress fetch the model"
+            ),
             Rejection::SecAgg(m) if m.starts_with("secure aggregation") => f.write_str(m),
             Rejection::SecAgg(m) => write!(f, "secure aggregation: {m}"),
             Rejection::NameInUse { node } => write!(
@@ -530,6 +577,8 @@ struct RoundState {
     deadline_ms: u64,
     /// The most one update may weigh in the mean (`None`: its samples).
     weight_cap: Option<f64>,
+    /// When half the selected nodes (at least `min_nodes`) had delivered.
+    half_ms: Option<u64>,
     /// Updates with a larger norm are refused, and why that bound.
     norm_bound: Option<(f64, String)>,
     /// Differential privacy: this round's clipping and noise.
@@ -589,6 +638,9 @@ pub struct RoundMachine {
     /// Joins whose session has not connected yet, oldest first, with when
     /// they expire: a session that never connects is forgotten.
     pending_joins: VecDeque<(u64, String, String)>,
+    /// Nodes left out of a round's next attempts because a new model with
+    /// their update was rejected: (round, names).
+    suspects: (u64, BTreeSet<String>),
 }
 
 /// How long a joined session may take to open its instruction stream
@@ -616,6 +668,7 @@ impl RoundMachine {
             stop_reason: None,
             norm_reference: None,
             pending_joins: VecDeque::new(),
+            suspects: (0, BTreeSet::new()),
         }
     }
 
@@ -802,6 +855,26 @@ impl RoundMachine {
         Ok(name.to_owned())
     }
 
+    /// Checks a model fetch: only a node training in the round in progress
+    /// (selected, its update not yet accepted) fetches, and only the
+    /// version its task names.
+    pub fn admit_fetch(&self, session: &str, version: u64) -> Result<String, Rejection> {
+        let name = self.node_of(session).ok_or(Rejection::UnknownSession)?;
+        match &self.phase {
+            Phase::Training(r)
+                if version == self.version
+                    && r.selected.contains(name)
+                    && !r.accepted.iter().any(|c| c.node == name) =>
+            {
+                Ok(name.to_owned())
+            }
+            _ => Err(Rejection::NoTask {
+                node: name.to_owned(),
+                version,
+            }),
+        }
+    }
+
     /// Validates a complete update and accepts it. Returns the number of
     /// updates accepted in the round so far, and what to do next (for the
     /// mean, an [`Output::Fold`] of this update).
@@ -896,7 +969,7 @@ impl RoundMachine {
                 scale,
             })));
         }
-        let accepted = self.record(Contribution::new(name, &update, update_norm, clipped), now_ms);
+        let accepted = self.record(Contribution::new(name, &update, update_norm, clipped, weight), now_ms);
         out.extend(self.maybe_close(now_ms));
         Ok((accepted, out))
     }
@@ -948,16 +1021,32 @@ impl RoundMachine {
         if r.secure.is_some() {
             return self.advance_secure(now_ms);
         }
-        if now_ms < r.deadline_ms || !r.folding.is_empty() {
+        let cutoff = r.half_ms.filter(|_| self.settings.straggler_factor > 0.0).map(|half| {
+            let took = half.saturating_sub(r.started_ms);
+            let wait = ((self.settings.straggler_factor - 1.0).max(0.0) * took as f64) as u64;
+            half + wait.max(1000)
+        });
+        let stragglers_cut = cutoff.is_some_and(|c| now_ms >= c);
+        if (now_ms < r.deadline_ms && !stragglers_cut) || !r.folding.is_empty() {
             return Vec::new();
         }
         if r.accepted.len() >= self.settings.min_nodes {
-            tracing::info!(
-                round = r.round,
-                accepted = r.accepted.len(),
-                selected = r.selected.len(),
-                "round deadline reached; closing with the updates received"
-            );
+            if now_ms < r.deadline_ms {
+                tracing::info!(
+                    round = r.round,
+                    accepted = r.accepted.len(),
+                    selected = r.selected.len(),
+                    straggler_factor = self.settings.straggler_factor,
+                    "closing the round without its stragglers"
+                );
+            } else {
+                tracing::info!(
+                    round = r.round,
+                    accepted = r.accepted.len(),
+                    selected = r.selected.len(),
+                    "round deadline reached; closing with the updates received"
+                );
+            }
             self.close(now_ms)
         } else {
             tracing::warn!(
@@ -1006,12 +1095,35 @@ impl RoundMachine {
         let privacy = done.privacy;
         let global = match done.result {
             Ok(g) => g,
+            Err(reason) if done.rejected => {
+                // The update that weighed most (weight x norm) sits the
+                // round's next attempt out.
+                let suspect = state
+                    .accepted
+                    .iter()
+                    .filter(|c| (c.weight * c.update_norm).is_finite())
+                    .max_by(|a, b| (a.weight * a.update_norm).total_cmp(&(b.weight * b.update_norm)))
+                    .map(|c| c.node.clone());
+                tracing::warn!(
+                    round,
+                    reason,
+                    left_out = %suspect.as_deref().unwrap_or("-"),
+                    "new global model rejected; retrying the round without the update that weighed most"
+                );
+                if let Some(node) = suspect {
+                    if self.suspects.0 != round {
+                        self.suspects = (round, BTreeSet::new());
+                    }
+                    self.suspects.1.insert(node);
+                }
+                return self.start_attempt(round, state.attempt + 1, now_ms);
+            }
             Err(reason) => {
                 tracing::warn!(round, reason, "aggregation failed; retrying the round");
                 return self.start_attempt(round, state.attempt + 1, now_ms);
             }
         };
-        let global = Arc::new(global);
+        self.suspects.1.clear();
         self.global = GlobalModel::Memory(global.clone());
         self.version = round;
         self.phase = Phase::Closing { round };
@@ -1130,6 +1242,15 @@ impl RoundMachine {
             }
             None => None,
         };
+        if self.suspects.0 == round && !self.suspects.1.is_empty() {
+            fresh.retain(|n| !self.suspects.1.contains(n));
+            failed.retain(|n| !self.suspects.1.contains(n));
+        }
+        let wanted = wanted.min(fresh.len() + failed.len());
+        if wanted < self.settings.min_nodes {
+            self.phase = Phase::Waiting;
+            return Vec::new();
+        }
         let mut rng = ChaCha8Rng::seed_from_u64(mix(self.settings.seed, round, u64::from(attempt)));
         fresh.shuffle(&mut rng);
         failed.shuffle(&mut rng);
@@ -1186,6 +1307,7 @@ impl RoundMachine {
                 SecureRound::new(s, round, &samples, self.global.len(), equal, now_ms)
             }),
             weight_cap,
+            half_ms: None,
             norm_bound,
             privacy,
         };
@@ -1327,6 +1449,7 @@ impl RoundMachine {
             strategy,
             privacy: r.privacy.map(|plan| (plan, unclipped)),
             unmask,
+            keep_before: self.settings.check_model,
         };
         self.phase = Phase::Aggregating {
             round: r.round,
@@ -1447,7 +1570,7 @@ impl RoundMachine {
             scale: 1.0,
         }))];
         // Masked: neither the norm nor clipping is visible.
-        let accepted = self.record(Contribution::new(name, &update, f64::NAN, false), now_ms);
+        let accepted = self.record(Contribution::new(name, &update, f64::NAN, false, f64::NAN), now_ms);
         Ok((accepted, out))
     }
 
@@ -1476,6 +1599,10 @@ impl RoundMachine {
         rec.rounds_contributed += 1;
         rec.last_seen_ms = now_ms;
         r.accepted.push(c);
+        let half = r.selected.len().div_ceil(2).max(self.settings.min_nodes);
+        if r.half_ms.is_none() && r.accepted.len() >= half {
+            r.half_ms = Some(now_ms);
+        }
         r.accepted.len()
     }
 
@@ -1652,6 +1779,8 @@ mod tests {
             seed: 1,
             max_attempts: 0,
             failure_cooldown_rounds: 3,
+            straggler_factor: 0.0,
+            check_model: false,
             federated_every: 1,
             train: TrainConfig::default(),
             secure: None,
@@ -2310,6 +2439,90 @@ mod tests {
         assert_eq!(m.phase(), PhaseKind::Training);
         let (_, out) = submit(&mut m, "s-c", update(2, 1, vec![1.0], 1), 0).unwrap();
         assert_eq!(closed_round(&mut m, out, 0).contributions.len(), 3);
+    }
+
+    #[test]
+    fn only_nodes_training_in_the_round_fetch_the_model() {
+        let mut m = machine(
+            RoundSettings {
+                min_available: 3,
+                ..settings(2, 1.0)
+            },
+            vec![0.0],
+        );
+        m.join("early", "s-early", 1, None, 0).unwrap();
+        // Joined, no round yet: no task, no fetch.
+        let e = m.admit_fetch("s-early", 0).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "node early has no task for model version 0; only nodes training in the round in progress fetch the model"
+        );
+        assert_eq!(m.admit_fetch("s-nobody", 0).unwrap_err(), Rejection::UnknownSession);
+        fleet(&mut m);
+        assert_eq!(m.admit_fetch("s-a", 0).unwrap(), "a");
+        assert!(matches!(m.admit_fetch("s-a", 1), Err(Rejection::NoTask { .. })));
+        submit(&mut m, "s-a", update(1, 0, vec![1.0], 1), 0).unwrap();
+        // Delivered: nothing left to fetch for.
+        assert!(matches!(m.admit_fetch("s-a", 0), Err(Rejection::NoTask { .. })));
+    }
+
+    #[test]
+    fn a_round_closes_without_stragglers_after_the_set_factor() {
+        let mut m = machine(
+            RoundSettings {
+                straggler_factor: 3.0,
+                min_available: 4,
+                deadline_ms: 600_000,
+                ..settings(2, 1.0)
+            },
+            vec![0.0],
+        );
+        for n in ["a", "b", "c", "d"] {
+            m.join(n, &format!("s-{n}"), 10, None, 0).unwrap();
+            m.connect(&format!("s-{n}"), 0).unwrap();
+        }
+        // Half of four delivered after 10 s: the rest get 20 s more.
+        submit(&mut m, "s-a", update(1, 0, vec![1.0], 1), 5_000).unwrap();
+        submit(&mut m, "s-b", update(1, 0, vec![3.0], 1), 10_000).unwrap();
+        assert!(m.tick(29_999).is_empty());
+        submit(&mut m, "s-c", update(1, 0, vec![5.0], 1), 20_000).unwrap();
+        let out = m.tick(30_000);
+        let closed = closed_round(&mut m, out, 30_000);
+        assert_eq!(closed.contributions.len(), 3, "d is left out");
+        assert_eq!(*closed.global, vec![3.0]);
+    }
+
+    #[test]
+    fn a_rejected_model_retries_the_round_without_the_update_that_weighed_most() {
+        let mut m = machine(
+            RoundSettings {
+                check_model: true,
+                min_available: 3,
+                ..settings(2, 1.0)
+            },
+            vec![0.0],
+        );
+        fleet(&mut m);
+        submit(&mut m, "s-a", update(1, 0, vec![0.1], 10), 0).unwrap();
+        submit(&mut m, "s-b", update(1, 0, vec![0.2], 10), 0).unwrap();
+        let (_, out) = submit(&mut m, "s-c", update(1, 0, vec![-5.0], 10), 0).unwrap();
+        let Some(Output::Aggregate(job)) = out.into_iter().next() else {
+            panic!("expected an aggregation")
+        };
+        let mut done = job.run();
+        assert!(done.candidate().is_some());
+        done.reject("the loss doubled".into());
+        let out = m.aggregated(done, 0);
+        // c's update weighed most (10 x 5): the retry asks a and b only.
+        assert_eq!(assigned(&out), ["a", "b"]);
+        assert_eq!((m.current_round(), m.version()), (Some(1), 0));
+        submit(&mut m, "s-a", update(1, 0, vec![0.1], 10), 0).unwrap();
+        let (_, out) = submit(&mut m, "s-b", update(1, 0, vec![0.2], 10), 0).unwrap();
+        let closed = closed_round(&mut m, out, 0);
+        assert!((closed.global[0] - 0.15).abs() < 1e-6, "{:?}", closed.global);
+        m.persisted(0);
+        // The next round asks everyone again.
+        assert_eq!(m.current_round(), Some(2));
     }
 
     #[test]

@@ -365,7 +365,9 @@ pub fn rejection_status(r: &Rejection) -> Status {
     let msg = r.to_string();
     match r {
         Rejection::UnknownSession => Status::unauthenticated(msg),
-        Rejection::WrongRound { .. } | Rejection::WrongBaseVersion { .. } => Status::failed_precondition(msg),
+        Rejection::WrongRound { .. } | Rejection::WrongBaseVersion { .. } | Rejection::NoTask { .. } => {
+            Status::failed_precondition(msg)
+        }
         Rejection::NotSelected { .. } => Status::permission_denied(msg),
         Rejection::SecAgg(_) => Status::failed_precondition(msg),
         Rejection::Duplicate { .. } | Rejection::NameInUse { .. } => Status::already_exists(msg),
@@ -420,7 +422,7 @@ impl FederationService {
     /// logic counts its own refusals); `node` when it is known by then.
     fn refused(&self, status: &Status, node: Option<&str>) {
         self.traffic.count_refused_update(status_label(status), node);
-        tracing::warn!(node = node.unwrap_or("-"), reason = %status.message(), "update refused");
+        tracing::warn!(node = %node.unwrap_or("-"), reason = %status.message(), "update refused");
     }
 
     async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T, Status> {
@@ -569,16 +571,15 @@ impl pb::federation_server::Federation for FederationService {
                 req.version, snapshot.version
             )));
         }
-        // Only joined nodes may fetch.
+        // Only nodes with a task for this version fetch it.
         let node = self
-            .ask(|reply| Command::Identify {
+            .ask(|reply| Command::AdmitFetch {
                 session: req.node_id.clone(),
+                version: req.version,
                 reply,
             })
-            .await?;
-        let Some(node) = node else {
-            return Err(rejection_status(&Rejection::UnknownSession));
-        };
+            .await?
+            .map_err(|r| rejection_status(&r))?;
         self.auth.check_session(peer.as_deref(), &node)?;
         let fetch = self.limits.claim_fetch(&req.node_id, &node, req.part)?;
         let (payload, crc32) = match pb::ModelPart::try_from(req.part) {

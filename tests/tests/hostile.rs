@@ -74,6 +74,20 @@ async fn hostile_nodes_get_clear_refusals_and_cannot_take_the_model_over() -> an
         "at most 64 model names",
     );
     assert!(s.message().len() < 300, "a {}-byte refusal", s.message().len());
+    // A joined session that has no task downloads nothing.
+    let idle = stranger.join(join_request("idle-e", 10)).await?.into_inner().node_id;
+    refused(
+        stranger
+            .fetch_model(pb::FetchModelRequest {
+                node_id: idle,
+                version: 0,
+                part: pb::ModelPart::Parameters as i32,
+            })
+            .await,
+        tonic::Code::FailedPrecondition,
+        "node idle-e has no task for model version 0; only nodes training in the round in progress fetch the model",
+    );
+
     let mut a = join(port, "node-a", 100).await?;
     let mut b = join(port, "node-b", 100).await?;
     let mut c = join(port, "node-c", u64::MAX).await?;
@@ -230,9 +244,91 @@ async fn hostile_nodes_get_clear_refusals_and_cannot_take_the_model_over() -> an
         ("norm_outlier", 2),
         ("malformed_payload", 2),
         ("duplicate", 69),
+        ("no_task", 1),
     ] {
         let got = refusals[label].as_u64().unwrap_or(0);
         assert!(got >= at_least, "{label}: {got} < {at_least} in {refusals}");
     }
+    Ok(())
+}
+
+/// A node whose update stays inside the norm bound but turns the model
+/// back on itself: the new model's central loss more than doubles, it is
+/// rejected before it is committed, and the round is retried without the
+/// update that weighed most, with the two honest edge nodes alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_that_wrecks_the_loss_is_rejected_and_its_round_retried_without_it() -> anyhow::Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let port = free_port();
+    let data = [
+        ("data.synthetic_train_samples", "3000".to_string()),
+        ("data.synthetic_test_samples", "200".into()),
+    ];
+    let mut settings = vec![
+        ("rounds", "2".to_string()),
+        ("train.epochs", "2".into()),
+        ("sampling.min_nodes", "2".into()),
+        ("sampling.min_available", "3".into()),
+    ];
+    settings.extend(data.iter().cloned());
+    let mut coord = Daemon::start(
+        "coordinator",
+        "coordinator",
+        &coordinator_args(port, &tmp.path().join("run"), &settings),
+        tmp.path(),
+    )?;
+    let mut nodes = fedge_tests::start_nodes(tmp.path(), port, 2, 3, |_| data.to_vec())?;
+    // c holds a third of the data, like the others.
+    let mut c = join(port, "node-c", 1000).await?;
+    let t1 = task(&mut c).await?;
+    let manifest = model_manifest(&mut c).await?;
+    let w0 = fetch_values(&mut c, 0).await?;
+    let n = numel(&manifest);
+    send(
+        &mut c.client,
+        Upload::new(&c.session, &t1, &manifest, &vec![0.0; n], 200).messages(1 << 20),
+    )
+    .await?;
+    // Round 2: twelve times the way back from round 1's model, about six
+    // times the median norm of round 1's updates (the bound is ten).
+    let t2 = task(&mut c).await?;
+    assert_eq!(t2.round, 2);
+    let w1 = fetch_values(&mut c, 1).await?;
+    let back: Vec<f32> = w1.iter().zip(&w0).map(|(a, b)| -12.0 * (a - b)).collect();
+    send(
+        &mut c.client,
+        Upload::new(&c.session, &t2, &manifest, &back, 200).messages(1 << 20),
+    )
+    .await?;
+
+    let status = coord.wait(Duration::from_secs(240))?;
+    anyhow::ensure!(status.success(), "coordinator failed:\n{}", coord.log_text());
+    for node in &mut nodes {
+        anyhow::ensure!(node.wait(Duration::from_secs(60))?.success(), "{}", node.log_text());
+    }
+    let log = coord.log_text();
+    assert!(
+        log.contains("new global model rejected") && log.contains("left_out=node-c"),
+        "{log}"
+    );
+    let history = run_history(&tmp.path().join("run"))?;
+    let rounds = history["rounds"].as_array().unwrap();
+    assert_eq!(rounds.len(), 2);
+    let mut names: Vec<&str> = rounds[1]["participants"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["node"].as_str().unwrap())
+        .collect();
+    names.sort_unstable();
+    assert_eq!(names, ["node-1", "node-2"]);
+    let (l1, l2) = (
+        rounds[0]["test_loss"].as_f64().unwrap(),
+        rounds[1]["test_loss"].as_f64().unwrap(),
+    );
+    assert!(
+        l2 <= 2.0 * l1,
+        "the committed round 2 ({l2}) is within the check of round 1 ({l1})"
+    );
     Ok(())
 }
