@@ -708,7 +708,7 @@ impl Default for StrategyConfig {
             multi_krum_m: 0,
             clip_norm: 0.0,
             max_update_norm: 0.0,
-            max_norm_factor: 10.0,
+            max_norm_factor: 5.0,
             max_weight_factor: 4.0,
             equal_weights: false,
             max_loss_ratio: 2.0,

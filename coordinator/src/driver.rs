@@ -275,7 +275,7 @@ pub struct Driver {
     /// The last committed model's central test loss.
     reference_loss: Option<f64>,
     /// The evaluation the check made of the round being closed.
-    checked_eval: Option<(u64, EvalMetrics)>,
+    checked_eval: Option<(u64, EvalMetrics, Duration)>,
 }
 
 /// A node's sums over the rounds it took part in.
@@ -791,13 +791,14 @@ impl Driver {
 
     /// The check of a new global model (`strategy.max_loss_ratio`): its
     /// central loss against the last committed model's. A model that fails
-    /// is rejected (the round is retried without the update that weighed
-    /// most); one that passes keeps its evaluation for the round's record.
+    /// is rejected (the round is retried without the update most against
+    /// the last step); one that passes keeps its evaluation for the round's record.
     async fn check_model(&mut self, round: u64, done: &mut Aggregated) -> Result<()> {
         let (Some(ratio), Some(candidate)) = (self.model_check, done.candidate().cloned()) else {
             return Ok(());
         };
         crate::memory::release_free_memory_off_runtime().await;
+        let started = Instant::now();
         let eval = self.evaluator.evaluate(candidate).await?;
         match self.reference_loss {
             Some(reference) if eval.loss.is_nan() || eval.loss > ratio * reference => done.reject(format!(
@@ -805,7 +806,7 @@ impl Driver {
                  (strategy.max_loss_ratio)",
                 eval.loss
             )),
-            _ => self.checked_eval = Some((round, eval)),
+            _ => self.checked_eval = Some((round, eval, started.elapsed())),
         }
         Ok(())
     }
@@ -893,8 +894,12 @@ impl Driver {
         let eval_due = self.eval_every > 0
             && (closed.round.is_multiple_of(u64::from(self.eval_every)) || closed.round == self.total_rounds);
         let eval_start = Instant::now();
-        let checked = self.checked_eval.take().filter(|(r, _)| *r == closed.round);
-        let eval = if let Some((_, e)) = checked {
+        // The check's evaluation is the round's: it counts as evaluation
+        // time, not as the training phase it ran in.
+        let checked = self.checked_eval.take().filter(|(r, _, _)| *r == closed.round);
+        let checked_seconds = checked.as_ref().map_or(Duration::ZERO, |(_, _, d)| *d);
+        let train_phase = train_phase.saturating_sub(checked_seconds);
+        let eval = if let Some((_, e, _)) = checked {
             Some(e)
         } else if eval_due {
             // The round's uploads are over: return what they freed before
@@ -904,7 +909,7 @@ impl Driver {
         } else {
             None
         };
-        let eval_seconds = eval_start.elapsed().as_secs_f64();
+        let eval_seconds = (eval_start.elapsed() + checked_seconds).as_secs_f64();
         if let Some(e) = eval {
             self.reference_loss = Some(e.loss);
         }

@@ -418,12 +418,12 @@ pub(crate) async fn assemble(config: &CoordinatorConfig, in_process_nodes: bool)
             failure_cooldown_rounds: u64::from(config.sampling.failure_cooldown_rounds),
             // A simulation's virtual nodes queue on a few trainer threads:
             // late arrivals there are no stragglers.
+            track_direction: model_check.is_some(),
             straggler_factor: if in_process_nodes {
                 0.0
             } else {
                 config.sampling.straggler_factor
             },
-            check_model: model_check.is_some(),
             federated_every: u64::from(config.eval.federated_every),
             train: config.train.clone(),
             secure: sa.enabled.then_some(secure::SecureSettings {

@@ -56,10 +56,12 @@ pub struct RoundSettings {
     /// long as that half took (at least one second more), then closes
     /// without them (0: wait for the deadline).
     pub straggler_factor: f64,
-    /// Whether the driver checks each new global model before it is
-    /// committed ([`Aggregated::reject`]): aggregation jobs then keep the
-    /// strategy as it was before the server step.
-    pub check_model: bool,
+    /// Whether each new global model is checked before it is committed
+    /// (the driver's `strategy.max_loss_ratio`): the machine then keeps the
+    /// last step's direction (for a model held in memory) and measures how
+    /// each update aligns with it, to know which update to leave out of a
+    /// rejected round's retry.
+    pub track_direction: bool,
     /// Federated evaluation every this many rounds (and in the last); 0: never.
     pub federated_every: u64,
     /// What nodes are asked to compute, and with which hyper-parameters.
@@ -98,6 +100,8 @@ pub struct Contribution {
     pub clipped: bool,
     /// Its weight in the round's mean (NaN for a masked input).
     pub weight: f64,
+    /// Cosine of the update with the last committed step (`None`: not measured).
+    pub alignment: Option<f64>,
     /// Receiving the update stream, seconds.
     pub upload_seconds: f64,
     /// When the update was accepted, seconds after the round started.
@@ -118,6 +122,7 @@ impl Contribution {
             update_norm,
             clipped,
             weight,
+            alignment: None,
             upload_seconds: update.upload_seconds,
             // Set by `RoundMachine::record`.
             arrived_seconds: 0.0,
@@ -159,8 +164,6 @@ pub struct AggregationJob {
     privacy: Option<(RoundPlan, usize)>,
     /// Secure aggregation: the masked sum to unmask instead of `aggregate`.
     unmask: Option<UnmaskJob>,
-    /// Keep the strategy as it was before the server step, for a rejection.
-    keep_before: bool,
 }
 
 /// Folding one accepted update into the round's running sum, to run off the
@@ -174,6 +177,8 @@ pub struct FoldJob {
     source: Arc<dyn UpdateSource>,
     weight: f64,
     scale: f64,
+    /// The last committed step, to measure the update's alignment with.
+    direction: Option<Arc<Vec<f32>>>,
 }
 
 /// Where a [`FoldJob`] adds its update.
@@ -195,6 +200,7 @@ pub struct Folded {
     attempt: u32,
     node: String,
     result: Result<(), String>,
+    alignment: Option<f64>,
 }
 
 impl FoldJob {
@@ -214,11 +220,16 @@ impl FoldJob {
                     .and_then(|()| lock(server).add_masked(*id, &words).map_err(|e| e.to_string()))
             }
         };
+        let alignment = match (&result, &self.direction) {
+            (Ok(()), Some(direction)) => cosine(self.source.as_ref(), direction, self.scale),
+            _ => None,
+        };
         Folded {
             round: self.round,
             attempt: self.attempt,
             node: self.node,
             result,
+            alignment,
         }
     }
 }
@@ -249,7 +260,9 @@ impl AggregationJob {
         let mut count = self.aggregate.count();
         let mut privacy = None;
         let mut unclipped_secure = None;
-        let before = self.keep_before.then(|| Box::new(self.strategy.clone()));
+        // The strategy as it was before the step: a failed or rejected step
+        // leaves no trace in it.
+        let before = Some(Box::new(self.strategy.clone()));
         let combined = match self.unmask.take() {
             Some(job) => job.run().map(|u| {
                 count = u.survivors;
@@ -284,7 +297,7 @@ impl AggregationJob {
             }
             Ok(Arc::new(next))
         });
-        Aggregated {
+        let mut done = Aggregated {
             round: self.round,
             result,
             strategy: self.strategy,
@@ -292,7 +305,15 @@ impl AggregationJob {
             privacy,
             before,
             rejected: false,
+        };
+        // A step that failed part-way leaves the strategy as it was.
+        if done.result.is_err()
+            && let Some(before) = done.before.take()
+        {
+            done.strategy = *before;
+            done.privacy = None;
         }
+        done
     }
 }
 
@@ -310,7 +331,7 @@ impl Aggregated {
     /// Refuses the new model for `reason`: the strategy goes back to where
     /// it was before the server step (the round's privacy is not counted),
     /// and [`RoundMachine::aggregated`] retries the round without the
-    /// update that weighed most.
+    /// update most against the last step ([`suspect`]).
     pub fn reject(&mut self, reason: String) {
         if let Some(before) = self.before.take() {
             self.strategy = *before;
@@ -641,6 +662,8 @@ pub struct RoundMachine {
     /// Nodes left out of a round's next attempts because a new model with
     /// their update was rejected: (round, names).
     suspects: (u64, BTreeSet<String>),
+    /// The last committed step (new global − old), when tracked.
+    direction: Option<Arc<Vec<f32>>>,
 }
 
 /// How long a joined session may take to open its instruction stream
@@ -669,6 +692,7 @@ impl RoundMachine {
             norm_reference: None,
             pending_joins: VecDeque::new(),
             suspects: (0, BTreeSet::new()),
+            direction: None,
         }
     }
 
@@ -967,6 +991,7 @@ impl RoundMachine {
                 source: body.source.clone(),
                 weight,
                 scale,
+                direction: self.direction.clone(),
             })));
         }
         let accepted = self.record(Contribution::new(name, &update, update_norm, clipped, weight), now_ms);
@@ -985,6 +1010,9 @@ impl RoundMachine {
             return Vec::new();
         }
         r.folding.remove(&done.node);
+        if let Some(c) = r.accepted.iter_mut().find(|c| c.node == done.node) {
+            c.alignment = done.alignment;
+        }
         if let Err(reason) = done.result {
             tracing::error!(round = done.round, node = %done.node, reason, "folding an update failed; retrying the round");
             let (round, attempt) = (r.round, r.attempt + 1);
@@ -1024,7 +1052,7 @@ impl RoundMachine {
         let cutoff = r.half_ms.filter(|_| self.settings.straggler_factor > 0.0).map(|half| {
             let took = half.saturating_sub(r.started_ms);
             let wait = ((self.settings.straggler_factor - 1.0).max(0.0) * took as f64) as u64;
-            half + wait.max(1000)
+            half.saturating_add(wait.max(1000))
         });
         let stragglers_cut = cutoff.is_some_and(|c| now_ms >= c);
         if (now_ms < r.deadline_ms && !stragglers_cut) || !r.folding.is_empty() {
@@ -1096,19 +1124,12 @@ impl RoundMachine {
         let global = match done.result {
             Ok(g) => g,
             Err(reason) if done.rejected => {
-                // The update that weighed most (weight x norm) sits the
-                // round's next attempt out.
-                let suspect = state
-                    .accepted
-                    .iter()
-                    .filter(|c| (c.weight * c.update_norm).is_finite())
-                    .max_by(|a, b| (a.weight * a.update_norm).total_cmp(&(b.weight * b.update_norm)))
-                    .map(|c| c.node.clone());
+                let suspect = suspect(&state.accepted);
                 tracing::warn!(
                     round,
                     reason,
                     left_out = %suspect.as_deref().unwrap_or("-"),
-                    "new global model rejected; retrying the round without the update that weighed most"
+                    "new global model rejected; retrying the round without the update most against the last step"
                 );
                 if let Some(node) = suspect {
                     if self.suspects.0 != round {
@@ -1124,6 +1145,15 @@ impl RoundMachine {
             }
         };
         self.suspects.1.clear();
+        if self.settings.track_direction {
+            self.direction = match &self.global {
+                GlobalModel::Memory(old) => Some(Arc::new(global.iter().zip(old.iter()).map(|(n, o)| n - o).collect())),
+                GlobalModel::Stored(_) => None,
+            };
+        }
+        if let Some(median) = median_norm(&state.accepted) {
+            self.norm_reference = Some(median);
+        }
         self.global = GlobalModel::Memory(global.clone());
         self.version = round;
         self.phase = Phase::Closing { round };
@@ -1242,15 +1272,16 @@ impl RoundMachine {
             }
             None => None,
         };
+        // Nodes left out of a rejected model of this round ([`suspect`])
+        // sit its next attempts out, as long as enough others are left.
         if self.suspects.0 == round && !self.suspects.1.is_empty() {
-            fresh.retain(|n| !self.suspects.1.contains(n));
-            failed.retain(|n| !self.suspects.1.contains(n));
+            let left = |v: &Vec<String>| v.iter().filter(|n| !self.suspects.1.contains(*n)).count();
+            if (left(&fresh) + left(&failed)).min(wanted) >= self.settings.min_nodes {
+                fresh.retain(|n| !self.suspects.1.contains(n));
+                failed.retain(|n| !self.suspects.1.contains(n));
+            }
         }
         let wanted = wanted.min(fresh.len() + failed.len());
-        if wanted < self.settings.min_nodes {
-            self.phase = Phase::Waiting;
-            return Vec::new();
-        }
         let mut rng = ChaCha8Rng::seed_from_u64(mix(self.settings.seed, round, u64::from(attempt)));
         fresh.shuffle(&mut rng);
         failed.shuffle(&mut rng);
@@ -1429,9 +1460,6 @@ impl RoundMachine {
         let Phase::Training(r) = std::mem::replace(&mut self.phase, Phase::Waiting) else {
             return Vec::new();
         };
-        if let Some(median) = median_norm(&r.accepted) {
-            self.norm_reference = Some(median);
-        }
         let Some(strategy) = self.strategy.take() else {
             return Vec::new();
         };
@@ -1449,7 +1477,6 @@ impl RoundMachine {
             strategy,
             privacy: r.privacy.map(|plan| (plan, unclipped)),
             unmask,
-            keep_before: self.settings.check_model,
         };
         self.phase = Phase::Aggregating {
             round: r.round,
@@ -1568,6 +1595,7 @@ impl RoundMachine {
             source: body.source.clone(),
             weight: 1.0,
             scale: 1.0,
+            direction: None,
         }))];
         // Masked: neither the norm nor clipping is visible.
         let accepted = self.record(Contribution::new(name, &update, f64::NAN, false, f64::NAN), now_ms);
@@ -1721,6 +1749,42 @@ impl RoundMachine {
     }
 }
 
+/// The update to leave out of a rejected round's retry: the one most
+/// against the last committed step (lowest cosine), or, where that was not
+/// measured, the one that weighed most (weight × norm).
+fn suspect(accepted: &[Contribution]) -> Option<String> {
+    let against = accepted
+        .iter()
+        .filter_map(|c| c.alignment.filter(|a| a.is_finite()).map(|a| (a, c)))
+        .min_by(|a, b| a.0.total_cmp(&b.0))
+        .map(|(_, c)| c.node.clone());
+    against.or_else(|| {
+        accepted
+            .iter()
+            .filter(|c| (c.weight * c.update_norm).is_finite())
+            .max_by(|a, b| (a.weight * a.update_norm).total_cmp(&(b.weight * b.update_norm)))
+            .map(|c| c.node.clone())
+    })
+}
+
+/// Cosine of an update's main section (times `scale`, the sign of a FedSGD
+/// step) with `direction`; `None` when either is zero or unreadable.
+fn cosine(source: &dyn UpdateSource, direction: &[f32], scale: f64) -> Option<f64> {
+    let (mut dot, mut uu) = (0f64, 0f64);
+    source
+        .visit(&mut |offset, values| {
+            for (i, &v) in values.iter().enumerate() {
+                if let Some(&d) = direction.get(offset + i) {
+                    dot += f64::from(v) * f64::from(d);
+                    uu += f64::from(v) * f64::from(v);
+                }
+            }
+        })
+        .ok()?;
+    let dd: f64 = direction.iter().map(|&d| f64::from(d) * f64::from(d)).sum();
+    (uu > 0.0 && dd > 0.0).then(|| scale.signum() * dot / (uu.sqrt() * dd.sqrt()))
+}
+
 /// The median L2 norm of accepted updates whose norm was seen (masked
 /// inputs hide theirs), if any.
 fn median_norm(accepted: &[Contribution]) -> Option<f64> {
@@ -1780,7 +1844,7 @@ mod tests {
             max_attempts: 0,
             failure_cooldown_rounds: 3,
             straggler_factor: 0.0,
-            check_model: false,
+            track_direction: false,
             federated_every: 1,
             train: TrainConfig::default(),
             secure: None,
@@ -2496,7 +2560,6 @@ mod tests {
     fn a_rejected_model_retries_the_round_without_the_update_that_weighed_most() {
         let mut m = machine(
             RoundSettings {
-                check_model: true,
                 min_available: 3,
                 ..settings(2, 1.0)
             },
@@ -2520,9 +2583,10 @@ mod tests {
         let (_, out) = submit(&mut m, "s-b", update(1, 0, vec![0.2], 10), 0).unwrap();
         let closed = closed_round(&mut m, out, 0);
         assert!((closed.global[0] - 0.15).abs() < 1e-6, "{:?}", closed.global);
-        m.persisted(0);
         // The next round asks everyone again.
+        let out = m.persisted(0);
         assert_eq!(m.current_round(), Some(2));
+        assert_eq!(assigned(&out), ["a", "b", "c"]);
     }
 
     #[test]

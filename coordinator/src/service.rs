@@ -2,7 +2,6 @@
 //! [`Command`]s, streams model snapshots, reassembles update streams, and maps
 //! every refusal to a gRPC status in one place ([`rejection_status`]).
 
-use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -133,18 +132,19 @@ impl TransferLimits {
         }
     }
 
-    /// Claims the one upload `node`'s session may have in flight.
-    fn claim_upload(&self, session: &str, node: &str, round: u64) -> Result<InFlight, Status> {
-        InFlight::claim(&self.uploading, session.to_owned()).ok_or_else(|| {
+    /// Claims the one upload node `node` may have in flight (by name: a
+    /// rejoin under a new session does not buy another).
+    fn claim_upload(&self, node: &str, round: u64) -> Result<InFlight, Status> {
+        InFlight::claim(&self.uploading, node.to_owned()).ok_or_else(|| {
             Status::already_exists(format!(
                 "node {node} already has an update stream open for round {round}; a node sends one at a time"
             ))
         })
     }
 
-    /// Claims the one fetch of model part `part` `node`'s session may have in flight.
-    fn claim_fetch(&self, session: &str, node: &str, part: i32) -> Result<InFlight, Status> {
-        InFlight::claim(&self.fetching, format!("{part}/{session}")).ok_or_else(|| {
+    /// Claims the one fetch of model part `part` node `node` may have in flight.
+    fn claim_fetch(&self, node: &str, part: i32) -> Result<InFlight, Status> {
+        InFlight::claim(&self.fetching, format!("{part}/{node}")).ok_or_else(|| {
             Status::already_exists(format!(
                 "node {node} is already fetching this model part; a node fetches one copy at a time"
             ))
@@ -189,13 +189,26 @@ impl TransferLimits {
             .map_err(|_| self.busy("uploads"))?
     }
 
-    /// Waits (up to the queue timeout) for a download slot. The stream
-    /// holds it until it ends: it is sent whole, or ended at the slot timeout.
-    pub async fn admit_download(&self) -> Result<OwnedSemaphorePermit, Status> {
-        tokio::time::timeout(self.queue_timeout, self.downloads.clone().acquire_owned())
+    /// Waits (up to the queue timeout) for a download slot. The slot goes
+    /// back when the stream ends or after the slot timeout, whichever is
+    /// first: HTTP/2 stops asking a stream for data while its client reads
+    /// nothing, so a timer, not the stream, gives a stalled download's
+    /// slot back (its node's one fetch stays claimed until the stream ends).
+    pub async fn admit_download(&self) -> Result<DownloadSlot, Status> {
+        let permit = tokio::time::timeout(self.queue_timeout, self.downloads.clone().acquire_owned())
             .await
             .map_err(|_| self.busy("downloads"))?
-            .map_err(|_| Status::unavailable("coordinator is shutting down"))
+            .map_err(|_| Status::unavailable("coordinator is shutting down"))?;
+        let slot = Arc::new(std::sync::Mutex::new(Some(permit)));
+        let expiring = Arc::downgrade(&slot);
+        let after = self.download_slot_timeout;
+        tokio::spawn(async move {
+            tokio::time::sleep(after).await;
+            if let Some(slot) = expiring.upgrade() {
+                slot.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
+            }
+        });
+        Ok(DownloadSlot { _held: slot })
     }
 
     /// The next message of an update stream, or an error if it stays silent
@@ -238,17 +251,20 @@ fn broken_stream(s: Status) -> Status {
     }
 }
 
-/// A model stream: holds its download slot and its session's fetch until
-/// it ends, counts the bytes it hands on as sent to its node, and ends with
-/// `DEADLINE_EXCEEDED` when it is not consumed within the slot timeout.
+/// A download's slot, held by its model stream until the slot timeout.
+#[derive(Debug)]
+pub struct DownloadSlot {
+    _held: Arc<std::sync::Mutex<Option<OwnedSemaphorePermit>>>,
+}
+
+/// A model stream: holds its download slot (until the slot timeout) and its
+/// node's fetch (until it ends), and counts the bytes it hands on as sent to
+/// its node.
 struct ModelStream<S> {
     inner: S,
-    deadline: Pin<Box<tokio::time::Sleep>>,
-    timeout: Duration,
     traffic: Arc<Traffic>,
     node: String,
-    done: bool,
-    _slot: OwnedSemaphorePermit,
+    _slot: DownloadSlot,
     _fetch: InFlight,
 }
 
@@ -256,17 +272,6 @@ impl<S: Stream<Item = Result<pb::ModelChunk, Status>> + Unpin> Stream for ModelS
     type Item = S::Item;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        if self.done {
-            return Poll::Ready(None);
-        }
-        if self.deadline.as_mut().poll(cx).is_ready() {
-            self.done = true;
-            tracing::debug!(node = %self.node, "model download not consumed in time; ended");
-            return Poll::Ready(Some(Err(Status::deadline_exceeded(format!(
-                "the model download was not consumed within {:?} (limits.download_slot_timeout); fetch it again",
-                self.timeout
-            )))));
-        }
         let next = Pin::new(&mut self.inner).poll_next(cx);
         if let Poll::Ready(Some(Ok(chunk))) = &next {
             let bytes = chunk.encoded_len() as u64;
@@ -571,7 +576,9 @@ impl pb::federation_server::Federation for FederationService {
                 req.version, snapshot.version
             )));
         }
-        // Only nodes with a task for this version fetch it.
+        // A session used over another node's certificate is refused first,
+        // whatever its task; then only nodes with a task for this version fetch it.
+        self.check_certificate_session(peer.as_deref(), &req.node_id).await?;
         let node = self
             .ask(|reply| Command::AdmitFetch {
                 session: req.node_id.clone(),
@@ -580,8 +587,7 @@ impl pb::federation_server::Federation for FederationService {
             })
             .await?
             .map_err(|r| rejection_status(&r))?;
-        self.auth.check_session(peer.as_deref(), &node)?;
-        let fetch = self.limits.claim_fetch(&req.node_id, &node, req.part)?;
+        let fetch = self.limits.claim_fetch(&node, req.part)?;
         let (payload, crc32) = match pb::ModelPart::try_from(req.part) {
             Ok(pb::ModelPart::Parameters) => {
                 let payload = match &snapshot.params {
@@ -619,14 +625,10 @@ impl pb::federation_server::Federation for FederationService {
         let inner = tokio_stream::iter([Ok(header)])
             .chain(data)
             .chain(tokio_stream::iter([Ok(trailer)]));
-        let timeout = self.limits.download_slot_timeout;
         Ok(Response::new(Box::pin(ModelStream {
             inner,
-            deadline: Box::pin(tokio::time::sleep(timeout)),
-            timeout,
             traffic: self.traffic.clone(),
             node,
-            done: false,
             _slot: slot,
             _fetch: fetch,
         })))
@@ -676,7 +678,7 @@ impl pb::federation_server::Federation for FederationService {
         // node cannot hold the upload slots (they are not charged to its round).
         let _uploading = self
             .limits
-            .claim_upload(&session, &node, round)
+            .claim_upload(&node, round)
             .inspect_err(|s| self.refused(s, Some(&node)))?;
         // An unknown kind is refused before any of the payload is read.
         let result = match pb::UpdateKind::try_from(header.kind) {

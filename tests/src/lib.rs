@@ -47,8 +47,9 @@ pub fn free_port() -> u16 {
 }
 
 /// A command for one of the daemons, with no `FEDGE_*` variables from the
-/// caller's environment (tests configure the daemons explicitly).
-fn daemon_command(bin: &str) -> Command {
+/// caller's environment (tests configure the daemons explicitly; the
+/// caller's may hold `FEDGE_CHAOS` and the like, meant for the tests).
+pub fn daemon_command(bin: &str) -> Command {
     let mut cmd = Command::new(bin_dir().join(bin));
     for (k, _) in std::env::vars() {
         if k.starts_with("FEDGE_") {

@@ -2,6 +2,7 @@
 //! tests that play a node (honest or hostile) without the edge node's code:
 //! join, read tasks, fetch a manifest, and send update streams of any shape.
 
+use anyhow::Context;
 use fedge_common::pb::{self, federation_client::FederationClient};
 use fedge_common::wire::crc32;
 use prost::bytes::Bytes;
@@ -51,21 +52,10 @@ pub async fn task(node: &mut Node) -> anyhow::Result<pb::TrainTask> {
     }
 }
 
-/// The model's manifest, read from a fetch of version 0.
+/// The model's manifest, read from a whole fetch of version 0 (a node
+/// fetches one copy at a time, so the stream is read to its end).
 pub async fn model_manifest(node: &mut Node) -> anyhow::Result<pb::Manifest> {
-    let mut stream = node
-        .client
-        .fetch_model(pb::FetchModelRequest {
-            node_id: node.session.clone(),
-            version: 0,
-            part: pb::ModelPart::Parameters as i32,
-        })
-        .await?
-        .into_inner();
-    match stream.message().await?.and_then(|m| m.part) {
-        Some(pb::model_chunk::Part::Header(h)) => Ok(h.manifest.expect("manifest")),
-        _ => anyhow::bail!("no model header"),
-    }
+    Ok(fetch(node, 0).await?.0)
 }
 
 pub fn numel(m: &pb::Manifest) -> usize {
@@ -143,6 +133,11 @@ pub async fn send(client: &mut Client, msgs: Vec<pb::UpdateChunk>) -> Result<pb:
 
 /// The values of global model `version`, fetched whole and decoded.
 pub async fn fetch_values(node: &mut Node, version: u64) -> anyhow::Result<Vec<f32>> {
+    Ok(fetch(node, version).await?.1)
+}
+
+/// Global model `version`: its manifest and values, fetched whole.
+pub async fn fetch(node: &mut Node, version: u64) -> anyhow::Result<(pb::Manifest, Vec<f32>)> {
     let mut stream = node
         .client
         .fetch_model(pb::FetchModelRequest {
@@ -152,18 +147,21 @@ pub async fn fetch_values(node: &mut Node, version: u64) -> anyhow::Result<Vec<f
         })
         .await?
         .into_inner();
+    let mut manifest = None;
     let mut payload = Vec::new();
     while let Some(chunk) = stream.message().await? {
         match chunk.part {
+            Some(pb::model_chunk::Part::Header(h)) => manifest = h.manifest,
             Some(pb::model_chunk::Part::Data(d)) => payload.extend_from_slice(&d),
             Some(pb::model_chunk::Part::Trailer(t)) => {
                 anyhow::ensure!(crc32(&payload) == t.crc32, "model checksum mismatch");
-                return Ok(payload
+                let values = payload
                     .chunks_exact(4)
                     .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                    .collect());
+                    .collect();
+                return Ok((manifest.context("the model stream had no header")?, values));
             }
-            _ => {}
+            None => {}
         }
     }
     anyhow::bail!("the model stream ended without a trailer")

@@ -8,9 +8,9 @@
 //! (the "freeze" attack: capped at `strategy.max_weight_factor` × the
 //! cohort's median, it slows the round down by a bounded share instead of
 //! freezing it), and `d` declares 100 and lies about it in its update. On
-//! the way: names that forge log lines or flood the status, a finite but
-//! huge update, the negated model, a permuted manifest, 70 update streams
-//! and 300 stalled downloads from one session.
+//! the way: names that forge log lines or flood the status, a download
+//! without a task, a finite but huge update, the negated model, a permuted
+//! manifest, 70 update streams and 300 stalled downloads from one node.
 
 use std::path::Path;
 use std::time::Duration;
@@ -26,7 +26,7 @@ fn start(dir: &Path, port: u16) -> anyhow::Result<Daemon> {
         ("sampling.min_nodes", "2".into()),
         ("sampling.min_available", "4".into()),
         ("sampling.failure_cooldown_rounds", "0".into()),
-        ("limits.stream_idle_timeout", "\"2s\"".into()),
+        ("limits.stream_idle_timeout", "\"10s\"".into()),
         ("data.synthetic_test_samples", "50".into()),
     ];
     Daemon::start(
@@ -148,14 +148,27 @@ async fn hostile_nodes_get_clear_refusals_and_cannot_take_the_model_over() -> an
             .await
     });
     tokio::time::sleep(Duration::from_millis(300)).await;
-    for _ in 0..69 {
-        let msgs = vec![header(stalled.header.clone())];
-        refused(
-            send(cl, msgs).await,
-            tonic::Code::AlreadyExists,
-            "node node-c already has an update stream open for round 1",
-        );
+    let mut refused_at_once = 0;
+    for _ in 0..200 {
+        match send(cl, vec![header(stalled.header.clone())]).await {
+            Err(s) if s.code() == tonic::Code::AlreadyExists => {
+                assert!(
+                    s.message()
+                        .contains("node node-c already has an update stream open for round 1"),
+                    "{}",
+                    s.message()
+                );
+                refused_at_once += 1;
+                if refused_at_once == 69 {
+                    break;
+                }
+            }
+            // The held stream was not admitted yet: this one went through
+            // the checks and ended; try again.
+            _ => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
     }
+    assert_eq!(refused_at_once, 69);
     // 300 downloads from one session that stop reading (a small HTTP/2
     // window, never read): one is served, the rest refused at once.
     let stalling = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))?
@@ -289,12 +302,12 @@ async fn a_model_that_wrecks_the_loss_is_rejected_and_its_round_retried_without_
         Upload::new(&c.session, &t1, &manifest, &vec![0.0; n], 200).messages(1 << 20),
     )
     .await?;
-    // Round 2: twelve times the way back from round 1's model, about six
-    // times the median norm of round 1's updates (the bound is ten).
+    // Round 2: six times the way back from round 1's model, about 3.6
+    // times the median norm of round 1's updates (the bound is five).
     let t2 = task(&mut c).await?;
     assert_eq!(t2.round, 2);
     let w1 = fetch_values(&mut c, 1).await?;
-    let back: Vec<f32> = w1.iter().zip(&w0).map(|(a, b)| -12.0 * (a - b)).collect();
+    let back: Vec<f32> = w1.iter().zip(&w0).map(|(a, b)| -6.0 * (a - b)).collect();
     send(
         &mut c.client,
         Upload::new(&c.session, &t2, &manifest, &back, 200).messages(1 << 20),
@@ -322,13 +335,7 @@ async fn a_model_that_wrecks_the_loss_is_rejected_and_its_round_retried_without_
         .collect();
     names.sort_unstable();
     assert_eq!(names, ["node-1", "node-2"]);
-    let (l1, l2) = (
-        rounds[0]["test_loss"].as_f64().unwrap(),
-        rounds[1]["test_loss"].as_f64().unwrap(),
-    );
-    assert!(
-        l2 <= 2.0 * l1,
-        "the committed round 2 ({l2}) is within the check of round 1 ({l1})"
-    );
+    let accuracy = rounds[1]["test_accuracy"].as_f64().unwrap();
+    assert!(accuracy > 0.8, "round 2 trained on the honest updates: {accuracy}");
     Ok(())
 }

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use fedge_common::config::toml_string;
-use fedge_tests::{Daemon, bin_dir, coordinator_args, free_port, node_args, run_fleet, start_nodes};
+use fedge_tests::{Daemon, bin_dir, coordinator_args, daemon_command, free_port, node_args, run_fleet, start_nodes};
 use serde_json::Value;
 
 fn chromium() -> Option<&'static str> {
@@ -221,12 +221,12 @@ fn metrics_and_the_status_command_describe_the_run() -> Result<()> {
     assert!(metrics.contains("# TYPE fedge_aggregation_duration_seconds histogram"));
 
     let token_file = run.token.display().to_string();
-    let refused = Command::new(bin_dir().join("coordinator"))
+    let refused = daemon_command("coordinator")
         .args(["status", "--url", &run.http])
         .output()?;
     let err = String::from_utf8_lossy(&refused.stderr);
     assert!(!refused.status.success() && err.contains("401 Unauthorized"), "{err}");
-    let out = Command::new(bin_dir().join("coordinator"))
+    let out = daemon_command("coordinator")
         .args(["status", "--url", &run.http, "--token-file", &token_file])
         .output()?;
     let text = String::from_utf8_lossy(&out.stdout);
@@ -240,7 +240,7 @@ fn metrics_and_the_status_command_describe_the_run() -> Result<()> {
         text.lines().any(|l| l.trim_start().starts_with("1 ")),
         "round 1 missing:\n{text}"
     );
-    let json = Command::new(bin_dir().join("coordinator"))
+    let json = daemon_command("coordinator")
         .args(["status", "--json", "--url", &run.http])
         .env(
             "FEDGE_OPERATOR_TOKEN",
@@ -252,7 +252,7 @@ fn metrics_and_the_status_command_describe_the_run() -> Result<()> {
     assert!(parsed["rounds"].as_array().is_some_and(|r| !r.is_empty()));
 
     // Nothing listens here: the command says so.
-    let dead = Command::new(bin_dir().join("coordinator"))
+    let dead = daemon_command("coordinator")
         .args(["status", "--url", "http://127.0.0.1:1"])
         .output()?;
     assert!(!dead.status.success());
@@ -298,7 +298,7 @@ fn the_final_model_exports_with_its_card_and_classifies_image_files() -> Result<
         img.save(&path)?;
         files.push(path);
     }
-    let out_cmd = Command::new(bin_dir().join("edge-node"))
+    let out_cmd = daemon_command("edge-node")
         .arg("predict")
         .arg("--model")
         .arg(&out)
@@ -340,7 +340,7 @@ fn the_final_model_exports_with_its_card_and_classifies_image_files() -> Result<
 
     // A broken card is refused with its path and the reason.
     std::fs::write(out.join("model.json"), "{\"format\": \"fedge-model/9\"}")?;
-    let bad = Command::new(bin_dir().join("edge-node"))
+    let bad = daemon_command("edge-node")
         .arg("predict")
         .arg("--model")
         .arg(&out)
@@ -395,7 +395,7 @@ fn check_with_pytorch(model: &std::path::Path, files: &[PathBuf], pixels: &[u8],
         eprintln!("skipping the PyTorch check of the exported model: no python3 that imports torch");
         return Ok(());
     };
-    let out = Command::new(bin_dir().join("edge-node"))
+    let out = daemon_command("edge-node")
         .args(["predict", "--json", "--top", "10", "--model"])
         .arg(model)
         .args(files)

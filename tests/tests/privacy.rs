@@ -4,11 +4,10 @@
 //! budget stops the run before it is passed, nodes add their share of the
 //! noise in distributed mode, and `coordinator status` shows ε.
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
-use fedge_tests::{Daemon, bin_dir, coordinator_args, free_port, run_fleet, run_history, start_nodes};
+use fedge_tests::{Daemon, coordinator_args, daemon_command, free_port, run_fleet, run_history, start_nodes};
 use serde_json::Value;
 
 fn small() -> Vec<(&'static str, String)> {
@@ -93,7 +92,7 @@ fn distributed_noise_comes_from_the_nodes_and_status_shows_epsilon() -> Result<(
     // While it runs, the status shows the privacy spent.
     let deadline = Instant::now() + Duration::from_secs(120);
     let status = loop {
-        let out = Command::new(bin_dir().join("coordinator"))
+        let out = daemon_command("coordinator")
             .args(["status", "--json", "--url", &format!("http://127.0.0.1:{http_port}")])
             .output()?;
         if let Ok(v) = serde_json::from_slice::<Value>(&out.stdout)
@@ -159,7 +158,7 @@ fn check_epsilon_grows(rs: &[Value]) -> Result<()> {
 #[test]
 fn privacy_refuses_aggregators_that_see_individual_updates() -> Result<()> {
     let tmp = tempfile::tempdir()?;
-    let out = Command::new(bin_dir().join("coordinator"))
+    let out = daemon_command("coordinator")
         .args(coordinator_args(free_port(), &tmp.path().join("run"), &[]))
         .args([
             "--set",

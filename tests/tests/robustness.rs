@@ -1,7 +1,8 @@
 //! Robust aggregation against Byzantine nodes: 8 real edge-node processes,
-//! 2 of which send their honest update sign-flipped and scaled ×10. Plain
-//! FedAvg is dragged uphill; median, trimmed mean, Krum and Multi-Krum stay
-//! near the clean run.
+//! 2 of which send their honest update sign-flipped and scaled ×10. With
+//! the default defences off, plain FedAvg is dragged uphill while median,
+//! trimmed mean, Krum and Multi-Krum stay near the clean run; with them on
+//! (the default), FedAvg holds too.
 
 use fedge_tests::{accuracies, run_fleet};
 
@@ -29,7 +30,12 @@ fn final_accuracy(
         // without it (Krum with f = 2 needs 7 updates, the mean fewer).
         (
             "sampling.min_nodes",
-            if strategy.is_empty() { NODES - 2 } else { NODES - 1 }.to_string(),
+            if !strategy.iter().any(|(k, _)| *k == "strategy.aggregator") {
+                NODES - 2
+            } else {
+                NODES - 1
+            }
+            .to_string(),
         ),
         ("sampling.min_available", NODES.to_string()),
         ("data.synthetic_test_samples", "500".to_string()),
@@ -38,6 +44,13 @@ fn final_accuracy(
         ("sampling.round_deadline", "\"60s\"".to_string()),
     ];
     coordinator.extend(strategy.iter().cloned());
+    if !strategy.iter().any(|(k, _)| *k == "strategy.max_norm_factor") {
+        // The aggregators on their own: no norm bound, no loss check.
+        coordinator.extend([
+            ("strategy.max_norm_factor", "0".to_string()),
+            ("strategy.max_loss_ratio", "0".to_string()),
+        ]);
+    }
     let history = run_fleet(tmp.path(), &out, NODES, &shared(), &coordinator, |i| {
         if i < attackers {
             vec![
@@ -72,6 +85,21 @@ fn robust_aggregators_hold_where_fedavg_collapses() -> anyhow::Result<()> {
     assert!(
         attacked < clean - 0.3 && attacked < 0.3,
         "fedavg should collapse under sign-flipping: {attacked} vs clean {clean}"
+    );
+
+    // The defaults refuse the ×10 updates: FedAvg trains on the six honest ones.
+    let defended = final_accuracy(
+        "fedavg with the default defences, 2 attackers",
+        4,
+        &[
+            ("strategy.max_norm_factor", "5".to_string()),
+            ("strategy.max_loss_ratio", "2".to_string()),
+        ],
+        2,
+    )?;
+    assert!(
+        defended >= clean - 0.05,
+        "the default defences should hold FedAvg within 5 points of the clean run: {defended} vs {clean}"
     );
 
     for (label, strategy) in [

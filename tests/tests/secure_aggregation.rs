@@ -4,11 +4,10 @@
 //! model moves by exactly the survivors' mean (within the quantization
 //! bound) although the coordinator never saw an update.
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
-use fedge_tests::{Daemon, bin_dir, coordinator_args, free_port, load_params, run_history, start_nodes};
+use fedge_tests::{Daemon, coordinator_args, daemon_command, free_port, load_params, run_history, start_nodes};
 use serde_json::Value;
 
 fn small() -> Vec<(&'static str, String)> {
@@ -133,7 +132,7 @@ fn rounds_complete_when_nodes_drop_out_and_the_model_moves_by_the_survivors_mean
 fn secure_aggregation_refuses_aggregators_that_look_at_individual_updates() -> Result<()> {
     let tmp = tempfile::tempdir()?;
     let refused = |extra: &[&str]| -> Result<String> {
-        let out = Command::new(bin_dir().join("coordinator"))
+        let out = daemon_command("coordinator")
             .args(coordinator_args(free_port(), &tmp.path().join("run"), &[]))
             .args(["--set", "secure_aggregation.enabled=true"])
             .args(["--set", "sampling.min_nodes=3", "--set", "sampling.min_available=3"])
@@ -191,7 +190,7 @@ fn differential_privacy_runs_under_secure_aggregation() -> Result<()> {
     let mut nodes = start_nodes(tmp.path(), port, 4, 4, |_| small())?;
     let deadline = Instant::now() + Duration::from_secs(120);
     let status = loop {
-        let out = Command::new(bin_dir().join("coordinator"))
+        let out = daemon_command("coordinator")
             .args(["status", "--json", "--url", &format!("http://127.0.0.1:{http_port}")])
             .output()?;
         if let Ok(v) = serde_json::from_slice::<Value>(&out.stdout)

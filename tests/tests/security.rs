@@ -335,9 +335,7 @@ fn plaintext_must_be_asked_for_and_is_announced() -> anyhow::Result<()> {
 
 /// `coordinator ARGS…`, run to its end: (success, stdout, stderr).
 fn coordinator_cli(args: &[&str]) -> anyhow::Result<(bool, String, String)> {
-    let out = std::process::Command::new(fedge_tests::bin_dir().join("coordinator"))
-        .args(args)
-        .output()?;
+    let out = fedge_tests::daemon_command("coordinator").args(args).output()?;
     Ok((
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into_owned(),

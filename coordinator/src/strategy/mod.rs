@@ -30,8 +30,8 @@ pub fn clip_scale(norm: f64, bound: Option<f64>) -> f64 {
 }
 
 /// How much one node's update weighs in the mean: its sample count
-/// (FedAvg), capped at `max_factor` times the median count its round's
-/// cohort declared, or the same for every node (`equal`).
+/// (FedAvg), capped at `max_factor` times the (lower) median count its
+/// round's cohort declared, or the same for every node (`equal`).
 ///
 /// The cap is what keeps one node that lies about its data from
 /// outweighing the rest: with `n` nodes of about equal data and a cap of
@@ -55,12 +55,9 @@ impl Weighting {
             return None;
         }
         counts.sort_unstable();
-        let mid = counts.len() / 2;
-        let median = if counts.len() % 2 == 1 {
-            counts[mid] as f64
-        } else {
-            (counts[mid - 1] as f64 + counts[mid] as f64) / 2.0
-        };
+        // The lower median: in a cohort of two, one huge claim does not
+        // raise the cap.
+        let median = counts[(counts.len() - 1) / 2] as f64;
         (median > 0.0).then_some(factor * median)
     }
 }
@@ -184,7 +181,8 @@ mod tests {
         // at most 4 x 5,000, two thirds of the round, not all of it.
         let cap = capped.cap([5_000, u64::MAX, 5_000].into_iter()).unwrap();
         assert_eq!(cap, 20_000.0);
-        assert_eq!(capped.cap([10, 30].into_iter()), Some(80.0));
+        assert_eq!(capped.cap([10, 30].into_iter()), Some(40.0));
+        assert_eq!(capped.cap([100, u64::MAX].into_iter()), Some(400.0));
         assert_eq!(capped.cap(std::iter::empty()), None);
         assert_eq!(Weighting::default().cap([1, 2].into_iter()), None);
         let equal = Weighting {
