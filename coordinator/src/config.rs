@@ -480,11 +480,11 @@ pub struct SamplingConfig {
     /// rounds are picked only after every other available node (0: off).
     pub failure_cooldown_rounds: u32,
     /// Once half the selected nodes (and at least `min_nodes`) have
-    /// delivered, a round waits for the others at most this many times as
-    /// long as that half took (one second more at least), then closes
-    /// without them: no node that holds back its update, slow or hostile,
-    /// stalls a round until its deadline (0: wait for the deadline;
-    /// simulations never cut).
+    /// delivered, a round closes without the others when this many times
+    /// as long as that half took has passed since the round started (and
+    /// at least a second after the half): no node that holds back its
+    /// update, slow or hostile, stalls a round until its deadline (0: wait
+    /// for the deadline; simulations never cut).
     pub straggler_factor: f64,
 }
 
@@ -628,10 +628,10 @@ pub struct StrategyConfig {
     pub clip_norm: f64,
     /// Updates whose L2 norm exceeds this are refused (0: no limit).
     pub max_update_norm: f64,
-    /// Updates whose L2 norm exceeds this many times the median norm of
-    /// the last completed round's updates are refused; until a round has
-    /// completed, updates larger than the starting model's own norm are
-    /// (0: off). Needs no tuning: it follows the run's own scale.
+    /// Updates whose L2 norm exceeds this many times the larger of the
+    /// global model's norm and the median norm of the last completed
+    /// round's updates are refused (0: off). Needs no tuning: it follows
+    /// the run's own scale.
     pub max_norm_factor: f64,
     /// A node's FedAvg weight is its sample count, capped at this many
     /// times the median count its round's cohort declared at join, so a
@@ -776,8 +776,8 @@ impl StrategyConfig {
         (self.max_update_norm > 0.0).then_some(self.max_update_norm)
     }
 
-    /// The multiple of the last round's median norm above which updates
-    /// are refused, if any.
+    /// The multiple of the model's (or last round's median update) norm
+    /// above which updates are refused, if any.
     pub fn max_norm_factor(&self) -> Option<f64> {
         (self.max_norm_factor > 0.0).then_some(self.max_norm_factor)
     }
@@ -1014,9 +1014,9 @@ pub struct LimitsConfig {
     /// refused (`RESOURCE_EXHAUSTED`; the node retries).
     #[serde(with = "humantime_serde")]
     pub queue_timeout: Duration,
-    /// A download not consumed within this long is ended (the node fetches
-    /// again), which frees its slot: a client that stops reading cannot keep
-    /// others waiting, and downloads hold at most their slots' worth of memory.
+    /// A download holds its slot at most this long: a client that stops
+    /// reading cannot keep others waiting (its node still has no second
+    /// download while the stream is open).
     #[serde(with = "humantime_serde")]
     pub download_slot_timeout: Duration,
     /// An update stream that sends nothing for this long is dropped.

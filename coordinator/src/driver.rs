@@ -791,8 +791,8 @@ impl Driver {
 
     /// The check of a new global model (`strategy.max_loss_ratio`): its
     /// central loss against the last committed model's. A model that fails
-    /// is rejected (the round is retried without the update most against
-    /// the last step); one that passes keeps its evaluation for the round's record.
+    /// is rejected (the round is retried without the update the machine
+    /// suspects most); one that passes keeps its evaluation for the round's record.
     async fn check_model(&mut self, round: u64, done: &mut Aggregated) -> Result<()> {
         let (Some(ratio), Some(candidate)) = (self.model_check, done.candidate().cloned()) else {
             return Ok(());

@@ -331,7 +331,7 @@ impl Aggregated {
     /// Refuses the new model for `reason`: the strategy goes back to where
     /// it was before the server step (the round's privacy is not counted),
     /// and [`RoundMachine::aggregated`] retries the round without the
-    /// update most against the last step ([`suspect`]).
+    /// update it suspects most ([`suspect`]).
     pub fn reject(&mut self, reason: String) {
         if let Some(before) = self.before.take() {
             self.strategy = *before;
@@ -653,9 +653,10 @@ pub struct RoundMachine {
     /// The median norm of the last completed round's updates (what
     /// `strategy.max_norm_factor` multiplies), once a round has completed.
     norm_reference: Option<f64>,
-    /// The norm of the model the machine started from: the bound on
-    /// updates until a round completes.
-    start_norm: f64,
+    /// The norm of the current global model: updates may be
+    /// `strategy.max_norm_factor` times it (or the last round's median,
+    /// whichever is larger).
+    model_norm: f64,
     /// Joins whose session has not connected yet, oldest first, with when
     /// they expire: a session that never connects is forgotten.
     pending_joins: VecDeque<(u64, String, String)>,
@@ -683,7 +684,7 @@ impl RoundMachine {
         Self {
             settings,
             version,
-            start_norm: l2_norm(&global),
+            model_norm: l2_norm(&global),
             global: GlobalModel::Memory(global),
             nodes: BTreeMap::new(),
             phase: Phase::Waiting,
@@ -1128,10 +1129,11 @@ impl RoundMachine {
                 tracing::warn!(
                     round,
                     reason,
-                    left_out = %suspect.as_deref().unwrap_or("-"),
-                    "new global model rejected; retrying the round without the update most against the last step"
+                    left_out = %suspect.as_ref().map_or("-", |s| s.0.as_str()),
+                    because = suspect.as_ref().map_or("-", |s| s.1),
+                    "new global model rejected; retrying the round without one update"
                 );
-                if let Some(node) = suspect {
+                if let Some((node, _)) = suspect {
                     if self.suspects.0 != round {
                         self.suspects = (round, BTreeSet::new());
                     }
@@ -1154,6 +1156,7 @@ impl RoundMachine {
         if let Some(median) = median_norm(&state.accepted) {
             self.norm_reference = Some(median);
         }
+        self.model_norm = l2_norm(&global);
         self.global = GlobalModel::Memory(global.clone());
         self.version = round;
         self.phase = Phase::Closing { round };
@@ -1295,18 +1298,22 @@ impl RoundMachine {
             .map(|n| (n.clone(), self.nodes.get(n).map_or(0, |r| r.num_samples)))
             .collect();
         let weight_cap = strategy.weighting.cap(declared.values().copied());
-        let norm_bound = strategy.max_norm_factor.and_then(|factor| match self.norm_reference {
-            Some(median) => Some((
-                factor * median,
-                format!("{factor} times {median:.4e}, the median norm of the last completed round's updates"),
-            )),
-            // An update larger than the model itself is no training step.
-            None => (self.start_norm > 0.0).then(|| {
-                (
-                    self.start_norm,
-                    "the norm of the model the run started from, until a round has completed".to_string(),
-                )
-            }),
+        // Honest updates can outgrow the last round's median early in a
+        // run (the model leaves its flat start), but an update many times
+        // the model itself is no training step: the larger of the two is
+        // the reference.
+        let norm_bound = strategy.max_norm_factor.and_then(|factor| {
+            let (reference, what) = match self.norm_reference {
+                Some(median) if median > self.model_norm => (
+                    median,
+                    format!("{median:.4e}, the median norm of the last completed round's updates"),
+                ),
+                _ => (
+                    self.model_norm,
+                    format!("{:.4e}, the norm of the global model", self.model_norm),
+                ),
+            };
+            (reference > 0.0).then(|| (factor * reference, format!("{factor} times {what}")))
         });
         let state = RoundState {
             round,
@@ -1749,22 +1756,30 @@ impl RoundMachine {
     }
 }
 
-/// The update to leave out of a rejected round's retry: the one most
-/// against the last committed step (lowest cosine), or, where that was not
-/// measured, the one that weighed most (weight × norm).
-fn suspect(accepted: &[Contribution]) -> Option<String> {
+/// The update to leave out of a rejected round's retry. One that weighed
+/// far more than the rest (weight × norm above twice the median) moved the
+/// model most: it goes first (colluding attackers that dominate a step
+/// also make themselves the ones aligned with it). Otherwise the one most
+/// against the last committed step (lowest cosine), and where that was not
+/// measured, the one that weighed most.
+fn suspect(accepted: &[Contribution]) -> Option<(String, &'static str)> {
+    let pull = |c: &Contribution| c.weight * c.update_norm;
+    let heaviest = accepted
+        .iter()
+        .filter(|c| pull(c).is_finite())
+        .max_by(|a, b| pull(a).total_cmp(&pull(b)));
+    let median = median_norm_of(accepted.iter().map(pull));
+    if let (Some(c), Some(median)) = (heaviest, median)
+        && pull(c) > 2.0 * median
+    {
+        return Some((c.node.clone(), "weighed over twice the median"));
+    }
     let against = accepted
         .iter()
         .filter_map(|c| c.alignment.filter(|a| a.is_finite()).map(|a| (a, c)))
         .min_by(|a, b| a.0.total_cmp(&b.0))
-        .map(|(_, c)| c.node.clone());
-    against.or_else(|| {
-        accepted
-            .iter()
-            .filter(|c| (c.weight * c.update_norm).is_finite())
-            .max_by(|a, b| (a.weight * a.update_norm).total_cmp(&(b.weight * b.update_norm)))
-            .map(|c| c.node.clone())
-    })
+        .map(|(_, c)| (c.node.clone(), "most against the last step"));
+    against.or_else(|| heaviest.map(|c| (c.node.clone(), "weighed most")))
 }
 
 /// Cosine of an update's main section (times `scale`, the sign of a FedSGD
@@ -2415,37 +2430,55 @@ mod tests {
         assert_eq!(*closed.global, vec![1.0], "(3 x 100 + 3 x 100 + 0 x 400) / 600");
     }
 
-    fn norm_bounded() -> RoundMachine {
+    fn norm_bounded(initial: Vec<f32>) -> RoundMachine {
         let mut s = mean(2);
         s.max_norm_factor = Some(10.0);
-        RoundMachine::new(settings(3, 1.0), vec![3.0, 4.0], s)
+        RoundMachine::new(settings(3, 1.0), initial, s)
+    }
+
+    /// Runs round 1 with updates `[0, d]` for d in `deltas`.
+    fn bounded_round_one(m: &mut RoundMachine, deltas: [f32; 3]) {
+        fleet(m);
+        for (n, d) in ["a", "b", "c"].iter().zip(deltas) {
+            let (_, out) = submit(m, &format!("s-{n}"), update(1, 0, vec![0.0, d], 1), 0).unwrap();
+            if *n == "c" {
+                closed_round(m, out, 0);
+            }
+        }
+        m.persisted(0);
     }
 
     #[test]
     fn updates_far_beyond_the_runs_norm_are_refused() {
-        let mut m = norm_bounded();
+        let mut m = norm_bounded(vec![3.0, 4.0]);
         fleet(&mut m);
-        // Before any round completes: at most the starting model's norm (5).
-        let e = submit(&mut m, "s-a", update(1, 0, vec![-6.0, -8.0], 1), 0).unwrap_err();
+        // Before any round completes: at most 10 x the model's norm (5).
+        let e = submit(&mut m, "s-a", update(1, 0, vec![-60.0, -80.0], 1), 0).unwrap_err();
         assert!(
-            matches!(&e, Rejection::NormOutlier { norm, bound, .. } if *norm == 10.0 && *bound == 5.0),
+            matches!(&e, Rejection::NormOutlier { norm, bound, .. } if *norm == 100.0 && *bound == 50.0),
             "{e:?}"
         );
         assert!(
-            e.to_string().contains("the norm of the model the run started from"),
+            e.to_string()
+                .contains("10 times 5.0000e0, the norm of the global model"),
             "{e}"
         );
         assert!(e.is_content());
-        let mut m = norm_bounded();
-        fleet(&mut m);
-        for (n, d) in [("a", 0.1f32), ("b", 0.2), ("c", 0.3)] {
-            let (_, out) = submit(&mut m, &format!("s-{n}"), update(1, 0, vec![0.0, d], 1), 0).unwrap();
-            if n == "c" {
-                closed_round(&mut m, out, 0);
-            }
-        }
-        m.persisted(0);
-        // Round 2: at most 10 x the median norm of round 1 (0.2).
+        submit(&mut m, "s-b", update(1, 0, vec![-30.0, -39.0], 1), 0).unwrap();
+
+        // Round 1's updates are small (median 0.2) next to the model (norm
+        // about 5.1): an honest update that grows 20x in round 2 still fits
+        // under 10 x the model's norm, and a 1e30 one does not.
+        let mut m = norm_bounded(vec![3.0, 4.0]);
+        bounded_round_one(&mut m, [0.1, 0.2, 0.3]);
+        submit(&mut m, "s-a", update(2, 1, vec![0.0, 4.0], 1), 0).unwrap();
+        let e = submit(&mut m, "s-b", update(2, 1, vec![1e30, 1e30], 1), 0).unwrap_err();
+        assert!(e.to_string().contains("the norm of the global model"), "{e}");
+
+        // Updates larger than the model (median 0.2 against a model of norm
+        // about 0.16): the bound follows the median.
+        let mut m = norm_bounded(vec![0.03, 0.04]);
+        bounded_round_one(&mut m, [-0.1, -0.2, -0.3]);
         let e = submit(&mut m, "s-a", update(2, 1, vec![0.0, 2.5], 1), 0).unwrap_err();
         match &e {
             Rejection::NormOutlier { norm, bound, .. } => {

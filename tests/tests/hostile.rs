@@ -114,10 +114,11 @@ async fn hostile_nodes_get_clear_refusals_and_cannot_take_the_model_over() -> an
         "update claims 18446744073709551615 training samples; the node declared 100 when it joined",
     );
 
-    // Finite but huge, and the negated model: both far beyond any update
-    // the run has seen (before round 1 completes: the model's own norm).
+    // Finite but huge, and ten times the negated model: both far beyond
+    // five times the global model's norm (the bound until a round's
+    // updates are larger than the model).
     let cl = &mut c.client;
-    for values in [vec![1e30f32; n], start_model.iter().map(|w| -2.0 * w).collect()] {
+    for values in [vec![1e30f32; n], start_model.iter().map(|w| -10.0 * w).collect()] {
         refused(
             send(
                 cl,
@@ -125,7 +126,7 @@ async fn hostile_nodes_get_clear_refusals_and_cannot_take_the_model_over() -> an
             )
             .await,
             tonic::Code::InvalidArgument,
-            "the most this run accepts (the norm of the model the run started from",
+            "the most this run accepts (5 times",
         );
     }
     // A permuted manifest is refused with what differs.
@@ -268,7 +269,8 @@ async fn hostile_nodes_get_clear_refusals_and_cannot_take_the_model_over() -> an
 /// A node whose update stays inside the norm bound but turns the model
 /// back on itself: the new model's central loss more than doubles, it is
 /// rejected before it is committed, and the round is retried without the
-/// update that weighed most, with the two honest edge nodes alone.
+/// update most against the last step (it weighs less than an honest one,
+/// so only its direction gives it away), with the two honest edge nodes alone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_model_that_wrecks_the_loss_is_rejected_and_its_round_retried_without_it() -> anyhow::Result<()> {
     let tmp = tempfile::tempdir()?;
@@ -321,7 +323,8 @@ async fn a_model_that_wrecks_the_loss_is_rejected_and_its_round_retried_without_
     }
     let log = coord.log_text();
     assert!(
-        log.contains("new global model rejected") && log.contains("left_out=node-c"),
+        log.contains("new global model rejected")
+            && log.contains("left_out=node-c because=\"most against the last step\""),
         "{log}"
     );
     let history = run_history(&tmp.path().join("run"))?;

@@ -87,20 +87,10 @@ fn robust_aggregators_hold_where_fedavg_collapses() -> anyhow::Result<()> {
         "fedavg should collapse under sign-flipping: {attacked} vs clean {clean}"
     );
 
-    // The defaults refuse the ×10 updates: FedAvg trains on the six honest ones.
-    let defended = final_accuracy(
-        "fedavg with the default defences, 2 attackers",
-        4,
-        &[
-            ("strategy.max_norm_factor", "5".to_string()),
-            ("strategy.max_loss_ratio", "2".to_string()),
-        ],
-        2,
-    )?;
-    assert!(
-        defended >= clean - 0.05,
-        "the default defences should hold FedAvg within 5 points of the clean run: {defended} vs {clean}"
-    );
+    // (FedAvg's default norm bound and loss check do not stop two
+    // colluding ×10 sign-flippers: their updates stay within five times the
+    // model's norm, and the step they poison in round 1 does not double the
+    // loss. docs/security.md says so; a robust aggregator is the answer.)
 
     for (label, strategy) in [
         ("median", vec![("strategy.aggregator", "\"median\"".to_string())]),
