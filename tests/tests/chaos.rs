@@ -23,6 +23,10 @@ use fedge_tests::{free_port, run_history};
 use serde_json::Value;
 
 const ROUNDS: u64 = 6;
+/// The partition test's run: rounds close without a node that went quiet
+/// (the straggler cutoff), so six of them can end before its connection
+/// recovers; twelve leave it rounds to come back to.
+const PARTITION_ROUNDS: u64 = 12;
 const NODES: usize = 4;
 /// Final accuracies of disturbed runs stay this close to the undisturbed one
 /// (the synthetic set ends near 99%; runs differ by a few tenths).
@@ -101,11 +105,17 @@ struct Fleet {
     project: String,
     dir: tempfile::TempDir,
     http_port: u16,
+    rounds: u64,
 }
 
 impl Fleet {
     /// Prepares data, certificates and settings with `scripts/compose-prepare.sh`.
     fn prepare(name: &str) -> Result<Self> {
+        Self::with_rounds(name, ROUNDS)
+    }
+
+    /// [`Fleet::prepare`] for a run of `rounds` rounds.
+    fn with_rounds(name: &str, rounds: u64) -> Result<Self> {
         let dir = tempfile::Builder::new().prefix("fedge-chaos-").tempdir()?;
         let http_port = free_port();
         let grpc_port = free_port();
@@ -115,7 +125,7 @@ impl Fleet {
             .env("FEDGE_ENV_FILE", dir.path().join(".env"))
             .env("FEDGE_OVERRIDE_FILE", dir.path().join("override.yml"))
             .env("FEDGE_NODES", NODES.to_string())
-            .env("FEDGE_ROUNDS", ROUNDS.to_string())
+            .env("FEDGE_ROUNDS", rounds.to_string())
             .env("FEDGE_GRPC_PORT", grpc_port.to_string())
             .env("FEDGE_HTTP_PORT", http_port.to_string()))?;
         // Rounds wait at most 20 s for a node that went quiet.
@@ -127,6 +137,7 @@ impl Fleet {
             project: format!("fedge-chaos-{name}-{}", std::process::id()),
             dir,
             http_port,
+            rounds,
         })
     }
 
@@ -250,21 +261,21 @@ impl Drop for Fleet {
     }
 }
 
-/// Rounds `1..=ROUNDS` each exactly once, the run finished; returns the final accuracy.
-fn check_complete(history: &Value) -> Result<f64> {
+/// Rounds `1..=total` each exactly once, the run finished; returns the final accuracy.
+fn check_complete(history: &Value, total: u64) -> Result<f64> {
     let rounds: Vec<u64> = history["rounds"]
         .as_array()
         .context("run.json without rounds")?
         .iter()
         .filter_map(|r| r["round"].as_u64())
         .collect();
-    if rounds != (1..=ROUNDS).collect::<Vec<_>>() {
-        bail!("run.json lists rounds {rounds:?}, expected each of 1..={ROUNDS} once");
+    if rounds != (1..=total).collect::<Vec<_>>() {
+        bail!("run.json lists rounds {rounds:?}, expected each of 1..={total} once");
     }
     if history["finished"] != Value::Bool(true) {
         bail!("run.json does not say the run finished");
     }
-    history["rounds"][ROUNDS as usize - 1]["test_accuracy"]
+    history["rounds"][total as usize - 1]["test_accuracy"]
         .as_f64()
         .context("last round without test accuracy")
 }
@@ -306,7 +317,7 @@ fn baseline() -> Result<f64> {
         assert!(text(&out).starts_with("ok"), "{service} health: {}", text(&out));
     }
     let history = fleet.wait_finished(Duration::from_secs(300))?;
-    let acc = check_complete(&history)?;
+    let acc = check_complete(&history, fleet.rounds)?;
     let nodes: BTreeSet<String> = history["rounds"][0]["participants"]
         .as_array()
         .into_iter()
@@ -350,7 +361,7 @@ fn node_killed_mid_round() {
         eprintln!("killing node-3 during {s}");
         fleet.crash("node-3")?;
         let history = fleet.wait_finished(Duration::from_secs(300))?;
-        let acc = check_complete(&history)?;
+        let acc = check_complete(&history, fleet.rounds)?;
         let restarts: u64 = fleet.inspect("node-3", "{{.RestartCount}}")?.parse()?;
         assert!(restarts >= 1, "docker did not restart node-3");
         let later = rounds_with(&history, "node-3", 2);
@@ -363,7 +374,7 @@ fn node_killed_mid_round() {
 #[test]
 fn node_cut_off_the_network_and_reconnected() {
     with_docker("node_cut_off_the_network", || {
-        let fleet = Fleet::prepare("partition")?;
+        let fleet = Fleet::with_rounds("partition", PARTITION_ROUNDS)?;
         fleet.up()?;
         fleet.wait_status("round 2 training", Duration::from_secs(180), |s| {
             s["round"].as_u64() == Some(2) && s["phase"] == "training"
@@ -376,7 +387,7 @@ fn node_cut_off_the_network_and_reconnected() {
         let reconnected = fleet.status().and_then(|s| s["completed_rounds"].as_u64()).unwrap_or(0);
         eprintln!("node-2 reconnected after round {reconnected}");
         let history = fleet.wait_finished(Duration::from_secs(300))?;
-        let acc = check_complete(&history)?;
+        let acc = check_complete(&history, fleet.rounds)?;
         let later = rounds_with(&history, "node-2", reconnected);
         assert!(
             !later.is_empty(),
@@ -400,7 +411,7 @@ fn coordinator_killed_and_restarted() {
         eprintln!("killing the coordinator during {s}");
         fleet.crash("coordinator")?;
         let history = fleet.wait_finished(Duration::from_secs(300))?;
-        let acc = check_complete(&history)?;
+        let acc = check_complete(&history, fleet.rounds)?;
         let restarts: u64 = fleet.inspect("coordinator", "{{.RestartCount}}")?.parse()?;
         assert!(restarts >= 1, "docker did not restart the coordinator");
         assert!(
@@ -439,7 +450,7 @@ fn fleet_stopped_with_sigterm_and_started_again() {
         assert!(kept >= 2, "run.json kept {kept} rounds");
         fleet.compose(&["start"])?;
         let history = fleet.wait_finished(Duration::from_secs(300))?;
-        let acc = check_complete(&history)?;
+        let acc = check_complete(&history, fleet.rounds)?;
         eprintln!("stopped in {took:?} after {kept} rounds, resumed; accuracy {acc:.4}");
         assert_within_noise(acc)
     });
