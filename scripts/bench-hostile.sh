@@ -36,6 +36,7 @@ run() {
         --set "security.tokens=\"$out/pki/tokens.toml\"" \
         --set sampling.min_nodes=4 --set "sampling.min_available=$nodes" \
         --set "sampling.straggler_factor=$straggler" --set checkpoint.keep_round_models=false \
+        --set train.epochs=1 --set train.batch_size=32 --set train.learning_rate=0.05 \
         2>"$dir/coordinator.log" &
     local coord=$!
     if [[ $nodes == 5 ]]; then
@@ -47,7 +48,7 @@ run() {
         "$bin/edge-node" --coordinator "http://127.0.0.1:$port" --name "node-$((i + 1))" \
             --data-path "$data" --partition "$i/4" --threads 1 \
             --set security.insecure=true --set "security.token_file=\"$out/pki/nodes/node-$((i + 1))/token\"" \
-            --set train.epochs=1 2>"$dir/node-$((i + 1)).log" &
+            2>"$dir/node-$((i + 1)).log" &
     done
     wait "$coord"
     # The nodes stop with the run, and fedge-hostile once the coordinator is gone.
