@@ -443,7 +443,7 @@ pub(crate) async fn assemble(config: &CoordinatorConfig, in_process_nodes: bool)
         .history
         .rounds
         .last()
-        .and_then(|r| crate::round::median_norm_of(r.participants.iter().filter_map(|p| p.update_norm)))
+        .and_then(|r| crate::round::positive_median(r.participants.iter().filter_map(|p| p.update_norm)))
     {
         machine.set_norm_reference(median);
     }

@@ -164,6 +164,9 @@ pub struct AggregationJob {
     privacy: Option<(RoundPlan, usize)>,
     /// Secure aggregation: the masked sum to unmask instead of `aggregate`.
     unmask: Option<UnmaskJob>,
+    /// Whether to keep the step (new global − old) for the next round's
+    /// alignments ([`RoundSettings::track_direction`]).
+    track_direction: bool,
 }
 
 /// Folding one accepted update into the round's running sum, to run off the
@@ -246,6 +249,11 @@ pub struct Aggregated {
     before: Option<Box<Strategy>>,
     /// Set when the driver's check refused the new model.
     rejected: bool,
+    /// The new model's L2 norm (computed here, off the async runtime).
+    model_norm: f64,
+    /// The step the new model takes (new global − old), when tracked and
+    /// the old model is in memory.
+    direction: Option<Arc<Vec<f32>>>,
 }
 
 impl AggregationJob {
@@ -297,6 +305,18 @@ impl AggregationJob {
             }
             Ok(Arc::new(next))
         });
+        let (model_norm, direction) = match &result {
+            Ok(next) => (
+                l2_norm(next),
+                match (&self.global, self.track_direction) {
+                    (GlobalModel::Memory(old), true) => {
+                        Some(Arc::new(next.iter().zip(old.iter()).map(|(n, o)| n - o).collect()))
+                    }
+                    _ => None,
+                },
+            ),
+            Err(_) => (f64::NAN, None),
+        };
         let mut done = Aggregated {
             round: self.round,
             result,
@@ -305,6 +325,8 @@ impl AggregationJob {
             privacy,
             before,
             rejected: false,
+            model_norm,
+            direction,
         };
         // A step that failed part-way leaves the strategy as it was.
         if done.result.is_err()
@@ -1147,16 +1169,11 @@ impl RoundMachine {
             }
         };
         self.suspects.1.clear();
-        if self.settings.track_direction {
-            self.direction = match &self.global {
-                GlobalModel::Memory(old) => Some(Arc::new(global.iter().zip(old.iter()).map(|(n, o)| n - o).collect())),
-                GlobalModel::Stored(_) => None,
-            };
-        }
+        self.direction = done.direction;
         if let Some(median) = median_norm(&state.accepted) {
             self.norm_reference = Some(median);
         }
-        self.model_norm = l2_norm(&global);
+        self.model_norm = done.model_norm;
         self.global = GlobalModel::Memory(global.clone());
         self.version = round;
         self.phase = Phase::Closing { round };
@@ -1484,6 +1501,7 @@ impl RoundMachine {
             strategy,
             privacy: r.privacy.map(|plan| (plan, unclipped)),
             unmask,
+            track_direction: self.settings.track_direction,
         };
         self.phase = Phase::Aggregating {
             round: r.round,
@@ -1768,7 +1786,7 @@ fn suspect(accepted: &[Contribution]) -> Option<(String, &'static str)> {
         .iter()
         .filter(|c| pull(c).is_finite())
         .max_by(|a, b| pull(a).total_cmp(&pull(b)));
-    let median = median_norm_of(accepted.iter().map(pull));
+    let median = positive_median(accepted.iter().map(pull));
     if let (Some(c), Some(median)) = (heaviest, median)
         && pull(c) > 2.0 * median
     {
@@ -1803,12 +1821,12 @@ fn cosine(source: &dyn UpdateSource, direction: &[f32], scale: f64) -> Option<f6
 /// The median L2 norm of accepted updates whose norm was seen (masked
 /// inputs hide theirs), if any.
 fn median_norm(accepted: &[Contribution]) -> Option<f64> {
-    median_norm_of(accepted.iter().map(|c| c.update_norm))
+    positive_median(accepted.iter().map(|c| c.update_norm))
 }
 
-/// The median of the finite, positive `norms`, if there are any.
-pub fn median_norm_of(norms: impl Iterator<Item = f64>) -> Option<f64> {
-    let mut norms: Vec<f64> = norms.filter(|n| n.is_finite() && *n > 0.0).collect();
+/// The median of the finite, positive `values`, if there are any.
+pub fn positive_median(values: impl Iterator<Item = f64>) -> Option<f64> {
+    let mut norms: Vec<f64> = values.filter(|n| n.is_finite() && *n > 0.0).collect();
     if norms.is_empty() {
         return None;
     }
