@@ -28,6 +28,21 @@
 //!    mask keys from `t` shares each, removes the self masks and the pairwise
 //!    masks the survivors shared with dropped nodes, and dequantizes the sum.
 //!
+//! Any node may lie, so the coordinator checks what it can. Each node
+//! commits to its seed `b` when it advertises (SHA-256, bound to the round
+//! and the node), and a rebuilt mask key must match the public key on the
+//! roster: a secret is only used once it checks out, from `t` of the
+//! revealed shares that agree, and a revealer whose share does not fit is
+//! named ([`Blame`]). A node whose sealed shares do not open for a
+//! neighbour costs nothing but that neighbour's share: the neighbour still
+//! adds their pairwise mask (it follows from the roster's public keys), and
+//! when too few of the node's shares are left to rebuild its secrets, the
+//! unmasking fails naming it. The unmasked sum must lie in what `n` inputs
+//! within the quantizer's range can add up to ([`Quantizer::check_sum`]).
+//! What no check here can see is a masked input that stays within that
+//! range but is not the node's true update: bounding it needs
+//! zero-knowledge range proofs, which this protocol does not have.
+//!
 //! Primitives come from well-kept crates: `x25519-dalek` (key agreement),
 //! `hkdf` over SHA-256 (key derivation), `chacha20poly1305` (sealing
 //! shares), `rand_chacha`'s ChaCha20 (the mask generator), `blahaj` (Shamir
@@ -42,12 +57,21 @@ use chacha20poly1305::{ChaCha20Poly1305, Key, Nonce};
 use hkdf::Hkdf;
 use rand::{Rng, RngCore, SeedableRng};
 use rand_chacha::ChaCha20Rng;
-use sha2::Sha256;
+use sha2::{Digest, Sha256};
 use x25519_dalek::{PublicKey, StaticSecret};
 use zeroize::Zeroizing;
 
 /// A node's number in a round (its position in the coordinator's roster).
 pub type NodeId = u32;
+
+/// Bytes of one Shamir share of a 32-byte secret (its `x`, then 32 values).
+pub const SHARE_BYTES: usize = 33;
+/// Bytes of a sealed pair of shares (seed and key, plus the AEAD tag).
+pub const SEALED_BYTES: usize = 2 * SHARE_BYTES + 16;
+
+/// Shamir shares tried while looking for `t` that rebuild a secret that
+/// checks out, before the secret is given up on.
+const REBUILD_TRIES: usize = 4096;
 
 /// What goes wrong in the protocol, for the side that sees it.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -88,6 +112,23 @@ impl Quantizer {
             range,
             bits: 32 - headroom,
         }
+    }
+
+    /// Checks that an unmasked sum of `n` inputs is one that `n` inputs
+    /// within the range can add up to: honest inputs are at most
+    /// `2^bits − 1` each, and `bits` leaves room for `n` of them below
+    /// `2^32`, so a larger value means some input was out of range (or a
+    /// secret was rebuilt wrong).
+    pub fn check_sum(&self, sum: &[u32], n: usize) -> Result<()> {
+        let top = n as u64 * ((1u64 << self.bits) - 1);
+        let beyond = sum.iter().filter(|&&s| u64::from(s) > top).count();
+        if beyond > 0 {
+            return Err(protocol(format!(
+                "{beyond} of {} values of the unmasked sum are beyond what {n} inputs within the range can add up to: a masked input was out of range",
+                sum.len()
+            )));
+        }
+        Ok(())
     }
 
     /// The value of one quantization step.
@@ -155,6 +196,26 @@ pub struct Advertise {
     pub id: NodeId,
     pub cipher_key: [u8; 32],
     pub mask_key: [u8; 32],
+    /// [`seed_commitment`] of the node's self-mask seed.
+    pub seed_commitment: [u8; 32],
+}
+
+/// A node that misbehaved in the protocol, and how.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Blame {
+    pub node: NodeId,
+    pub reason: String,
+}
+
+/// The commitment to a self-mask seed: SHA-256 over a label, the round,
+/// the node and the seed.
+pub fn seed_commitment(round: u64, id: NodeId, seed: &[u8; 32]) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(b"fedge secure aggregation v1 seed");
+    h.update(round.to_le_bytes());
+    h.update(id.to_le_bytes());
+    h.update(seed);
+    h.finalize().into()
 }
 
 /// Step 2: the pair of shares `from` made for `to`, sealed for `to`.
@@ -244,6 +305,9 @@ pub struct Client {
     threshold: usize,
     /// Decrypted shares held for others: node → (seed share, key share).
     held: BTreeMap<NodeId, (Vec<u8>, Vec<u8>)>,
+    /// Neighbours that shared keys (their sealed shares were forwarded,
+    /// whether or not they opened): this node masks with each of them.
+    sharers: BTreeSet<NodeId>,
     answered: bool,
 }
 
@@ -262,21 +326,24 @@ impl Client {
     pub fn new(id: NodeId, round: u64, rng: &mut impl RngCore) -> (Self, Advertise) {
         let cipher_secret = StaticSecret::from(*random_secret(rng));
         let mask_secret = StaticSecret::from(*random_secret(rng));
+        let seed = random_secret(rng);
         let advertise = Advertise {
             id,
             cipher_key: PublicKey::from(&cipher_secret).to_bytes(),
             mask_key: PublicKey::from(&mask_secret).to_bytes(),
+            seed_commitment: seed_commitment(round, id, &seed),
         };
         let client = Self {
             id,
             round,
             cipher_secret,
             mask_secret,
-            seed: random_secret(rng),
+            seed,
             roster: BTreeMap::new(),
             holders: Vec::new(),
             threshold: 0,
             held: BTreeMap::new(),
+            sharers: BTreeSet::new(),
             answered: false,
         };
         (client, advertise)
@@ -334,8 +401,13 @@ impl Client {
     }
 
     /// Step 3a: opens the shares other nodes sealed for this one (the
-    /// coordinator forwards those of the nodes that shared keys).
-    pub fn receive_shares(&mut self, shares: &[SealedShares]) -> Result<()> {
+    /// coordinator forwards those of the nodes that shared keys). Shares
+    /// that do not open are the sender's fault, not the round's: they are
+    /// returned (the sender cannot be unmasked through this node), and
+    /// this node still masks with the sender. Shares the coordinator
+    /// misroutes are an error.
+    pub fn receive_shares(&mut self, shares: &[SealedShares]) -> Result<Vec<SecAggError>> {
+        let mut unopened = Vec::new();
         for s in shares {
             if s.to != self.id {
                 return Err(protocol(format!("shares from {} are for node {}", s.from, s.to)));
@@ -351,37 +423,38 @@ impl Client {
                 .get(&s.from)
                 .ok_or_else(|| protocol(format!("node {} is not on the roster", s.from)))?;
             let cipher = seal_key(&self.cipher_secret, &their.cipher_key, self.round, s.from, self.id);
-            let plain = Zeroizing::new(
-                cipher
-                    .decrypt(
-                        Nonce::from_slice(&[0u8; 12]),
-                        Payload {
-                            msg: &s.ciphertext,
-                            aad: &aad(self.round, s.from, self.id),
-                        },
-                    )
-                    .map_err(|e| SecAggError::Sealed {
-                        from: s.from,
-                        reason: e.to_string(),
-                    })?,
+            self.sharers.insert(s.from);
+            let opened = cipher.decrypt(
+                Nonce::from_slice(&[0u8; 12]),
+                Payload {
+                    msg: &s.ciphertext,
+                    aad: &aad(self.round, s.from, self.id),
+                },
             );
-            if plain.len() != 66 {
-                return Err(SecAggError::Sealed {
+            match opened.map(Zeroizing::new) {
+                Ok(plain) if plain.len() == 2 * SHARE_BYTES => {
+                    self.held
+                        .insert(s.from, (plain[..SHARE_BYTES].to_vec(), plain[SHARE_BYTES..].to_vec()));
+                }
+                Ok(plain) => unopened.push(SecAggError::Sealed {
                     from: s.from,
-                    reason: format!("{} bytes inside, expected 66", plain.len()),
-                });
+                    reason: format!("{} bytes inside, expected {}", plain.len(), 2 * SHARE_BYTES),
+                }),
+                Err(e) => unopened.push(SecAggError::Sealed {
+                    from: s.from,
+                    reason: e.to_string(),
+                }),
             }
-            self.held.insert(s.from, (plain[..33].to_vec(), plain[33..].to_vec()));
         }
-        Ok(())
+        Ok(unopened)
     }
 
     /// Step 3b: the masked input: `quantized + PRG(b) ± PRG(s_uv)` for every
-    /// neighbour `v` whose shares this node received.
+    /// neighbour `v` whose shares the coordinator forwarded.
     pub fn mask(&self, quantized: &[u32]) -> Vec<u32> {
         let mut y = quantized.to_vec();
         add_prg(&mut y, &self.seed, false);
-        for &v in self.held.keys().filter(|&&v| v != self.id) {
+        for &v in self.sharers.iter().filter(|&&v| v != self.id) {
             let seed = pair_seed(&self.mask_secret, &self.roster[&v].mask_key, self.round, self.id, v);
             add_prg(&mut y, &seed, self.id > v);
         }
@@ -502,9 +575,16 @@ impl Server {
             .chain([from])
             .collect();
         let got: BTreeSet<NodeId> = shares.iter().map(|s| s.to).collect();
-        if got != expected || shares.iter().any(|s| s.from != from) {
+        if got != expected || shares.len() != expected.len() || shares.iter().any(|s| s.from != from) {
             return Err(protocol(format!(
                 "node {from} sealed shares for {got:?}; its holders are {expected:?}"
+            )));
+        }
+        if let Some(s) = shares.iter().find(|s| s.ciphertext.len() != SEALED_BYTES) {
+            return Err(protocol(format!(
+                "node {from} sealed {} bytes for node {}; a sealed pair of shares is {SEALED_BYTES}",
+                s.ciphertext.len(),
+                s.to
             )));
         }
         self.sealed.insert(from, shares);
@@ -562,39 +642,51 @@ impl Server {
     }
 
     /// Step 5: removes every mask with the revealed shares and returns the
-    /// sum of the survivors' quantized inputs.
-    pub fn finish(mut self, reveals: &[Reveal]) -> Result<Vec<u32>> {
+    /// sum of the survivors' quantized inputs, with the nodes that
+    /// misbehaved: revealers whose shares do not fit, and nodes whose
+    /// secrets could not be rebuilt (then the sum is an error: it cannot be
+    /// unmasked). Each secret is rebuilt from `t` agreeing shares and
+    /// checked (a seed against its commitment, a mask key against its
+    /// public key) before it is used.
+    pub fn finish(mut self, reveals: &[Reveal]) -> (Result<Vec<u32>>, Vec<Blame>) {
         let req = self.unmask_request();
-        let t = self.threshold as u8;
-        let recover = |node: NodeId, shares: Vec<&Vec<u8>>, what: &str| -> Result<Zeroizing<[u8; 32]>> {
-            let parsed: Vec<Share> = shares
-                .iter()
-                .filter_map(|b| Share::try_from(b.as_slice()).ok())
-                .collect();
-            let bytes = Zeroizing::new(Sharks(t).recover(&parsed).map_err(|e| {
-                SecAggError::TooFew(format!(
-                    "{} shares of node {node}'s {what} arrived, the threshold is {t}: {e}",
-                    parsed.len()
-                ))
-            })?);
-            <[u8; 32]>::try_from(bytes.as_slice())
-                .map(Zeroizing::new)
-                .map_err(|_| protocol(format!("node {node}'s {what} has {} bytes", bytes.len())))
-        };
+        let mut blamed = Vec::new();
+        let mut failed = Vec::new();
+        let mut seeds = Vec::new();
         for &u in &req.survivors {
             let shares = reveals
                 .iter()
-                .flat_map(|r| r.seed_shares.iter().filter(|(v, _)| *v == u).map(|(_, s)| s))
+                .flat_map(|r| r.seed_shares.iter().filter(|(v, _)| *v == u).map(|(_, s)| (r.from, s)))
                 .collect();
-            let seed = recover(u, shares, "self-mask seed")?;
-            add_prg(&mut self.sum, &seed, true);
+            let commitment = self.roster[&u].seed_commitment;
+            let round = self.round;
+            let checks = |seed: &[u8; 32]| seed_commitment(round, u, seed) == commitment;
+            match self.rebuild(u, "self-mask seed", shares, checks, &mut blamed) {
+                Ok(seed) => seeds.push(seed),
+                Err(e) => failed.push(e),
+            }
         }
+        let mut keys = Vec::new();
         for &v in &req.dropped {
             let shares = reveals
                 .iter()
-                .flat_map(|r| r.key_shares.iter().filter(|(w, _)| *w == v).map(|(_, s)| s))
+                .flat_map(|r| r.key_shares.iter().filter(|(w, _)| *w == v).map(|(_, s)| (r.from, s)))
                 .collect();
-            let key = StaticSecret::from(*recover(v, shares, "mask key")?);
+            let public = self.roster[&v].mask_key;
+            let checks = |key: &[u8; 32]| PublicKey::from(&StaticSecret::from(*key)).to_bytes() == public;
+            match self.rebuild(v, "mask key", shares, checks, &mut blamed) {
+                Ok(key) => keys.push((v, key)),
+                Err(e) => failed.push(e),
+            }
+        }
+        if let Some(first) = failed.into_iter().next() {
+            return (Err(first), blamed);
+        }
+        for seed in &seeds {
+            add_prg(&mut self.sum, seed, true);
+        }
+        for (v, key) in keys {
+            let key = StaticSecret::from(*key);
             for &u in self.graph.get(&v).into_iter().flatten() {
                 if !self.inputs.contains(&u) {
                     continue;
@@ -604,8 +696,125 @@ impl Server {
                 add_prg(&mut self.sum, &seed, u < v);
             }
         }
-        Ok(self.sum)
+        (Ok(self.sum), blamed)
     }
+
+    /// Who holds shares of `node`'s secrets, in the order its shares were
+    /// dealt (share `x` = position + 1).
+    fn holders(&self, node: NodeId) -> Vec<NodeId> {
+        let mut h: Vec<NodeId> = self.graph.get(&node).into_iter().flatten().copied().collect();
+        h.push(node);
+        h.sort_unstable();
+        h.dedup();
+        h
+    }
+
+    /// Rebuilds `node`'s `what` from the shares revealed for it (revealer,
+    /// bytes): the first `t` of them that agree on a secret `checks`
+    /// accepts. Shares a revealer does not hold, malformed ones and ones
+    /// that do not fit the rebuilt secret are blamed on their revealer; a
+    /// secret that cannot be rebuilt is blamed on its node.
+    fn rebuild(
+        &self,
+        node: NodeId,
+        what: &str,
+        shares: Vec<(NodeId, &Vec<u8>)>,
+        checks: impl Fn(&[u8; 32]) -> bool,
+        blamed: &mut Vec<Blame>,
+    ) -> Result<Zeroizing<[u8; 32]>> {
+        let holders = self.holders(node);
+        let t = self.threshold;
+        let mut valid: Vec<(NodeId, Share)> = Vec::new();
+        for (from, bytes) in shares {
+            let position = holders.iter().position(|&h| h == from);
+            match (position, Share::try_from(bytes.as_slice())) {
+                (None, _) => blamed.push(Blame {
+                    node: from,
+                    reason: format!("revealed a share of node {node}'s {what}, which it does not hold"),
+                }),
+                (Some(i), Ok(share)) if bytes.len() == SHARE_BYTES && usize::from(share.x.0) == i + 1 => {
+                    if valid.iter().all(|(v, _)| *v != from) {
+                        valid.push((from, share));
+                    }
+                }
+                (Some(_), _) => blamed.push(Blame {
+                    node: from,
+                    reason: format!("revealed a malformed share of node {node}'s {what}"),
+                }),
+            }
+        }
+        let give_up = |reason: String, blamed: &mut Vec<Blame>| {
+            blamed.push(Blame {
+                node,
+                reason: reason.clone(),
+            });
+            SecAggError::TooFew(reason)
+        };
+        if valid.len() < t {
+            return Err(give_up(
+                format!(
+                    "{} usable shares of node {node}'s {what} arrived, the threshold is {t}",
+                    valid.len()
+                ),
+                blamed,
+            ));
+        }
+        let secret_of = |picked: &mut dyn Iterator<Item = &Share>| -> Option<Zeroizing<[u8; 32]>> {
+            let shares: Vec<&Share> = picked.collect();
+            let bytes = Zeroizing::new(Sharks(t as u8).recover(shares).ok()?);
+            <[u8; 32]>::try_from(bytes.as_slice()).ok().map(Zeroizing::new)
+        };
+        let mut pick: Vec<usize> = (0..t).collect();
+        let mut found = None;
+        for _ in 0..REBUILD_TRIES {
+            if let Some(secret) = secret_of(&mut pick.iter().map(|&i| &valid[i].1))
+                && checks(&secret)
+            {
+                found = Some(secret);
+                break;
+            }
+            if !next_combination(&mut pick, valid.len()) {
+                break;
+            }
+        }
+        let Some(secret) = found else {
+            return Err(give_up(
+                format!(
+                    "no {t} of the {} shares of node {node}'s {what} rebuild it: they were dealt or revealed wrong",
+                    valid.len()
+                ),
+                blamed,
+            ));
+        };
+        // Every other share must give the same secret with t − 1 good ones.
+        for (i, (from, share)) in valid.iter().enumerate() {
+            if pick.contains(&i) {
+                continue;
+            }
+            let mut with = pick[..t - 1].iter().map(|&j| &valid[j].1).chain([share]);
+            if secret_of(&mut with).as_deref() != Some(&*secret) {
+                blamed.push(Blame {
+                    node: *from,
+                    reason: format!("revealed a share of node {node}'s {what} that does not fit the others"),
+                });
+            }
+        }
+        Ok(secret)
+    }
+}
+
+/// Moves `pick` (ascending indexes below `n`) to the next combination in
+/// lexicographic order; false after the last.
+fn next_combination(pick: &mut [usize], n: usize) -> bool {
+    let k = pick.len();
+    let Some(i) = (0..k).rev().find(|&i| pick[i] < n - k + i) else {
+        return false;
+    };
+    pick[i] += 1;
+    for j in i + 1..k {
+        pick[j] = pick[j - 1] + 1;
+    }
+    true
 }
 
 #[cfg(test)]
@@ -656,7 +865,10 @@ mod tests {
             }
         }
         let survivors = server.survivors();
-        let sum = server.finish(&reveals)?;
+        let (sum, blamed) = server.finish(&reveals);
+        let sum = sum?;
+        assert!(blamed.is_empty(), "{blamed:?}");
+        q.check_sum(&sum, survivors)?;
         Ok((q.dequantize_sum(&sum, survivors), masked_seen))
     }
 
@@ -798,16 +1010,146 @@ mod tests {
         let (mut server, mut clients, roster, graph, all) = three_after_sharing(6);
         let mut forged = server.shares_for(0);
         forged[0].ciphertext[3] ^= 1;
-        let e = clients[0].receive_shares(&forged).unwrap_err();
-        assert!(matches!(e, SecAggError::Sealed { .. }), "{e}");
+        let unopened = clients[0].receive_shares(&forged).unwrap();
+        assert!(matches!(unopened[..], [SecAggError::Sealed { .. }]), "{unopened:?}");
         let e = clients[0].receive_shares(&server.shares_for(1)).unwrap_err();
         assert!(e.to_string().contains("are for node 1"), "{e}");
         let e = server.add_masked(0, &[1, 2]).unwrap_err();
         assert!(e.to_string().contains("sent 2 values; the model has 4"), "{e}");
         let e = server.share_keys(1, all[0].clone()).unwrap_err();
         assert!(e.to_string().contains("node 1 sealed shares for"), "{e}");
+        let mut short = all[1].clone();
+        short[0].ciphertext.pop();
+        let e = server.share_keys(1, short).unwrap_err();
+        assert!(e.to_string().contains("node 1 sealed 81 bytes for node"), "{e}");
         let e = clients[1].share_keys(&roster, &graph[&1], 9).unwrap_err();
         assert!(e.to_string().contains("cannot protect the shares"), "{e}");
+    }
+
+    /// Five nodes, every one a neighbour of every other, threshold 3, that
+    /// have shared keys; `spoil(from, sealed)` may tamper with what a node sealed.
+    fn five_after_sharing(
+        spoil: impl Fn(NodeId, &mut Vec<SealedShares>),
+    ) -> (Server, Vec<Client>, Vec<Vec<SealedShares>>) {
+        let mut rng = ChaCha20Rng::seed_from_u64(11);
+        let mut server = Server::new(4, 3, 3);
+        let mut clients = Vec::new();
+        for id in 0..5 {
+            let (c, a) = Client::new(id, 4, &mut rng);
+            server.advertise(a).unwrap();
+            clients.push(c);
+        }
+        let (roster, graph) = server.roster(4, 2).unwrap();
+        let mut all = Vec::new();
+        for c in &mut clients {
+            let mut sealed = c.share_keys(&roster, &graph[&c.id], 3).unwrap();
+            spoil(c.id, &mut sealed);
+            all.push(sealed.clone());
+            server.share_keys(c.id, sealed).unwrap();
+        }
+        (server, clients, all)
+    }
+
+    #[test]
+    fn lying_revealers_are_named_and_the_sum_still_unmasks() {
+        let (mut server, mut clients, _) = five_after_sharing(|_, _| {});
+        for c in &mut clients {
+            assert!(c.receive_shares(&server.shares_for(c.id)).unwrap().is_empty());
+            server.add_masked(c.id, &c.mask(&[10, 20, 30])).unwrap();
+        }
+        let req = server.unmask_request();
+        let mut reveals: Vec<Reveal> = clients.iter_mut().map(|c| c.unmask(&req).unwrap()).collect();
+        // Node 4 changes its share of node 0's seed, and gives a share of
+        // node 1's seed the x of 0 (which would make it the secret itself).
+        let lie = &mut reveals[4];
+        lie.seed_shares.iter_mut().find(|(v, _)| *v == 0).unwrap().1[7] ^= 0x5a;
+        lie.seed_shares.iter_mut().find(|(v, _)| *v == 1).unwrap().1[0] = 0;
+        // Node 3 hands in the first share it holds of node 2 as its own.
+        let first = reveals[0].seed_shares.iter().find(|(v, _)| *v == 2).unwrap().1.clone();
+        reveals[3].seed_shares.iter_mut().find(|(v, _)| *v == 2).unwrap().1 = first;
+        let (sum, blamed) = server.finish(&reveals);
+        assert_eq!(
+            sum.unwrap(),
+            vec![50, 100, 150],
+            "the seeds checked out without the liars"
+        );
+        let named: Vec<(NodeId, &str)> = blamed.iter().map(|b| (b.node, b.reason.as_str())).collect();
+        assert_eq!(
+            named,
+            [
+                (
+                    4,
+                    "revealed a share of node 0's self-mask seed that does not fit the others"
+                ),
+                (4, "revealed a malformed share of node 1's self-mask seed"),
+                (3, "revealed a malformed share of node 2's self-mask seed"),
+            ]
+        );
+    }
+
+    #[test]
+    fn shares_that_do_not_open_cost_only_the_sender() {
+        // Node 4 seals garbage for node 0: node 0 still masks with it, and
+        // the four other holders rebuild node 4's seed.
+        let (mut server, mut clients, _) = five_after_sharing(|from, sealed| {
+            if from == 4 {
+                sealed.iter_mut().find(|s| s.to == 0).unwrap().ciphertext[5] ^= 1;
+            }
+        });
+        for c in &mut clients {
+            let unopened = c.receive_shares(&server.shares_for(c.id)).unwrap();
+            assert_eq!(unopened.len(), usize::from(c.id == 0), "node {}", c.id);
+            server.add_masked(c.id, &c.mask(&[1, 2, 3])).unwrap();
+        }
+        let req = server.unmask_request();
+        let reveals: Vec<Reveal> = clients.iter_mut().map(|c| c.unmask(&req).unwrap()).collect();
+        let (sum, blamed) = server.finish(&reveals);
+        assert_eq!((sum.unwrap(), blamed), (vec![5, 10, 15], Vec::new()));
+
+        // Node 4 seals garbage for everyone else: only its own share of its
+        // seed is left, so the sum cannot be unmasked, and node 4 is named.
+        let (mut server, mut clients, _) = five_after_sharing(|from, sealed| {
+            if from == 4 {
+                for s in sealed.iter_mut().filter(|s| s.to != 4) {
+                    s.ciphertext[0] ^= 1;
+                }
+            }
+        });
+        for c in &mut clients {
+            c.receive_shares(&server.shares_for(c.id)).unwrap();
+            server.add_masked(c.id, &c.mask(&[1, 2, 3])).unwrap();
+        }
+        let req = server.unmask_request();
+        let reveals: Vec<Reveal> = clients.iter_mut().map(|c| c.unmask(&req).unwrap()).collect();
+        let (sum, blamed) = server.finish(&reveals);
+        let e = sum.unwrap_err().to_string();
+        assert!(
+            e.contains("1 usable shares of node 4's self-mask seed arrived, the threshold is 3"),
+            "{e}"
+        );
+        assert_eq!(blamed.iter().map(|b| b.node).collect::<Vec<_>>(), [4]);
+    }
+
+    #[test]
+    fn an_input_out_of_range_shows_in_the_sum() {
+        let (mut server, mut clients, _) = five_after_sharing(|_, _| {});
+        let q = Quantizer::new(1.0, 5);
+        let top = (1u32 << q.bits) - 1;
+        for c in &mut clients {
+            c.receive_shares(&server.shares_for(c.id)).unwrap();
+            // Node 2 adds 2^31 to its quantized input (no honest node can).
+            let x = if c.id == 2 { [top, 1 << 31, 0] } else { [top, top, 0] };
+            server.add_masked(c.id, &c.mask(&x)).unwrap();
+        }
+        let req = server.unmask_request();
+        let reveals: Vec<Reveal> = clients.iter_mut().map(|c| c.unmask(&req).unwrap()).collect();
+        let sum = server.finish(&reveals).0.unwrap();
+        assert_eq!(sum[0], 5 * top, "five maxima are in range");
+        let e = q.check_sum(&sum, 5).unwrap_err().to_string();
+        assert!(
+            e.contains("1 of 3 values of the unmasked sum are beyond what 5 inputs"),
+            "{e}"
+        );
     }
 
     #[test]

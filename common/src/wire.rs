@@ -621,6 +621,7 @@ pub mod secagg {
                 id: a.id,
                 cipher_key: a.cipher_key.to_vec().into(),
                 mask_key: a.mask_key.to_vec().into(),
+                seed_commitment: a.seed_commitment.to_vec().into(),
             }
         }
     }
@@ -633,6 +634,12 @@ pub mod secagg {
                 id: k.id,
                 cipher_key: key(&k.cipher_key, "cipher")?,
                 mask_key: key(&k.mask_key, "mask")?,
+                seed_commitment: <[u8; 32]>::try_from(&k.seed_commitment[..]).map_err(|_| {
+                    Error::Payload(format!(
+                        "a self-mask seed commitment has {} bytes; it is a SHA-256 digest of 32",
+                        k.seed_commitment.len()
+                    ))
+                })?,
             })
         }
     }

@@ -254,6 +254,9 @@ pub struct Aggregated {
     /// The step the new model takes (new global − old), when tracked and
     /// the old model is in memory.
     direction: Option<Arc<Vec<f32>>>,
+    /// Secure aggregation: nodes caught misbehaving while unmasking (name,
+    /// what they did).
+    misbehaved: Vec<(String, String)>,
 }
 
 impl AggregationJob {
@@ -271,12 +274,17 @@ impl AggregationJob {
         // The strategy as it was before the step: a failed or rejected step
         // leaves no trace in it.
         let before = Some(Box::new(self.strategy.clone()));
+        let mut misbehaved = Vec::new();
         let combined = match self.unmask.take() {
-            Some(job) => job.run().map(|u| {
-                count = u.survivors;
-                unclipped_secure = Some(u.unclipped);
-                (u.mean, None)
-            }),
+            Some(job) => {
+                let (unmasked, blamed) = job.run();
+                misbehaved = blamed;
+                unmasked.map(|u| {
+                    count = u.survivors;
+                    unclipped_secure = Some(u.unclipped);
+                    (u.mean, None)
+                })
+            }
             None => self.aggregate.finish(),
         };
         let result = combined.and_then(|(mut delta, control_sum)| {
@@ -327,6 +335,7 @@ impl AggregationJob {
             rejected: false,
             model_norm,
             direction,
+            misbehaved,
         };
         // A step that failed part-way leaves the strategy as it was.
         if done.result.is_err()
@@ -1144,6 +1153,9 @@ impl RoundMachine {
         };
         self.strategy = Some(done.strategy);
         let privacy = done.privacy;
+        for (node, reason) in &done.misbehaved {
+            tracing::warn!(round, node = %node, reason, "secure aggregation: node misbehaved while unmasking");
+        }
         let global = match done.result {
             Ok(g) => g,
             Err(reason) if done.rejected => {
@@ -1165,6 +1177,16 @@ impl RoundMachine {
             }
             Err(reason) => {
                 tracing::warn!(round, reason, "aggregation failed; retrying the round");
+                // Under secure aggregation the nodes caught misbehaving (or
+                // whose secrets could not be rebuilt) sit the retry out.
+                if !done.misbehaved.is_empty() {
+                    if self.suspects.0 != round {
+                        self.suspects = (round, BTreeSet::new());
+                    }
+                    self.suspects
+                        .1
+                        .extend(done.misbehaved.into_iter().map(|(node, _)| node));
+                }
                 return self.start_attempt(round, state.attempt + 1, now_ms);
             }
         };

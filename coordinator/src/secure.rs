@@ -28,7 +28,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 
-use fedge_common::secagg::{Advertise, NodeId, Quantizer, Reveal, SealedShares, SecAggError, Server, UnmaskRequest};
+use fedge_common::secagg::{
+    Advertise, NodeId, Quantizer, Reveal, SHARE_BYTES, SealedShares, SecAggError, Server, UnmaskRequest,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::strategy::aggregate::lock;
@@ -280,10 +282,64 @@ impl SecureRound {
                 if self.reveals.contains_key(node) {
                     return Err(Refusal(format!("node {node} already answered")));
                 }
+                self.check_reveal(node, &r)?;
                 self.reveals.insert(node.to_owned(), r);
             }
         }
         self.protocol_bytes += bytes;
+        Ok(())
+    }
+
+    /// An unmasking answer may hold shares of the survivors' seeds and of
+    /// the dropped nodes' mask keys, one per node, and nothing else: a
+    /// share of a survivor's mask key (or a dropped node's seed) would help
+    /// unmask one node's update, and is refused unused.
+    fn check_reveal(&self, node: &str, r: &Reveal) -> Result<(), Refusal> {
+        let by_id: BTreeMap<NodeId, &String> = self.ids.iter().map(|(n, &id)| (id, n)).collect();
+        let named = |id: NodeId| by_id.get(&id).map_or_else(|| format!("number {id}"), |n| (*n).clone());
+        let survivor = |id: NodeId| by_id.get(&id).is_some_and(|n| self.survivors.contains(*n));
+        let dropped = |id: NodeId| {
+            by_id
+                .get(&id)
+                .is_some_and(|n| self.shared.contains(*n) && !self.survivors.contains(*n))
+        };
+        for (shares, what, allowed, whose) in [
+            (
+                &r.seed_shares,
+                "self-mask seed",
+                &survivor as &dyn Fn(NodeId) -> bool,
+                "survivor",
+            ),
+            (
+                &r.key_shares,
+                "mask key",
+                &dropped as &dyn Fn(NodeId) -> bool,
+                "dropped node",
+            ),
+        ] {
+            let mut seen = BTreeSet::new();
+            for (id, share) in shares {
+                if !allowed(*id) {
+                    return Err(Refusal(format!(
+                        "node {node} revealed a share of the {what} of {}, which is no {whose} of this round: that could unmask one node's update",
+                        named(*id)
+                    )));
+                }
+                if !seen.insert(*id) {
+                    return Err(Refusal(format!(
+                        "node {node} revealed two shares of the {what} of {}",
+                        named(*id)
+                    )));
+                }
+                if share.len() != SHARE_BYTES {
+                    return Err(Refusal(format!(
+                        "node {node} revealed a {}-byte share of the {what} of {}; a share is {SHARE_BYTES} bytes",
+                        share.len(),
+                        named(*id)
+                    )));
+                }
+            }
+        }
         Ok(())
     }
 
@@ -405,6 +461,7 @@ impl SecureRound {
             .sum();
         let server = std::mem::replace(&mut *lock(&self.server), Server::new(0, 0, 2));
         UnmaskJob {
+            names: self.ids.into_iter().map(|(name, id)| (id, name)).collect(),
             server,
             reveals: self.reveals.into_values().collect(),
             quantizer: self.quantizer,
@@ -423,6 +480,8 @@ fn roster_bytes(nodes: usize, neighbours: usize) -> u64 {
 /// Removing the masks of a secure round and turning the sum into a mean.
 #[derive(Debug)]
 pub struct UnmaskJob {
+    /// Node names by their number in the round.
+    names: BTreeMap<NodeId, String>,
     server: Server,
     reveals: Vec<Reveal>,
     quantizer: Quantizer,
@@ -442,10 +501,33 @@ pub struct Unmasked {
 }
 
 impl UnmaskJob {
-    /// Rebuilds the secrets, removes the masks and dequantizes (blocking, CPU-bound).
-    pub fn run(self) -> Result<Unmasked, String> {
-        let sum = self.server.finish(&self.reveals).map_err(|e| e.to_string())?;
-        let mut values = self.quantizer.dequantize_sum(&sum, self.survivors);
+    /// Rebuilds the secrets, removes the masks, checks the sum's range and
+    /// dequantizes (blocking, CPU-bound); with the nodes that misbehaved
+    /// (name, what they did), whether or not the sum could be unmasked.
+    pub fn run(mut self) -> (Result<Unmasked, String>, Vec<(String, String)>) {
+        let server = std::mem::replace(&mut self.server, Server::new(0, 0, 2));
+        let (sum, blamed) = server.finish(&self.reveals);
+        let blamed = blamed
+            .into_iter()
+            .map(|b| {
+                let name = self
+                    .names
+                    .get(&b.node)
+                    .cloned()
+                    .unwrap_or_else(|| format!("number {}", b.node));
+                (name, b.reason)
+            })
+            .collect();
+        let unmasked = sum.and_then(|sum| {
+            self.quantizer.check_sum(&sum, self.survivors)?;
+            Ok(sum)
+        });
+        let result = unmasked.map_err(|e| e.to_string()).map(|sum| self.dequantize(&sum));
+        (result, blamed)
+    }
+
+    fn dequantize(&self, sum: &[u32]) -> Unmasked {
+        let mut values = self.quantizer.dequantize_sum(sum, self.survivors);
         let indicator = values.pop().unwrap_or(0.0);
         let unclipped = (f64::from(indicator).round().max(0.0) as usize).min(self.survivors);
         let scale = if self.weight_sum > 0.0 {
@@ -456,11 +538,11 @@ impl UnmaskJob {
         for v in &mut values {
             *v = (f64::from(*v) * scale) as f32;
         }
-        Ok(Unmasked {
+        Unmasked {
             mean: values,
             unclipped,
             survivors: self.survivors,
-        })
+        }
     }
 }
 

@@ -554,7 +554,12 @@ impl SecureSession {
             Some(Kind::SecaggShares(s)) if s.round == self.round => {
                 let shares: Vec<secagg::SealedShares> = s.shares.iter().map(secagg::SealedShares::from).collect();
                 match self.client.receive_shares(&shares) {
-                    Ok(()) => {
+                    Ok(unopened) => {
+                        // Another node's fault: it cannot be unmasked
+                        // through this one, and the round goes on.
+                        for e in unopened {
+                            tracing::warn!(round = self.round, reason = %e, "secure aggregation: a neighbour's shares do not open");
+                        }
                         self.received = true;
                         None
                     }

@@ -100,6 +100,17 @@ impl Upload {
         }
     }
 
+    /// A secure-aggregation masked input: the model's manifest with the
+    /// ring elements (one more than the model has: the clipping indicator).
+    pub fn masked(session: &str, task: &pb::TrainTask, manifest: &pb::Manifest, words: &[u32], samples: u64) -> Self {
+        let values: Vec<f32> = words.iter().map(|&w| f32::from_bits(w)).collect();
+        let mut up = Self::new(session, task, manifest, &values, samples);
+        if let Some(m) = up.header.manifest.as_mut() {
+            m.encoding = pb::Encoding::MaskedU32 as i32;
+        }
+        up
+    }
+
     pub fn messages(&self, chunk: usize) -> Vec<pb::UpdateChunk> {
         let mut v = vec![header(self.header.clone())];
         v.extend(self.payload.chunks(chunk).map(|c| data(c.to_vec())));

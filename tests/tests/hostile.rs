@@ -15,7 +15,10 @@
 use std::path::Path;
 use std::time::Duration;
 
+use anyhow::Context;
 use fedge_common::pb;
+use fedge_common::pb::sec_agg_message::Kind;
+use fedge_common::secagg;
 use fedge_tests::raw::{Upload, fetch_values, header, honest, join, join_request, model_manifest, numel, send, task};
 use fedge_tests::{Daemon, coordinator_args, free_port, plaintext_client, run_history};
 
@@ -340,5 +343,302 @@ async fn a_model_that_wrecks_the_loss_is_rejected_and_its_round_retried_without_
     assert_eq!(names, ["node-1", "node-2"]);
     let accuracy = rounds[1]["test_accuracy"].as_f64().unwrap();
     assert!(accuracy > 0.8, "round 2 trained on the honest updates: {accuracy}");
+    Ok(())
+}
+
+/// Reads `node`'s instructions until `pick` takes one.
+async fn until<T>(
+    node: &mut fedge_tests::raw::Node,
+    what: &str,
+    pick: impl Fn(pb::instruction::Kind) -> Option<T>,
+) -> anyhow::Result<T> {
+    loop {
+        let next = tokio::time::timeout(Duration::from_secs(120), node.instructions.message())
+            .await
+            .map_err(|_| anyhow::anyhow!("no {what} in 120 s"))??;
+        match next.and_then(|i| i.kind) {
+            Some(kind) => {
+                if let Some(t) = pick(kind) {
+                    return Ok(t);
+                }
+            }
+            None => anyhow::bail!("the instruction stream ended before the {what}"),
+        }
+    }
+}
+
+async fn secagg(
+    node: &mut fedge_tests::raw::Node,
+    round: u64,
+    kind: pb::sec_agg_message::Kind,
+) -> Result<pb::SecAggAck, tonic::Status> {
+    let msg = pb::SecAggMessage {
+        node_id: node.session.clone(),
+        round,
+        kind: Some(kind),
+    };
+    node.client.secure_aggregation(msg).await.map(|r| r.into_inner())
+}
+
+/// What a hostile node of a secure round holds after advertising its keys
+/// and reading the roster.
+struct Keys {
+    client: secagg::Client,
+    task: pb::TrainTask,
+    sec: pb::SecureAggregationTask,
+    roster: Vec<secagg::Advertise>,
+    neighbours: Vec<secagg::NodeId>,
+}
+
+async fn advertise(h: &mut fedge_tests::raw::Node) -> anyhow::Result<Keys> {
+    let task = until(h, "task", |k| match k {
+        pb::instruction::Kind::Train(t) => Some(t),
+        _ => None,
+    })
+    .await?;
+    let sec = task.secure_aggregation.context("a secure task")?;
+    let (client, keys) = secagg::Client::new(sec.id, task.round, &mut rand::rng());
+    secagg(h, task.round, Kind::Advertise(pb::SecAggKeys::from(&keys))).await?;
+    let roster = until(h, "roster", |k| match k {
+        pb::instruction::Kind::SecaggRoster(r) => Some(r),
+        _ => None,
+    })
+    .await?;
+    Ok(Keys {
+        client,
+        sec,
+        roster: roster
+            .nodes
+            .iter()
+            .map(secagg::Advertise::try_from)
+            .collect::<Result<_, _>>()?,
+        neighbours: roster.neighbours,
+        task,
+    })
+}
+
+async fn forwarded_shares(h: &mut fedge_tests::raw::Node) -> anyhow::Result<Vec<secagg::SealedShares>> {
+    let shares = until(h, "shares", |k| match k {
+        pb::instruction::Kind::SecaggShares(s) => Some(s),
+        _ => None,
+    })
+    .await?;
+    Ok(shares.shares.iter().map(secagg::SealedShares::from).collect())
+}
+
+async fn unmask_request(h: &mut fedge_tests::raw::Node) -> anyhow::Result<secagg::UnmaskRequest> {
+    let u = until(h, "unmasking request", |k| match k {
+        pb::instruction::Kind::SecaggUnmask(u) => Some(u),
+        _ => None,
+    })
+    .await?;
+    Ok(secagg::UnmaskRequest::from(&u))
+}
+
+fn sealed(v: &[secagg::SealedShares]) -> Kind {
+    Kind::Shares(pb::SealedShares {
+        shares: v.iter().map(pb::SealedShare::from).collect(),
+    })
+}
+
+/// Secure aggregation with a hostile fourth node beside three honest edge
+/// nodes (secure aggregation needs at least three in a round). Round 1: its misnumbered keys, short commitment, shares for the
+/// wrong holders or of the wrong size, and unmasking answers that would
+/// unmask a survivor are refused with their reasons; its out-of-range
+/// masked input shows in the unmasked sum and its lying share is named,
+/// so the round is retried without it. Round 2: it seals garbage for its
+/// neighbours (the coordinator cannot tell): they go on without its
+/// shares, its seed cannot be rebuilt, and the round is retried without
+/// it. Both committed models are the honest nodes' mean.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostile_node_in_secure_aggregation_is_refused_named_and_left_out() -> anyhow::Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let out = tmp.path().join("run");
+    let port = free_port();
+    let data = [
+        ("data.synthetic_train_samples", "1200".to_string()),
+        ("data.synthetic_test_samples", "100".into()),
+    ];
+    let mut settings = vec![
+        ("rounds", "2".to_string()),
+        ("sampling.min_nodes", "3".into()),
+        ("sampling.min_available", "4".into()),
+        ("sampling.failure_cooldown_rounds", "0".into()),
+        ("secure_aggregation.enabled", "true".into()),
+        ("secure_aggregation.max_dropout", "0.4".into()),
+        ("secure_aggregation.range", "1.0".into()),
+        ("secure_aggregation.step_timeout", "\"30s\"".into()),
+    ];
+    settings.extend(data.iter().cloned());
+    let mut coord = Daemon::start(
+        "coordinator",
+        "coordinator",
+        &coordinator_args(port, &out, &settings),
+        tmp.path(),
+    )?;
+    let record = |i: usize| format!("\"{}\"", tmp.path().join(format!("sent-{i}")).display());
+    let mut nodes = fedge_tests::start_nodes(tmp.path(), port, 3, 4, |i| {
+        let mut s = data.to_vec();
+        s.push(("record_dir", record(i)));
+        s
+    })?;
+    let mut h = join(port, "node-h", 300).await?;
+
+    // Round 1.
+    let mut k = advertise(&mut h).await?;
+    let (round, id) = (k.task.round, k.sec.id);
+    // (Advertised already: a second, misnumbered or malformed, is refused.)
+    let (_, fresh) = secagg::Client::new(id, round, &mut rand::rng());
+    let mut wrong = pb::SecAggKeys::from(&fresh);
+    wrong.seed_commitment.truncate(5);
+    refused(
+        secagg(&mut h, round, Kind::Advertise(wrong)).await,
+        tonic::Code::InvalidArgument,
+        "a self-mask seed commitment has 5 bytes; it is a SHA-256 digest of 32",
+    );
+    refused(
+        secagg(&mut h, round, Kind::Advertise(pb::SecAggKeys::from(&fresh))).await,
+        tonic::Code::FailedPrecondition,
+        "keys came while the round is sharing",
+    );
+    let shares = k
+        .client
+        .share_keys(&k.roster, &k.neighbours, k.sec.threshold as usize)?;
+    refused(
+        secagg(&mut h, round, sealed(&shares[1..])).await,
+        tonic::Code::FailedPrecondition,
+        &format!("secure aggregation: node {id} sealed shares for"),
+    );
+    let mut short = shares.clone();
+    short[0].ciphertext.pop();
+    refused(
+        secagg(&mut h, round, sealed(&short)).await,
+        tonic::Code::FailedPrecondition,
+        &format!(
+            "node {id} sealed 81 bytes for node {}; a sealed pair of shares is 82",
+            short[0].to
+        ),
+    );
+    secagg(&mut h, round, sealed(&shares)).await?;
+    let unopened = k.client.receive_shares(&forwarded_shares(&mut h).await?)?;
+    assert!(unopened.is_empty(), "{unopened:?}");
+    let manifest = model_manifest(&mut h).await?;
+    let n = numel(&manifest);
+    // Far above what an input within the range quantizes to.
+    let masked = k.client.mask(&vec![(1 << 31) + (1 << 29); n + 1]);
+    send(
+        &mut h.client,
+        Upload::masked(&h.session, &k.task, &manifest, &masked, 300).messages(1 << 20),
+    )
+    .await?;
+    let req = unmask_request(&mut h).await?;
+    let victim = *req.survivors.iter().find(|&&v| v != id).context("another survivor")?;
+    let reveal = |seed_shares, key_shares| {
+        Kind::Reveal(fedge_common::wire::secagg::reveal_to_wire(&secagg::Reveal {
+            from: id,
+            seed_shares,
+            key_shares,
+        }))
+    };
+    refused(
+        secagg(&mut h, round, reveal(vec![], vec![(victim, vec![1; 33])])).await,
+        tonic::Code::FailedPrecondition,
+        "which is no dropped node of this round: that could unmask one node's update",
+    );
+    refused(
+        secagg(&mut h, round, reveal(vec![(victim, vec![1; 5])], vec![])).await,
+        tonic::Code::FailedPrecondition,
+        "revealed a 5-byte share of the self-mask seed of node-",
+    );
+    let mut answer = k.client.unmask(&req)?;
+    answer
+        .seed_shares
+        .iter_mut()
+        .find(|(v, _)| *v == victim)
+        .context("a share")?
+        .1[5] ^= 0x55;
+    secagg(&mut h, round, reveal(answer.seed_shares, answer.key_shares)).await?;
+
+    // Round 2 (round 1's retry goes on without node-h).
+    let mut k = advertise(&mut h).await?;
+    let (round, id) = (k.task.round, k.sec.id);
+    assert_eq!(round, 2);
+    let mut garbage = k
+        .client
+        .share_keys(&k.roster, &k.neighbours, k.sec.threshold as usize)?;
+    for s in &mut garbage {
+        s.ciphertext[0] ^= 1;
+    }
+    secagg(&mut h, round, sealed(&garbage)).await?;
+    let unopened = k.client.receive_shares(&forwarded_shares(&mut h).await?)?;
+    assert_eq!(unopened.len(), 1, "only its own garbage: {unopened:?}");
+    let q = secagg::Quantizer {
+        range: k.sec.range,
+        bits: k.sec.bits,
+    };
+    let masked = k.client.mask(&q.quantize(&vec![0.0; n + 1], &mut rand::rng()));
+    send(
+        &mut h.client,
+        Upload::masked(&h.session, &k.task, &manifest, &masked, 300).messages(1 << 20),
+    )
+    .await?;
+    let req = unmask_request(&mut h).await?;
+    let answer = k.client.unmask(&req)?;
+    secagg(&mut h, round, reveal(answer.seed_shares, answer.key_shares)).await?;
+
+    let status = coord.wait(Duration::from_secs(240))?;
+    anyhow::ensure!(status.success(), "coordinator failed:\n{}", coord.log_text());
+    let log = coord.log_text();
+    assert!(log.contains("a masked input was out of range"), "{log}");
+    for line in [
+        format!("revealed a share of node {victim}'s self-mask seed that does not fit the others"),
+        format!("0 usable shares of node {id}'s self-mask seed arrived, the threshold is 3"),
+    ] {
+        assert!(
+            log.lines().any(|l| l.contains(&line) && l.contains("node=node-h")),
+            "`{line}` not logged against node-h:\n{log}"
+        );
+    }
+    for node in &mut nodes {
+        node.wait(Duration::from_secs(30))?;
+        assert!(
+            node.log_text()
+                .contains("secure aggregation: a neighbour's shares do not open"),
+            "{}",
+            node.log_text()
+        );
+    }
+
+    // Each committed model moved by the honest nodes' mean (equal data:
+    // equal weights), within the quantization step.
+    let history = run_history(&out)?;
+    let rounds = history["rounds"].as_array().context("rounds")?;
+    assert_eq!(rounds.len(), 2);
+    let refusals = rounds[0]["refusals"]["secure_aggregation"].as_u64().unwrap_or(0);
+    assert!(refusals >= 5, "{}", rounds[0]["refusals"]);
+    for (r, rec) in rounds.iter().enumerate() {
+        let mut names: Vec<&str> = rec["participants"]
+            .as_array()
+            .context("participants")?
+            .iter()
+            .filter_map(|p| p["node"].as_str())
+            .collect();
+        names.sort_unstable();
+        assert_eq!(names, ["node-1", "node-2", "node-3"], "round {}", r + 1);
+        let bits = rec["secure_aggregation"]["bits"].as_u64().context("bits")? as i32;
+        let step = 2.0 / (2f64.powi(bits) - 1.0);
+        let before = fedge_tests::load_params(&out.join(format!("rounds/round-{r:04}.safetensors")))?;
+        let after = fedge_tests::load_params(&out.join(format!("rounds/round-{:04}.safetensors", r + 1)))?;
+        let sent: Vec<_> = (0..3)
+            .map(|i| fedge_tests::load_params(&tmp.path().join(format!("sent-{i}/round-{:04}.safetensors", r + 1))))
+            .collect::<Result<_, _>>()?;
+        let mut worst = 0f64;
+        for i in 0..n {
+            let mean = sent.iter().map(|p| f64::from(p.values[i])).sum::<f64>() / 3.0;
+            let moved = f64::from(after.values[i]) - f64::from(before.values[i]);
+            worst = worst.max((moved - mean).abs());
+        }
+        assert!(worst <= step + 1e-6, "round {}: {worst} off the honest mean", r + 1);
+    }
     Ok(())
 }
