@@ -694,6 +694,9 @@ pub struct RoundMachine {
     /// Nodes left out of a round's next attempts because a new model with
     /// their update was rejected: (round, names).
     suspects: (u64, BTreeSet<String>),
+    /// The survivor left out of the next attempt of `suspects`' round in
+    /// turn, after a secure sum failed its checks without naming anyone.
+    in_turn: Option<String>,
     /// The last committed step (new global − old), when tracked.
     direction: Option<Arc<Vec<f32>>>,
 }
@@ -724,6 +727,7 @@ impl RoundMachine {
             norm_reference: None,
             pending_joins: VecDeque::new(),
             suspects: (0, BTreeSet::new()),
+            in_turn: None,
             direction: None,
         }
     }
@@ -1156,8 +1160,35 @@ impl RoundMachine {
         for (node, reason) in &done.misbehaved {
             tracing::warn!(round, node = %node, reason, "secure aggregation: node misbehaved while unmasking");
         }
+        let named: Vec<String> = done.misbehaved.into_iter().map(|(node, _)| node).collect();
         let global = match done.result {
             Ok(g) => g,
+            // Under secure aggregation nobody's update can be looked at: the
+            // nodes named while unmasking sit the retry out, and when a sum
+            // fails its checks without naming anyone, one survivor in turn.
+            Err(reason) if state.secure.is_some() => {
+                let in_turn = named.is_empty().then(|| in_turn(&state)).flatten();
+                let (left_out, because) = match &in_turn {
+                    Some(node) => (node.clone(), "in turn (a secure sum names nobody)"),
+                    None => (named.join(","), "named while unmasking"),
+                };
+                tracing::warn!(
+                    round,
+                    reason,
+                    left_out = %left_out,
+                    because,
+                    "secure aggregation: the round's sum was refused; retrying the round"
+                );
+                if self.suspects.0 != round {
+                    self.suspects = (round, BTreeSet::new());
+                    self.in_turn = None;
+                }
+                self.suspects.1.extend(named);
+                if in_turn.is_some() {
+                    self.in_turn = in_turn;
+                }
+                return self.start_attempt(round, state.attempt + 1, now_ms);
+            }
             Err(reason) if done.rejected => {
                 let suspect = suspect(&state.accepted);
                 tracing::warn!(
@@ -1177,20 +1208,11 @@ impl RoundMachine {
             }
             Err(reason) => {
                 tracing::warn!(round, reason, "aggregation failed; retrying the round");
-                // Under secure aggregation the nodes caught misbehaving (or
-                // whose secrets could not be rebuilt) sit the retry out.
-                if !done.misbehaved.is_empty() {
-                    if self.suspects.0 != round {
-                        self.suspects = (round, BTreeSet::new());
-                    }
-                    self.suspects
-                        .1
-                        .extend(done.misbehaved.into_iter().map(|(node, _)| node));
-                }
                 return self.start_attempt(round, state.attempt + 1, now_ms);
             }
         };
         self.suspects.1.clear();
+        self.in_turn = None;
         self.direction = done.direction;
         if let Some(median) = median_norm(&state.accepted) {
             self.norm_reference = Some(median);
@@ -1316,11 +1338,12 @@ impl RoundMachine {
         };
         // Nodes left out of a rejected model of this round ([`suspect`])
         // sit its next attempts out, as long as enough others are left.
-        if self.suspects.0 == round && !self.suspects.1.is_empty() {
-            let left = |v: &Vec<String>| v.iter().filter(|n| !self.suspects.1.contains(*n)).count();
-            if (left(&fresh) + left(&failed)).min(wanted) >= self.settings.min_nodes {
-                fresh.retain(|n| !self.suspects.1.contains(n));
-                failed.retain(|n| !self.suspects.1.contains(n));
+        if self.suspects.0 == round {
+            let out: BTreeSet<&String> = self.suspects.1.iter().chain(&self.in_turn).collect();
+            let left = |v: &Vec<String>| v.iter().filter(|n| !out.contains(n)).count();
+            if !out.is_empty() && (left(&fresh) + left(&failed)).min(wanted) >= self.settings.min_nodes {
+                fresh.retain(|n| !out.contains(n));
+                failed.retain(|n| !out.contains(n));
             }
         }
         let wanted = wanted.min(fresh.len() + failed.len());
@@ -1510,9 +1533,13 @@ impl RoundMachine {
             return Vec::new();
         };
         let unclipped = r.accepted.iter().filter(|c| !c.clipped).count();
+        // The mean's norm is bounded as one update's would be, except under
+        // differential privacy (the nodes' noise is in the mean; clipping
+        // bounds each update there).
+        let mean_bound = r.norm_bound.clone().filter(|_| r.privacy.is_none());
         let secure = r.secure.map(|s| {
             let record = s.record(r.selected.len(), now_ms);
-            (record, s.into_job(self.update_step(r.round)))
+            (record, s.into_job(self.update_step(r.round), mean_bound))
         });
         let (secure_record, unmask) = secure.map_or((None, None), |(rec, job)| (Some(rec), Some(job)));
         let job = AggregationJob {
@@ -1794,6 +1821,16 @@ impl RoundMachine {
             }
         }
     }
+}
+
+/// The survivor of a secure round to leave out of its next attempt: each
+/// attempt the next one by name, so that within as many attempts as there
+/// are survivors, one leaves out any single node whose input spoils the sum.
+fn in_turn(state: &ClosingState) -> Option<String> {
+    let mut names: Vec<&String> = state.accepted.iter().map(|c| &c.node).collect();
+    names.sort_unstable();
+    let n = names.len();
+    (n > 0).then(|| names[state.attempt as usize % n].clone())
 }
 
 /// The update to leave out of a rejected round's retry. One that weighed

@@ -452,8 +452,9 @@ impl SecureRound {
     }
 
     /// The unmasking work, for the aggregation job.
-    /// `step` turns the mean into the model change (−η for FedSGD gradients).
-    pub fn into_job(self, step: f64) -> UnmaskJob {
+    /// `step` turns the mean into the model change (−η for FedSGD gradients);
+    /// `norm_bound` (the most, and what it is) bounds the mean's L2 norm.
+    pub fn into_job(self, step: f64, norm_bound: Option<(f64, String)>) -> UnmaskJob {
         let weight_sum = self
             .survivors
             .iter()
@@ -468,6 +469,7 @@ impl SecureRound {
             survivors: self.survivors.len(),
             weight_sum,
             step,
+            norm_bound,
         }
     }
 }
@@ -488,6 +490,7 @@ pub struct UnmaskJob {
     survivors: usize,
     weight_sum: f64,
     step: f64,
+    norm_bound: Option<(f64, String)>,
 }
 
 /// What unmasking yields.
@@ -522,8 +525,27 @@ impl UnmaskJob {
             self.quantizer.check_sum(&sum, self.survivors)?;
             Ok(sum)
         });
-        let result = unmasked.map_err(|e| e.to_string()).map(|sum| self.dequantize(&sum));
+        let result = unmasked
+            .map_err(|e| e.to_string())
+            .map(|sum| self.dequantize(&sum))
+            .and_then(|u| self.check_norm(u));
         (result, blamed)
+    }
+
+    /// The mean within the norm bound: one node cannot be told apart in the
+    /// sum, but a sum that moves the model further than the bound lets a
+    /// single update move it is no training step.
+    fn check_norm(&self, u: Unmasked) -> Result<Unmasked, String> {
+        let Some((bound, what)) = &self.norm_bound else {
+            return Ok(u);
+        };
+        let norm = u.mean.iter().map(|&v| f64::from(v) * f64::from(v)).sum::<f64>().sqrt();
+        if norm > *bound {
+            return Err(format!(
+                "the unmasked mean's norm {norm:.4e} exceeds {bound:.4e}, {what} (strategy.max_norm_factor): a masked input was not a training step"
+            ));
+        }
+        Ok(u)
     }
 
     fn dequantize(&self, sum: &[u32]) -> Unmasked {

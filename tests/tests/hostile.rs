@@ -390,12 +390,22 @@ struct Keys {
     neighbours: Vec<secagg::NodeId>,
 }
 
-async fn advertise(h: &mut fedge_tests::raw::Node) -> anyhow::Result<Keys> {
-    let task = until(h, "task", |k| match k {
-        pb::instruction::Kind::Train(t) => Some(t),
+/// The node's next task, or none when the run stops.
+async fn next_task(h: &mut fedge_tests::raw::Node) -> anyhow::Result<Option<pb::TrainTask>> {
+    until(h, "task or stop", |k| match k {
+        pb::instruction::Kind::Train(t) => Some(Some(t)),
+        pb::instruction::Kind::Stop(_) => Some(None),
         _ => None,
     })
-    .await?;
+    .await
+}
+
+async fn advertise(h: &mut fedge_tests::raw::Node) -> anyhow::Result<Keys> {
+    let task = next_task(h).await?.context("a task")?;
+    advertise_for(h, task).await
+}
+
+async fn advertise_for(h: &mut fedge_tests::raw::Node, task: pb::TrainTask) -> anyhow::Result<Keys> {
     let sec = task.secure_aggregation.context("a secure task")?;
     let (client, keys) = secagg::Client::new(sec.id, task.round, &mut rand::rng());
     secagg(h, task.round, Kind::Advertise(pb::SecAggKeys::from(&keys))).await?;
@@ -449,7 +459,10 @@ fn sealed(v: &[secagg::SealedShares]) -> Kind {
 /// so the round is retried without it. Round 2: it seals garbage for its
 /// neighbours (the coordinator cannot tell): they go on without its
 /// shares, its seed cannot be rebuilt, and the round is retried without
-/// it. Both committed models are the honest nodes' mean.
+/// it. Round 3: its input stays within what the sum's range check allows
+/// but moves the mean past the norm bound; nobody can be named, so the
+/// round is retried leaving out one survivor in turn until it is node-h.
+/// Every committed model is the honest nodes' mean.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hostile_node_in_secure_aggregation_is_refused_named_and_left_out() -> anyhow::Result<()> {
     let tmp = tempfile::tempdir()?;
@@ -460,7 +473,7 @@ async fn a_hostile_node_in_secure_aggregation_is_refused_named_and_left_out() ->
         ("data.synthetic_test_samples", "100".into()),
     ];
     let mut settings = vec![
-        ("rounds", "2".to_string()),
+        ("rounds", "3".to_string()),
         ("sampling.min_nodes", "3".into()),
         ("sampling.min_available", "4".into()),
         ("sampling.failure_cooldown_rounds", "0".into()),
@@ -586,10 +599,41 @@ async fn a_hostile_node_in_secure_aggregation_is_refused_named_and_left_out() ->
     let answer = k.client.unmask(&req)?;
     secagg(&mut h, round, reveal(answer.seed_shares, answer.key_shares)).await?;
 
+    // Round 3, attempt after attempt until node-h's turn to sit out.
+    let mut spoiled = 0;
+    while let Some(task) = next_task(&mut h).await? {
+        let mut k = advertise_for(&mut h, task).await?;
+        let round = k.task.round;
+        assert_eq!(round, 3);
+        let shares = k
+            .client
+            .share_keys(&k.roster, &k.neighbours, k.sec.threshold as usize)?;
+        secagg(&mut h, round, sealed(&shares)).await?;
+        k.client.receive_shares(&forwarded_shares(&mut h).await?)?;
+        // Twice the largest value an honest input quantizes to.
+        let top = (1u32 << k.sec.bits) - 1;
+        let masked = k.client.mask(&vec![2 * top; n + 1]);
+        send(
+            &mut h.client,
+            Upload::masked(&h.session, &k.task, &manifest, &masked, 300).messages(1 << 20),
+        )
+        .await?;
+        let answer = k.client.unmask(&unmask_request(&mut h).await?)?;
+        secagg(&mut h, round, reveal(answer.seed_shares, answer.key_shares)).await?;
+        spoiled += 1;
+    }
+    assert!((1..=4).contains(&spoiled), "{spoiled} attempts");
+
     let status = coord.wait(Duration::from_secs(240))?;
     anyhow::ensure!(status.success(), "coordinator failed:\n{}", coord.log_text());
     let log = coord.log_text();
     assert!(log.contains("a masked input was out of range"), "{log}");
+    assert!(log.contains("the unmasked mean's norm"), "{log}");
+    assert!(
+        log.lines()
+            .any(|l| l.contains("left_out=node-h") && l.contains("in turn (a secure sum names nobody)")),
+        "{log}"
+    );
     for line in [
         format!("revealed a share of node {victim}'s self-mask seed that does not fit the others"),
         format!("0 usable shares of node {id}'s self-mask seed arrived, the threshold is 3"),
@@ -613,7 +657,7 @@ async fn a_hostile_node_in_secure_aggregation_is_refused_named_and_left_out() ->
     // equal weights), within the quantization step.
     let history = run_history(&out)?;
     let rounds = history["rounds"].as_array().context("rounds")?;
-    assert_eq!(rounds.len(), 2);
+    assert_eq!(rounds.len(), 3);
     let refusals = rounds[0]["refusals"]["secure_aggregation"].as_u64().unwrap_or(0);
     assert!(refusals >= 5, "{}", rounds[0]["refusals"]);
     for (r, rec) in rounds.iter().enumerate() {
