@@ -344,8 +344,16 @@ mod tests {
         let shape = synthetic(1, 2, 10).shape();
         let scratch = tempfile::tempdir().unwrap();
         let take = |spill: Option<&Path>| {
-            tch::manual_seed(11);
             let mut model = EvalModel::new(ModelKind::Cnn, shape, 10);
+            // Values of their own, not libtorch's global generator's (other
+            // tests draw from it in parallel).
+            tch::no_grad(|| {
+                for (i, v) in model.vars.iter_mut().enumerate() {
+                    let own =
+                        Tensor::arange(v.numel() as i64, (Kind::Float, v.device())).reshape(v.size()) * 1e-4 + i as f64;
+                    v.copy_(&own);
+                }
+            });
             let values = model.take_initial(spill).unwrap();
             assert!(model.vars.iter().all(|v| v.numel() == 0));
             values

@@ -18,7 +18,9 @@
 //!
 //! Sampling is seeded by `(seed, round, attempt)`; nodes that were asked to
 //! train and did not deliver within the last `failure_cooldown_rounds`
-//! rounds are picked only after every other available node.
+//! rounds are picked only after every other available node, and those that
+//! stayed connected without delivering (slow, refused or holding back) sit
+//! those rounds out while enough others are available.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fmt;
@@ -594,6 +596,9 @@ struct NodeRecord {
     rounds_contributed: u64,
     /// The last round this node was asked to train in and did not deliver.
     last_failure: Option<u64>,
+    /// The last round it did not deliver although it stayed connected (too
+    /// slow for the cutoff or the deadline, refused, or holding back).
+    last_cut: Option<u64>,
     /// When the node last connected, disconnected or delivered (ms since the epoch).
     last_seen_ms: u64,
     /// Whether the node ever opened its instruction stream; a session
@@ -622,6 +627,8 @@ struct RoundState {
     accepted: Vec<Contribution>,
     /// Selected nodes whose update was refused: the round does not wait for them.
     refused: BTreeSet<String>,
+    /// Selected nodes that disconnected during the round.
+    left: BTreeSet<String>,
     aggregate: RoundAggregate,
     /// Accepted updates whose fold into the running sum has not finished.
     folding: BTreeSet<String>,
@@ -834,6 +841,7 @@ impl RoundMachine {
             num_samples,
             rounds_contributed: 0,
             last_failure: None,
+            last_cut: None,
             last_seen_ms: now_ms,
             connected_once: false,
         });
@@ -876,6 +884,11 @@ impl RoundMachine {
         let rec = self.nodes.get_mut(&name).expect("known node");
         rec.connected = false;
         rec.last_seen_ms = now_ms;
+        if let Phase::Training(r) = &mut self.phase
+            && r.selected.contains(&name)
+        {
+            r.left.insert(name);
+        }
         self.maybe_close(now_ms)
     }
 
@@ -1301,17 +1314,32 @@ impl RoundMachine {
 
     fn try_start(&mut self, round: u64, attempt: u32, now_ms: u64) -> Vec<Output> {
         let cooldown = self.settings.failure_cooldown_rounds;
-        let recently_failed = |n: &NodeRecord| cooldown > 0 && n.last_failure.is_some_and(|f| f + cooldown >= round);
-        let (mut fresh, mut failed): (Vec<String>, Vec<String>) = (Vec::new(), Vec::new());
+        let within = |at: Option<u64>| cooldown > 0 && at.is_some_and(|f| f + cooldown >= round);
+        let (mut fresh, mut failed, mut cut): (Vec<String>, Vec<String>, Vec<String>) =
+            (Vec::new(), Vec::new(), Vec::new());
         for (name, n) in self.nodes.iter().filter(|(_, n)| n.connected && n.num_samples > 0) {
-            if recently_failed(n) {
+            if within(n.last_cut) {
+                cut.push(name.clone());
+            } else if within(n.last_failure) {
                 failed.push(name.clone());
             } else {
                 fresh.push(name.clone());
             }
         }
+        let enough = self.settings.min_available.max(self.settings.min_nodes);
+        // A node that stayed connected through a round without delivering
+        // (slow, refused or holding its update back) sits its cool-down out
+        // while enough others are available: picked last, it would still be
+        // picked by every round that wants all the nodes, and hold it up
+        // until the straggler cutoff. Nodes that dropped out are picked last.
+        let sitting_out = if fresh.len() + failed.len() >= enough {
+            cut.len()
+        } else {
+            failed.append(&mut cut);
+            0
+        };
         let available = fresh.len() + failed.len();
-        if available < self.settings.min_available.max(self.settings.min_nodes) {
+        if available < enough {
             self.phase = Phase::Waiting;
             return Vec::new();
         }
@@ -1383,6 +1411,7 @@ impl RoundMachine {
             selected: selected.clone(),
             accepted: Vec::new(),
             refused: BTreeSet::new(),
+            left: BTreeSet::new(),
             // A secure round sums masked inputs instead (in its own state).
             aggregate: RoundAggregate::new(
                 strategy.aggregator,
@@ -1417,6 +1446,7 @@ impl RoundMachine {
             selected = state.selected.len(),
             connected = self.connected_nodes(),
             deprioritised,
+            sitting_out,
             "round started"
         );
         let out = state
@@ -1520,6 +1550,9 @@ impl RoundMachine {
                 && let Some(n) = self.nodes.get_mut(name)
             {
                 n.last_failure = Some(r.round);
+                if n.connected && !r.left.contains(name) {
+                    n.last_cut = Some(r.round);
+                }
             }
         }
     }
@@ -2664,6 +2697,43 @@ mod tests {
         let closed = closed_round(&mut m, out, 30_000);
         assert_eq!(closed.contributions.len(), 3, "d is left out");
         assert_eq!(*closed.global, vec![3.0]);
+    }
+
+    #[test]
+    fn a_node_cut_while_connected_sits_out_its_cool_down_and_one_that_left_is_picked_last() {
+        for d_returns in [true, false] {
+            let mut m = machine(
+                RoundSettings {
+                    straggler_factor: 3.0,
+                    min_available: 4,
+                    deadline_ms: 600_000,
+                    total_rounds: 3,
+                    ..settings(2, 1.0)
+                },
+                vec![0.0],
+            );
+            for n in ["e", "d", "a", "b", "c"] {
+                m.join(n, &format!("s-{n}"), 10, None, 0).unwrap();
+                m.connect(&format!("s-{n}"), 0).unwrap();
+            }
+            // Round 1 asks the first four; d leaves, e stays and sends nothing.
+            m.disconnect("s-d", 1_000);
+            for n in ["a", "b"] {
+                submit(&mut m, &format!("s-{n}"), update(1, 0, vec![1.0], 1), 10_000).unwrap();
+            }
+            if d_returns {
+                m.join("d", "s-d2", 10, None, 12_000).unwrap();
+                m.connect("s-d2", 12_000).unwrap();
+            }
+            let out = m.tick(30_000);
+            closed_round(&mut m, out, 30_000);
+            let next = assigned(&m.persisted(30_001));
+            if d_returns {
+                assert_eq!(next, ["a", "b", "c", "d"], "e sits round 2 out; d is picked (last)");
+            } else {
+                assert_eq!(next, ["a", "b", "c", "e"], "four must be available: e is picked last");
+            }
+        }
     }
 
     #[test]
