@@ -171,6 +171,8 @@ pub struct Traffic {
     pub refusals: Mutex<BTreeMap<&'static str, u64>>,
     /// Refused updates per node over the whole run.
     pub refused_by_node: Mutex<BTreeMap<String, u64>>,
+    /// Which refusals to log (a flood's are counted, not all logged).
+    log_gate: crate::log_gate::LogGate,
 }
 
 impl Traffic {
@@ -197,6 +199,11 @@ impl Traffic {
     }
 
     /// Counts one refusal (of a join or an update) for `reason`.
+    /// Whether to log a refusal of `kind` ([`crate::log_gate`]).
+    pub fn log_refusal(&self, kind: &'static str) -> bool {
+        self.log_gate.allow(kind)
+    }
+
     pub fn count_refusal(&self, reason: &'static str) {
         let mut map = self.refusals.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         *map.entry(reason).or_default() += 1;
@@ -637,7 +644,9 @@ impl Driver {
                         let _ = reply.send(Ok(session));
                     }
                     Err(e) => {
-                        tracing::warn!(node = %name, reason = %e, "join refused");
+                        if self.traffic.log_refusal("join refused") {
+                            tracing::warn!(node = %name, reason = %e, "join refused");
+                        }
                         self.traffic.count_refusal(e.label());
                         let _ = reply.send(Err(e));
                     }

@@ -45,6 +45,7 @@ pub mod fleet;
 pub mod global;
 pub mod http;
 pub mod intake;
+mod log_gate;
 pub mod memory;
 pub mod metrics;
 pub mod pki;

@@ -1326,23 +1326,23 @@ impl RoundMachine {
                 fresh.push(name.clone());
             }
         }
-        let enough = self.settings.min_available.max(self.settings.min_nodes);
+        if fresh.len() + failed.len() + cut.len() < self.settings.min_available.max(self.settings.min_nodes) {
+            self.phase = Phase::Waiting;
+            return Vec::new();
+        }
         // A node that stayed connected through a round without delivering
-        // (slow, refused or holding its update back) sits its cool-down out
-        // while enough others are available: picked last, it would still be
-        // picked by every round that wants all the nodes, and hold it up
-        // until the straggler cutoff. Nodes that dropped out are picked last.
-        let sitting_out = if fresh.len() + failed.len() >= enough {
+        // (slow, refused or holding its update back) sits its cool-down out,
+        // as if it were away, while `min_nodes` others are available: picked
+        // last, it would still be picked by every round that wants all the
+        // nodes, and hold it up until the straggler cutoff. Nodes that
+        // dropped out are picked last.
+        let sitting_out = if fresh.len() + failed.len() >= self.settings.min_nodes {
             cut.len()
         } else {
             failed.append(&mut cut);
             0
         };
         let available = fresh.len() + failed.len();
-        if available < enough {
-            self.phase = Phase::Waiting;
-            return Vec::new();
-        }
         let wanted = ((self.settings.fraction * available as f64).ceil() as usize)
             .max(self.settings.min_nodes)
             .min(available);
@@ -2624,6 +2624,9 @@ mod tests {
         let mut m = machine(
             RoundSettings {
                 min_available: 3,
+                // c is asked again in round 2 (refused and still connected,
+                // it would sit a cool-down out).
+                failure_cooldown_rounds: 0,
                 ..settings(2, 1.0)
             },
             vec![0.0],
@@ -2731,8 +2734,35 @@ mod tests {
             if d_returns {
                 assert_eq!(next, ["a", "b", "c", "d"], "e sits round 2 out; d is picked (last)");
             } else {
-                assert_eq!(next, ["a", "b", "c", "e"], "four must be available: e is picked last");
+                assert_eq!(next, ["a", "b", "c"], "e sits round 2 out although four are wanted");
             }
+        }
+        // With fewer than min_nodes others, a node that held back is picked last.
+        for c_connected in [true, false] {
+            let mut m = machine(
+                RoundSettings {
+                    deadline_ms: 600_000,
+                    ..settings(3, 1.0)
+                },
+                vec![0.0],
+            );
+            for n in ["e", "a", "b", "c"] {
+                m.join(n, &format!("s-{n}"), 10, None, 0).unwrap();
+                if n != "c" || c_connected {
+                    m.connect(&format!("s-{n}"), 0).unwrap();
+                }
+            }
+            for n in ["a", "b"] {
+                submit(&mut m, &format!("s-{n}"), update(1, 0, vec![1.0], 1), 10_000).unwrap();
+            }
+            // Two of three at the deadline: the round is retried.
+            let retry = assigned(&m.tick(600_000));
+            let expected: &[&str] = if c_connected {
+                &["a", "b", "c"]
+            } else {
+                &["a", "b", "e"]
+            };
+            assert_eq!(retry, expected, "c connected: {c_connected}");
         }
     }
 

@@ -427,7 +427,9 @@ impl FederationService {
     /// logic counts its own refusals); `node` when it is known by then.
     fn refused(&self, status: &Status, node: Option<&str>) {
         self.traffic.count_refused_update(status_label(status), node);
-        tracing::warn!(node = %node.unwrap_or("-"), reason = %status.message(), "update refused");
+        if self.traffic.log_refusal("update refused") {
+            tracing::warn!(node = %node.unwrap_or("-"), reason = %status.message(), "update refused");
+        }
     }
 
     async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T, Status> {
@@ -471,17 +473,23 @@ impl pb::federation_server::Federation for FederationService {
         if let Err(why) = check_node_name(&name) {
             let status = Status::invalid_argument(why);
             self.traffic.count_refusal("bad_name");
-            tracing::warn!(reason = %status.message(), "join refused");
+            if self.traffic.log_refusal("join refused") {
+                tracing::warn!(reason = %status.message(), "join refused");
+            }
             return Err(status);
         }
         if let Err(status) = self.auth.check_join(&request, &name) {
             self.traffic.count_refusal(status_label(&status));
-            tracing::warn!(node = %name, reason = %status.message(), "join refused");
+            if self.traffic.log_refusal("join refused") {
+                tracing::warn!(node = %name, reason = %status.message(), "join refused");
+            }
             return Err(status);
         }
         let req = request.into_inner();
         if req.protocol_version != PROTOCOL_VERSION {
-            tracing::warn!(node = %name, theirs = req.protocol_version, ours = PROTOCOL_VERSION, "join refused: protocol version mismatch");
+            if self.traffic.log_refusal("join refused") {
+                tracing::warn!(node = %name, theirs = req.protocol_version, ours = PROTOCOL_VERSION, "join refused: protocol version mismatch");
+            }
             self.traffic.count_refusal("protocol_version");
             return Err(Status::failed_precondition(format!(
                 "protocol version mismatch: node speaks v{}, coordinator speaks v{PROTOCOL_VERSION}",
@@ -505,7 +513,9 @@ impl pb::federation_server::Federation for FederationService {
             )));
         }
         if !req.models.contains(&self.settings.model) {
-            tracing::warn!(node = %name, model = %self.settings.model, "join refused: node cannot build the run's model");
+            if self.traffic.log_refusal("join refused") {
+                tracing::warn!(node = %name, model = %self.settings.model, "join refused: node cannot build the run's model");
+            }
             let offered: Vec<String> = req.models.iter().map(|m| m.escape_debug().to_string()).collect();
             return Err(Status::failed_precondition(format!(
                 "this run trains model `{}`, which node {name} cannot build (it offers: {})",
@@ -667,7 +677,9 @@ impl pb::federation_server::Federation for FederationService {
             })
             .await?
             .map_err(|r| {
-                tracing::warn!(round, base_version, reason = %r, "update refused");
+                if self.traffic.log_refusal("update refused") {
+                    tracing::warn!(round, base_version, reason = %r, "update refused");
+                }
                 rejection_status(&r)
             })?;
         if let Err(s) = self.auth.check_session(peer.as_deref(), &node) {
@@ -733,7 +745,9 @@ impl pb::federation_server::Federation for FederationService {
             .ask(|reply| Command::Submit { session, update, reply })
             .await?
             .map_err(|r| {
-                tracing::warn!(node = %node, round, reason = %r, "update refused");
+                if self.traffic.log_refusal("update refused") {
+                    tracing::warn!(node = %node, round, reason = %r, "update refused");
+                }
                 rejection_status(&r)
             })?;
         Ok(Response::new(pb::SubmitAck {
@@ -788,7 +802,9 @@ impl FederationService {
         })
         .await?
         .map_err(|r| {
-            tracing::warn!(round, reason = %r, "secure aggregation message refused");
+            if self.traffic.log_refusal("secure aggregation message refused") {
+                tracing::warn!(round, reason = %r, "secure aggregation message refused");
+            }
             rejection_status(&r)
         })?;
         Ok(Response::new(pb::SecAggAck { round }))
