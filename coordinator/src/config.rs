@@ -480,7 +480,8 @@ pub struct SamplingConfig {
     /// rounds are picked only after every other available node; those that
     /// stayed connected without delivering (too slow, refused, or holding
     /// their update back) sit those rounds out, as if they were away, while
-    /// `min_nodes` others are available (0: off).
+    /// `min_nodes` others are available, twice as many after each further
+    /// cut before they deliver again, up to 32 times (0: off).
     pub failure_cooldown_rounds: u32,
     /// Once half the selected nodes (and at least `min_nodes`) have
     /// delivered, a round closes without the others when this many times

@@ -599,6 +599,9 @@ struct NodeRecord {
     /// The last round it did not deliver although it stayed connected (too
     /// slow for the cutoff or the deadline, refused, or holding back).
     last_cut: Option<u64>,
+    /// Such rounds since it last delivered: each doubles the rounds it sits
+    /// out (up to 32 times the cool-down).
+    cuts: u32,
     /// When the node last connected, disconnected or delivered (ms since the epoch).
     last_seen_ms: u64,
     /// Whether the node ever opened its instruction stream; a session
@@ -842,6 +845,7 @@ impl RoundMachine {
             rounds_contributed: 0,
             last_failure: None,
             last_cut: None,
+            cuts: 0,
             last_seen_ms: now_ms,
             connected_once: false,
         });
@@ -1314,13 +1318,14 @@ impl RoundMachine {
 
     fn try_start(&mut self, round: u64, attempt: u32, now_ms: u64) -> Vec<Output> {
         let cooldown = self.settings.failure_cooldown_rounds;
-        let within = |at: Option<u64>| cooldown > 0 && at.is_some_and(|f| f + cooldown >= round);
+        let within = |at: Option<u64>, rounds: u64| cooldown > 0 && at.is_some_and(|f| f + rounds >= round);
         let (mut fresh, mut failed, mut cut): (Vec<String>, Vec<String>, Vec<String>) =
             (Vec::new(), Vec::new(), Vec::new());
         for (name, n) in self.nodes.iter().filter(|(_, n)| n.connected && n.num_samples > 0) {
-            if within(n.last_cut) {
+            let backoff = 1u64 << n.cuts.saturating_sub(1).min(5);
+            if within(n.last_cut, cooldown * backoff) {
                 cut.push(name.clone());
-            } else if within(n.last_failure) {
+            } else if within(n.last_failure, cooldown) {
                 failed.push(name.clone());
             } else {
                 fresh.push(name.clone());
@@ -1550,8 +1555,9 @@ impl RoundMachine {
                 && let Some(n) = self.nodes.get_mut(name)
             {
                 n.last_failure = Some(r.round);
-                if n.connected && !r.left.contains(name) {
+                if n.connected && !r.left.contains(name) && n.last_cut != Some(r.round) {
                     n.last_cut = Some(r.round);
+                    n.cuts = n.cuts.saturating_add(1);
                 }
             }
         }
@@ -1732,6 +1738,7 @@ impl RoundMachine {
         c.arrived_seconds = now_ms.saturating_sub(r.started_ms) as f64 / 1000.0;
         let rec = self.nodes.get_mut(&c.node).expect("known node");
         rec.rounds_contributed += 1;
+        rec.cuts = 0;
         rec.last_seen_ms = now_ms;
         r.accepted.push(c);
         let half = r.selected.len().div_ceil(2).max(self.settings.min_nodes);
@@ -2764,6 +2771,44 @@ mod tests {
             };
             assert_eq!(retry, expected, "c connected: {c_connected}");
         }
+    }
+
+    #[test]
+    fn a_node_cut_again_after_its_cool_down_sits_out_twice_as_long() {
+        let mut m = machine(
+            RoundSettings {
+                straggler_factor: 3.0,
+                min_available: 3,
+                deadline_ms: 600_000,
+                total_rounds: 7,
+                failure_cooldown_rounds: 1,
+                ..settings(2, 1.0)
+            },
+            vec![0.0],
+        );
+        let mut out = Vec::new();
+        for n in ["e", "a", "b"] {
+            m.join(n, &format!("s-{n}"), 10, None, 0).unwrap();
+            out = m.connect(&format!("s-{n}"), 0).unwrap();
+        }
+        let (mut with_e, mut start) = (Vec::new(), 0);
+        for round in 1..=7u64 {
+            let e_asked = assigned(&out).contains(&"e".to_string());
+            submit(&mut m, "s-a", update(round, round - 1, vec![1.0], 1), start + 5_000).unwrap();
+            let (_, last) = submit(&mut m, "s-b", update(round, round - 1, vec![1.0], 1), start + 10_000).unwrap();
+            // e holds its update back: the round closes at the cutoff.
+            let closing = if e_asked {
+                with_e.push(round);
+                m.tick(start + 30_000)
+            } else {
+                last
+            };
+            closed_round(&mut m, closing, start + 30_000);
+            start += 30_001;
+            out = m.persisted(start);
+        }
+        // Cut in round 1: out for 1 round; again in 3: out for 2; again in 6.
+        assert_eq!(with_e, [1, 3, 6]);
     }
 
     #[test]
