@@ -764,20 +764,34 @@ impl Server {
             let bytes = Zeroizing::new(Sharks(t as u8).recover(shares).ok()?);
             <[u8; 32]>::try_from(bytes.as_slice()).ok().map(Zeroizing::new)
         };
-        let mut pick: Vec<usize> = (0..t).collect();
+        // The first t shares; then without one share at a time (one liar
+        // costs at most as many tries as there are shares, wherever its
+        // share sits); then every combination, up to the budget.
+        let r = valid.len();
+        let without_one = (0..r).map(|skip| (0..r).filter(|&i| i != skip).take(t).collect::<Vec<usize>>());
+        let mut every = Some((0..t).collect::<Vec<usize>>());
+        let combinations = std::iter::from_fn(|| {
+            let this = every.take()?;
+            let mut next = this.clone();
+            if next_combination(&mut next, r) {
+                every = Some(next);
+            }
+            Some(this)
+        });
+        let picks = std::iter::once((0..t).collect())
+            .chain(without_one.filter(|p: &Vec<usize>| p.len() == t))
+            .chain(combinations)
+            .take(REBUILD_TRIES);
         let mut found = None;
-        for _ in 0..REBUILD_TRIES {
+        for pick in picks {
             if let Some(secret) = secret_of(&mut pick.iter().map(|&i| &valid[i].1))
                 && checks(&secret)
             {
-                found = Some(secret);
-                break;
-            }
-            if !next_combination(&mut pick, valid.len()) {
+                found = Some((pick, secret));
                 break;
             }
         }
-        let Some(secret) = found else {
+        let Some((pick, secret)) = found else {
             return Err(give_up(
                 format!(
                     "no {t} of the {} shares of node {node}'s {what} rebuild it: they were dealt or revealed wrong",
@@ -786,18 +800,26 @@ impl Server {
                 blamed,
             ));
         };
-        // Every other share must give the same secret with t − 1 good ones.
-        for (i, (from, share)) in valid.iter().enumerate() {
-            if pick.contains(&i) {
-                continue;
-            }
-            let mut with = pick[..t - 1].iter().map(|&j| &valid[j].1).chain([share]);
-            if secret_of(&mut with).as_deref() != Some(&*secret) {
-                blamed.push(Blame {
-                    node: *from,
-                    reason: format!("revealed a share of node {node}'s {what} that does not fit the others"),
-                });
-            }
+        // The shares off the polynomial through the secret and t − 1 of the
+        // picked ones. Those are the liars when they are few enough that
+        // no other polynomial through the secret fits as many shares (at
+        // most ⌊(r − t + 1) / 2⌋ of them); more, and colluding liars could
+        // have made the honest look like liars, so nobody is named.
+        let off: Vec<NodeId> = valid
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| !pick.contains(i))
+            .filter(|(_, (_, share))| {
+                let mut with = pick[..t - 1].iter().map(|&j| &valid[j].1).chain([share]);
+                secret_of(&mut with).as_deref() != Some(&*secret)
+            })
+            .map(|(_, (from, _))| *from)
+            .collect();
+        if off.len() <= (r + 1 - t) / 2 {
+            blamed.extend(off.into_iter().map(|from| Blame {
+                node: from,
+                reason: format!("revealed a share of node {node}'s {what} that does not fit the others"),
+            }));
         }
         Ok(secret)
     }
@@ -1067,6 +1089,14 @@ mod tests {
         // Node 3 hands in the first share it holds of node 2 as its own.
         let first = reveals[0].seed_shares.iter().find(|(v, _)| *v == 2).unwrap().1.clone();
         reveals[3].seed_shares.iter_mut().find(|(v, _)| *v == 2).unwrap().1 = first;
+        // Node 0, whose shares come first, changes its share of node 3's
+        // seed; nodes 0 and 1 both change theirs of node 4's the same way:
+        // node 4's seed still checks out, but two liars among five shares
+        // (threshold 3) could as well be the honest ones, so nobody is named.
+        reveals[0].seed_shares.iter_mut().find(|(v, _)| *v == 3).unwrap().1[20] ^= 1;
+        for liar in [0, 1] {
+            reveals[liar].seed_shares.iter_mut().find(|(v, _)| *v == 4).unwrap().1[9] ^= 2;
+        }
         let (sum, blamed) = server.finish(&reveals);
         assert_eq!(
             sum.unwrap(),
@@ -1083,6 +1113,10 @@ mod tests {
                 ),
                 (4, "revealed a malformed share of node 1's self-mask seed"),
                 (3, "revealed a malformed share of node 2's self-mask seed"),
+                (
+                    0,
+                    "revealed a share of node 3's self-mask seed that does not fit the others"
+                ),
             ]
         );
     }
