@@ -968,30 +968,61 @@ mod tests {
         assert!(same < 3, "{same}");
     }
 
-    /// Three nodes (threshold 2, four values) that have shared their keys:
-    /// the server, the clients, the roster, the graph and what each sealed.
-    fn three_after_sharing(seed: u64) -> (Server, Vec<Client>, Vec<Advertise>, Graph, Vec<Vec<SealedShares>>) {
+    /// A round's protocol state once its nodes have shared their keys.
+    struct Shared {
+        server: Server,
+        clients: Vec<Client>,
+        roster: Vec<Advertise>,
+        graph: Graph,
+        /// What each node sealed.
+        sealed: Vec<Vec<SealedShares>>,
+    }
+
+    /// `n` nodes of `round`, each a neighbour of every other, threshold
+    /// `t`, `dim` values, keys from `seed`, that have shared their keys;
+    /// `spoil(from, sealed)` may tamper with what a node sealed.
+    fn after_sharing(
+        (n, round, dim, t): (NodeId, u64, usize, usize),
+        seed: u64,
+        spoil: impl Fn(NodeId, &mut Vec<SealedShares>),
+    ) -> Shared {
         let mut rng = ChaCha20Rng::seed_from_u64(seed);
-        let mut server = Server::new(1, 4, 2);
+        let mut server = Server::new(round, dim, t);
         let mut clients = Vec::new();
-        for id in 0..3 {
-            let (c, a) = Client::new(id, 1, &mut rng);
+        for id in 0..n {
+            let (c, a) = Client::new(id, round, &mut rng);
             server.advertise(a).unwrap();
             clients.push(c);
         }
-        let (roster, graph) = server.roster(2, 1).unwrap();
+        let (roster, graph) = server.roster(n as usize - 1, round).unwrap();
         let mut all = Vec::new();
         for c in &mut clients {
-            let sealed = c.share_keys(&roster, &graph[&c.id], 2).unwrap();
+            let mut sealed = c.share_keys(&roster, &graph[&c.id], t).unwrap();
+            spoil(c.id, &mut sealed);
             all.push(sealed.clone());
             server.share_keys(c.id, sealed).unwrap();
         }
-        (server, clients, roster, graph, all)
+        Shared {
+            server,
+            clients,
+            roster,
+            graph,
+            sealed: all,
+        }
+    }
+
+    /// Three nodes (threshold 2, four values) that have shared their keys.
+    fn three_after_sharing(seed: u64) -> Shared {
+        after_sharing((3, 1, 4, 2), seed, |_, _| {})
     }
 
     #[test]
     fn honest_nodes_refuse_to_unmask_a_node_that_did_not_drop() {
-        let (mut server, mut clients, ..) = three_after_sharing(5);
+        let Shared {
+            mut server,
+            mut clients,
+            ..
+        } = three_after_sharing(5);
         for c in &mut clients {
             c.receive_shares(&server.shares_for(c.id)).unwrap();
             server.add_masked(c.id, &c.mask(&[1, 2, 3, 4])).unwrap();
@@ -1029,7 +1060,13 @@ mod tests {
 
     #[test]
     fn tampered_or_misrouted_shares_and_bad_inputs_are_named() {
-        let (mut server, mut clients, roster, graph, all) = three_after_sharing(6);
+        let Shared {
+            mut server,
+            mut clients,
+            roster,
+            graph,
+            sealed: all,
+        } = three_after_sharing(6);
         let mut forged = server.shares_for(0);
         forged[0].ciphertext[3] ^= 1;
         let unopened = clients[0].receive_shares(&forged).unwrap();
@@ -1048,33 +1085,19 @@ mod tests {
         assert!(e.to_string().contains("cannot protect the shares"), "{e}");
     }
 
-    /// Five nodes, every one a neighbour of every other, threshold 3, that
-    /// have shared keys; `spoil(from, sealed)` may tamper with what a node sealed.
-    fn five_after_sharing(
-        spoil: impl Fn(NodeId, &mut Vec<SealedShares>),
-    ) -> (Server, Vec<Client>, Vec<Vec<SealedShares>>) {
-        let mut rng = ChaCha20Rng::seed_from_u64(11);
-        let mut server = Server::new(4, 3, 3);
-        let mut clients = Vec::new();
-        for id in 0..5 {
-            let (c, a) = Client::new(id, 4, &mut rng);
-            server.advertise(a).unwrap();
-            clients.push(c);
-        }
-        let (roster, graph) = server.roster(4, 2).unwrap();
-        let mut all = Vec::new();
-        for c in &mut clients {
-            let mut sealed = c.share_keys(&roster, &graph[&c.id], 3).unwrap();
-            spoil(c.id, &mut sealed);
-            all.push(sealed.clone());
-            server.share_keys(c.id, sealed).unwrap();
-        }
-        (server, clients, all)
+    /// Five nodes (threshold 3, three values) that have shared their keys;
+    /// `spoil(from, sealed)` may tamper with what a node sealed.
+    fn five_after_sharing(spoil: impl Fn(NodeId, &mut Vec<SealedShares>)) -> Shared {
+        after_sharing((5, 4, 3, 3), 11, spoil)
     }
 
     #[test]
     fn lying_revealers_are_named_and_the_sum_still_unmasks() {
-        let (mut server, mut clients, _) = five_after_sharing(|_, _| {});
+        let Shared {
+            mut server,
+            mut clients,
+            ..
+        } = five_after_sharing(|_, _| {});
         for c in &mut clients {
             assert!(c.receive_shares(&server.shares_for(c.id)).unwrap().is_empty());
             server.add_masked(c.id, &c.mask(&[10, 20, 30])).unwrap();
@@ -1125,7 +1148,11 @@ mod tests {
     fn shares_that_do_not_open_cost_only_the_sender() {
         // Node 4 seals garbage for node 0: node 0 still masks with it, and
         // the four other holders rebuild node 4's seed.
-        let (mut server, mut clients, _) = five_after_sharing(|from, sealed| {
+        let Shared {
+            mut server,
+            mut clients,
+            ..
+        } = five_after_sharing(|from, sealed| {
             if from == 4 {
                 sealed.iter_mut().find(|s| s.to == 0).unwrap().ciphertext[5] ^= 1;
             }
@@ -1142,7 +1169,11 @@ mod tests {
 
         // Node 4 seals garbage for everyone else: only its own share of its
         // seed is left, so the sum cannot be unmasked, and node 4 is named.
-        let (mut server, mut clients, _) = five_after_sharing(|from, sealed| {
+        let Shared {
+            mut server,
+            mut clients,
+            ..
+        } = five_after_sharing(|from, sealed| {
             if from == 4 {
                 for s in sealed.iter_mut().filter(|s| s.to != 4) {
                     s.ciphertext[0] ^= 1;
@@ -1166,7 +1197,11 @@ mod tests {
 
     #[test]
     fn an_input_out_of_range_shows_in_the_sum() {
-        let (mut server, mut clients, _) = five_after_sharing(|_, _| {});
+        let Shared {
+            mut server,
+            mut clients,
+            ..
+        } = five_after_sharing(|_, _| {});
         let q = Quantizer::new(1.0, 5);
         let top = (1u32 << q.bits) - 1;
         for c in &mut clients {

@@ -539,7 +539,7 @@ impl UnmaskJob {
         let Some((bound, what)) = &self.norm_bound else {
             return Ok(u);
         };
-        let norm = u.mean.iter().map(|&v| f64::from(v) * f64::from(v)).sum::<f64>().sqrt();
+        let norm = crate::strategy::l2_norm(&u.mean);
         if norm > *bound {
             return Err(format!(
                 "the unmasked mean's norm {norm:.4e} exceeds {bound:.4e}, {what} (strategy.max_norm_factor): a masked input was not a training step"

@@ -129,6 +129,38 @@ pub fn load_params(path: &Path) -> Result<LoadedParams> {
     load_safetensors(path).with_context(|| format!("reading {}", path.display()))
 }
 
+/// How far round `round`'s committed model (run folder `out`) is from the
+/// model before it moved by the plain mean of the deltas the nodes in
+/// `sent` (their `record_dir`s) recorded sending: the largest difference
+/// over the values.
+pub fn off_the_mean(out: &Path, round: u64, sent: &[PathBuf]) -> Result<f64> {
+    let model = |r: u64| load_params(&out.join(format!("rounds/round-{r:04}.safetensors")));
+    let (before, after) = (model(round - 1)?, model(round)?);
+    let mut sum = vec![0f64; before.values.len()];
+    for dir in sent {
+        let delta = load_params(&dir.join(format!("round-{round:04}.safetensors")))?;
+        for (s, v) in sum.iter_mut().zip(&delta.values) {
+            *s += f64::from(*v);
+        }
+    }
+    let n = sent.len() as f64;
+    Ok(before
+        .values
+        .iter()
+        .zip(&after.values)
+        .zip(&sum)
+        .map(|((b, a), s)| (f64::from(*a) - f64::from(*b) - s / n).abs())
+        .fold(0.0, f64::max))
+}
+
+/// One quantization step of a secure round, from its `secure_aggregation`
+/// record in `run.json`.
+pub fn quantization_step(secure: &serde_json::Value) -> Result<f64> {
+    let bits = secure["bits"].as_u64().context("the record has no bits")? as i32;
+    let range = secure["range"].as_f64().context("the record has no range")?;
+    Ok(2.0 * range / (2f64.powi(bits) - 1.0))
+}
+
 /// `run.json` of a run folder.
 pub fn run_history(out_dir: &Path) -> Result<serde_json::Value> {
     let text = std::fs::read_to_string(out_dir.join("run.json"))?;

@@ -669,19 +669,9 @@ async fn a_hostile_node_in_secure_aggregation_is_refused_named_and_left_out() ->
             .collect();
         names.sort_unstable();
         assert_eq!(names, ["node-1", "node-2", "node-3"], "round {}", r + 1);
-        let bits = rec["secure_aggregation"]["bits"].as_u64().context("bits")? as i32;
-        let step = 2.0 / (2f64.powi(bits) - 1.0);
-        let before = fedge_tests::load_params(&out.join(format!("rounds/round-{r:04}.safetensors")))?;
-        let after = fedge_tests::load_params(&out.join(format!("rounds/round-{:04}.safetensors", r + 1)))?;
-        let sent: Vec<_> = (0..3)
-            .map(|i| fedge_tests::load_params(&tmp.path().join(format!("sent-{i}/round-{:04}.safetensors", r + 1))))
-            .collect::<Result<_, _>>()?;
-        let mut worst = 0f64;
-        for i in 0..n {
-            let mean = sent.iter().map(|p| f64::from(p.values[i])).sum::<f64>() / 3.0;
-            let moved = f64::from(after.values[i]) - f64::from(before.values[i]);
-            worst = worst.max((moved - mean).abs());
-        }
+        let step = fedge_tests::quantization_step(&rec["secure_aggregation"])?;
+        let sent: Vec<_> = (0..3).map(|i| tmp.path().join(format!("sent-{i}"))).collect();
+        let worst = fedge_tests::off_the_mean(&out, r as u64 + 1, &sent)?;
         assert!(worst <= step + 1e-6, "round {}: {worst} off the honest mean", r + 1);
     }
     Ok(())

@@ -7,7 +7,9 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
-use fedge_tests::{Daemon, coordinator_args, daemon_command, free_port, load_params, run_history, start_nodes};
+use fedge_tests::{
+    Daemon, coordinator_args, daemon_command, free_port, off_the_mean, quantization_step, run_history, start_nodes,
+};
 use serde_json::Value;
 
 fn small() -> Vec<(&'static str, String)> {
@@ -103,23 +105,12 @@ fn rounds_complete_when_nodes_drop_out_and_the_model_moves_by_the_survivors_mean
 
     // The model moved by the survivors' mean of what they recorded sending
     // (equal partitions: equal weights), to within the quantization step.
-    let bits = sa["bits"].as_u64().unwrap() as i32;
-    let range = sa["range"].as_f64().unwrap();
-    let step = 2.0 * range / (2f64.powi(bits) - 1.0);
-    let before = load_params(&out.join("rounds/round-0000.safetensors"))?;
-    let after = load_params(&out.join("rounds/round-0001.safetensors"))?;
-    let mut sum = vec![0f64; before.values.len()];
-    for i in [0, 1, 2, 4] {
-        let sent = load_params(&tmp.path().join(format!("sent-{i}/round-0001.safetensors")))?;
-        for (s, v) in sum.iter_mut().zip(&sent.values) {
-            *s += f64::from(*v);
-        }
-    }
-    let mut worst = 0f64;
-    for ((b, a), s) in before.values.iter().zip(&after.values).zip(&sum) {
-        let moved = f64::from(*a) - f64::from(*b);
-        worst = worst.max((moved - s / 4.0).abs());
-    }
+    let step = quantization_step(sa)?;
+    let sent: Vec<_> = [0, 1, 2, 4]
+        .iter()
+        .map(|i| tmp.path().join(format!("sent-{i}")))
+        .collect();
+    let worst = off_the_mean(&out, 1, &sent)?;
     // Four stochastic roundings of at most a step each, over four, plus f32 rounding.
     assert!(
         worst <= step + 1e-6,
