@@ -630,7 +630,8 @@ struct RoundState {
     accepted: Vec<Contribution>,
     /// Selected nodes whose update was refused: the round does not wait for them.
     refused: BTreeSet<String>,
-    /// Selected nodes that disconnected during the round.
+    /// Selected nodes that disconnected, or joined again under a new
+    /// session, during the round.
     left: BTreeSet<String>,
     aggregate: RoundAggregate,
     /// Accepted updates whose fold into the running sum has not finished.
@@ -849,6 +850,15 @@ impl RoundMachine {
             last_seen_ms: now_ms,
             connected_once: false,
         });
+        // A new session for a node in the round means its old one left (a
+        // restarted node resumes under a new one before the old stream's
+        // end is seen).
+        if rec.session != session
+            && let Phase::Training(r) = &mut self.phase
+            && r.selected.contains(name)
+        {
+            r.left.insert(name.to_owned());
+        }
         rec.session = session.to_owned();
         rec.connected = false;
         rec.num_samples = num_samples;
@@ -2771,6 +2781,34 @@ mod tests {
             };
             assert_eq!(retry, expected, "c connected: {c_connected}");
         }
+    }
+
+    #[test]
+    fn a_node_that_restarts_mid_round_is_picked_last_not_left_out() {
+        let mut m = machine(
+            RoundSettings {
+                straggler_factor: 3.0,
+                min_available: 3,
+                deadline_ms: 600_000,
+                total_rounds: 2,
+                ..settings(2, 1.0)
+            },
+            vec![0.0],
+        );
+        for n in ["e", "a", "b"] {
+            m.join(n, &format!("s-{n}"), 10, None, 0).unwrap();
+            m.connect(&format!("s-{n}"), 0).unwrap();
+        }
+        // e's process restarts and resumes under a new session before its
+        // old stream's end is seen; it does not deliver round 1.
+        m.join("e", "s-e2", 10, Some("s-e"), 2_000).unwrap();
+        m.connect("s-e2", 2_000).unwrap();
+        for n in ["a", "b"] {
+            submit(&mut m, &format!("s-{n}"), update(1, 0, vec![1.0], 1), 10_000).unwrap();
+        }
+        let out = m.tick(30_000);
+        closed_round(&mut m, out, 30_000);
+        assert_eq!(assigned(&m.persisted(30_001)), ["a", "b", "e"]);
     }
 
     #[test]
