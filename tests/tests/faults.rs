@@ -39,6 +39,11 @@ fn a_node_killed_mid_upload_costs_only_its_contribution_and_rejoins() -> anyhow:
         // Round 1 waits for the slow node until it is killed mid-upload,
         // rather than closing without it as a straggler.
         ("sampling.straggler_factor", "0".into()),
+        // The killed node's old stream may still look open when round 1
+        // closes (its broken upload refused): it would then sit out a
+        // cool-down as a node that held back, and this test is about its
+        // rejoining.
+        ("sampling.failure_cooldown_rounds", "0".into()),
     ]);
     let mut coord = Daemon::start(
         "coordinator",
