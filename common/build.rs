@@ -1,12 +1,8 @@
 //! Compiles `proto/fedge/v1/*.proto` with a vendored `protoc` (no system
-//! install needed) and records libtorch's rpath.
-
-#[path = "build/libtorch_rpath.rs"]
-mod libtorch_rpath;
+//! install needed).
 
 #[allow(clippy::print_stdout)] // build scripts talk to cargo on stdout
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    libtorch_rpath::emit();
     let proto_root = std::path::Path::new("../proto");
     let protos = [proto_root.join("fedge/v1/federation.proto")];
     for p in &protos {

@@ -46,7 +46,7 @@ SCENARIOS = {
         title="S3, big model: cnn-wide (25,286,730 parameters), 4 nodes, one local step, 5 rounds, central evaluation after each (batches of 50)",
         nodes=4, rounds=5,
         # Evaluation batches of 50: evaluation's activations are what sits
-        # beside the model at the coordinator's peak (README, Robustness).
+        # beside the model at the coordinator's peak (docs/communication.md, "Coordinator memory").
         fleet=["--model", "cnn-wide", "--node-set", "partition.scheme=iid", "--set", "train.max_steps=1",
                "--set", "eval.batch_size=50"],
         floor=["--model", "cnn-wide", "--epochs", "1", "--set", "train.max_steps=4"],

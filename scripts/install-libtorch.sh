@@ -11,7 +11,7 @@
 # which come from two small NVIDIA runtime wheels. `libtorch.so` itself needs the
 # whole CUDA stack, so the lean lib dir holds an empty stand-in `libtorch.so`:
 # a CPU program uses none of its symbols and does not NEED it at run time.
-# For the GPU path see README.md ("GPU").
+# For the GPU path see docs/deployment.md ("GPU").
 set -euo pipefail
 
 TORCH_VERSION=2.13.0

@@ -24,6 +24,9 @@ if [[ ${FEDGE_PYTORCH:-1} != 0 ]]; then
 fi
 cargo fmt --all --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
+# The fuzz targets depend on the torch-free protocol crate only: they must
+# build without libtorch.
+env -u LIBTORCH cargo check --manifest-path tests/fuzz/Cargo.toml --bins --locked
 scripts/validate-k8s.sh
 # The chaos tests run the compose fleet: they need the images where Docker
 # is (FEDGE_CHAOS=0 skips them and the image build).

@@ -384,7 +384,7 @@ impl Decoder {
         let pos = self.pos;
         self.scratch.clear();
         match self.codec {
-            Codec::F32 | Codec::Masked => self.scratch.extend(crate::wire::decode_f32(bytes)),
+            Codec::F32 | Codec::Masked => self.scratch.extend(crate::params::decode_f32(bytes)),
             Codec::F16 => self
                 .scratch
                 .extend(bytes.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32())),

@@ -8,57 +8,14 @@
 //! errors, so a typo never goes unnoticed.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use config::{Config, Environment, File, FileFormat};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::data::{DataSource, detect};
 use crate::{Error, Result};
 
-/// Where a process finds its data.
-#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct DataConfig {
-    /// A data set folder: CIFAR-10 binary, MNIST IDX or an image folder,
-    /// detected from its files. When unset (or empty) the seeded synthetic
-    /// set below is used instead.
-    pub path: Option<PathBuf>,
-    /// Seed of the synthetic set (coordinator and nodes must agree).
-    pub synthetic_seed: u64,
-    /// Size of the synthetic training set, before partitioning.
-    pub synthetic_train_samples: usize,
-    /// Size of the synthetic test set.
-    pub synthetic_test_samples: usize,
-}
-
-impl Default for DataConfig {
-    fn default() -> Self {
-        Self {
-            path: None,
-            synthetic_seed: 17,
-            synthetic_train_samples: 6000,
-            synthetic_test_samples: 1000,
-        }
-    }
-}
-
-impl DataConfig {
-    /// The source this configuration names; a configured path's format is detected.
-    pub fn source(&self) -> Result<DataSource> {
-        match self.path.as_deref().filter(|p| !p.as_os_str().is_empty()) {
-            Some(p) => detect(p),
-            None => Ok(DataSource::Synthetic {
-                seed: self.synthetic_seed,
-                train_samples: self.synthetic_train_samples,
-                test_samples: self.synthetic_test_samples,
-            }),
-        }
-    }
-}
-
-/// Log output.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, serde::Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
@@ -160,7 +117,23 @@ mod tests {
     struct Sample {
         rounds: u32,
         name: String,
-        data: DataConfig,
+        data: Section,
+    }
+
+    #[derive(Debug, Serialize, serde::Deserialize, PartialEq)]
+    #[serde(default, deny_unknown_fields)]
+    struct Section {
+        synthetic_seed: u64,
+        synthetic_train_samples: usize,
+    }
+
+    impl Default for Section {
+        fn default() -> Self {
+            Self {
+                synthetic_seed: 17,
+                synthetic_train_samples: 6000,
+            }
+        }
     }
 
     #[test]
@@ -212,19 +185,5 @@ mod tests {
         let name = "cam \"7\" \\ é\tx";
         let c: Sample = load_layered(None, [], "FEDGE", &[], &[("name".into(), toml_string(name))]).unwrap();
         assert_eq!(c.name, name);
-    }
-
-    #[test]
-    fn a_configured_data_path_must_hold_a_data_set() {
-        let dir = tempfile::tempdir().unwrap();
-        let c = DataConfig {
-            path: Some(dir.path().to_path_buf()),
-            ..Default::default()
-        };
-        assert!(c.source().unwrap_err().to_string().contains("no data set found here"));
-        assert!(matches!(
-            DataConfig::default().source().unwrap(),
-            DataSource::Synthetic { .. }
-        ));
     }
 }

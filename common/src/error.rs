@@ -5,20 +5,12 @@ use std::path::PathBuf;
 /// Result alias used throughout `fedge-common`.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// Everything that can go wrong in the shared library.
+/// Everything that can go wrong in the protocol crate.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// A data set file or folder is missing, unreadable or malformed.
-    #[error("data set {path}: {reason}")]
-    Data { path: PathBuf, reason: String },
-
     /// A configuration value is missing or out of range.
     #[error("invalid configuration: {0}")]
     Config(String),
-
-    /// Local training stopped because the process is shutting down.
-    #[error("training stopped: the node is shutting down")]
-    Cancelled,
 
     /// A configuration source (file, environment) could not be read or parsed.
     #[error("reading configuration: {0}")]
@@ -36,13 +28,9 @@ pub enum Error {
     #[error("parameters: {0}")]
     Params(String),
 
-    /// The model architecture is unknown to this build.
-    #[error("unknown model `{name}` (this build knows: {known})")]
-    UnknownModel { name: String, known: String },
-
-    /// libtorch reported an error.
-    #[error("libtorch: {0}")]
-    Torch(#[from] tch::TchError),
+    /// A checkpoint file is unreadable, or belongs to another run or model.
+    #[error("checkpoint: {0}")]
+    Checkpoint(String),
 
     /// A file could not be read or written.
     #[error("{path}: {source}")]
@@ -67,14 +55,6 @@ impl Error {
         Self::Io {
             path: path.into(),
             source,
-        }
-    }
-
-    /// An [`Error::Data`] for `path`.
-    pub fn data(path: impl Into<PathBuf>, reason: impl Into<String>) -> Self {
-        Self::Data {
-            path: path.into(),
-            reason: reason.into(),
         }
     }
 }

@@ -14,7 +14,7 @@ use prost::bytes::Bytes;
 
 use crate::codec::{Codec, Decoder};
 use crate::params::{Manifest, TensorMeta};
-use crate::train::{Algorithm, EvalMetrics, Hyperparameters, LocalOptimizer, TrainMetrics};
+use crate::task::{Algorithm, EvalMetrics, Hyperparameters, LocalOptimizer, TrainMetrics};
 use crate::{Error, Result, pb};
 
 /// Default size of one data chunk on the wire: 1 MiB.
@@ -30,14 +30,6 @@ pub fn encode_f32(values: &[f32]) -> Bytes {
         out.extend_from_slice(&v.to_le_bytes());
     }
     Bytes::from(out)
-}
-
-/// The values of little-endian f32 bytes (a whole number of 4-byte values;
-/// a trailing partial value is ignored).
-pub fn decode_f32(bytes: &[u8]) -> impl Iterator<Item = f32> + '_ {
-    bytes
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
 }
 
 #[cfg(target_endian = "big")]
@@ -224,7 +216,7 @@ impl TryFrom<&pb::Hyperparameters> for Hyperparameters {
                         p.clip_norm, p.noise_stddev
                     )));
                 }
-                Some(crate::train::PrivacyTask {
+                Some(crate::task::PrivacyTask {
                     clip_norm: p.clip_norm,
                     noise_stddev: p.noise_stddev,
                 })

@@ -4,8 +4,8 @@
 
 use std::time::Instant;
 
-use fedge_common::data::Split;
-use fedge_common::train::{LocalObjective, evaluate, train};
+use fedge_learn::data::Split;
+use fedge_learn::train::{LocalObjective, evaluate, train};
 use serde::{Deserialize, Serialize};
 use tch::nn::VarStore;
 

@@ -6,10 +6,11 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use fedge_common::config::{DataConfig, LogFormat, load_layered};
-use fedge_common::model::ModelKind;
-use fedge_common::partition::{Scheme, SchemeParams};
-use fedge_common::train::{Algorithm, Hyperparameters, LocalOptimizer};
+use fedge_common::config::{LogFormat, load_layered};
+use fedge_common::task::{Algorithm, Hyperparameters, LocalOptimizer};
+use fedge_learn::data::DataConfig;
+use fedge_learn::model::ModelKind;
+use fedge_learn::partition::{Scheme, SchemeParams};
 use serde::{Deserialize, Serialize};
 
 use crate::strategy::{Aggregator, Precision, ServerOpt, Weighting};
@@ -435,7 +436,7 @@ impl SimulationConfig {
             sigma: self.sigma,
         })
         .map_err(|e| match e {
-            fedge_common::Error::Config(m) => Error::Config(format!("simulation: {m}")),
+            fedge_learn::Error::Config(m) => Error::Config(format!("simulation: {m}")),
             other => other.into(),
         })
     }

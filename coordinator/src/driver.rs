@@ -25,9 +25,9 @@ use crate::round::{
     Aggregated, ClosedRound, FoldJob, Folded, Output, PhaseKind, Rejection, RoundMachine, Task, Update,
 };
 use crate::secure::{SecAggInput, SecAggOutput};
-use crate::store::{MODEL_PREFIX, RoundRecord, RunStore, federated_eval, participant};
+use crate::store::{RoundRecord, RunStore, federated_eval, participant};
 use crate::{Error, Result};
-use fedge_common::train::EvalMetrics;
+use fedge_common::task::EvalMetrics;
 
 /// Sends the command `make` builds around a reply slot to the driver and
 /// waits for the reply; `None` when the driver has stopped or stops before
@@ -456,9 +456,11 @@ impl Driver {
             .ok_or_else(|| Error::Internal("run store missing".into()))?;
         let path = store.checkpoint_file(version);
         let manifest = self.manifest.clone();
-        let stored = tokio::task::spawn_blocking(move || StoredModel::open(&path, &manifest, MODEL_PREFIX))
-            .await
-            .map_err(|e| Error::Internal(format!("opening the checkpoint failed: {e}")))??;
+        let stored = tokio::task::spawn_blocking(move || {
+            StoredModel::open(&path, &manifest, fedge_common::checkpoint::MODEL_PREFIX)
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("opening the checkpoint failed: {e}")))??;
         let stored = Arc::new(stored);
         let published = self.snapshot.borrow().stored(stored.clone());
         if published.version != version {

@@ -6,9 +6,13 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 /// What stops the coordinator.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// Shared-library failure (data, model, parameters, files).
+    /// Protocol-crate failure (payloads, parameter files, files).
     #[error(transparent)]
     Common(#[from] fedge_common::Error),
+
+    /// Data, model or training failure.
+    #[error(transparent)]
+    Learn(#[from] fedge_learn::Error),
 
     /// A configuration value is out of range.
     #[error("invalid configuration: {0}")]

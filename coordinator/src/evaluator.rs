@@ -12,12 +12,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::mpsc;
 
-use fedge_common::data::{DataSource, Dataset, Split, normalize};
-use fedge_common::model::ModelKind;
-use fedge_common::model::Net;
 use fedge_common::params::Manifest;
-use fedge_common::train::{EvalMetrics, evaluate_batches};
+use fedge_common::task::EvalMetrics;
 use fedge_common::worker::Worker;
+use fedge_learn::data::{DataSource, Dataset, Split, normalize};
+use fedge_learn::model::ModelKind;
+use fedge_learn::model::Net;
+use fedge_learn::train::evaluate_batches;
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 use tokio::sync::oneshot;
@@ -138,7 +139,7 @@ impl EvalModel {
         let mut vs = VarStore::new(Device::Cpu);
         let net = kind.build(&vs.root(), shape, classes);
         vs.freeze();
-        let manifest = Manifest::of_var_store(&vs);
+        let manifest = fedge_learn::tensors::manifest_of(&vs);
         let mut by_name = vs.variables();
         let vars = manifest
             .tensors
@@ -171,8 +172,8 @@ impl EvalModel {
             for (meta, var) in self.manifest.tensors.iter().zip(&mut self.vars) {
                 let n = meta.numel();
                 var.f_copy_data(&mut flat[offset..offset + n], n)
-                    .map_err(fedge_common::Error::from)?;
-                var.f_set_data(&empty()).map_err(fedge_common::Error::from)?;
+                    .map_err(fedge_learn::Error::from)?;
+                var.f_set_data(&empty()).map_err(fedge_learn::Error::from)?;
                 offset += n;
             }
             return Ok(flat);
@@ -184,7 +185,7 @@ impl EvalModel {
         let mut file = tempfile::tempfile_in(dir).map_err(io)?;
         for var in &mut self.vars {
             write_values::<f32>(var, &mut file, io)?;
-            var.f_set_data(&empty()).map_err(fedge_common::Error::from)?;
+            var.f_set_data(&empty()).map_err(fedge_learn::Error::from)?;
         }
         file.seek(std::io::SeekFrom::Start(0)).map_err(io)?;
         file.read_exact(bytemuck::cast_slice_mut(&mut flat)).map_err(io)?;
@@ -233,7 +234,7 @@ fn write_values<T: tch::kind::Element + bytemuck::Pod>(
         piece.resize(len as usize, T::zeroed());
         flat.narrow(0, start, len)
             .f_copy_data(&mut piece, len as usize)
-            .map_err(fedge_common::Error::from)?;
+            .map_err(fedge_learn::Error::from)?;
         out.write_all(bytemuck::cast_slice(&piece)).map_err(&io)?;
     }
     Ok(())
@@ -314,8 +315,8 @@ impl<'a> Viewing<'a> {
             #[allow(unsafe_code)]
             let view =
                 unsafe { Tensor::f_from_blob(values.as_ptr().cast(), &meta.shape, &[], Kind::Float, Device::Cpu) }
-                    .map_err(fedge_common::Error::from)?;
-            var.f_set_data(&view).map_err(fedge_common::Error::from)?;
+                    .map_err(fedge_learn::Error::from)?;
+            var.f_set_data(&view).map_err(fedge_learn::Error::from)?;
             offset += n;
         }
         Ok(viewing)
@@ -333,9 +334,8 @@ impl Drop for Viewing<'_> {
 
 #[cfg(test)]
 mod tests {
-    use fedge_common::data::synthetic;
-    use fedge_common::params;
-    use fedge_common::train::evaluate;
+    use fedge_learn::data::synthetic;
+    use fedge_learn::train::evaluate;
 
     use super::*;
 
@@ -395,7 +395,7 @@ mod tests {
 
         let mut vs = VarStore::new(Device::Cpu);
         let net = ModelKind::Cnn.build(&vs.root(), test.shape(), test.num_classes());
-        params::load_into(&mut vs, &model.manifest, &moved).unwrap();
+        fedge_learn::tensors::load_into(&mut vs, &model.manifest, &moved).unwrap();
         let expected = evaluate(&net, &test, 64, Device::Cpu);
 
         let got = model.evaluate(&moved, &split, 64).unwrap();

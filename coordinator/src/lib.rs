@@ -79,7 +79,7 @@ use crate::security::Authenticator;
 use crate::service::{FederationService, TransferLimits};
 use crate::store::{RunHistory, RunStore};
 use crate::strategy::{ServerOptimizer, Strategy};
-use fedge_common::train::Algorithm;
+use fedge_common::task::Algorithm;
 
 /// Runs a federated training job on `listener` until its last round is
 /// saved (returns its summary) or `shutdown` resolves (returns `None`).
@@ -219,7 +219,7 @@ pub(crate) struct Parts {
     pub manifest: Arc<fedge_common::params::Manifest>,
     pub traffic: Arc<Traffic>,
     pub settings: pb::RunSettings,
-    pub kind: fedge_common::model::ModelKind,
+    pub kind: fedge_learn::model::ModelKind,
     pub codec: fedge_common::codec::Codec,
     pub spool_dir: std::path::PathBuf,
     pub metrics: Arc<metrics::Metrics>,
@@ -242,7 +242,7 @@ pub(crate) async fn assemble(config: &CoordinatorConfig, in_process_nodes: bool)
     let kind = config.model_kind()?;
     let source = config.data.source()?;
     tracing::info!(data = %source.describe(), "central evaluation data");
-    if matches!(source, fedge_common::data::DataSource::Synthetic { .. }) {
+    if matches!(source, fedge_learn::data::DataSource::Synthetic { .. }) {
         tracing::info!("no data set configured (data.path or FEDGE_DATA__PATH): using the synthetic data set");
     }
     let spool_dir = crate::intake::prepare_spool(&config.out_dir)?;
@@ -398,7 +398,7 @@ pub(crate) async fn assemble(config: &CoordinatorConfig, in_process_nodes: bool)
         run_id = %run_id,
         "model initialized"
     );
-    fedge_common::export::ModelCard::new(kind, initial.input_shape, initial.classes.clone(), &manifest)
+    fedge_learn::export::ModelCard::new(kind, initial.input_shape, initial.classes.clone(), &manifest)
         .write(&config.out_dir)?;
 
     // Under differential privacy clipping bounds every update's influence,

@@ -8,7 +8,7 @@ use clap::{Args, Parser, Subcommand};
 use coordinator::CoordinatorConfig;
 use coordinator::fleet::{FleetOptions, run_fleet};
 use fedge_common::config::{LogFormat, parse_override, toml_string};
-use fedge_common::partition::{Scheme, SchemeParams, write_partitions};
+use fedge_learn::partition::{Scheme, SchemeParams, write_partitions};
 
 #[derive(Parser)]
 #[command(
@@ -411,9 +411,9 @@ async fn run_cli() -> anyhow::Result<()> {
                 sigma,
             })?;
             let source = match data_path {
-                Some(path) => fedge_common::data::detect(&path)?,
-                None if synthetic => fedge_common::data::DataSource::Synthetic {
-                    seed: fedge_common::config::DataConfig::default().synthetic_seed,
+                Some(path) => fedge_learn::data::detect(&path)?,
+                None if synthetic => fedge_learn::data::DataSource::Synthetic {
+                    seed: fedge_learn::data::DataConfig::default().synthetic_seed,
                     train_samples: synthetic_samples,
                     test_samples: synthetic_samples.div_ceil(6),
                 },

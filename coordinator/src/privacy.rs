@@ -20,7 +20,7 @@
 //! fedge asks a fixed number of nodes, uniformly, without replacement.
 
 use fedge_common::privacy::{Accountant, AdaptiveClip, add_noise};
-use fedge_common::train::PrivacyTask;
+use fedge_common::task::PrivacyTask;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{NoiseMode, PrivacyConfig};

@@ -26,7 +26,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fmt;
 use std::sync::{Arc, Mutex};
 
-use fedge_common::train::{Algorithm, EvalMetrics, Hyperparameters, TrainMetrics};
+use fedge_common::task::{Algorithm, EvalMetrics, Hyperparameters, TrainMetrics};
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;

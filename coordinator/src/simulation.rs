@@ -11,8 +11,8 @@
 //!   [`Command`]s, reads its tasks from an instruction stream like a
 //!   daemon's, and submits its update through the same intake checks as
 //!   one that arrived over gRPC (manifest size, checksum, finiteness, norm);
-//! - its training is the edge node's own code ([`edge_node::trainer::LocalModel`]
-//!   and [`edge_node::trainer::NodeState`]): the same local training,
+//! - its training is the edge node's own job ([`fedge_learn::job::LocalModel`]
+//!   and [`fedge_learn::job::NodeState`]): the same local training,
 //!   node-side privacy and update encoding (with error feedback).
 //!
 //! What is shared: the training split is loaded once and each node holds
@@ -27,13 +27,13 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use edge_node::trainer::{Job, LocalModel, NodeState, TrainResult, Work};
 use fedge_common::codec::Codec;
-use fedge_common::data::{Dataset, Split};
-use fedge_common::model::ModelKind;
 use fedge_common::pb;
-use fedge_common::train::{Algorithm, Hyperparameters};
+use fedge_common::task::{Algorithm, Hyperparameters};
 use fedge_common::wire::crc32;
+use fedge_learn::data::{Dataset, Split};
+use fedge_learn::job::{AdversaryConfig, Job, LocalModel, NodeState, TrainResult, Work};
+use fedge_learn::model::ModelKind;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
@@ -112,7 +112,7 @@ pub fn node_name(i: usize) -> String {
 struct PoolJob {
     node: usize,
     job: Job,
-    reply: oneshot::Sender<edge_node::Result<TrainResult>>,
+    reply: oneshot::Sender<fedge_learn::Result<TrainResult>>,
 }
 
 /// Training threads shared by every virtual node: each owns one model and
@@ -134,7 +134,7 @@ impl Pool {
                 .spawn(move || {
                     tch::set_num_threads(threads as i32);
                     let mut model = LocalModel::new(tch::Device::Cpu);
-                    let adversary = edge_node::config::AdversaryConfig::default();
+                    let adversary = AdversaryConfig::default();
                     loop {
                         // The lock is held only while waiting for the next job.
                         let next = rx.lock().unwrap_or_else(std::sync::PoisonError::into_inner).recv();
@@ -160,13 +160,15 @@ impl Pool {
         Ok(Self { jobs, cancel })
     }
 
-    async fn train(&self, node: usize, job: Job) -> edge_node::Result<TrainResult> {
+    async fn train(&self, node: usize, job: Job) -> Result<TrainResult> {
         let (reply, rx) = oneshot::channel();
         self.jobs
             .send(PoolJob { node, job, reply })
-            .map_err(|_| edge_node::Error::Trainer("the training pool stopped".into()))?;
-        rx.await
-            .map_err(|_| edge_node::Error::Trainer("the training pool dropped the job".into()))?
+            .map_err(|_| Error::Internal("the training pool stopped".into()))?;
+        let trained = rx
+            .await
+            .map_err(|_| Error::Internal("the training pool dropped the job".into()))?;
+        trained.map_err(|e| Error::Internal(format!("local training: {e}")))
     }
 }
 
@@ -255,11 +257,7 @@ impl Fleet {
             codec: self.codec,
         };
         drop(snapshot);
-        let result = self
-            .pool
-            .train(i, job)
-            .await
-            .map_err(|e| Error::Internal(format!("local training: {e}")))?;
+        let result = self.pool.train(i, job).await?;
         let admitted = self
             .ask(|reply| Command::Admit {
                 session: session.to_owned(),

@@ -17,9 +17,9 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
+use fedge_common::checkpoint::{self, Checkpoint};
 use fedge_common::fsutil::write_atomic;
-use fedge_common::params::{Manifest, TensorMeta, save_safetensors, save_tensors, visit_safetensors};
-use fedge_common::wire::decode_f32;
+use fedge_common::params::{Manifest, save_safetensors};
 use serde::{Deserialize, Serialize};
 
 use crate::config::CoordinatorConfig;
@@ -139,16 +139,6 @@ pub struct RunHistory {
     pub rounds: Vec<RoundRecord>,
 }
 
-/// What a restart continues from.
-#[derive(Debug, Clone)]
-pub struct Checkpoint {
-    /// Rounds completed.
-    pub round: u64,
-    pub global: Vec<f32>,
-    pub strategy: BTreeMap<String, Vec<f32>>,
-    pub server_steps: u64,
-}
-
 #[cfg(test)]
 impl RunHistory {
     /// The history of a fresh run with default settings.
@@ -170,9 +160,6 @@ impl RunHistory {
         }
     }
 }
-
-/// Name prefix of the global model's tensors in a checkpoint.
-pub const MODEL_PREFIX: &str = "model/";
 
 /// Writes a run's checkpoints and history.
 #[derive(Debug)]
@@ -264,29 +251,15 @@ impl RunStore {
         strategy: &BTreeMap<String, Vec<f32>>,
         steps: u64,
     ) -> Result<()> {
-        let mut tensors = Vec::with_capacity(self.manifest.tensors.len() + strategy.len());
-        let mut offset = 0;
-        for t in &self.manifest.tensors {
-            let n = t.numel();
-            if offset + n > global.len() {
-                return Err(Error::Checkpoint(format!(
-                    "the model has {} values; its manifest needs more",
-                    global.len()
-                )));
-            }
-            tensors.push((
-                format!("{MODEL_PREFIX}{}", t.name),
-                t.shape.clone(),
-                &global[offset..offset + n],
-            ));
-            offset += n;
-        }
-        for (name, values) in strategy {
-            tensors.push((format!("strategy/{name}"), vec![values.len() as i64], values.as_slice()));
-        }
-        let mut meta = self.metadata(round, round);
-        meta.insert("server_steps".into(), steps.to_string());
-        Ok(save_tensors(&self.checkpoint_file(round), tensors, meta)?)
+        let meta = self.metadata(round, round);
+        Ok(checkpoint::write(
+            &self.checkpoint_file(round),
+            &self.manifest,
+            global,
+            strategy,
+            steps,
+            meta,
+        )?)
     }
 
     /// Reads back a run left unfinished in `dir`: its history, the global
@@ -340,7 +313,7 @@ impl RunStore {
                 file.display()
             ))
         })?;
-        parse_checkpoint(&bytes, &self.manifest, &self.history.run_id, round).map_err(|e| {
+        checkpoint::parse(&bytes, &self.manifest, &self.history.run_id, round).map_err(|e| {
             Error::Checkpoint(format!(
                 "{}: {}",
                 file.display(),
@@ -399,14 +372,14 @@ pub fn participant(c: &crate::round::Contribution, bytes_down: u64) -> Participa
 
 /// Federated evaluation of a round: the participants' held-out metrics
 /// averaged by example count, or `None` when no participant held data out.
-pub fn federated_eval(contributions: &[crate::round::Contribution]) -> Option<fedge_common::train::EvalMetrics> {
+pub fn federated_eval(contributions: &[crate::round::Contribution]) -> Option<fedge_common::task::EvalMetrics> {
     let evals: Vec<_> = contributions.iter().filter_map(|c| c.federated_eval).collect();
     let examples: u64 = evals.iter().map(|e| e.examples).sum();
     (examples > 0).then(|| {
-        let w = |f: fn(&fedge_common::train::EvalMetrics) -> f64| {
+        let w = |f: fn(&fedge_common::task::EvalMetrics) -> f64| {
             evals.iter().map(|e| f(e) * e.examples as f64).sum::<f64>() / examples as f64
         };
-        fedge_common::train::EvalMetrics {
+        fedge_common::task::EvalMetrics {
             loss: w(|e| e.loss),
             accuracy: w(|e| e.accuracy),
             examples,
@@ -414,51 +387,10 @@ pub fn federated_eval(contributions: &[crate::round::Contribution]) -> Option<fe
     })
 }
 
-/// Reads a checkpoint file's bytes: the global model (checked against
-/// `manifest`) and the strategy state of round `round` of run `run_id`.
-/// Corrupt or foreign bytes are an error, never a panic (fuzzed: `tests/fuzz`).
-pub fn parse_checkpoint(bytes: &[u8], manifest: &Manifest, run_id: &str, round: u64) -> Result<Checkpoint> {
-    // Tensors are read straight out of `bytes` into the global model: the
-    // checkpoint is never held decoded twice.
-    let mut global = Vec::with_capacity(manifest.numel());
-    let mut strategy = BTreeMap::new();
-    let mut model_tensors = Manifest::default();
-    let metadata = visit_safetensors(bytes, |name, shape, data| {
-        if let Some(name) = name.strip_prefix(MODEL_PREFIX) {
-            model_tensors.tensors.push(TensorMeta {
-                name: name.to_owned(),
-                shape: shape.to_vec(),
-            });
-            global.extend(decode_f32(data));
-        } else if let Some(name) = name.strip_prefix("strategy/") {
-            strategy.insert(name.to_owned(), decode_f32(data).collect());
-        }
-        Ok(())
-    })
-    .map_err(|e| Error::Checkpoint(format!("cannot read the checkpoint of round {round} ({e})")))?;
-    if metadata.get("run_id").map(String::as_str) != Some(run_id) {
-        return Err(Error::Checkpoint(format!("it belongs to another run than {run_id}")));
-    }
-    let steps = metadata.get("server_steps").and_then(|s| s.parse().ok()).unwrap_or(0);
-    if &model_tensors != manifest {
-        return Err(Error::Checkpoint(format!(
-            "it holds a model of {} parameters in {} tensors; this run's model has {} in {}",
-            model_tensors.numel(),
-            model_tensors.tensors.len(),
-            manifest.numel(),
-            manifest.tensors.len()
-        )));
-    }
-    Ok(Checkpoint {
-        round,
-        global,
-        strategy,
-        server_steps: steps,
-    })
-}
-
 #[cfg(test)]
 mod tests {
+    use fedge_common::params::TensorMeta;
+
     use super::*;
 
     fn manifest() -> Manifest {

@@ -3,8 +3,10 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use fedge_common::config::{DataConfig, LogFormat, load_layered};
-use fedge_common::partition::{Scheme, SchemeParams};
+use fedge_common::config::{LogFormat, load_layered};
+use fedge_learn::data::DataConfig;
+pub use fedge_learn::job::{AdversaryConfig, AdversaryKind};
+use fedge_learn::partition::{Scheme, SchemeParams};
 use serde::{Deserialize, Serialize};
 
 use crate::{Error, Result};
@@ -108,35 +110,6 @@ impl NodeSecurityConfig {
             return bad("token must not be empty".into());
         }
         Ok(())
-    }
-}
-
-/// A simulated Byzantine node, to measure how an aggregator copes.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct AdversaryConfig {
-    /// `none`, `sign-flip` (send `−scale ×` the honest update) or `noise`
-    /// (send Gaussian noise of standard deviation `scale`).
-    pub kind: AdversaryKind,
-    pub scale: f64,
-}
-
-/// Kinds of corrupted updates.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum AdversaryKind {
-    #[default]
-    None,
-    SignFlip,
-    Noise,
-}
-
-impl Default for AdversaryConfig {
-    fn default() -> Self {
-        Self {
-            kind: AdversaryKind::None,
-            scale: 10.0,
-        }
     }
 }
 

@@ -10,6 +10,10 @@ pub enum Error {
     #[error(transparent)]
     Common(#[from] fedge_common::Error),
 
+    /// Data, model or training failure.
+    #[error(transparent)]
+    Learn(#[from] fedge_learn::Error),
+
     /// A configuration value is out of range.
     #[error("invalid configuration: {0}")]
     Config(String),

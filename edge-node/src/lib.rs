@@ -27,7 +27,7 @@ use std::future::Future;
 
 pub use config::NodeConfig;
 pub use error::{Error, Result};
-use fedge_common::data::{Dataset, Split};
+use fedge_learn::data::{Dataset, Split};
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
@@ -161,7 +161,7 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> Resu
 /// times as one batch and reports the latency percentiles of a pass, with
 /// `threads` libtorch threads as configured by the caller.
 pub fn latency(
-    classifier: &fedge_common::export::Classifier,
+    classifier: &fedge_learn::export::Classifier,
     images: &[std::path::PathBuf],
     n: usize,
 ) -> Result<String> {
@@ -208,11 +208,11 @@ mod tests {
 
     #[test]
     fn holdout_is_a_disjoint_seeded_fraction() {
-        let data = fedge_common::data::synthetic(1, 1, 200);
+        let data = fedge_learn::data::synthetic(1, 1, 200);
         let (train, held) = split_holdout(data, 0.1, 3);
         let held = held.unwrap();
         assert_eq!((train.len(), held.len()), (180, 20));
-        let (none_train, none) = split_holdout(fedge_common::data::synthetic(1, 1, 10), 0.0, 3);
+        let (none_train, none) = split_holdout(fedge_learn::data::synthetic(1, 1, 10), 0.0, 3);
         assert!(none.is_none() && none_train.len() == 10);
     }
 }

@@ -137,7 +137,7 @@ async fn main() -> anyhow::Result<()> {
         if *threads > 0 {
             tch::set_num_threads(*threads as i32);
         }
-        let classifier = fedge_common::export::Classifier::load(model)?;
+        let classifier = fedge_learn::export::Classifier::load(model)?;
         if let Some(n) = repeat {
             let report = edge_node::latency(&classifier, images, *n)?;
             std::io::Write::write_all(&mut std::io::stdout().lock(), report.as_bytes())?;

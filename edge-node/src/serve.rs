@@ -20,10 +20,10 @@ use axum::extract::{DefaultBodyLimit, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Json, Response};
 use axum::routing::{get, post};
-use fedge_common::export::{Classifier, ModelCard};
-use fedge_common::model::ModelKind;
 use fedge_common::params::Manifest;
 use fedge_common::worker::Worker;
+use fedge_learn::export::{Classifier, ModelCard};
+use fedge_learn::model::ModelKind;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{oneshot, watch};
 
@@ -130,7 +130,7 @@ fn inference(rx: mpsc::Receiver<Request>, feed: watch::Receiver<Option<Arc<Serve
                 loaded = Some((latest.run_id.clone(), latest.version, c));
             }
             let (run_id, version, classifier) = loaded.as_ref().expect("loaded above");
-            let pixels = fedge_common::data::folder::image_bytes_pixels(
+            let pixels = fedge_learn::data::folder::image_bytes_pixels(
                 &req.image,
                 classifier.card.input_shape,
                 "the request body",

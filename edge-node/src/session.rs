@@ -6,16 +6,17 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use fedge_common::codec::Codec;
-use fedge_common::model::ModelKind;
 use fedge_common::params::{Manifest, save_safetensors};
 use fedge_common::pb::{self, PROTOCOL_VERSION, federation_client::FederationClient};
 use fedge_common::secagg;
-use fedge_common::train::{Algorithm, Hyperparameters};
+use fedge_common::task::{Algorithm, Hyperparameters};
 use fedge_common::wire::{PayloadReader, chunks, crc32, metrics_to_wire, update_manifest};
+use fedge_learn::job::Job;
+use fedge_learn::model::ModelKind;
 use tonic::transport::Channel;
 
 use crate::config::NodeConfig;
-use crate::trainer::{Job, Trainer};
+use crate::trainer::Trainer;
 use crate::{Error, Result};
 
 /// How a session ended without error.
@@ -101,7 +102,7 @@ pub async fn run_session(ctx: SessionCtx<'_>) -> Result<SessionEnd> {
     let kind: ModelKind = settings
         .model
         .parse()
-        .map_err(|e: fedge_common::Error| Error::Refused(e.to_string()))?;
+        .map_err(|e: fedge_learn::Error| Error::Refused(e.to_string()))?;
     if settings.input_shape != ctx.data_shape {
         return Err(Error::Refused(format!(
             "this node's data is {:?} (channels, height, width) but the run's model takes {:?}",

@@ -284,7 +284,7 @@ fn the_final_model_exports_with_its_card_and_classifies_image_files() -> Result<
     assert!((card["normalization"]["scale"].as_f64().unwrap() - 1.0 / 255.0).abs() < 1e-9);
 
     // Twenty test images as PNG files; two of them at another size (resized).
-    let test = fedge_common::data::synthetic(17, 2, 200);
+    let test = fedge_learn::data::synthetic(17, 2, 200);
     let labels = test.label_vec();
     let pixels = Vec::<u8>::try_from(test.images.view([-1]))?;
     let mut files = Vec::new();
@@ -475,7 +475,7 @@ fn a_node_serves_local_predictions_with_each_newer_global_model() -> Result<()> 
     ];
 
     // A test image as PNG.
-    let test = fedge_common::data::synthetic(17, 2, 1);
+    let test = fedge_learn::data::synthetic(17, 2, 1);
     let chw = Vec::<u8>::try_from(test.images.view([-1]))?;
     let chw = &chw;
     let hwc: Vec<u8> = (0..1024).flat_map(|p| (0..3).map(move |c| chw[c * 1024 + p])).collect();

@@ -12,7 +12,7 @@ fuzz_target!(|data: &[u8]| {
             shape: vec![3],
         }],
     };
-    if let Ok(cp) = coordinator::store::parse_checkpoint(data, &manifest, "run-1", 2) {
+    if let Ok(cp) = fedge_common::checkpoint::parse(data, &manifest, "run-1", 2) {
         assert_eq!(cp.global.len(), 3);
     }
     let _ = parse_safetensors(data);

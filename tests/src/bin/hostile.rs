@@ -92,7 +92,7 @@ fn join_request(name: &str, token: Option<&str>) -> tonic::Request<pb::JoinReque
         protocol_version: PROTOCOL_VERSION,
         node_name: name.into(),
         num_samples: 1000,
-        models: fedge_common::model::ModelKind::known_names()
+        models: fedge_learn::model::ModelKind::known_names()
             .into_iter()
             .map(String::from)
             .collect(),
@@ -154,7 +154,7 @@ async fn hostile_node(args: Arc<Args>, until: Instant, tally: Arc<Tally>) -> Res
     let session = joined.node_id;
     // The model's layout, built here, so the trickle's header passes.
     let settings = joined.settings.context("join response without run settings")?;
-    let kind: fedge_common::model::ModelKind = settings.model.parse().context("the run's model")?;
+    let kind: fedge_learn::model::ModelKind = settings.model.parse().context("the run's model")?;
     let input: [i64; 3] = settings
         .input_shape
         .as_slice()
@@ -162,7 +162,7 @@ async fn hostile_node(args: Arc<Args>, until: Instant, tally: Arc<Tally>) -> Res
         .context("the run's input shape is not [channels, height, width]")?;
     let vs = tch::nn::VarStore::new(tch::Device::Cpu);
     let _net = kind.build(&vs.root(), input, settings.classes.len() as i64);
-    let layout = fedge_common::params::Manifest::of_var_store(&vs);
+    let layout = fedge_learn::tensors::manifest_of(&vs);
     drop(vs);
     let manifest =
         fedge_common::wire::update_manifest(&layout, &fedge_common::codec::Codec::F32, 4 * layout.numel() as u64);

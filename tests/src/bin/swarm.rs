@@ -17,10 +17,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 use fedge_common::codec::Codec;
-use fedge_common::model::ModelKind;
 use fedge_common::params::Manifest;
 use fedge_common::pb::{self, PROTOCOL_VERSION, federation_client::FederationClient};
 use fedge_common::wire::{chunks, crc32, tensors_from_wire, update_manifest};
+use fedge_learn::model::ModelKind;
 use prost::bytes::Bytes;
 use rand::{Rng, SeedableRng};
 use tonic::transport::Channel;
@@ -227,7 +227,7 @@ async fn main() -> Result<()> {
         .context("the run's input shape is not [channels, height, width]")?;
     let vs = tch::nn::VarStore::new(tch::Device::Cpu);
     let _net = kind.build(&vs.root(), input, settings.classes.len() as i64);
-    let manifest = Manifest::of_var_store(&vs);
+    let manifest = fedge_learn::tensors::manifest_of(&vs);
     drop(vs);
     let prepared = Arc::new(prepare(manifest, codec, args.scale, args.seed));
     eprintln!(

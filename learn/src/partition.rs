@@ -384,13 +384,16 @@ pub fn write_partitions(
         coordinator_dir: has_test.then_some(coordinator_dir),
         load_seconds,
     };
-    crate::fsutil::write_atomic(&out.join("partition.md"), report.markdown().as_bytes())?;
-    crate::fsutil::write_atomic(&out.join("partition.json"), &serde_json::to_vec_pretty(&report)?)?;
+    fedge_common::fsutil::write_atomic(&out.join("partition.md"), report.markdown().as_bytes())?;
+    fedge_common::fsutil::write_atomic(&out.join("partition.json"), &serde_json::to_vec_pretty(&report)?)?;
     Ok(report)
 }
 
 fn write_classes(dir: &Path, classes: &[String]) -> Result<()> {
-    crate::fsutil::write_atomic(&dir.join(folder::CLASSES_FILE), (classes.join("\n") + "\n").as_bytes())
+    Ok(fedge_common::fsutil::write_atomic(
+        &dir.join(folder::CLASSES_FILE),
+        (classes.join("\n") + "\n").as_bytes(),
+    )?)
 }
 
 /// Copies (hard-links where it can) image files into `root/<class>/`.

@@ -235,6 +235,48 @@ impl DataSource {
     }
 }
 
+/// Where a process finds its data.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DataConfig {
+    /// A data set folder: CIFAR-10 binary, MNIST IDX or an image folder,
+    /// detected from its files. When unset (or empty) the seeded synthetic
+    /// set below is used instead.
+    pub path: Option<PathBuf>,
+    /// Seed of the synthetic set (coordinator and nodes must agree).
+    pub synthetic_seed: u64,
+    /// Size of the synthetic training set, before partitioning.
+    pub synthetic_train_samples: usize,
+    /// Size of the synthetic test set.
+    pub synthetic_test_samples: usize,
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        Self {
+            path: None,
+            synthetic_seed: 17,
+            synthetic_train_samples: 6000,
+            synthetic_test_samples: 1000,
+        }
+    }
+}
+
+impl DataConfig {
+    /// The source this configuration names; a configured path's format is detected.
+    pub fn source(&self) -> Result<DataSource> {
+        match self.path.as_deref().filter(|p| !p.as_os_str().is_empty()) {
+            Some(p) => detect(p),
+            None => Ok(DataSource::Synthetic {
+                seed: self.synthetic_seed,
+                train_samples: self.synthetic_train_samples,
+                test_samples: self.synthetic_test_samples,
+            }),
+        }
+    }
+}
+
+/// Log output.
 /// Detects the format of the data set at `path`.
 pub fn detect(path: &Path) -> Result<DataSource> {
     if !path.exists() {
@@ -302,5 +344,19 @@ mod tests {
         assert!(err.contains("no data set found here"), "{err}");
         let err = detect(&dir.path().join("nope")).unwrap_err().to_string();
         assert!(err.ends_with("nope: no such file or folder"), "{err}");
+    }
+
+    #[test]
+    fn a_configured_data_path_must_hold_a_data_set() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = DataConfig {
+            path: Some(dir.path().to_path_buf()),
+            ..Default::default()
+        };
+        assert!(c.source().unwrap_err().to_string().contains("no data set found here"));
+        assert!(matches!(
+            DataConfig::default().source().unwrap(),
+            DataSource::Synthetic { .. }
+        ));
     }
 }

@@ -168,7 +168,7 @@ pub fn write_records(path: &Path, data: &Dataset) -> Result<()> {
         out.push(l as u8);
         out.extend_from_slice(&images[i * IMAGE_BYTES..(i + 1) * IMAGE_BYTES]);
     }
-    crate::fsutil::write_atomic(path, &out)
+    Ok(fedge_common::fsutil::write_atomic(path, &out)?)
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@
 
 use std::time::Instant;
 
+use fedge_common::task::{EvalMetrics, Hyperparameters, LocalOptimizer, TrainMetrics};
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
@@ -13,131 +14,6 @@ use tch::{Device, Tensor};
 
 use crate::Result;
 use crate::data::Dataset;
-
-/// What a node computes in a round and sends back.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Algorithm {
-    /// Train locally; send `w_local − w_global` (McMahan et al. 2017).
-    #[default]
-    FedAvg,
-    /// One gradient over the local data at `w_global`, sent as the gradient.
-    FedSgd,
-    /// FedAvg with the proximal term `μ/2·‖w − w_global‖²` (Li et al. 2020).
-    FedProx,
-    /// FedAvg with client and server control variates (Karimireddy et al.
-    /// 2020, option II); the update also carries the control delta.
-    Scaffold,
-}
-
-impl Algorithm {
-    /// Name as written in configuration.
-    pub fn name(self) -> &'static str {
-        match self {
-            Algorithm::FedAvg => "fedavg",
-            Algorithm::FedSgd => "fedsgd",
-            Algorithm::FedProx => "fedprox",
-            Algorithm::Scaffold => "scaffold",
-        }
-    }
-}
-
-/// The local optimizer; its state is fresh every round.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LocalOptimizer {
-    /// SGD with momentum and weight decay.
-    #[default]
-    Sgd,
-    /// Adam (β₁ 0.9, β₂ 0.999, ε 1e-8) with L2 weight decay.
-    Adam,
-}
-
-/// Hyper-parameters of one round of local training.
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct Hyperparameters {
-    pub epochs: u32,
-    pub batch_size: u32,
-    pub learning_rate: f64,
-    pub momentum: f64,
-    pub weight_decay: f64,
-    /// Upper bound on optimizer steps; 0 means only the epochs bound.
-    pub max_steps: u64,
-    /// Seed of this round's shuffling and augmentation.
-    pub seed: u64,
-    /// Augmentation: random crops after zero padding by this many pixels (0: off).
-    pub crop_padding: u32,
-    /// Augmentation: random horizontal flips.
-    pub horizontal_flip: bool,
-    pub algorithm: Algorithm,
-    /// FedProx's μ (ignored by the other algorithms).
-    pub proximal_mu: f64,
-    pub optimizer: LocalOptimizer,
-    /// Evaluate the received model on held-out data this round.
-    pub evaluate: bool,
-    /// Differential privacy: what the node does to its update before sending it.
-    #[serde(default)]
-    pub privacy: Option<PrivacyTask>,
-}
-
-/// A round's differential-privacy instructions for a node.
-#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct PrivacyTask {
-    /// Clip the model change the update makes to this L2 norm.
-    pub clip_norm: f64,
-    /// Then add Gaussian noise of this standard deviation to every value (0: none).
-    pub noise_stddev: f64,
-}
-
-impl Default for Hyperparameters {
-    fn default() -> Self {
-        Self {
-            epochs: 1,
-            batch_size: 32,
-            learning_rate: 0.05,
-            momentum: 0.9,
-            weight_decay: 0.0,
-            max_steps: 0,
-            seed: 0,
-            crop_padding: 0,
-            horizontal_flip: false,
-            algorithm: Algorithm::FedAvg,
-            proximal_mu: 0.0,
-            optimizer: LocalOptimizer::Sgd,
-            evaluate: true,
-            privacy: None,
-        }
-    }
-}
-
-/// What a round of local training did.
-#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct TrainMetrics {
-    /// Mean training loss over the steps.
-    pub loss: f64,
-    /// Training accuracy over the examples seen.
-    pub accuracy: f64,
-    pub steps: u64,
-    pub examples: u64,
-    pub train_seconds: f64,
-    /// Seconds the node spent fetching the round's global model (0 when cached).
-    #[serde(default)]
-    pub fetch_seconds: f64,
-    /// Seconds the node spent encoding (or masking) the update.
-    #[serde(default)]
-    pub encode_seconds: f64,
-    /// Differential privacy: whether the update needed no clipping.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub unclipped: Option<bool>,
-}
-
-/// Loss and accuracy of a model on a data set.
-#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct EvalMetrics {
-    pub loss: f64,
-    pub accuracy: f64,
-    pub examples: u64,
-}
 
 /// A progress callback: (steps done, steps in all, this step's loss).
 pub type StepReport = Box<dyn Fn(u64, u64, f64)>;
@@ -285,7 +161,7 @@ pub fn gradient(
     vs: &VarStore,
     data: &Dataset,
     h: &Hyperparameters,
-    manifest: &crate::params::Manifest,
+    manifest: &fedge_common::params::Manifest,
 ) -> Result<(Vec<f32>, TrainMetrics)> {
     let start = Instant::now();
     let device = vs.device();
@@ -506,11 +382,11 @@ mod tests {
         assert_eq!(e.to_string(), "training stopped: the node is shutting down");
     }
 
-    fn small() -> (VarStore, crate::model::Net, crate::params::Manifest) {
+    fn small() -> (VarStore, crate::model::Net, fedge_common::params::Manifest) {
         tch::manual_seed(3);
         let vs = VarStore::new(Device::Cpu);
         let net = ModelKind::Mlp2nn.build(&vs.root(), [3, 32, 32], 10);
-        let manifest = crate::params::Manifest::of_var_store(&vs);
+        let manifest = crate::tensors::manifest_of(&vs);
         (vs, net, manifest)
     }
 
@@ -523,7 +399,7 @@ mod tests {
             weight_decay: 0.01,
             ..Default::default()
         };
-        let before = crate::params::flatten(&vs, &manifest).unwrap();
+        let before = crate::tensors::flatten(&vs, &manifest).unwrap();
         let (g1, m1) = gradient(&net, &vs, &data, &whole, &manifest).unwrap();
         let (g2, m2) = gradient(
             &net,
@@ -541,11 +417,15 @@ mod tests {
         for (a, b) in g1.iter().zip(&g2) {
             assert!((a - b).abs() <= 1e-5 * a.abs().max(1e-2), "{a} vs {b}");
         }
-        assert_eq!(crate::params::flatten(&vs, &manifest).unwrap(), before, "weights moved");
+        assert_eq!(
+            crate::tensors::flatten(&vs, &manifest).unwrap(),
+            before,
+            "weights moved"
+        );
         // A step against the gradient lowers the loss.
         let mut vs = vs;
         let stepped: Vec<f32> = before.iter().zip(&g1).map(|(w, g)| w - 0.1 * g).collect();
-        crate::params::load_into(&mut vs, &manifest, &stepped).unwrap();
+        crate::tensors::load_into(&mut vs, &manifest, &stepped).unwrap();
         let (_, m3) = gradient(&net, &vs, &data, &whole, &manifest).unwrap();
         assert!(m3.loss < m1.loss, "{} !< {}", m3.loss, m1.loss);
     }
@@ -563,12 +443,12 @@ mod tests {
         // Both runs start from the same weights, loaded explicitly: libtorch's
         // global generator is shared with tests running in parallel.
         let (vs, _, manifest) = small();
-        let init = crate::params::flatten(&vs, &manifest).unwrap();
+        let init = crate::tensors::flatten(&vs, &manifest).unwrap();
         let run = |objective: &LocalObjective| {
             let (mut vs, net, manifest) = small();
-            crate::params::load_into(&mut vs, &manifest, &init).unwrap();
+            crate::tensors::load_into(&mut vs, &manifest, &init).unwrap();
             train(&net, &vs, &data, &h, objective).unwrap();
-            crate::params::flatten(&vs, &manifest).unwrap()
+            crate::tensors::flatten(&vs, &manifest).unwrap()
         };
         let plain = run(&LocalObjective::default());
         let correction = manifest
@@ -602,7 +482,7 @@ mod tests {
         };
         let drift = |mu: f64| {
             let (vs, net, manifest) = small();
-            let start = crate::params::flatten(&vs, &manifest).unwrap();
+            let start = crate::tensors::flatten(&vs, &manifest).unwrap();
             let anchors = vs
                 .variables()
                 .into_iter()
@@ -613,7 +493,7 @@ mod tests {
                 ..Default::default()
             };
             train(&net, &vs, &data, &h, &objective).unwrap();
-            let end = crate::params::flatten(&vs, &manifest).unwrap();
+            let end = crate::tensors::flatten(&vs, &manifest).unwrap();
             start
                 .iter()
                 .zip(&end)

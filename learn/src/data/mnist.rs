@@ -169,8 +169,11 @@ pub fn encode(data: &Dataset) -> Result<(Vec<u8>, Vec<u8>)> {
 /// Writes `data` as `<prefix>-images-idx3-ubyte` and `<prefix>-labels-idx1-ubyte` in `dir`.
 pub fn write(dir: &Path, prefix: &str, data: &Dataset) -> Result<()> {
     let (images, labels) = encode(data)?;
-    crate::fsutil::write_atomic(&dir.join(format!("{prefix}-images-idx3-ubyte")), &images)?;
-    crate::fsutil::write_atomic(&dir.join(format!("{prefix}-labels-idx1-ubyte")), &labels)
+    fedge_common::fsutil::write_atomic(&dir.join(format!("{prefix}-images-idx3-ubyte")), &images)?;
+    Ok(fedge_common::fsutil::write_atomic(
+        &dir.join(format!("{prefix}-labels-idx1-ubyte")),
+        &labels,
+    )?)
 }
 
 #[cfg(test)]

@@ -6,12 +6,13 @@
 
 use std::path::{Path, PathBuf};
 
+use fedge_common::params::{Manifest, TensorMeta, load_safetensors};
 use tch::nn::{ModuleT, VarStore};
 use tch::{Device, Kind, Tensor};
 
 use crate::data::{GRAY_MEAN, GRAY_STD, RGB_MEAN, RGB_STD};
 use crate::model::{ModelKind, Net};
-use crate::params::{Manifest, TensorMeta, load_into, load_safetensors};
+use crate::tensors::{load_into, manifest_of};
 use crate::{Error, Result};
 
 /// The `format` of a model card this build writes and reads.
@@ -22,7 +23,7 @@ pub const CARD_FORMAT: &str = "fedge-model/1";
 pub struct ModelCard {
     /// [`CARD_FORMAT`].
     pub format: String,
-    /// Architecture name (`cnn`, `resnet20`, ...; see the README's Models).
+    /// Architecture name (`cnn`, `resnet20`, ...; see docs/data.md, "Models").
     pub model: String,
     /// The architecture in words, layer by layer.
     pub architecture: String,
@@ -82,7 +83,7 @@ impl ModelCard {
     /// Writes `dir/model.json`.
     pub fn write(&self, dir: &Path) -> Result<PathBuf> {
         let path = dir.join("model.json");
-        crate::fsutil::write_atomic(&path, &serde_json::to_vec_pretty(self)?)?;
+        fedge_common::fsutil::write_atomic(&path, &serde_json::to_vec_pretty(self)?)?;
         Ok(path)
     }
 
@@ -128,7 +129,7 @@ impl Classifier {
     pub fn from_parts(card: ModelCard, kind: ModelKind, manifest: &Manifest, values: &[f32]) -> Result<Self> {
         let mut vs = VarStore::new(Device::Cpu);
         let net = kind.build(&vs.root(), card.input_shape, card.classes.len() as i64);
-        let own = Manifest::of_var_store(&vs);
+        let own = manifest_of(&vs);
         if &own != manifest {
             return Err(Error::Params(format!(
                 "these weights do not fit a {} model for {:?} inputs",
