@@ -10,8 +10,8 @@
 use std::hint::black_box;
 use std::sync::Arc;
 
-use coordinator::strategy::aggregate::lock;
-use coordinator::strategy::{Aggregator, Precision, RoundAggregate, UpdateSource};
+use coordinator::core::strategy::aggregate::lock;
+use coordinator::core::strategy::{Aggregator, Precision, RoundAggregate, UpdateSource};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 
 fn update(n: usize) -> Vec<f32> {

@@ -13,7 +13,7 @@ use fedge_learn::model::ModelKind;
 use fedge_learn::partition::{Scheme, SchemeParams};
 use serde::{Deserialize, Serialize};
 
-use crate::strategy::{Aggregator, Precision, ServerOpt, Weighting};
+use crate::core::strategy::{Aggregator, Precision, ServerOpt, Weighting};
 use crate::{Error, Result};
 use fedge_common::codec::Codec;
 

@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use coordinator::CoordinatorConfig;
-use coordinator::fleet::{FleetOptions, run_fleet};
+use coordinator::tools::fleet::{FleetOptions, run_fleet};
 use fedge_common::config::{LogFormat, parse_override, toml_string};
 use fedge_learn::partition::{Scheme, SchemeParams, write_partitions};
 
@@ -186,12 +186,12 @@ struct ClientArgs {
 }
 
 impl ClientArgs {
-    fn options(&self, timeout: Duration) -> anyhow::Result<coordinator::http::ClientOptions> {
+    fn options(&self, timeout: Duration) -> anyhow::Result<coordinator::api::http::ClientOptions> {
         let token = match (&self.token_file, &self.token) {
             (Some(f), _) => Some(fedge_common::security::read_token_file(f)?),
             (None, t) => t.clone(),
         };
-        Ok(coordinator::http::ClientOptions {
+        Ok(coordinator::api::http::ClientOptions {
             timeout,
             ca: self.ca.clone(),
             skip_verify: false,
@@ -271,7 +271,7 @@ impl ConfigArgs {
 
 fn main() -> anyhow::Result<()> {
     // Before the runtime's threads exist, so they share the capped arenas.
-    coordinator::memory::tune_allocator();
+    coordinator::runtime::memory::tune_allocator();
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -325,10 +325,10 @@ async fn run_cli() -> anyhow::Result<()> {
             let defaults: Vec<(&str, String)> =
                 nodes.map(|n| ("simulation.nodes", n.to_string())).into_iter().collect();
             let mut cfg = config.load_unchecked(None, &defaults)?;
-            coordinator::simulation::complete(&mut cfg);
+            coordinator::tools::simulation::complete(&mut cfg);
             cfg.validate()?;
             fedge_common::telemetry::init(cfg.log_format, "info");
-            coordinator::simulation::simulate(cfg, fedge_common::shutdown::signal()).await?;
+            coordinator::tools::simulation::simulate(cfg, fedge_common::shutdown::signal()).await?;
         }
         Cmd::Health {
             url,
@@ -359,7 +359,7 @@ async fn run_cli() -> anyhow::Result<()> {
                 }
                 None => url,
             };
-            let answer = tokio::task::spawn_blocking(move || coordinator::http::check(&url, &opts)).await??;
+            let answer = tokio::task::spawn_blocking(move || coordinator::api::http::check(&url, &opts)).await??;
             let mut out = std::io::stdout().lock();
             std::io::Write::write_all(&mut out, format!("{answer}\n").as_bytes())?;
         }
@@ -371,11 +371,12 @@ async fn run_cli() -> anyhow::Result<()> {
         } => loop {
             let base = url.clone();
             let opts = client.options(Duration::from_secs(5))?;
-            let status = tokio::task::spawn_blocking(move || coordinator::http::fetch_status(&base, &opts)).await??;
+            let status =
+                tokio::task::spawn_blocking(move || coordinator::api::http::fetch_status(&base, &opts)).await??;
             let text = if json {
                 serde_json::to_string_pretty(&status)? + "\n"
             } else {
-                coordinator::http::render_status(&status, coordinator::driver::now_ms())
+                coordinator::api::http::render_status(&status, coordinator::runtime::driver::now_ms())
             };
             let mut out = std::io::stdout().lock();
             if watch > 0 {
@@ -443,7 +444,7 @@ async fn run_cli() -> anyhow::Result<()> {
                 None => names,
             };
             if add {
-                let pki = coordinator::pki::add_nodes(&out, &names)?;
+                let pki = coordinator::tools::pki::add_nodes(&out, &names)?;
                 tracing::info!(
                     nodes = pki.nodes.len(),
                     tokens = %pki.tokens.display(),
@@ -452,7 +453,7 @@ async fn run_cli() -> anyhow::Result<()> {
                 );
                 return Ok(());
             }
-            let pki = coordinator::pki::generate(&out, &hosts, &names)?;
+            let pki = coordinator::tools::pki::generate(&out, &hosts, &names)?;
             tracing::info!(
                 ca = %pki.ca.display(),
                 server_cert = %pki.server_cert.display(),
@@ -471,7 +472,7 @@ async fn run_cli() -> anyhow::Result<()> {
             let cfg = config.load(None, &[("security.insecure", "true".into())])?;
             fedge_common::telemetry::init(cfg.log_format, "info");
             let report = tokio::task::spawn_blocking(move || {
-                let report = coordinator::baseline::run_baseline(&cfg, epochs, threads)?;
+                let report = coordinator::tools::baseline::run_baseline(&cfg, epochs, threads)?;
                 let path = cfg.out_dir.join("baseline.json");
                 let json = serde_json::to_vec_pretty(&report)?;
                 fedge_common::fsutil::write_atomic(&path, &json)?;

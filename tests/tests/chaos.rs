@@ -207,13 +207,13 @@ impl Fleet {
     fn status(&self) -> Option<Value> {
         // The HTTP side is as safe as gRPC: HTTPS, for operators only.
         let pki = self.dir.path().join("fleet/pki");
-        let opts = coordinator::http::ClientOptions {
+        let opts = coordinator::api::http::ClientOptions {
             ca: Some(pki.join("ca.pem")),
             token: fedge_common::security::read_token_file(&pki.join("operator/token")).ok(),
-            ..coordinator::http::ClientOptions::plain(Duration::from_secs(2))
+            ..coordinator::api::http::ClientOptions::plain(Duration::from_secs(2))
         };
         let url = format!("https://127.0.0.1:{}/api/status", self.http_port);
-        let body = coordinator::http::check(&url, &opts).ok()?;
+        let body = coordinator::api::http::check(&url, &opts).ok()?;
         serde_json::from_str(&body).ok()
     }
 

@@ -42,7 +42,7 @@ impl Run {
         let tmp = tempfile::tempdir()?;
         let port = free_port();
         let http_port = free_port();
-        let pki = coordinator::pki::generate(&tmp.path().join("pki"), &["localhost".into()], &[])?;
+        let pki = coordinator::tools::pki::generate(&tmp.path().join("pki"), &["localhost".into()], &[])?;
         let small = || {
             vec![
                 ("data.synthetic_train_samples", "1200".to_string()),
@@ -78,11 +78,11 @@ impl Run {
     }
 
     fn get(&self, path: &str) -> Result<String> {
-        let opts = coordinator::http::ClientOptions {
+        let opts = coordinator::api::http::ClientOptions {
             token: Some(fedge_common::security::read_token_file(&self.token)?),
-            ..coordinator::http::ClientOptions::plain(Duration::from_secs(5))
+            ..coordinator::api::http::ClientOptions::plain(Duration::from_secs(5))
         };
-        Ok(coordinator::http::check(&format!("{}{path}", self.http), &opts)?)
+        Ok(coordinator::api::http::check(&format!("{}{path}", self.http), &opts)?)
     }
 
     /// Waits until `/api/status` shows `rounds` completed rounds.
@@ -429,11 +429,11 @@ fn check_with_pytorch(model: &std::path::Path, files: &[PathBuf], pixels: &[u8],
 
 /// POSTs `body` to `http://addr/path` and returns (status code, body).
 fn post(addr: &str, path: &str, body: &[u8]) -> Result<(u16, String)> {
-    let a = coordinator::http::request(
+    let a = coordinator::api::http::request(
         "POST",
         &format!("http://{addr}{path}"),
         body,
-        &coordinator::http::ClientOptions::plain(Duration::from_secs(30)),
+        &coordinator::api::http::ClientOptions::plain(Duration::from_secs(30)),
     )?;
     Ok((a.code, a.body))
 }
@@ -497,9 +497,9 @@ fn a_node_serves_local_predictions_with_each_newer_global_model() -> Result<()> 
                 assert!((0.0..=1.0).contains(&p), "{body}");
                 versions.push(a["model_version"].as_u64().unwrap());
                 if versions.len() == 1 {
-                    let model = coordinator::http::check(
+                    let model = coordinator::api::http::check(
                         &format!("http://{serve}/model"),
-                        &coordinator::http::ClientOptions::plain(Duration::from_secs(5)),
+                        &coordinator::api::http::ClientOptions::plain(Duration::from_secs(5)),
                     )?;
                     let info: Value = serde_json::from_str(&model)?;
                     assert_eq!(info["model"], "cnn");

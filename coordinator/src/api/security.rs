@@ -97,11 +97,6 @@ impl Authenticator {
         self
     }
 
-    /// How nodes authenticate.
-    pub fn mode(&self) -> NodeAuth {
-        self.mode
-    }
-
     /// Nodes known to the token file.
     pub fn registered(&self) -> usize {
         self.tokens.len()

@@ -18,7 +18,7 @@ use std::collections::BTreeMap;
 
 use rayon::prelude::*;
 
-use crate::global::GlobalModel;
+use crate::runtime::global::GlobalModel;
 
 const BLOCK: usize = 16 * 1024;
 

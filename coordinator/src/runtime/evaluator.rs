@@ -73,7 +73,7 @@ impl Evaluator {
                 let test = TestSplit::spill(source.load(Split::Test)?, &scratch)?;
                 tch::manual_seed(seed as i64);
                 let mut model = EvalModel::new(kind, test.shape, test.classes.len() as i64);
-                let large = !crate::global::stays_resident(model.manifest.numel(), resident_bytes);
+                let large = !crate::runtime::global::stays_resident(model.manifest.numel(), resident_bytes);
                 let initial = model.take_initial(large.then_some(scratch.as_path()))?;
                 Ok((test, model, initial))
             };
@@ -96,7 +96,7 @@ impl Evaluator {
                 // Activations of the evaluation were freed into this
                 // thread's allocator arena; hand them back to the system
                 // so they do not sit beside the next round's buffers.
-                crate::memory::release_free_memory();
+                crate::runtime::memory::release_free_memory();
                 let _ = job.reply.send(result);
             }
         })

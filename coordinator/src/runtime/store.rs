@@ -23,7 +23,7 @@ use fedge_common::params::{Manifest, save_safetensors};
 use serde::{Deserialize, Serialize};
 
 use crate::config::CoordinatorConfig;
-use crate::round::ClosedRound;
+use crate::core::round::ClosedRound;
 use crate::{Error, Result};
 
 /// One node's part in a round.
@@ -109,11 +109,11 @@ pub struct RoundRecord {
     /// Differential privacy: the round's clipping and noise, and ε spent
     /// by the run after it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub privacy: Option<crate::privacy::RoundPrivacy>,
+    pub privacy: Option<crate::core::privacy::RoundPrivacy>,
     /// Secure aggregation: threshold, quantization, who took part in each
     /// step, protocol bytes and time.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub secure_aggregation: Option<crate::secure::SecureRecord>,
+    pub secure_aggregation: Option<crate::core::secure::SecureRecord>,
 }
 
 /// `run.json`.
@@ -347,7 +347,7 @@ impl RunStore {
 }
 
 /// A participant record from a contribution.
-pub fn participant(c: &crate::round::Contribution, bytes_down: u64) -> Participant {
+pub fn participant(c: &crate::core::round::Contribution, bytes_down: u64) -> Participant {
     Participant {
         node: c.node.clone(),
         num_samples: c.num_samples,
@@ -372,7 +372,7 @@ pub fn participant(c: &crate::round::Contribution, bytes_down: u64) -> Participa
 
 /// Federated evaluation of a round: the participants' held-out metrics
 /// averaged by example count, or `None` when no participant held data out.
-pub fn federated_eval(contributions: &[crate::round::Contribution]) -> Option<fedge_common::task::EvalMetrics> {
+pub fn federated_eval(contributions: &[crate::core::round::Contribution]) -> Option<fedge_common::task::EvalMetrics> {
     let evals: Vec<_> = contributions.iter().filter_map(|c| c.federated_eval).collect();
     let examples: u64 = evals.iter().map(|e| e.examples).sum();
     (examples > 0).then(|| {

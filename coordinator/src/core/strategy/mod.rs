@@ -87,7 +87,7 @@ pub struct Strategy {
     /// Precision of the mean's running sum.
     pub precision: Precision,
     /// Differential privacy: clipping, noise and the accountant (`None`: off).
-    pub privacy: Option<crate::privacy::Privacy>,
+    pub privacy: Option<crate::core::privacy::Privacy>,
 }
 
 impl Strategy {

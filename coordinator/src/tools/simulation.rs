@@ -5,7 +5,7 @@
 //! Nothing of the run is simulated but the network and the processes:
 //!
 //! - the run is assembled as a served one ([`crate::assemble`]): the same
-//!   [`Driver`](crate::driver::Driver), round machine, strategy, evaluator,
+//!   [`Driver`](crate::runtime::driver::Driver), round machine, strategy, evaluator,
 //!   store (checkpoints, `run.json`, resume), status, dashboard and metrics;
 //! - a virtual node joins and connects through the driver's own
 //!   [`Command`]s, reads its tasks from an instruction stream like a
@@ -37,10 +37,11 @@ use fedge_learn::model::ModelKind;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::driver::{Command, ModelSnapshot, Traffic};
-use crate::intake::{Intake, SpoolBudget};
-use crate::round::{Body, Rejection, Update, UpdateKind};
-use crate::{Assembled, CoordinatorConfig, Error, Parts, Result, RunSummary, assemble};
+use crate::api::intake::{Intake, SpoolBudget};
+use crate::core::round::{Body, Rejection, Update, UpdateKind};
+use crate::runtime::driver::{Command, ModelSnapshot, Traffic};
+use crate::server::{Assembled, Parts, assemble, driver_outcome, prepare_http, spawn_http, stop_driver};
+use crate::{CoordinatorConfig, Error, Result, RunSummary};
 
 /// Instructions a virtual node may have queued (a task, and a stop).
 const INSTRUCTION_QUEUE: usize = 4;
@@ -198,7 +199,7 @@ struct Fleet {
 impl Fleet {
     /// Sends the driver a command and waits for its answer.
     async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T> {
-        crate::driver::ask(&self.commands, make)
+        crate::runtime::driver::ask(&self.commands, make)
             .await
             .ok_or_else(|| Error::Internal("the driver stopped".into()))
     }
@@ -399,8 +400,8 @@ pub async fn simulate(
         status,
     } = parts;
     let http_stop = CancellationToken::new();
-    if let Some(http) = crate::prepare_http(&config).await? {
-        crate::spawn_http(http, &config, status, metrics, http_stop.clone())?;
+    if let Some(http) = prepare_http(&config).await? {
+        spawn_http(http, &config, status, metrics, http_stop.clone())?;
     }
     let driver_stop = CancellationToken::new();
     let mut driver_task = tokio::spawn(driver.run(driver_stop.clone()));
@@ -448,8 +449,8 @@ pub async fn simulate(
     tracing::info!(nodes = shares.nodes(), "virtual nodes connected");
     tokio::pin!(shutdown);
     let outcome = tokio::select! {
-        res = &mut driver_task => crate::driver_outcome(res)?,
-        () = &mut shutdown => crate::stop_driver(driver_task, &driver_stop).await?,
+        res = &mut driver_task => driver_outcome(res)?,
+        () = &mut shutdown => stop_driver(driver_task, &driver_stop).await?,
     };
     http_stop.cancel();
     outcome

@@ -18,14 +18,14 @@ use prost::bytes::Bytes;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::evaluator::Evaluator;
-use crate::global::{GlobalModel, StoredModel};
-use crate::metrics::Metrics;
-use crate::round::{
+use crate::core::round::{
     Aggregated, ClosedRound, FoldJob, Folded, Output, PhaseKind, Rejection, RoundMachine, Task, Update,
 };
-use crate::secure::{SecAggInput, SecAggOutput};
-use crate::store::{RoundRecord, RunStore, federated_eval, participant};
+use crate::core::secure::{SecAggInput, SecAggOutput};
+use crate::runtime::evaluator::Evaluator;
+use crate::runtime::global::{GlobalModel, StoredModel};
+use crate::runtime::metrics::Metrics;
+use crate::runtime::store::{RoundRecord, RunStore, federated_eval, participant};
 use crate::{Error, Result};
 use fedge_common::task::EvalMetrics;
 
@@ -172,7 +172,7 @@ pub struct Traffic {
     /// Refused updates per node over the whole run.
     pub refused_by_node: Mutex<BTreeMap<String, u64>>,
     /// Which refusals to log (a flood's are counted, not all logged).
-    log_gate: crate::log_gate::LogGate,
+    log_gate: crate::runtime::log_gate::LogGate,
 }
 
 impl Traffic {
@@ -199,7 +199,7 @@ impl Traffic {
     }
 
     /// Counts one refusal (of a join or an update) for `reason`.
-    /// Whether to log a refusal of `kind` ([`crate::log_gate`]).
+    /// Whether to log a refusal of `kind` ([`crate::runtime::log_gate`]).
     pub fn log_refusal(&self, kind: &'static str) -> bool {
         self.log_gate.allow(kind)
     }
@@ -265,7 +265,7 @@ pub struct Driver {
     round_started: Option<Instant>,
     last_counters: (u64, u64, u64),
     aggregation_seconds: f64,
-    status: Option<watch::Sender<crate::http::Status>>,
+    status: Option<watch::Sender<crate::api::http::Status>>,
     metrics: Arc<Metrics>,
     /// Per-node sums over the run's rounds, for status reports.
     node_totals: BTreeMap<String, NodeTotals>,
@@ -274,7 +274,7 @@ pub struct Driver {
     /// The curves being drawn, if a drawing is still running.
     curves: Option<tokio::task::JoinHandle<()>>,
     /// Global models larger than this are read from their checkpoint while
-    /// a round runs ([`crate::global`]).
+    /// a round runs ([`crate::runtime::global`]).
     resident_model_bytes: u64,
     /// Each new global model's central loss may be at most this many times
     /// the last committed model's (`strategy.max_loss_ratio`), if checked.
@@ -319,8 +319,8 @@ fn show_last_round(m: &Metrics, rec: &RoundRecord) {
     }
 }
 
-fn round_point(rec: &RoundRecord) -> crate::http::RoundPoint {
-    crate::http::RoundPoint {
+fn round_point(rec: &RoundRecord) -> crate::api::http::RoundPoint {
+    crate::api::http::RoundPoint {
         round: rec.round,
         participants: rec.participants.len(),
         test_accuracy: rec.test_accuracy,
@@ -424,7 +424,7 @@ impl Driver {
     }
 
     /// Reads global models larger than `bytes` from their checkpoint while
-    /// rounds run, starting with the current one ([`crate::global`]).
+    /// rounds run, starting with the current one ([`crate::runtime::global`]).
     pub async fn with_resident_model_bytes(mut self, bytes: u64) -> Result<Self> {
         self.resident_model_bytes = bytes;
         self.store_large_global().await?;
@@ -445,7 +445,7 @@ impl Driver {
         let GlobalModel::Memory(values) = self.machine.global() else {
             return Ok(());
         };
-        if crate::global::stays_resident(values.len(), self.resident_model_bytes) {
+        if crate::runtime::global::stays_resident(values.len(), self.resident_model_bytes) {
             return Ok(());
         }
         let bytes = 4 * values.len() as u64;
@@ -471,7 +471,7 @@ impl Driver {
         }
         self.snapshot.send_replace(Arc::new(published));
         self.machine.store_global(stored)?;
-        crate::memory::release_free_memory_off_runtime().await;
+        crate::runtime::memory::release_free_memory_off_runtime().await;
         tracing::debug!(
             version,
             bytes,
@@ -480,10 +480,10 @@ impl Driver {
         Ok(())
     }
 
-    /// Publishes the run's [`crate::http::Status`] on `tx` after every
+    /// Publishes the run's [`crate::api::http::Status`] on `tx` after every
     /// event, and records into `metrics`; both start from the rounds a
     /// resumed run already holds.
-    pub fn with_status(mut self, tx: watch::Sender<crate::http::Status>, metrics: Arc<Metrics>) -> Self {
+    pub fn with_status(mut self, tx: watch::Sender<crate::api::http::Status>, metrics: Arc<Metrics>) -> Self {
         if let Some(store) = &self.store {
             for rec in &store.history.rounds {
                 NodeTotals::absorb(&mut self.node_totals, rec);
@@ -537,13 +537,13 @@ impl Driver {
             .unwrap_or_default();
         let last = history.last();
         let rejected = self.traffic.refused_by_node();
-        let nodes: Vec<crate::http::NodeStatus> = self
+        let nodes: Vec<crate::api::http::NodeStatus> = self
             .machine
             .node_views()
             .into_iter()
             .map(|v| {
                 let totals = self.node_totals.get(&v.name).cloned().unwrap_or_default();
-                crate::http::NodeStatus {
+                crate::api::http::NodeStatus {
                     rejected_updates: rejected.get(&v.name).copied().unwrap_or(0),
                     name: v.name,
                     state: v.state.into(),
@@ -557,7 +557,7 @@ impl Driver {
                 }
             })
             .collect();
-        let privacy = self.machine.privacy().map(|p| crate::http::PrivacyStatus {
+        let privacy = self.machine.privacy().map(|p| crate::api::http::PrivacyStatus {
             noise: p.mode.name().into(),
             noise_multiplier: p.noise_multiplier,
             clip_norm: p.clip,
@@ -567,7 +567,7 @@ impl Driver {
         });
         let secure = self.machine.secure_settings().map(|s| {
             let current = self.machine.secure_round();
-            crate::http::SecureStatus {
+            crate::api::http::SecureStatus {
                 neighbours: s.neighbours,
                 max_dropout: s.max_dropout,
                 threshold: current
@@ -576,7 +576,7 @@ impl Driver {
                 step: current.map(|(step, _)| step.name().to_owned()),
             }
         });
-        let phase = crate::http::phase_label(self.machine.phase());
+        let phase = crate::api::http::phase_label(self.machine.phase());
         // Readers only ever borrow the latest status; none waits for changes.
         tx.send_modify(|s| {
             s.phase = phase.into();
@@ -808,7 +808,7 @@ impl Driver {
         let (Some(ratio), Some(candidate)) = (self.model_check, done.candidate().cloned()) else {
             return Ok(());
         };
-        crate::memory::release_free_memory_off_runtime().await;
+        crate::runtime::memory::release_free_memory_off_runtime().await;
         let started = Instant::now();
         let eval = self.evaluator.evaluate(candidate).await?;
         match self.reference_loss {
@@ -915,7 +915,7 @@ impl Driver {
         } else if eval_due {
             // The round's uploads are over: return what they freed before
             // the evaluation's activations are allocated beside the model.
-            crate::memory::release_free_memory_off_runtime().await;
+            crate::runtime::memory::release_free_memory_off_runtime().await;
             Some(self.evaluator.evaluate(closed.global.clone()).await?)
         } else {
             None
@@ -975,7 +975,7 @@ impl Driver {
         // The round's update chunks and the previous model were freed in
         // the threads that handled them; return that memory before the
         // next round's sum is built.
-        crate::memory::release_free_memory_off_runtime().await;
+        crate::runtime::memory::release_free_memory_off_runtime().await;
         self.draw_curves(false).await;
         let checkpoint_seconds = persist_start.elapsed().as_secs_f64();
         if let Some(last) = self.store.as_mut().and_then(|s| s.history.rounds.last_mut()) {
@@ -1026,7 +1026,7 @@ impl Driver {
         let rounds: Vec<_> = store.history.rounds.iter().map(round_point).collect();
         let drawing = tokio::task::spawn_blocking(move || {
             // Curves are a convenience: a failure to draw them is logged, not fatal.
-            if let Err(e) = crate::plots::write(&dir, &rounds) {
+            if let Err(e) = crate::runtime::plots::write(&dir, &rounds) {
                 tracing::warn!(error = %e, "curves not drawn");
             }
         });

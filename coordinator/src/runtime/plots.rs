@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use plotters::prelude::*;
 
-use crate::http::RoundPoint;
+use crate::api::http::RoundPoint;
 use crate::{Error, Result};
 
 const WIDTH: u32 = 1200;

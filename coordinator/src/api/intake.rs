@@ -19,7 +19,7 @@ use fedge_common::codec::{Codec, Decoder};
 use fedge_common::wire::PayloadStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::strategy::UpdateSource;
+use crate::core::strategy::UpdateSource;
 use crate::{Error, Result};
 
 /// Encoded payloads up to this size are spooled in memory (while the

@@ -20,8 +20,8 @@ use tokio_rustls::server::TlsStream;
 use tokio_util::either::Either;
 use tokio_util::sync::CancellationToken;
 
+use crate::api::security::{pem_certificates, pem_private_key, pem_roots};
 use crate::config::SecurityConfig;
-use crate::security::{pem_certificates, pem_private_key, pem_roots};
 use crate::{Error, Result};
 
 /// A client of the HTTP side.
@@ -31,7 +31,7 @@ pub struct Peer {
     /// The common name of its verified client certificate, if it presented one.
     pub certificate: Option<String>,
     /// Whether that certificate is a node's (organizational unit
-    /// [`crate::security::NODE_ROLE`]), which never opens the operators' side.
+    /// [`crate::api::security::NODE_ROLE`]), which never opens the operators' side.
     pub node_certificate: bool,
 }
 
@@ -94,10 +94,10 @@ impl HttpListener {
                                 .1
                                 .peer_certificates()
                                 .and_then(|c| c.first())
-                                .and_then(|leaf| crate::security::certificate_identity(leaf.as_ref()).ok());
+                                .and_then(|leaf| crate::api::security::certificate_identity(leaf.as_ref()).ok());
                             let node_certificate = identity
                                 .as_ref()
-                                .is_some_and(|(_, role)| role.as_deref() == Some(crate::security::NODE_ROLE));
+                                .is_some_and(|(_, role)| role.as_deref() == Some(crate::api::security::NODE_ROLE));
                             let peer = Peer {
                                 addr,
                                 certificate: identity.map(|(cn, _)| cn),

@@ -138,7 +138,7 @@ pub fn generate(dir: &Path, hosts: &[String], nodes: &[String]) -> Result<Pki> {
             &issuer,
             &ca_pem,
             OPERATOR,
-            crate::security::OPERATOR_ROLE,
+            crate::api::security::OPERATOR_ROLE,
             &pki.operator
         )?
     );
@@ -152,7 +152,7 @@ pub const OPERATOR: &str = "operator";
 /// Writes node `name`'s certificate, key, CA copy and token into `folder`;
 /// returns its line for the token file.
 fn issue_node(issuer: &Issuer<'_, KeyPair>, ca_pem: &str, name: &str, folder: &Path) -> Result<String> {
-    issue(issuer, ca_pem, name, crate::security::NODE_ROLE, folder)
+    issue(issuer, ca_pem, name, crate::api::security::NODE_ROLE, folder)
 }
 
 /// Writes a client certificate for `name` in `role` (its organizational
@@ -189,7 +189,7 @@ pub fn add_nodes(dir: &Path, nodes: &[String]) -> Result<Pki> {
     let ca_pem = read(&pki.ca)?;
     let ca_key = KeyPair::from_pem(&read(&dir.join("ca.key"))?).map_err(rc)?;
     let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key).map_err(rc)?;
-    let known = crate::security::load_tokens(&pki.tokens)?;
+    let known = crate::api::security::load_tokens(&pki.tokens)?;
     if let Some(n) = nodes.iter().find(|n| known.contains_key(*n)) {
         return Err(Error::Config(format!(
             "node {n} is already registered in {}",
@@ -232,7 +232,7 @@ fn toml_key(name: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::security::load_tokens;
+    use crate::api::security::load_tokens;
 
     #[test]
     fn writes_a_ca_server_and_node_credentials_with_hashed_tokens() {
@@ -258,8 +258,8 @@ mod tests {
             let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
             let cn = cert.subject().iter_common_name().next().unwrap().as_str().unwrap();
             assert_eq!(cn, name);
-            let (_, role) = crate::security::certificate_identity(&der).unwrap();
-            assert_eq!(role.as_deref(), Some(crate::security::NODE_ROLE));
+            let (_, role) = crate::api::security::certificate_identity(&der).unwrap();
+            assert_eq!(role.as_deref(), Some(crate::api::security::NODE_ROLE));
         }
         #[cfg(unix)]
         {
@@ -271,7 +271,7 @@ mod tests {
             assert_eq!(mode & 0o777, 0o600);
         }
         // The operator: a token listed in operators.toml and a client certificate.
-        let operators = crate::security::load_operators(&pki.operators).unwrap();
+        let operators = crate::api::security::load_operators(&pki.operators).unwrap();
         let token = std::fs::read_to_string(pki.operator.join("token")).unwrap();
         assert!(fedge_common::security::token_matches(
             token.trim(),
@@ -283,8 +283,8 @@ mod tests {
             cert.subject().iter_common_name().next().unwrap().as_str().unwrap(),
             OPERATOR
         );
-        let (_, role) = crate::security::certificate_identity(&der).unwrap();
-        assert_eq!(role.as_deref(), Some(crate::security::OPERATOR_ROLE));
+        let (_, role) = crate::api::security::certificate_identity(&der).unwrap();
+        assert_eq!(role.as_deref(), Some(crate::api::security::OPERATOR_ROLE));
         let taken = add_nodes(dir.path(), &[OPERATOR.into()]).unwrap_err().to_string();
         assert!(taken.contains("names the operator's certificate"), "{taken}");
         let again = generate(dir.path(), &["localhost".into()], &nodes)

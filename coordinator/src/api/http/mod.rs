@@ -2,7 +2,7 @@
 //! `/healthz` for container and orchestrator health checks; `/api/status`, a
 //! JSON view of the run (round, phase, nodes, per-round accuracy and bytes)
 //! that `coordinator status` and the dashboard read; `/api/config`;
-//! `/metrics` for Prometheus ([`crate::metrics`]). The driver publishes a
+//! `/metrics` for Prometheus ([`crate::runtime::metrics`]). The driver publishes a
 //! [`Status`] after every event; the server reads the latest one.
 //!
 //! It is as safe as the gRPC API ([`crate::config::HttpConfig`]): HTTPS with
@@ -31,8 +31,8 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::metrics::Metrics;
-use crate::round::PhaseKind;
+use crate::core::round::PhaseKind;
+use crate::runtime::metrics::Metrics;
 use crate::{Error, Result};
 
 /// What `/api/status` returns.
@@ -227,7 +227,7 @@ struct Shared {
 }
 
 /// The dashboard: one page that polls `/api/status` and draws the run.
-const DASHBOARD: &str = include_str!("../dashboard.html");
+const DASHBOARD: &str = include_str!("dashboard.html");
 
 /// Serves the dashboard (`/`), `/healthz`, `/api/status`, `/api/config`
 /// (the run's configuration, `config`) and `/metrics` on `listener` until

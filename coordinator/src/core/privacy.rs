@@ -2,7 +2,7 @@
 //! of each round (fixed or adaptive), the noise, and the accountant that
 //! turns rounds into the ε a run has spent. The arithmetic is in
 //! [`fedge_common::privacy`]; this is the run's state, carried by the
-//! [`crate::strategy::Strategy`] from round to round.
+//! [`crate::core::strategy::Strategy`] from round to round.
 //!
 //! - `central`: nodes send their updates as they are; the coordinator clips
 //!   each to `C`, averages them with equal weights and adds Gaussian noise

@@ -212,7 +212,7 @@ mod tests {
     use fedge_common::params::TensorMeta;
 
     use super::*;
-    use crate::store::{RunHistory, RunStore};
+    use crate::runtime::store::{RunHistory, RunStore};
 
     fn manifest() -> Manifest {
         // Not in name order, so the file's order differs from the manifest's.
@@ -311,7 +311,7 @@ mod tests {
 
     #[test]
     fn the_server_step_moves_a_stored_model_as_it_moves_the_one_in_memory() {
-        use crate::strategy::{ServerOpt, ServerOptimizer};
+        use crate::core::strategy::{ServerOpt, ServerOptimizer};
         // Larger than one read block, with a tensor boundary inside a block.
         let m = Manifest {
             tensors: vec![

@@ -24,13 +24,13 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::api::intake::{Intake, Received, SpoolBudget};
+use crate::api::security::Authenticator;
 use crate::config::LimitsConfig;
-use crate::driver::{Command, ModelSnapshot, Traffic};
-use crate::global::{GlobalModel, StoredModel};
-use crate::intake::{Intake, Received, SpoolBudget};
-use crate::round::{Body, Rejection, Update, UpdateKind};
-use crate::secure::SecAggInput;
-use crate::security::Authenticator;
+use crate::core::round::{Body, Rejection, Update, UpdateKind};
+use crate::core::secure::SecAggInput;
+use crate::runtime::driver::{Command, ModelSnapshot, Traffic};
+use crate::runtime::global::{GlobalModel, StoredModel};
 
 /// Most model names a join may offer, and their longest length in bytes.
 const MAX_MODELS: usize = 64;
@@ -346,7 +346,7 @@ fn stored_chunks(stored: Arc<StoredModel>, chunk_bytes: usize) -> BoxStream<pb::
         }
         // The fetch's chunks went through this process's allocator; a
         // large model's worth of them is worth handing back at once.
-        crate::memory::release_free_memory_off_runtime().await;
+        crate::runtime::memory::release_free_memory_off_runtime().await;
     });
     Box::pin(ReceiverStream::new(rx))
 }
@@ -433,7 +433,7 @@ impl FederationService {
     }
 
     async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T, Status> {
-        crate::driver::ask(&self.driver, make)
+        crate::runtime::driver::ask(&self.driver, make)
             .await
             .ok_or_else(|| Status::unavailable("coordinator is shutting down"))
     }
@@ -866,7 +866,7 @@ impl FederationService {
                     if received.update.on_disk() {
                         // A large update's chunks passed through the
                         // allocator; hand that memory back before the next.
-                        crate::memory::release_free_memory_off_runtime().await;
+                        crate::runtime::memory::release_free_memory_off_runtime().await;
                     }
                     return Ok(received);
                 }

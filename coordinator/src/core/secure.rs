@@ -33,7 +33,7 @@ use fedge_common::secagg::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::strategy::aggregate::lock;
+use crate::core::strategy::aggregate::lock;
 
 /// Secure aggregation settings of the round logic.
 #[derive(Debug, Clone, PartialEq)]
@@ -539,7 +539,7 @@ impl UnmaskJob {
         let Some((bound, what)) = &self.norm_bound else {
             return Ok(u);
         };
-        let norm = crate::strategy::l2_norm(&u.mean);
+        let norm = crate::core::strategy::l2_norm(&u.mean);
         if norm > *bound {
             return Err(format!(
                 "the unmasked mean's norm {norm:.4e} exceeds {bound:.4e}, {what} (strategy.max_norm_factor): a masked input was not a training step"

@@ -14,7 +14,7 @@ use tokio::net::TcpListener;
 use tokio::process::{Child, Command};
 
 use crate::config::NodeAuth;
-use crate::pki::Pki;
+use crate::tools::pki::Pki;
 use crate::{CoordinatorConfig, Error, Result, RunSummary};
 use fedge_common::config::toml_string;
 
@@ -149,7 +149,7 @@ fn secure_by_default(config: &mut CoordinatorConfig, nodes: usize) -> Result<Opt
                 source: e,
             })?;
         }
-        crate::pki::generate(&dir, &["localhost".into(), "127.0.0.1".into()], &names)?
+        crate::tools::pki::generate(&dir, &["localhost".into(), "127.0.0.1".into()], &names)?
     };
     sec.tls_cert = Some(pki.server_cert.clone());
     sec.tls_key = Some(pki.server_key.clone());

@@ -14,7 +14,7 @@ use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{ClientConfig, DigitallySignedStruct, SignatureScheme};
 
 use super::Status;
-use crate::security::{pem_certificates, pem_private_key, pem_roots};
+use crate::api::security::{pem_certificates, pem_private_key, pem_roots};
 use crate::{Error, Result};
 
 /// How to reach the coordinator's HTTP side.
