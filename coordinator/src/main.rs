@@ -8,6 +8,7 @@ use clap::{Args, Parser, Subcommand};
 use coordinator::CoordinatorConfig;
 use coordinator::tools::fleet::{FleetOptions, run_fleet};
 use fedge_common::config::{LogFormat, parse_override, toml_string};
+use fedge_learn::model::ModelKind;
 use fedge_learn::partition::{Scheme, SchemeParams, write_partitions};
 
 #[derive(Parser)]
@@ -216,11 +217,13 @@ struct ConfigArgs {
     /// Output folder for the model, checkpoints and run history.
     #[arg(long)]
     out_dir: Option<PathBuf>,
-    /// CIFAR-10 folder (binary layout) for central evaluation and, in a fleet, the nodes.
+    /// Data set folder for central evaluation and, in a fleet, the nodes:
+    /// CIFAR-10 binary, MNIST IDX or an image folder (detected from its
+    /// files); without it the synthetic set is used.
     #[arg(long)]
     data_path: Option<PathBuf>,
-    /// Model architecture (cnn, cnn-wide).
-    #[arg(long)]
+    /// Model architecture.
+    #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(ModelKind::known_names()))]
     model: Option<String>,
     /// Any other setting, as a dotted key: --set train.learning_rate=0.1
     #[arg(long = "set", value_name = "KEY=VALUE", value_parser = parse_override)]

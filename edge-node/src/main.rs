@@ -25,10 +25,12 @@ struct Cli {
     /// This node's name, unique in the fleet.
     #[arg(long)]
     name: Option<String>,
-    /// CIFAR-10 folder (binary layout); without it the synthetic set is used.
+    /// Data set folder: CIFAR-10 binary, MNIST IDX or an image folder
+    /// (detected from its files); without it the synthetic set is used.
     #[arg(long)]
     data_path: Option<PathBuf>,
-    /// Train on partition INDEX/COUNT of the data (IID), e.g. 0/4.
+    /// Train on part INDEX of COUNT of the data, e.g. 0/4 (the split is
+    /// `partition.scheme`, IID by default).
     #[arg(long, value_name = "INDEX/COUNT")]
     partition: Option<String>,
     /// cpu, cuda, cuda:N or auto.

@@ -158,5 +158,13 @@ fn malformed_configuration_is_reported_before_anything_starts() -> anyhow::Resul
     )?;
     assert!(!status.success());
     assert!(err.contains("no data set found here"), "{err}");
+
+    // The flag takes the architectures this build has, and says which.
+    let (status, err) = run_to_end("coordinator", &["fleet", "--model", "cnn-huge"])?;
+    assert!(!status.success());
+    assert!(err.contains("invalid value 'cnn-huge' for '--model <MODEL>'"), "{err}");
+    for name in fedge_learn::model::ModelKind::known_names() {
+        assert!(err.contains(name), "{name} missing from: {err}");
+    }
     Ok(())
 }
