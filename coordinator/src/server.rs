@@ -19,8 +19,8 @@ use crate::api::service::{FederationService, TransferLimits};
 use crate::api::{http, security};
 use crate::config::{self, CoordinatorConfig};
 use crate::core::round::{RoundMachine, RoundSettings};
+use crate::core::secure;
 use crate::core::strategy::{ServerOptimizer, Strategy};
-use crate::core::{privacy, secure};
 use crate::runtime::driver::{Driver, ModelSnapshot, RunSummary, Traffic, now_ms};
 use crate::runtime::evaluator::Evaluator;
 use crate::runtime::store::{RunHistory, RunStore};
@@ -217,7 +217,7 @@ pub(crate) async fn assemble(config: &CoordinatorConfig, in_process_nodes: bool)
     strategy.max_norm_factor = st.max_norm_factor();
     strategy.weighting = st.weighting();
     strategy.precision = st.precision(numel);
-    strategy.privacy = privacy::Privacy::from_config(&config.privacy);
+    strategy.privacy = config.privacy.privacy();
     if let Some(p) = &strategy.privacy {
         let c = &config.privacy;
         tracing::info!(

@@ -23,8 +23,28 @@ use fedge_common::privacy::{Accountant, AdaptiveClip, add_noise};
 use fedge_common::task::PrivacyTask;
 use serde::{Deserialize, Serialize};
 
-use crate::config::{NoiseMode, PrivacyConfig};
 use crate::{Error, Result};
+
+/// Who adds DP noise.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NoiseMode {
+    #[default]
+    Off,
+    Central,
+    Distributed,
+}
+
+impl NoiseMode {
+    /// The name in configuration.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Off => "off",
+            Self::Central => "central",
+            Self::Distributed => "distributed",
+        }
+    }
+}
 
 /// The run's privacy state.
 #[derive(Debug, Clone)]
@@ -79,21 +99,27 @@ pub struct RoundPrivacy {
 }
 
 impl Privacy {
-    /// From the configuration; `None` when privacy is off.
-    pub fn from_config(c: &PrivacyConfig) -> Option<Self> {
-        c.enabled().then(|| Self {
-            mode: c.noise,
-            noise_multiplier: c.noise_multiplier,
-            clip: c.clip_norm,
-            adaptive: c.adaptive_clip.then_some(AdaptiveClip {
-                target_quantile: c.target_quantile,
-                learning_rate: c.clip_learning_rate,
-                count_stddev: c.clip_count_stddev,
-            }),
-            delta: c.delta,
-            budget: (c.epsilon_budget > 0.0).then_some(c.epsilon_budget),
+    /// A run's privacy state before its first round: noise by `mode` at
+    /// `noise_multiplier` times the clipping norm `clip` (adapted when
+    /// `adaptive` is given), accounted at `delta`, stopping before ε would
+    /// pass `budget`.
+    pub fn new(
+        mode: NoiseMode,
+        noise_multiplier: f64,
+        clip: f64,
+        adaptive: Option<AdaptiveClip>,
+        delta: f64,
+        budget: Option<f64>,
+    ) -> Self {
+        Self {
+            mode,
+            noise_multiplier,
+            clip,
+            adaptive,
+            delta,
+            budget,
             accountant: Accountant::default(),
-        })
+        }
     }
 
     /// ε spent so far.
@@ -227,8 +253,10 @@ impl Privacy {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
     use rand::SeedableRng;
+
+    use super::*;
+    use crate::config::PrivacyConfig;
 
     fn config(noise: NoiseMode) -> PrivacyConfig {
         PrivacyConfig {
@@ -241,7 +269,7 @@ mod tests {
 
     #[test]
     fn central_noise_goes_on_the_mean_with_the_stated_variance() {
-        let mut p = Privacy::from_config(&config(NoiseMode::Central)).unwrap();
+        let mut p = config(NoiseMode::Central).privacy().unwrap();
         let plan = p.plan(4, 8).unwrap();
         assert_eq!(plan.sampling_rate, 0.5);
         assert_eq!(p.task(&plan), None, "central: nodes send their updates as they are");
@@ -261,7 +289,7 @@ mod tests {
 
     #[test]
     fn distributed_noise_is_split_and_dropouts_are_accounted() {
-        let mut p = Privacy::from_config(&config(NoiseMode::Distributed)).unwrap();
+        let mut p = config(NoiseMode::Distributed).privacy().unwrap();
         let plan = p.plan(4, 4).unwrap();
         let task = p.task(&plan).unwrap();
         assert_eq!(task.clip_norm, 2.0);
@@ -280,7 +308,7 @@ mod tests {
     fn the_budget_stops_the_run_before_it_is_exceeded() {
         let mut c = config(NoiseMode::Central);
         c.epsilon_budget = 10.0;
-        let mut p = Privacy::from_config(&c).unwrap();
+        let mut p = c.privacy().unwrap();
         let mut rounds = 0;
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
         let why = loop {
@@ -304,7 +332,7 @@ mod tests {
         let mut c = config(NoiseMode::Central);
         c.adaptive_clip = true;
         c.clip_count_stddev = 5.0;
-        let mut p = Privacy::from_config(&c).unwrap();
+        let mut p = c.privacy().unwrap();
         let plan = p.plan(10, 20).unwrap();
         assert!((plan.update_multiplier - (1.0f64 - 0.01).powf(-0.5)).abs() < 1e-12);
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(4);
@@ -317,7 +345,7 @@ mod tests {
             records.push(r);
         }
         assert!(p.clip < 2.0);
-        let mut resumed = Privacy::from_config(&c).unwrap();
+        let mut resumed = c.privacy().unwrap();
         resumed.replay(records.iter().map(Some)).unwrap();
         assert_eq!(resumed.clip, p.clip);
         assert_eq!(resumed.epsilon(), p.epsilon());
@@ -325,7 +353,7 @@ mod tests {
         assert!(e.contains("round 1 of the run to resume has no privacy record"), "{e}");
         // Too little count noise for z: refused with the reason.
         c.clip_count_stddev = 0.1;
-        let e = Privacy::from_config(&c).unwrap().plan(10, 20).unwrap_err();
+        let e = c.privacy().unwrap().plan(10, 20).unwrap_err();
         assert!(e.contains("raise privacy.clip_count_stddev"), "{e}");
     }
 }

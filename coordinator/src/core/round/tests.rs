@@ -440,13 +440,14 @@ fn updates_above_the_norm_bound_are_scaled_down() {
 
 fn private(noise: crate::config::NoiseMode, budget: f64) -> Strategy {
     let mut s = mean(2);
-    s.privacy = crate::core::privacy::Privacy::from_config(&crate::config::PrivacyConfig {
+    s.privacy = crate::config::PrivacyConfig {
         noise,
         noise_multiplier: 1e-3,
         clip_norm: 1.0,
         epsilon_budget: budget,
         ..Default::default()
-    });
+    }
+    .privacy();
     s
 }
 
