@@ -24,7 +24,7 @@ use crate::core::strategy::{ServerOptimizer, Strategy};
 use crate::runtime::driver::{Driver, ModelSnapshot, RunSummary, Traffic, now_ms};
 use crate::runtime::evaluator::Evaluator;
 use crate::runtime::store::{RunHistory, RunStore};
-use crate::runtime::{driver, metrics};
+use crate::runtime::{driver, metrics, status};
 use crate::{Error, Result};
 use fedge_common::task::Algorithm;
 
@@ -170,7 +170,7 @@ pub(crate) struct Parts {
     pub codec: fedge_common::codec::Codec,
     pub spool_dir: std::path::PathBuf,
     pub metrics: Arc<metrics::Metrics>,
-    pub status: watch::Receiver<http::Status>,
+    pub status: watch::Receiver<status::Status>,
 }
 
 /// What [`assemble`] found.
@@ -205,6 +205,122 @@ pub(crate) async fn assemble(config: &CoordinatorConfig, in_process_nodes: bool)
     .await?;
     let manifest = Arc::new(initial.manifest);
     let numel = manifest.numel();
+    let (mut strategy, codec) = build_strategy(config, numel)?;
+    let st = &config.strategy;
+    let (store, version, global) = open_store(config, kind, &source, &manifest, initial.params, &mut strategy)?;
+    if version >= u64::from(config.rounds) {
+        // The last round was saved but the run not yet marked finished.
+        let mut store = store;
+        store.finish()?;
+        let last = store.history.rounds.last();
+        tracing::info!(
+            rounds = version,
+            "every round was already complete; run marked finished"
+        );
+        return Ok(Assembled::Finished(RunSummary {
+            rounds_completed: version,
+            final_test_accuracy: last.and_then(|r| r.test_accuracy),
+            final_test_loss: last.and_then(|r| r.test_loss),
+            out_dir: store.dir().to_path_buf(),
+        }));
+    }
+    let run_id = store.history.run_id.clone();
+    tracing::info!(
+        model = %kind,
+        parameters = numel,
+        test_samples = initial.test_samples,
+        rounds = config.rounds,
+        run_id = %run_id,
+        "model initialized"
+    );
+    fedge_learn::export::ModelCard::new(kind, initial.input_shape, initial.classes.clone(), &manifest)
+        .write(&config.out_dir)?;
+
+    // Under differential privacy clipping bounds every update's influence,
+    // and a loss computed on a noised model never released would be one
+    // more release to account for: no check there.
+    let model_check = (st.max_loss_ratio > 0.0 && strategy.privacy.is_none()).then_some(st.max_loss_ratio);
+    let control = strategy.control.clone();
+    let global = Arc::new(global);
+    let mut machine = RoundMachine::resume(
+        round_settings(config, in_process_nodes, model_check.is_some()),
+        version,
+        global.clone(),
+        strategy,
+    );
+    // A resumed run bounds its next updates by its last round's, as if it
+    // had never stopped.
+    if let Some(median) = store
+        .history
+        .rounds
+        .last()
+        .and_then(|r| crate::core::round::positive_median(r.participants.iter().filter_map(|p| p.update_norm)))
+    {
+        machine.set_norm_reference(median);
+    }
+    let (snapshot_tx, snapshot_rx) = watch::channel(Arc::new(
+        ModelSnapshot::new(version, manifest.clone(), global, control.map(Arc::new)).mark_durable(),
+    ));
+    let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
+    let traffic = Arc::new(Traffic::default());
+    let settings = pb::RunSettings {
+        run_id: run_id.clone(),
+        model: kind.name().into(),
+        total_rounds: config.rounds,
+        encoding: pb::Encoding::F32Le as i32,
+        input_shape: initial.input_shape.to_vec(),
+        classes: initial.classes.clone(),
+        update_codec: Some(pb::UpdateCodec::from(&codec)),
+    };
+    let metrics = Arc::new(metrics::Metrics::new());
+    let (status_tx, status_rx) = watch::channel(status::Status {
+        run_id,
+        phase: status::phase_label(machine.phase()).into(),
+        total_rounds: u64::from(config.rounds),
+        completed_rounds: machine.version(),
+        ..status::Status::default()
+    });
+    let driver = Driver::new(
+        machine,
+        cmd_rx,
+        snapshot_tx,
+        manifest.clone(),
+        evaluator,
+        store,
+        traffic.clone(),
+        config.eval.every,
+        u64::from(config.rounds),
+    )
+    .with_status(status_tx, metrics.clone());
+    let driver = match model_check {
+        Some(ratio) => driver.with_model_check(ratio).await?,
+        None => driver,
+    };
+    let driver = driver
+        .with_resident_model_bytes(if in_process_nodes {
+            u64::MAX
+        } else {
+            config.limits.resident_model_bytes
+        })
+        .await?;
+    Ok(Assembled::Ready(Box::new(Parts {
+        driver,
+        commands: cmd_tx,
+        snapshot: snapshot_rx,
+        manifest,
+        traffic,
+        settings,
+        kind,
+        codec,
+        spool_dir,
+        metrics,
+        status: status_rx,
+    })))
+}
+
+/// The strategy the configuration asks for (aggregator, server optimizer,
+/// bounds, privacy), and the update codec the nodes use.
+fn build_strategy(config: &CoordinatorConfig, numel: usize) -> Result<(Strategy, fedge_common::codec::Codec)> {
     let st = &config.strategy;
     let mut strategy = Strategy::new(
         st.aggregator(),
@@ -252,6 +368,22 @@ pub(crate) async fn assemble(config: &CoordinatorConfig, in_process_nodes: bool)
         update_codec = %codec,
         "strategy"
     );
+    Ok((strategy, codec))
+}
+
+/// The run's store and where the run starts: an unfinished run in
+/// `out_dir` resumes from its checkpoint (the strategy's state and the
+/// privacy accountant restored into `strategy`), or a new run starts from
+/// `initial`, written as round 0.
+fn open_store(
+    config: &CoordinatorConfig,
+    kind: fedge_learn::model::ModelKind,
+    source: &fedge_learn::data::DataSource,
+    manifest: &fedge_common::params::Manifest,
+    initial: Vec<f32>,
+    strategy: &mut Strategy,
+) -> Result<(RunStore, u64, Vec<f32>)> {
+    let numel = manifest.numel();
     let keep = config.checkpoint.keep_round_models;
     let unfinished = if config.checkpoint.resume {
         RunStore::unfinished(&config.out_dir, keep, (*manifest).clone())?
@@ -262,7 +394,7 @@ pub(crate) async fn assemble(config: &CoordinatorConfig, in_process_nodes: bool)
         Some(mut store) => {
             // The checkpoint's model replaces the initial one: free it
             // before reading, so resuming holds one model besides the file.
-            drop(initial.params);
+            drop(initial);
             let cp = store.read_checkpoint()?;
             strategy
                 .restore(cp.strategy, cp.server_steps)
@@ -316,143 +448,43 @@ pub(crate) async fn assemble(config: &CoordinatorConfig, in_process_nodes: bool)
             }
             let store = RunStore::create(&config.out_dir, keep, (*manifest).clone(), history)?;
             let (named, _) = strategy.state();
-            store.persist_initial(&initial.params, &named)?;
-            (store, 0, initial.params)
+            store.persist_initial(&initial, &named)?;
+            (store, 0, initial)
         }
     };
-    if version >= u64::from(config.rounds) {
-        // The last round was saved but the run not yet marked finished.
-        let mut store = store;
-        store.finish()?;
-        let last = store.history.rounds.last();
-        tracing::info!(
-            rounds = version,
-            "every round was already complete; run marked finished"
-        );
-        return Ok(Assembled::Finished(RunSummary {
-            rounds_completed: version,
-            final_test_accuracy: last.and_then(|r| r.test_accuracy),
-            final_test_loss: last.and_then(|r| r.test_loss),
-            out_dir: store.dir().to_path_buf(),
-        }));
-    }
-    let run_id = store.history.run_id.clone();
-    tracing::info!(
-        model = %kind,
-        parameters = numel,
-        test_samples = initial.test_samples,
-        rounds = config.rounds,
-        run_id = %run_id,
-        "model initialized"
-    );
-    fedge_learn::export::ModelCard::new(kind, initial.input_shape, initial.classes.clone(), &manifest)
-        .write(&config.out_dir)?;
+    Ok((store, version, global))
+}
 
-    // Under differential privacy clipping bounds every update's influence,
-    // and a loss computed on a noised model never released would be one
-    // more release to account for: no check there.
-    let model_check = (st.max_loss_ratio > 0.0 && strategy.privacy.is_none()).then_some(st.max_loss_ratio);
-    let control = strategy.control.clone();
-    let global = Arc::new(global);
-    let mut machine = RoundMachine::resume(
-        RoundSettings {
-            total_rounds: u64::from(config.rounds),
-            fraction: config.sampling.fraction,
-            min_nodes: config.sampling.min_nodes as usize,
-            min_available: config.sampling.min_available as usize,
-            deadline_ms: config.sampling.round_deadline.as_millis() as u64,
-            seed: config.seed,
-            max_attempts: config.sampling.max_attempts,
-            failure_cooldown_rounds: u64::from(config.sampling.failure_cooldown_rounds),
-            // A simulation's virtual nodes queue on a few trainer threads:
-            // late arrivals there are no stragglers.
-            track_direction: model_check.is_some(),
-            straggler_factor: if in_process_nodes {
-                0.0
-            } else {
-                config.sampling.straggler_factor
-            },
-            federated_every: u64::from(config.eval.federated_every),
-            train: config.train.clone(),
-            secure: sa.enabled.then_some(secure::SecureSettings {
-                neighbours: sa.neighbours as usize,
-                max_dropout: sa.max_dropout,
-                range: sa.range as f32,
-                step_timeout_ms: sa.step_timeout.as_millis() as u64,
-            }),
-        },
-        version,
-        global.clone(),
-        strategy,
-    );
-    // A resumed run bounds its next updates by its last round's, as if it
-    // had never stopped.
-    if let Some(median) = store
-        .history
-        .rounds
-        .last()
-        .and_then(|r| crate::core::round::positive_median(r.participants.iter().filter_map(|p| p.update_norm)))
-    {
-        machine.set_norm_reference(median);
-    }
-    let (snapshot_tx, snapshot_rx) = watch::channel(Arc::new(
-        ModelSnapshot::new(version, manifest.clone(), global, control.map(Arc::new)).mark_durable(),
-    ));
-    let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
-    let traffic = Arc::new(Traffic::default());
-    let settings = pb::RunSettings {
-        run_id: run_id.clone(),
-        model: kind.name().into(),
-        total_rounds: config.rounds,
-        encoding: pb::Encoding::F32Le as i32,
-        input_shape: initial.input_shape.to_vec(),
-        classes: initial.classes.clone(),
-        update_codec: Some(pb::UpdateCodec::from(&codec)),
-    };
-    let metrics = Arc::new(metrics::Metrics::new());
-    let (status_tx, status_rx) = watch::channel(http::Status {
-        run_id,
-        phase: http::phase_label(machine.phase()).into(),
+/// The round machine's settings. A simulation's virtual nodes queue on a
+/// few trainer threads, so late arrivals there are no stragglers.
+fn round_settings(config: &CoordinatorConfig, in_process_nodes: bool, track_direction: bool) -> RoundSettings {
+    let sa = &config.secure_aggregation;
+    RoundSettings {
         total_rounds: u64::from(config.rounds),
-        completed_rounds: machine.version(),
-        ..http::Status::default()
-    });
-    let driver = Driver::new(
-        machine,
-        cmd_rx,
-        snapshot_tx,
-        manifest.clone(),
-        evaluator,
-        store,
-        traffic.clone(),
-        config.eval.every,
-        u64::from(config.rounds),
-    )
-    .with_status(status_tx, metrics.clone());
-    let driver = match model_check {
-        Some(ratio) => driver.with_model_check(ratio).await?,
-        None => driver,
-    };
-    let driver = driver
-        .with_resident_model_bytes(if in_process_nodes {
-            u64::MAX
+        fraction: config.sampling.fraction,
+        min_nodes: config.sampling.min_nodes as usize,
+        min_available: config.sampling.min_available as usize,
+        deadline_ms: config.sampling.round_deadline.as_millis() as u64,
+        seed: config.seed,
+        max_attempts: config.sampling.max_attempts,
+        failure_cooldown_rounds: u64::from(config.sampling.failure_cooldown_rounds),
+        // A simulation's virtual nodes queue on a few trainer threads:
+        // late arrivals there are no stragglers.
+        track_direction,
+        straggler_factor: if in_process_nodes {
+            0.0
         } else {
-            config.limits.resident_model_bytes
-        })
-        .await?;
-    Ok(Assembled::Ready(Box::new(Parts {
-        driver,
-        commands: cmd_tx,
-        snapshot: snapshot_rx,
-        manifest,
-        traffic,
-        settings,
-        kind,
-        codec,
-        spool_dir,
-        metrics,
-        status: status_rx,
-    })))
+            config.sampling.straggler_factor
+        },
+        federated_every: u64::from(config.eval.federated_every),
+        train: config.train.clone(),
+        secure: sa.enabled.then_some(secure::SecureSettings {
+            neighbours: sa.neighbours as usize,
+            max_dropout: sa.max_dropout,
+            range: sa.range as f32,
+            step_timeout_ms: sa.step_timeout.as_millis() as u64,
+        }),
+    }
 }
 
 /// What the driver task ended with.
@@ -500,7 +532,7 @@ pub(crate) async fn prepare_http(config: &CoordinatorConfig) -> Result<Option<Ht
 pub(crate) fn spawn_http(
     (tcp, tls, operators): HttpParts,
     config: &CoordinatorConfig,
-    status_rx: watch::Receiver<http::Status>,
+    status_rx: watch::Receiver<status::Status>,
     metrics: Arc<metrics::Metrics>,
     stop: CancellationToken,
 ) -> Result<()> {

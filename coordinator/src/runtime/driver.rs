@@ -12,7 +12,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use fedge_common::params::Manifest;
-use fedge_common::pb;
 use fedge_common::wire::{crc32, f32_payload};
 use prost::bytes::Bytes;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -42,6 +41,19 @@ pub async fn ask<T>(
 }
 
 /// Messages from the service to the driver.
+/// What the driver tells one node, on its instruction stream; the gRPC
+/// service turns it into the wire's `Instruction` (and the simulator's
+/// virtual nodes read it as it is).
+#[derive(Debug, Clone)]
+pub enum Instruction {
+    /// Train for a round.
+    Train(Task),
+    /// A step of secure aggregation.
+    SecAgg(SecAggOutput),
+    /// The run is over, for this reason.
+    Stop(String),
+}
+
 #[derive(Debug)]
 pub enum Command {
     Join {
@@ -53,7 +65,7 @@ pub enum Command {
     },
     Connect {
         session: String,
-        stream: mpsc::Sender<Result<pb::Instruction, tonic::Status>>,
+        stream: mpsc::Sender<Instruction>,
         reply: oneshot::Sender<Result<(), Rejection>>,
     },
     Disconnect {
@@ -256,7 +268,7 @@ pub struct Driver {
     pub traffic: Arc<Traffic>,
     pub eval_every: u32,
     pub total_rounds: u64,
-    streams: HashMap<String, mpsc::Sender<Result<pb::Instruction, tonic::Status>>>,
+    streams: HashMap<String, mpsc::Sender<Instruction>>,
     /// Fold jobs go to one dedicated thread (folds serialize on the
     /// round's sum anyway); one thread keeps decoding buffers in one place
     /// instead of spread over a growing blocking pool.
@@ -265,7 +277,7 @@ pub struct Driver {
     round_started: Option<Instant>,
     last_counters: (u64, u64, u64),
     aggregation_seconds: f64,
-    status: Option<watch::Sender<crate::api::http::Status>>,
+    status: Option<watch::Sender<crate::runtime::status::Status>>,
     metrics: Arc<Metrics>,
     /// Per-node sums over the run's rounds, for status reports.
     node_totals: BTreeMap<String, NodeTotals>,
@@ -319,8 +331,8 @@ fn show_last_round(m: &Metrics, rec: &RoundRecord) {
     }
 }
 
-fn round_point(rec: &RoundRecord) -> crate::api::http::RoundPoint {
-    crate::api::http::RoundPoint {
+fn round_point(rec: &RoundRecord) -> crate::runtime::status::RoundPoint {
+    crate::runtime::status::RoundPoint {
         round: rec.round,
         participants: rec.participants.len(),
         test_accuracy: rec.test_accuracy,
@@ -480,10 +492,10 @@ impl Driver {
         Ok(())
     }
 
-    /// Publishes the run's [`crate::api::http::Status`] on `tx` after every
+    /// Publishes the run's [`crate::runtime::status::Status`] on `tx` after every
     /// event, and records into `metrics`; both start from the rounds a
     /// resumed run already holds.
-    pub fn with_status(mut self, tx: watch::Sender<crate::api::http::Status>, metrics: Arc<Metrics>) -> Self {
+    pub fn with_status(mut self, tx: watch::Sender<crate::runtime::status::Status>, metrics: Arc<Metrics>) -> Self {
         if let Some(store) = &self.store {
             for rec in &store.history.rounds {
                 NodeTotals::absorb(&mut self.node_totals, rec);
@@ -537,13 +549,13 @@ impl Driver {
             .unwrap_or_default();
         let last = history.last();
         let rejected = self.traffic.refused_by_node();
-        let nodes: Vec<crate::api::http::NodeStatus> = self
+        let nodes: Vec<crate::runtime::status::NodeStatus> = self
             .machine
             .node_views()
             .into_iter()
             .map(|v| {
                 let totals = self.node_totals.get(&v.name).cloned().unwrap_or_default();
-                crate::api::http::NodeStatus {
+                crate::runtime::status::NodeStatus {
                     rejected_updates: rejected.get(&v.name).copied().unwrap_or(0),
                     name: v.name,
                     state: v.state.into(),
@@ -557,7 +569,7 @@ impl Driver {
                 }
             })
             .collect();
-        let privacy = self.machine.privacy().map(|p| crate::api::http::PrivacyStatus {
+        let privacy = self.machine.privacy().map(|p| crate::runtime::status::PrivacyStatus {
             noise: p.mode.name().into(),
             noise_multiplier: p.noise_multiplier,
             clip_norm: p.clip,
@@ -567,7 +579,7 @@ impl Driver {
         });
         let secure = self.machine.secure_settings().map(|s| {
             let current = self.machine.secure_round();
-            crate::api::http::SecureStatus {
+            crate::runtime::status::SecureStatus {
                 neighbours: s.neighbours,
                 max_dropout: s.max_dropout,
                 threshold: current
@@ -576,7 +588,7 @@ impl Driver {
                 step: current.map(|(step, _)| step.name().to_owned()),
             }
         });
-        let phase = crate::api::http::phase_label(self.machine.phase());
+        let phase = crate::runtime::status::phase_label(self.machine.phase());
         // Readers only ever borrow the latest status; none waits for changes.
         tx.send_modify(|s| {
             s.phase = phase.into();
@@ -830,22 +842,7 @@ impl Driver {
             tracing::warn!(node, round = task.round, "selected node has no open instruction stream");
             return;
         };
-        let msg = pb::Instruction {
-            kind: Some(pb::instruction::Kind::Train(pb::TrainTask {
-                round: task.round,
-                model_version: task.version,
-                hyperparameters: Some(pb::Hyperparameters::from(&task.hyper)),
-                deadline_unix_ms: task.deadline_ms,
-                secure_aggregation: task.secure.as_ref().map(|s| pb::SecureAggregationTask {
-                    id: s.id,
-                    threshold: s.threshold as u32,
-                    range: s.quantizer.range,
-                    bits: s.quantizer.bits,
-                    weight: s.weight,
-                }),
-            })),
-        };
-        if stream.try_send(Ok(msg)).is_err() {
+        if stream.try_send(Instruction::Train(task.clone())).is_err() {
             tracing::warn!(
                 node,
                 round = task.round,
@@ -856,32 +853,9 @@ impl Driver {
 
     /// Queues a secure-aggregation message on the node's instruction stream.
     fn send_secure(&mut self, node: &str, message: SecAggOutput) {
-        let kind = match &message {
-            SecAggOutput::Roster {
-                round,
-                nodes,
-                neighbours,
-            } => pb::instruction::Kind::SecaggRoster(pb::SecAggRoster {
-                round: *round,
-                nodes: nodes.iter().map(pb::SecAggKeys::from).collect(),
-                neighbours: neighbours.clone(),
-            }),
-            SecAggOutput::Shares { round, shares } => pb::instruction::Kind::SecaggShares(pb::SecAggShares {
-                round: *round,
-                shares: shares.iter().map(pb::SealedShare::from).collect(),
-            }),
-            SecAggOutput::Unmask { round, request } => pb::instruction::Kind::SecaggUnmask(pb::SecAggUnmask {
-                round: *round,
-                ..pb::SecAggUnmask::from(request)
-            }),
-        };
-        let msg = pb::Instruction { kind: Some(kind) };
-        self.traffic
-            .bytes_down
-            .fetch_add(prost::Message::encoded_len(&msg) as u64, Ordering::Relaxed);
         let stream = self.machine.session_of(node).and_then(|s| self.streams.get(s));
         match stream {
-            Some(stream) if stream.try_send(Ok(msg)).is_ok() => {}
+            Some(stream) if stream.try_send(Instruction::SecAgg(message)).is_ok() => {}
             _ => tracing::warn!(
                 node,
                 "could not queue a secure aggregation message; the node counts as dropped"
@@ -1039,9 +1013,7 @@ impl Driver {
 
     fn stop_nodes(&self, reason: &str) {
         for stream in self.streams.values() {
-            let _ = stream.try_send(Ok(pb::Instruction {
-                kind: Some(pb::instruction::Kind::Stop(pb::Stop { reason: reason.into() })),
-            }));
+            let _ = stream.try_send(Instruction::Stop(reason.into()));
         }
     }
 

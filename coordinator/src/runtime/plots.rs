@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use plotters::prelude::*;
 
-use crate::api::http::RoundPoint;
+use crate::runtime::status::RoundPoint;
 use crate::{Error, Result};
 
 const WIDTH: u32 = 1200;

@@ -28,8 +28,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use fedge_common::codec::Codec;
-use fedge_common::pb;
-use fedge_common::task::{Algorithm, Hyperparameters};
+use fedge_common::task::Algorithm;
 use fedge_common::wire::crc32;
 use fedge_learn::data::{Dataset, Split};
 use fedge_learn::job::{AdversaryConfig, Job, LocalModel, NodeState, TrainResult, Work};
@@ -38,8 +37,8 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::api::intake::{Intake, SpoolBudget};
-use crate::core::round::{Body, Rejection, Update, UpdateKind};
-use crate::runtime::driver::{Command, ModelSnapshot, Traffic};
+use crate::core::round::{Body, Rejection, Task, Update, UpdateKind};
+use crate::runtime::driver::{Command, Instruction, ModelSnapshot, Traffic};
 use crate::server::{Assembled, Parts, assemble, driver_outcome, prepare_http, spawn_http, stop_driver};
 use crate::{CoordinatorConfig, Error, Result, RunSummary};
 
@@ -205,34 +204,31 @@ impl Fleet {
     }
 
     /// One virtual node: reads its instruction stream until the run stops it.
-    async fn node(self: Arc<Self>, i: usize, session: String, mut instructions: mpsc::Receiver<InstructionItem>) {
+    async fn node(self: Arc<Self>, i: usize, session: String, mut instructions: mpsc::Receiver<Instruction>) {
         let name = node_name(i);
-        while let Some(Ok(msg)) = instructions.recv().await {
-            match msg.kind {
-                Some(pb::instruction::Kind::Train(task)) => {
+        while let Some(instruction) = instructions.recv().await {
+            match instruction {
+                Instruction::Train(task) => {
                     let round = task.round;
                     if let Err(e) = self.task(i, &name, &session, task).await {
                         tracing::warn!(node = %name, round, error = %e, "virtual node: no update this round");
                     }
                 }
-                Some(pb::instruction::Kind::Stop(_)) => break,
-                _ => {}
+                Instruction::Stop(_) => break,
+                Instruction::SecAgg(_) => {}
             }
         }
     }
 
     /// A training task: the global model (as a daemon would fetch it), the
     /// edge node's local training and encoding, and the update's submission.
-    async fn task(&self, i: usize, name: &str, session: &str, task: pb::TrainTask) -> Result<()> {
-        let h = task
-            .hyperparameters
-            .ok_or_else(|| Error::Internal("task without hyper-parameters".into()))?;
-        let hyper = Hyperparameters::try_from(&h)?;
+    async fn task(&self, i: usize, name: &str, session: &str, task: Task) -> Result<()> {
+        let hyper = task.hyper;
         let snapshot = self.snapshot.borrow().clone();
-        if snapshot.version != task.model_version || !snapshot.durable.load(Ordering::Acquire) {
+        if snapshot.version != task.version || !snapshot.durable.load(Ordering::Acquire) {
             return Err(Error::Internal(format!(
                 "the task names model version {}, the published one is {}",
-                task.model_version, snapshot.version
+                task.version, snapshot.version
             )));
         }
         let server_control = (hyper.algorithm == Algorithm::Scaffold)
@@ -263,7 +259,7 @@ impl Fleet {
             .ask(|reply| Command::Admit {
                 session: session.to_owned(),
                 round: task.round,
-                base_version: task.model_version,
+                base_version: task.version,
                 reply,
             })
             .await?;
@@ -301,7 +297,7 @@ impl Fleet {
         self.traffic.bytes_up.fetch_add(bytes, Ordering::Relaxed);
         let update = Update {
             round: task.round,
-            base_version: task.model_version,
+            base_version: task.version,
             num_samples: self.shares.len_of(i) as u64,
             kind: if result.is_gradient {
                 UpdateKind::Gradient
@@ -333,8 +329,6 @@ impl Fleet {
         Ok(())
     }
 }
-
-type InstructionItem = std::result::Result<pb::Instruction, tonic::Status>;
 
 /// Completes a configuration for a simulation: virtual nodes reach the
 /// driver in-process, so no gRPC is served and no certificate is needed
