@@ -1,7 +1,6 @@
 //! Unit tests of the configuration: defaults, the example file, and each
 //! refusal's message.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use super::*;
@@ -311,102 +310,4 @@ fn toml_file_and_overrides_combine() {
     assert_eq!(c.rounds, 3);
     assert_eq!(c.sampling.round_deadline, Duration::from_secs(90));
     assert_eq!((c.train.learning_rate, c.train.epochs), (0.1, 2));
-}
-
-/// The backticked names in `text` that lead a definition: those before the
-/// first colon of each bullet, and of each section's opening line.
-fn defined_names(text: &str) -> Vec<String> {
-    let mut names = Vec::new();
-    for line in text.lines() {
-        let lead = if let Some(rest) = line.strip_prefix("- ") {
-            rest
-        } else if let Some(rest) = line.strip_prefix("**`[") {
-            rest.split_once("]`**:").map_or("", |(_, r)| r)
-        } else {
-            continue;
-        };
-        // Only a line that opens with a name defines one.
-        let lead = lead.trim_start();
-        if !lead.starts_with('`') {
-            continue;
-        }
-        let lead = lead.split(": ").next().unwrap_or("");
-        for part in lead.split('`').skip(1).step_by(2) {
-            // `partition.{index,count}` and `data.*` name several keys.
-            let part = part.trim_end_matches(".*");
-            if part.contains(' ') {
-                continue;
-            }
-            match part.split_once(".{") {
-                Some((prefix, list)) => {
-                    names.extend(list.trim_end_matches('}').split(',').map(|k| format!("{prefix}.{k}")))
-                }
-                None => names.push(part.to_string()),
-            }
-        }
-    }
-    names
-}
-
-#[test]
-fn the_configuration_page_documents_every_key_of_the_example_and_no_other() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let page = std::fs::read_to_string(root.join("../docs/configuration.md")).unwrap();
-    // Every key of the example, set or (when optional) commented out, by
-    // section ("" for the top level).
-    let mut example: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    let mut section = String::new();
-    for line in std::fs::read_to_string(root.join("coordinator.example.toml"))
-        .unwrap()
-        .lines()
-    {
-        if let Some(rest) = line.strip_prefix('[') {
-            section = rest.split(']').next().unwrap().to_string();
-            example.entry(section.clone()).or_default();
-        } else if let Some((key, _)) = line.trim_start_matches("# ").split_once(" = ")
-            && key.chars().all(|c| c.is_ascii_lowercase() || c == '_')
-        {
-            example.entry(section.clone()).or_default().push(key.to_string());
-        }
-    }
-    let coordinator = &page[page.find("## Coordinator").unwrap()..page.find("## Rules across sections").unwrap()];
-    let mut blocks: Vec<(&str, &str)> = Vec::new();
-    for part in coordinator.split("\n**`[").skip(1) {
-        let (name, body) = part.split_once("]`**").unwrap();
-        blocks.push((name, body));
-    }
-    for (section, keys) in &example {
-        if section.is_empty() {
-            for key in keys {
-                assert!(
-                    coordinator.contains(&format!("`{key}`")),
-                    "top-level key `{key}` is not on docs/configuration.md"
-                );
-            }
-            continue;
-        }
-        let (_, body) = blocks
-            .iter()
-            .find(|(name, _)| name == section)
-            .unwrap_or_else(|| panic!("section [{section}] is not on docs/configuration.md"));
-        let named = defined_names(&format!("**`[{section}]`**{body}"));
-        for key in keys {
-            assert!(
-                named.contains(key) || body.contains(&format!("`{key}`")),
-                "[{section}] {key} is not on docs/configuration.md"
-            );
-        }
-        for name in named {
-            assert!(
-                keys.contains(&name),
-                "docs/configuration.md names [{section}] {name}, which coordinator.example.toml does not have"
-            );
-        }
-    }
-    for (name, _) in &blocks {
-        assert!(
-            example.contains_key(*name),
-            "docs/configuration.md has a section [{name}] the example lacks"
-        );
-    }
 }
