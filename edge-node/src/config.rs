@@ -46,6 +46,8 @@ pub struct NodeConfig {
     /// Emulated uplink speed in bytes per second (0: unlimited), to simulate
     /// slow device links in local fleets.
     pub upload_bytes_per_sec: u64,
+    /// How this node trains.
+    pub train: NodeTrainConfig,
     /// Show a progress bar of local training when standard error is a
     /// terminal and logs are text (containers and `log_format = "json"` get
     /// log lines only).
@@ -177,6 +179,22 @@ pub struct ServeConfig {
     pub listen: Option<std::net::SocketAddr>,
 }
 
+/// How this node trains.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NodeTrainConfig {
+    /// Emulated device speed: each training step takes this many times its
+    /// real time (the training thread sleeps the difference, leaving the CPU
+    /// to other nodes on the machine). 1: the machine's own speed.
+    pub slowdown: f64,
+}
+
+impl Default for NodeTrainConfig {
+    fn default() -> Self {
+        Self { slowdown: 1.0 }
+    }
+}
+
 /// Exponential backoff with jitter between connection attempts.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -211,6 +229,7 @@ impl Default for NodeConfig {
             state_dir: None,
             security: NodeSecurityConfig::default(),
             upload_bytes_per_sec: 0,
+            train: NodeTrainConfig::default(),
             progress: true,
             serve: ServeConfig::default(),
             adversary: AdversaryConfig::default(),
@@ -281,6 +300,12 @@ impl NodeConfig {
             return Err(Error::Config(format!(
                 "holdout must be in [0, 1), got {}",
                 self.holdout
+            )));
+        }
+        if !(self.train.slowdown.is_finite() && (1.0..=1000.0).contains(&self.train.slowdown)) {
+            return Err(Error::Config(format!(
+                "train.slowdown must be between 1 (the machine's own speed) and 1000, got {}",
+                self.train.slowdown
             )));
         }
         if !(self.adversary.scale.is_finite() && self.adversary.scale > 0.0) {

@@ -34,7 +34,7 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::backoff::Backoff;
 use crate::session::{ModelCache, NodeStats, SessionCtx, SessionEnd, run_session};
-use crate::trainer::Trainer;
+use crate::trainer::{Trainer, TrainerSettings};
 
 /// Loads local data, then serves the coordinator until it ends the run
 /// (returns the reason) or `shutdown` resolves (returns `None`).
@@ -91,18 +91,24 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> Resu
             "adversary mode: this node sends corrupted updates (robustness experiments only)"
         );
     }
-    let trainer = Trainer::spawn(
-        data,
-        held_out,
+    if config.train.slowdown > 1.0 {
+        tracing::info!(
+            slowdown = config.train.slowdown,
+            "emulating a slower device: each training step takes this many times its real time"
+        );
+    }
+    let settings = TrainerSettings {
         device,
-        config.threads,
-        config.state_dir.clone(),
-        config.adversary.clone(),
-        config.progress && config.log_format == fedge_common::config::LogFormat::Text && {
+        threads: config.threads,
+        state_dir: config.state_dir.clone(),
+        adversary: config.adversary.clone(),
+        progress: config.progress && config.log_format == fedge_common::config::LogFormat::Text && {
             use std::io::IsTerminal;
             std::io::stderr().is_terminal()
         },
-    )?;
+        pace: fedge_learn::train::Pace::slowdown(config.train.slowdown),
+    };
+    let trainer = Trainer::spawn(data, held_out, settings)?;
     let feed = match config.serve.listen {
         Some(addr) => Some(serve::start(addr).await?),
         None => None,

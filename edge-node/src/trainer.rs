@@ -10,6 +10,7 @@ use std::sync::{Arc, mpsc};
 use fedge_common::worker::Worker;
 use fedge_learn::data::Dataset;
 use fedge_learn::job::{AdversaryConfig, Job, LocalModel, NodeState, TrainResult, Work};
+use fedge_learn::train::Pace;
 use tokio::sync::oneshot;
 
 use crate::{Error, Result};
@@ -17,6 +18,21 @@ use crate::{Error, Result};
 struct Envelope {
     job: Job,
     reply: oneshot::Sender<Result<TrainResult>>,
+}
+
+/// How the training thread trains.
+#[derive(Debug)]
+pub struct TrainerSettings {
+    pub device: tch::Device,
+    /// libtorch intra-op threads (0: libtorch's default).
+    pub threads: usize,
+    /// Where state kept across rounds is stored (none: in memory only).
+    pub state_dir: Option<PathBuf>,
+    pub adversary: AdversaryConfig,
+    /// Draw a progress bar on stderr.
+    pub progress: bool,
+    /// The emulated device speed (`train.slowdown`).
+    pub pace: Pace,
 }
 
 /// Handle to the training thread. Dropping it stops the thread: training
@@ -37,15 +53,15 @@ impl Drop for Trainer {
 
 impl Trainer {
     /// Starts the thread; it takes ownership of the data.
-    pub fn spawn(
-        data: Dataset,
-        held_out: Option<Dataset>,
-        device: tch::Device,
-        threads: usize,
-        state_dir: Option<PathBuf>,
-        adversary: AdversaryConfig,
-        progress: bool,
-    ) -> Result<Self> {
+    pub fn spawn(data: Dataset, held_out: Option<Dataset>, settings: TrainerSettings) -> Result<Self> {
+        let TrainerSettings {
+            device,
+            threads,
+            state_dir,
+            adversary,
+            progress,
+            pace,
+        } = settings;
         let cancel = Arc::new(AtomicBool::new(false));
         let stop = cancel.clone();
         let worker = Worker::spawn("trainer", move |rx: mpsc::Receiver<Envelope>| {
@@ -61,6 +77,7 @@ impl Trainer {
                     cancel: &stop,
                     progress,
                     adversary: &adversary,
+                    pace,
                 };
                 let _ = reply.send(model.work(&work, &job, &mut state).map_err(Error::from));
             }

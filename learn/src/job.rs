@@ -21,7 +21,7 @@ use tch::nn::VarStore;
 use crate::data::Dataset;
 use crate::model::{ModelKind, Net};
 use crate::tensors;
-use crate::train::{LocalObjective, evaluate, gradient, train};
+use crate::train::{LocalObjective, Pace, evaluate, gradient, train};
 use crate::{Error, Result};
 
 /// What one round of local work produced.
@@ -192,6 +192,8 @@ pub struct Work<'a> {
     /// Draw a progress bar on stderr.
     pub progress: bool,
     pub adversary: &'a AdversaryConfig,
+    /// The emulated device speed (`train.slowdown`).
+    pub pace: Pace,
 }
 
 /// A model on one training thread, built on first use and rebuilt when a
@@ -218,16 +220,7 @@ impl LocalModel {
             self.built = Some((job.kind, vs, net));
         }
         let (_, vs, net) = self.built.as_mut().expect("model built above");
-        let mut r = run_job(
-            vs,
-            net,
-            work.data,
-            work.held_out,
-            job,
-            state,
-            work.cancel,
-            work.progress,
-        )?;
+        let mut r = run_job(vs, net, work, job, state)?;
         if let Some(p) = job.hyper.privacy {
             privatize(&mut r, p, job.hyper.learning_rate, &mut rand::rng());
         }
@@ -280,26 +273,17 @@ fn progress_bar(round: u64) -> crate::train::StepReport {
     })
 }
 
-#[allow(clippy::too_many_arguments)]
-fn run_job(
-    vs: &mut VarStore,
-    net: &Net,
-    data: &Dataset,
-    held_out: Option<&Dataset>,
-    job: &Job,
-    state: &mut NodeState,
-    cancel: &Arc<AtomicBool>,
-    progress: bool,
-) -> Result<TrainResult> {
+fn run_job(vs: &mut VarStore, net: &Net, work: &Work<'_>, job: &Job, state: &mut NodeState) -> Result<TrainResult> {
+    let data = work.data;
     let h = &job.hyper;
     tensors::load_into(vs, &job.manifest, &job.global)?;
     let holdout = if h.evaluate {
-        held_out.map(|d| evaluate(net, d, 256, vs.device()))
+        work.held_out.map(|d| evaluate(net, d, 256, vs.device()))
     } else {
         None
     };
     if h.algorithm == Algorithm::FedSgd {
-        let (grad, metrics) = gradient(net, vs, data, h, &job.manifest)?;
+        let (grad, metrics) = gradient(net, vs, data, h, &job.manifest, work.pace)?;
         return Ok(TrainResult {
             delta: grad,
             is_gradient: true,
@@ -311,8 +295,9 @@ fn run_job(
     }
     let device = vs.device();
     let mut objective = LocalObjective {
-        cancel: Some(cancel.clone()),
-        on_step: progress.then(|| progress_bar(job.round)),
+        cancel: Some(work.cancel.clone()),
+        on_step: work.progress.then(|| progress_bar(job.round)),
+        pace: work.pace,
         ..LocalObjective::default()
     };
     let mut client_control = None;
@@ -501,7 +486,7 @@ mod tests {
             evaluate: false,
             ..Default::default()
         };
-        let (grad, _) = gradient(&net, &vs, &data, &hyper, &manifest).unwrap();
+        let (grad, _) = gradient(&net, &vs, &data, &hyper, &manifest, Pace::default()).unwrap();
         let job = Job {
             run_id: "run-test".into(),
             round: 1,
@@ -514,7 +499,15 @@ mod tests {
             codec: Codec::F32,
         };
         let mut state = NodeState::new(None);
-        let r = run_job(&mut vs, &net, &data, None, &job, &mut state, &Arc::default(), false).unwrap();
+        let work = Work {
+            data: &data,
+            held_out: None,
+            cancel: &Arc::default(),
+            progress: false,
+            adversary: &AdversaryConfig::default(),
+            pace: Pace::default(),
+        };
+        let r = run_job(&mut vs, &net, &work, &job, &mut state).unwrap();
         assert_eq!(r.metrics.steps, 200);
         let ci = r.control_delta.unwrap();
         let dot: f64 = ci.iter().zip(&grad).map(|(a, b)| f64::from(*a) * f64::from(*b)).sum();

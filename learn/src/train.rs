@@ -3,7 +3,8 @@
 //! These functions run tensor work and block: call them from a dedicated
 //! thread that owns the `VarStore`, never from an async task.
 
-use std::time::Instant;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use fedge_common::task::{EvalMetrics, Hyperparameters, LocalOptimizer, TrainMetrics};
 use rand::SeedableRng;
@@ -18,6 +19,56 @@ use crate::data::Dataset;
 /// A progress callback: (steps done, steps in all, this step's loss).
 pub type StepReport = Box<dyn Fn(u64, u64, f64)>;
 
+/// An emulated device speed: after each step the training thread waits so
+/// that the step takes `slowdown` times its real time (the edge node's
+/// `train.slowdown`). The thread sleeps while it waits, so a slowed node
+/// leaves the CPU to the others on the same machine.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Pace(f64);
+
+impl Default for Pace {
+    fn default() -> Self {
+        Self(1.0)
+    }
+}
+
+impl Pace {
+    /// Longest single sleep, so a stop is noticed within it.
+    const SLICE: Duration = Duration::from_millis(50);
+
+    /// Steps `factor` times slower than real (1, or anything not above it: real speed).
+    pub fn slowdown(factor: f64) -> Self {
+        Self(if factor.is_finite() && factor > 1.0 {
+            factor
+        } else {
+            1.0
+        })
+    }
+
+    /// The slowdown factor.
+    pub fn factor(self) -> f64 {
+        self.0
+    }
+
+    /// How long to wait after a step that took `step`.
+    pub fn wait_after(self, step: Duration) -> Duration {
+        step.mul_f64(self.0 - 1.0)
+    }
+
+    /// Waits after a step that took `step`, waking to return early once
+    /// `cancel` is set.
+    fn pause(self, step: Duration, cancel: Option<&AtomicBool>) {
+        let until = Instant::now() + self.wait_after(step);
+        loop {
+            let now = Instant::now();
+            if now >= until || cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
+                return;
+            }
+            std::thread::sleep((until - now).min(Self::SLICE));
+        }
+    }
+}
+
 /// Extra terms of the local objective, per trainable variable.
 #[derive(Default)]
 pub struct LocalObjective {
@@ -31,13 +82,13 @@ pub struct LocalObjective {
     /// Called after every step with (steps done, steps in all, this step's loss),
     /// for progress displays.
     pub on_step: Option<StepReport>,
+    /// The emulated device speed.
+    pub pace: Pace,
 }
 
 impl LocalObjective {
     fn cancelled(&self) -> bool {
-        self.cancel
-            .as_ref()
-            .is_some_and(|c| c.load(std::sync::atomic::Ordering::Relaxed))
+        self.cancel.as_ref().is_some_and(|c| c.load(Ordering::Relaxed))
     }
 }
 
@@ -106,6 +157,7 @@ pub fn train(
             if objective.cancelled() {
                 return Err(crate::Error::Cancelled);
             }
+            let step_start = Instant::now();
             let (x, y) = if h.crop_padding > 0 || h.horizontal_flip {
                 data.augmented_batch(idx, device, h.crop_padding as i64, h.horizontal_flip, &mut rng)
             } else {
@@ -137,6 +189,7 @@ pub fn train(
             correct += correct_predictions(&logits, &y);
             steps += 1;
             examples += idx.len() as u64;
+            objective.pace.pause(step_start.elapsed(), objective.cancel.as_deref());
             if let Some(report) = &objective.on_step {
                 report(steps, total, step_loss);
             }
@@ -155,13 +208,15 @@ pub fn train(
 /// FedSGD's local step: the gradient of the mean loss over the local data
 /// (or its first `max_steps` batches) at the model's current weights, plus
 /// `weight_decay · w`, in `manifest` order. Variables without a gradient
-/// (running statistics) get zeros. The model is not changed.
+/// (running statistics) get zeros. The model is not changed. Each batch is
+/// slowed to `pace`.
 pub fn gradient(
     net: &impl ModuleT,
     vs: &VarStore,
     data: &Dataset,
     h: &Hyperparameters,
     manifest: &fedge_common::params::Manifest,
+    pace: Pace,
 ) -> Result<(Vec<f32>, TrainMetrics)> {
     let start = Instant::now();
     let device = vs.device();
@@ -182,6 +237,7 @@ pub fn gradient(
         if h.max_steps > 0 && steps >= h.max_steps {
             break;
         }
+        let step_start = Instant::now();
         let (x, y) = data.batch(&Tensor::from_slice(idx), device);
         let logits = net.forward_t(&x, true);
         // Sum of per-example losses; divided by the example count below.
@@ -191,6 +247,7 @@ pub fn gradient(
         correct += correct_predictions(&logits, &y);
         steps += 1;
         examples += idx.len() as u64;
+        pace.pause(step_start.elapsed(), None);
     }
     let mut out = vec![0f32; manifest.numel()];
     let mut offset = 0;
@@ -281,6 +338,28 @@ pub fn evaluate_batches<E>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_slowed_step_waits_its_factor_and_a_stop_cuts_the_wait_short() {
+        assert_eq!(
+            Pace::slowdown(4.0).wait_after(Duration::from_millis(100)),
+            Duration::from_millis(300)
+        );
+        assert_eq!(Pace::slowdown(1.0).wait_after(Duration::from_secs(1)), Duration::ZERO);
+        assert_eq!(Pace::slowdown(0.5), Pace::default());
+        assert_eq!(Pace::slowdown(f64::NAN).factor(), 1.0);
+        // A step of 1 s at 1000x would wait 999 s; a stop ends the wait.
+        let cancel = std::sync::Arc::new(AtomicBool::new(false));
+        let stop = cancel.clone();
+        let stopper = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(200));
+            stop.store(true, Ordering::Relaxed);
+        });
+        let started = Instant::now();
+        Pace::slowdown(1000.0).pause(Duration::from_secs(1), Some(&cancel));
+        stopper.join().unwrap();
+        assert!(started.elapsed() < Duration::from_secs(60), "{:?}", started.elapsed());
+    }
     use crate::data::synthetic;
     use crate::model::ModelKind;
 
@@ -400,7 +479,7 @@ mod tests {
             ..Default::default()
         };
         let before = crate::tensors::flatten(&vs, &manifest).unwrap();
-        let (g1, m1) = gradient(&net, &vs, &data, &whole, &manifest).unwrap();
+        let (g1, m1) = gradient(&net, &vs, &data, &whole, &manifest, Pace::default()).unwrap();
         let (g2, m2) = gradient(
             &net,
             &vs,
@@ -410,6 +489,7 @@ mod tests {
                 ..whole.clone()
             },
             &manifest,
+            Pace::default(),
         )
         .unwrap();
         assert_eq!((m1.examples, m2.examples, m2.steps), (20, 20, 3));
@@ -426,7 +506,7 @@ mod tests {
         let mut vs = vs;
         let stepped: Vec<f32> = before.iter().zip(&g1).map(|(w, g)| w - 0.1 * g).collect();
         crate::tensors::load_into(&mut vs, &manifest, &stepped).unwrap();
-        let (_, m3) = gradient(&net, &vs, &data, &whole, &manifest).unwrap();
+        let (_, m3) = gradient(&net, &vs, &data, &whole, &manifest, Pace::default()).unwrap();
         assert!(m3.loss < m1.loss, "{} !< {}", m3.loss, m1.loss);
     }
 

@@ -149,6 +149,16 @@ fn malformed_configuration_is_reported_before_anything_starts() -> anyhow::Resul
 
     let (status, err) = run_to_end(
         "edge-node",
+        &["--set", "security.insecure=true", "--set", "train.slowdown=0.5"],
+    )?;
+    assert!(!status.success());
+    assert!(
+        err.contains("train.slowdown must be between 1 (the machine's own speed) and 1000, got 0.5"),
+        "{err}"
+    );
+
+    let (status, err) = run_to_end(
+        "edge-node",
         &[
             "--data-path",
             tmp.path().to_str().unwrap(),

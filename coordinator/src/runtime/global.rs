@@ -1,13 +1,16 @@
 //! Where the coordinator keeps the global model while a round runs.
 //!
 //! A model up to `limits.resident_model_bytes` stays in memory
-//! ([`GlobalModel::Memory`]). A larger one is in memory only from its
+//! ([`GlobalModel::Memory`](crate::core::model::GlobalModel::Memory)). A larger one is in memory only from its
 //! round's aggregation until it is durable (evaluated, persisted); while the
 //! next round runs it is read back from the checkpoint file that made it
-//! durable ([`GlobalModel::Stored`]): fetches stream it from there and the
+//! durable ([`GlobalModel::Stored`](crate::core::model::GlobalModel::Stored)): fetches stream it from there and the
 //! next aggregation reads it a block at a time. The round's running sum is
 //! then the only model-sized buffer the coordinator holds while updates
 //! arrive, so its memory is one model plus its fixed costs rather than two.
+//!
+//! The core sees a stored model as a [`ModelFile`]
+//! ([`crate::core::model`]); this module reads it from the checkpoint.
 //!
 //! A [`StoredModel`] keeps its file open: the checkpoint may be replaced or
 //! removed by later rounds while a fetch still reads it.
@@ -15,72 +18,17 @@
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use fedge_common::params::Manifest;
 use safetensors::tensor::Metadata;
 
+use crate::core::model::ModelFile;
 use crate::{Error, Result};
-
-/// Values read from disk at a time when a stored model is visited (4 MiB).
-const READ_BLOCK: usize = 1 << 20;
 
 /// Whether a model of `numel` f32 values is small enough to stay in memory
 /// under `limits.resident_model_bytes` (larger ones are read from files).
 pub fn stays_resident(numel: usize, resident_bytes: u64) -> bool {
     4 * numel as u64 <= resident_bytes
-}
-
-/// The current global model: in memory, or in its durable checkpoint.
-#[derive(Debug, Clone)]
-pub enum GlobalModel {
-    Memory(Arc<Vec<f32>>),
-    Stored(Arc<StoredModel>),
-}
-
-impl GlobalModel {
-    /// Number of parameters.
-    pub fn len(&self) -> usize {
-        match self {
-            GlobalModel::Memory(v) => v.len(),
-            GlobalModel::Stored(s) => s.numel,
-        }
-    }
-
-    /// Whether the model has no parameters.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// The values, when they are in memory.
-    pub fn in_memory(&self) -> Option<&Arc<Vec<f32>>> {
-        match self {
-            GlobalModel::Memory(v) => Some(v),
-            GlobalModel::Stored(_) => None,
-        }
-    }
-
-    /// Hands every value to `sink` as `(offset, run)`, in order: all at
-    /// once from memory, blocks of at most 4 MiB from disk.
-    pub fn visit(&self, sink: &mut dyn FnMut(usize, &[f32])) -> Result<()> {
-        match self {
-            GlobalModel::Memory(v) => {
-                sink(0, v);
-                Ok(())
-            }
-            GlobalModel::Stored(s) => {
-                let mut block = vec![0f32; READ_BLOCK.min(s.numel)];
-                let mut offset = 0;
-                while offset < s.numel {
-                    let n = READ_BLOCK.min(s.numel - offset);
-                    s.read_values(offset, &mut block[..n])?;
-                    sink(offset, &block[..n]);
-                    offset += n;
-                }
-                Ok(())
-            }
-        }
-    }
 }
 
 /// A global model in a safetensors file, read on demand.
@@ -151,24 +99,14 @@ impl StoredModel {
             segments,
         })
     }
+}
 
-    /// Number of parameters.
-    pub fn len(&self) -> usize {
+impl ModelFile for StoredModel {
+    fn numel(&self) -> usize {
         self.numel
     }
 
-    /// Whether the model has no parameters.
-    pub fn is_empty(&self) -> bool {
-        self.numel == 0
-    }
-
-    /// Bytes of the model's wire payload (little-endian f32 in manifest order).
-    pub fn payload_len(&self) -> usize {
-        4 * self.numel
-    }
-
-    /// Fills `buf` with the wire payload's bytes from `start` on.
-    pub fn read_payload(&self, start: usize, buf: &mut [u8]) -> Result<()> {
+    fn read_payload(&self, start: usize, buf: &mut [u8]) -> Result<()> {
         let end = start + buf.len();
         if end > self.payload_len() {
             return Err(Error::Internal(format!(
@@ -196,13 +134,6 @@ impl StoredModel {
         }
         Ok(())
     }
-
-    /// Fills `out` with the values from `offset` on.
-    pub fn read_values(&self, offset: usize, out: &mut [f32]) -> Result<()> {
-        // The file is little-endian; so is every platform fedge builds for.
-        const { assert!(cfg!(target_endian = "little")) };
-        self.read_payload(4 * offset, bytemuck::cast_slice_mut(out))
-    }
 }
 
 #[cfg(test)]
@@ -212,6 +143,9 @@ mod tests {
     use fedge_common::params::TensorMeta;
 
     use super::*;
+    use std::sync::Arc;
+
+    use crate::core::model::GlobalModel;
     use crate::runtime::store::{RunHistory, RunStore};
 
     fn manifest() -> Manifest {
@@ -244,7 +178,7 @@ mod tests {
         strategy.insert("server/m".to_string(), vec![9.0f32; 4]);
         store.write_checkpoint(0, &values, &strategy, 0).unwrap();
         let stored = StoredModel::open(&store.checkpoint_file(0), &m, "model/").unwrap();
-        assert_eq!(stored.len(), values.len());
+        assert_eq!(stored.numel(), values.len());
 
         let mut all = vec![0f32; values.len()];
         stored.read_values(0, &mut all).unwrap();

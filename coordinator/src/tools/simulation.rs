@@ -33,6 +33,7 @@ use fedge_common::wire::crc32;
 use fedge_learn::data::{Dataset, Split};
 use fedge_learn::job::{AdversaryConfig, Job, LocalModel, NodeState, TrainResult, Work};
 use fedge_learn::model::ModelKind;
+use fedge_learn::train::Pace;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
@@ -151,6 +152,7 @@ impl Pool {
                             cancel: &cancel,
                             progress: false,
                             adversary: &adversary,
+                            pace: Pace::default(),
                         };
                         let _ = reply.send(model.work(&work, &job, &mut state));
                     }

@@ -7,11 +7,11 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
+use crate::core::model::GlobalModel;
 use crate::core::privacy::{RoundPlan, RoundPrivacy};
 use crate::core::secure::{SecureRecord, UnmaskJob};
 use crate::core::strategy::aggregate::lock;
 use crate::core::strategy::{MeanSum, RoundAggregate, Strategy, UpdateSource, l2_norm};
-use crate::runtime::global::GlobalModel;
 
 use super::{Contribution, cosine};
 
@@ -122,18 +122,38 @@ impl FoldJob {
     }
 }
 
+/// Why a round's aggregation produced no new global model; the round
+/// machine retries the round, and whom it leaves out depends on the cause.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum AggregationFailure {
+    /// The updates could not be combined (too few for the robust
+    /// aggregator, or a secure sum that failed its checks).
+    #[error("{0}")]
+    Combine(String),
+    /// The combined update holds a value that is not finite.
+    #[error("the combined update has a non-finite value at index {index} (its updates' sum overflowed)")]
+    NonFiniteUpdate { index: usize },
+    /// The server optimizer could not read the current global model.
+    #[error("{0}")]
+    ServerStep(String),
+    /// The server step produced a value that is not finite.
+    #[error("the new global model has a non-finite value at index {index}")]
+    NonFiniteModel { index: usize },
+    /// The driver's check refused the new model (`strategy.max_loss_ratio`).
+    #[error("{0}")]
+    Rejected(String),
+}
+
 /// What an [`AggregationJob`] produced.
 #[derive(Debug)]
 pub struct Aggregated {
     pub(super) round: u64,
-    pub(super) result: Result<Arc<Vec<f32>>, String>,
+    pub(super) result: Result<Arc<Vec<f32>>, AggregationFailure>,
     pub(super) strategy: Strategy,
     pub(super) seconds: f64,
     pub(super) privacy: Option<RoundPrivacy>,
     /// The strategy before the server step (when the model is checked).
     pub(super) before: Option<Box<Strategy>>,
-    /// Set when the driver's check refused the new model.
-    pub(super) rejected: bool,
     /// The new model's L2 norm (computed here, off the async runtime).
     pub(super) model_norm: f64,
     /// The step the new model takes (new global − old), when tracked and
@@ -171,14 +191,13 @@ impl AggregationJob {
                 })
             }
             None => self.aggregate.finish(),
-        };
+        }
+        .map_err(AggregationFailure::Combine);
         let result = combined.and_then(|(mut delta, control_sum)| {
             // Nothing non-finite reaches the server optimizer's state or
             // the global model: the round is retried instead.
-            if let Some(i) = delta.iter().position(|v| !v.is_finite()) {
-                return Err(format!(
-                    "the combined update has a non-finite value at index {i} (its updates' sum overflowed)"
-                ));
+            if let Some(index) = delta.iter().position(|v| !v.is_finite()) {
+                return Err(AggregationFailure::NonFiniteUpdate { index });
             }
             if let (Some((plan, unclipped)), Some(p)) = (&self.privacy, &mut self.strategy.privacy) {
                 let unclipped = unclipped_secure.unwrap_or(*unclipped);
@@ -189,9 +208,9 @@ impl AggregationJob {
                 .strategy
                 .server
                 .step_model(&self.global, delta)
-                .map_err(|e| e.to_string())?;
-            if let Some(i) = next.iter().position(|v| !v.is_finite()) {
-                return Err(format!("the new global model has a non-finite value at index {i}"));
+                .map_err(|e| AggregationFailure::ServerStep(e.to_string()))?;
+            if let Some(index) = next.iter().position(|v| !v.is_finite()) {
+                return Err(AggregationFailure::NonFiniteModel { index });
             }
             if let Some(sum) = &control_sum {
                 self.strategy.update_control(sum, count, self.total_nodes);
@@ -217,7 +236,6 @@ impl AggregationJob {
             seconds: start.elapsed().as_secs_f64(),
             privacy,
             before,
-            rejected: false,
             model_norm,
             direction,
             misbehaved,
@@ -234,6 +252,11 @@ impl AggregationJob {
 }
 
 impl Aggregated {
+    /// The round aggregated.
+    pub fn round(&self) -> u64 {
+        self.round
+    }
+
     /// Seconds the aggregation took.
     pub fn seconds(&self) -> f64 {
         self.seconds
@@ -253,7 +276,6 @@ impl Aggregated {
             self.strategy = *before;
         }
         self.privacy = None;
-        self.result = Err(reason);
-        self.rejected = true;
+        self.result = Err(AggregationFailure::Rejected(reason));
     }
 }

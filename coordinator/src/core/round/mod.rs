@@ -30,11 +30,11 @@ use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
 
-use crate::config::TrainConfig;
+use crate::core::model::{GlobalModel, ModelFile};
 use crate::core::privacy::RoundPlan;
 use crate::core::secure::{SecAggOutput, SecureRecord, SecureRound, SecureSettings, SecureTask};
 use crate::core::strategy::{RoundAggregate, Strategy, UpdateSource, clip_scale, l2_norm};
-use crate::runtime::global::{GlobalModel, StoredModel};
+use crate::core::training::TrainConfig;
 
 mod jobs;
 mod secure_steps;
@@ -43,7 +43,7 @@ mod tests;
 mod update;
 
 use jobs::FoldTarget;
-pub use jobs::{Aggregated, AggregationJob, ClosedRound, FoldJob, Folded};
+pub use jobs::{Aggregated, AggregationFailure, AggregationJob, ClosedRound, FoldJob, Folded};
 pub use update::{Body, Contribution, Rejection, Update, UpdateKind};
 
 /// Settings of the round logic.
@@ -293,11 +293,11 @@ impl RoundMachine {
 
     /// The current version is durable in `stored`: read it from there from
     /// now on, and drop the copy in memory.
-    pub fn store_global(&mut self, stored: Arc<StoredModel>) -> crate::Result<()> {
-        if stored.len() != self.global.len() {
+    pub fn store_global(&mut self, stored: Arc<dyn ModelFile>) -> crate::Result<()> {
+        if stored.numel() != self.global.len() {
             return Err(crate::Error::Internal(format!(
                 "the stored global model has {} values; the model has {}",
-                stored.len(),
+                stored.numel(),
                 self.global.len()
             )));
         }
@@ -717,7 +717,8 @@ impl RoundMachine {
             // Under secure aggregation nobody's update can be looked at: the
             // nodes named while unmasking sit the retry out, and when a sum
             // fails its checks without naming anyone, one survivor in turn.
-            Err(reason) if state.secure.is_some() => {
+            Err(failure) if state.secure.is_some() => {
+                let reason = failure.to_string();
                 let in_turn = named.is_empty().then(|| in_turn(&state)).flatten();
                 let (left_out, because) = match &in_turn {
                     Some(node) => (node.clone(), "in turn (a secure sum names nobody)"),
@@ -740,7 +741,7 @@ impl RoundMachine {
                 }
                 return self.start_attempt(round, state.attempt + 1, now_ms);
             }
-            Err(reason) if done.rejected => {
+            Err(AggregationFailure::Rejected(reason)) => {
                 let suspect = suspect(&state.accepted);
                 tracing::warn!(
                     round,
@@ -757,8 +758,8 @@ impl RoundMachine {
                 }
                 return self.start_attempt(round, state.attempt + 1, now_ms);
             }
-            Err(reason) => {
-                tracing::warn!(round, reason, "aggregation failed; retrying the round");
+            Err(failure) => {
+                tracing::warn!(round, reason = %failure, "aggregation failed; retrying the round");
                 return self.start_attempt(round, state.attempt + 1, now_ms);
             }
         };

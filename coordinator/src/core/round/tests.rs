@@ -661,8 +661,20 @@ fn a_non_finite_new_model_retries_the_round() {
     submit(&mut m, "s-a", update(1, 0, vec![3e38], 1), 0).unwrap();
     submit(&mut m, "s-b", update(1, 0, vec![3e38], 1), 0).unwrap();
     let (_, out) = submit(&mut m, "s-c", update(1, 0, vec![3e38], 1), 0).unwrap();
+    let Some(Output::Aggregate(job)) = out.into_iter().next() else {
+        panic!("expected an aggregation")
+    };
     // 3e38 + 3e38 is infinite in f32: nothing is committed; the round starts again.
-    let out = settle(&mut m, out, 0);
+    let done = job.run();
+    assert_eq!(
+        done.result.as_ref().err(),
+        Some(&AggregationFailure::NonFiniteModel { index: 0 })
+    );
+    assert_eq!(
+        done.result.as_ref().unwrap_err().to_string(),
+        "the new global model has a non-finite value at index 0"
+    );
+    let out = m.aggregated(done, 0);
     assert_eq!(assigned(&out), ["a", "b", "c"]);
     assert_eq!((m.current_round(), m.version()), (Some(1), 0));
     assert_eq!(m.global().in_memory().map(|g| g[0]), Some(3e38));
@@ -901,6 +913,7 @@ fn a_rejected_model_retries_the_round_without_the_update_that_weighed_most() {
     let mut done = job.run();
     assert!(done.candidate().is_some());
     done.reject("the loss doubled".into());
+    assert!(matches!(&done.result, Err(AggregationFailure::Rejected(r)) if r == "the loss doubled"));
     let out = m.aggregated(done, 0);
     // c's update weighed most (10 x 5): the retry asks a and b only.
     assert_eq!(assigned(&out), ["a", "b"]);
@@ -939,7 +952,7 @@ fn tasks_carry_the_rounds_learning_rate_and_evaluation_cadence() {
     let mut s = settings(3, 1.0);
     s.total_rounds = 4;
     s.federated_every = 3;
-    s.train.lr_schedule = crate::config::LrSchedule::Step;
+    s.train.lr_schedule = crate::core::training::LrSchedule::Step;
     s.train.lr_step_rounds = 2;
     s.train.lr_decay = 0.5;
     s.train.learning_rate = 0.2;

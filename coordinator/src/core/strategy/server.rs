@@ -18,7 +18,7 @@ use std::collections::BTreeMap;
 
 use rayon::prelude::*;
 
-use crate::runtime::global::GlobalModel;
+use crate::core::model::GlobalModel;
 
 const BLOCK: usize = 16 * 1024;
 
