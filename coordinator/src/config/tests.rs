@@ -311,3 +311,36 @@ fn toml_file_and_overrides_combine() {
     assert_eq!(c.sampling.round_deadline, Duration::from_secs(90));
     assert_eq!((c.train.learning_rate, c.train.epochs), (0.1, 2));
 }
+
+#[test]
+fn the_privacy_section_builds_the_runs_privacy_state() {
+    assert!(PrivacyConfig::default().privacy().is_none(), "off by default");
+    let c = PrivacyConfig {
+        noise: NoiseMode::Central,
+        noise_multiplier: 1.5,
+        clip_norm: 2.0,
+        adaptive_clip: true,
+        clip_count_stddev: 5.0,
+        delta: 1e-6,
+        epsilon_budget: 8.0,
+        ..PrivacyConfig::default()
+    };
+    let p = c.privacy().unwrap();
+    assert_eq!(
+        (p.mode, p.noise_multiplier, p.clip, p.delta, p.budget),
+        (NoiseMode::Central, 1.5, 2.0, 1e-6, Some(8.0))
+    );
+    // Adaptive clipping takes a share of the noise for its count.
+    let plan = p.plan(10, 20).unwrap();
+    let adaptive = plan.adaptive.unwrap();
+    assert_eq!(
+        (adaptive.target_quantile, adaptive.learning_rate, adaptive.count_stddev),
+        (0.5, 0.2, 5.0)
+    );
+    assert!(plan.update_multiplier > 1.5);
+    let no_budget = PrivacyConfig {
+        epsilon_budget: 0.0,
+        ..c
+    };
+    assert_eq!(no_budget.privacy().unwrap().budget, None);
+}

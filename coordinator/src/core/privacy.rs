@@ -256,20 +256,21 @@ mod tests {
     use rand::SeedableRng;
 
     use super::*;
-    use crate::config::PrivacyConfig;
 
-    fn config(noise: NoiseMode) -> PrivacyConfig {
-        PrivacyConfig {
-            noise,
-            noise_multiplier: 1.0,
-            clip_norm: 2.0,
-            ..PrivacyConfig::default()
-        }
+    /// A run's privacy at z = 1, C = 2, δ = 1e-5, with `privacy.*`'s
+    /// defaults for adaptive clipping (quantile 0.5, rate 0.2) when `count_stddev` is set.
+    fn privacy(noise: NoiseMode, count_stddev: Option<f64>, budget: Option<f64>) -> Privacy {
+        let adaptive = count_stddev.map(|count_stddev| AdaptiveClip {
+            target_quantile: 0.5,
+            learning_rate: 0.2,
+            count_stddev,
+        });
+        Privacy::new(noise, 1.0, 2.0, adaptive, 1e-5, budget)
     }
 
     #[test]
     fn central_noise_goes_on_the_mean_with_the_stated_variance() {
-        let mut p = config(NoiseMode::Central).privacy().unwrap();
+        let mut p = privacy(NoiseMode::Central, None, None);
         let plan = p.plan(4, 8).unwrap();
         assert_eq!(plan.sampling_rate, 0.5);
         assert_eq!(p.task(&plan), None, "central: nodes send their updates as they are");
@@ -289,7 +290,7 @@ mod tests {
 
     #[test]
     fn distributed_noise_is_split_and_dropouts_are_accounted() {
-        let mut p = config(NoiseMode::Distributed).privacy().unwrap();
+        let mut p = privacy(NoiseMode::Distributed, None, None);
         let plan = p.plan(4, 4).unwrap();
         let task = p.task(&plan).unwrap();
         assert_eq!(task.clip_norm, 2.0);
@@ -306,9 +307,7 @@ mod tests {
 
     #[test]
     fn the_budget_stops_the_run_before_it_is_exceeded() {
-        let mut c = config(NoiseMode::Central);
-        c.epsilon_budget = 10.0;
-        let mut p = c.privacy().unwrap();
+        let mut p = privacy(NoiseMode::Central, None, Some(10.0));
         let mut rounds = 0;
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
         let why = loop {
@@ -329,10 +328,7 @@ mod tests {
 
     #[test]
     fn adaptive_clipping_shares_the_noise_and_a_resume_replays_the_rounds() {
-        let mut c = config(NoiseMode::Central);
-        c.adaptive_clip = true;
-        c.clip_count_stddev = 5.0;
-        let mut p = c.privacy().unwrap();
+        let mut p = privacy(NoiseMode::Central, Some(5.0), None);
         let plan = p.plan(10, 20).unwrap();
         assert!((plan.update_multiplier - (1.0f64 - 0.01).powf(-0.5)).abs() < 1e-12);
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(4);
@@ -345,15 +341,14 @@ mod tests {
             records.push(r);
         }
         assert!(p.clip < 2.0);
-        let mut resumed = c.privacy().unwrap();
+        let mut resumed = privacy(NoiseMode::Central, Some(5.0), None);
         resumed.replay(records.iter().map(Some)).unwrap();
         assert_eq!(resumed.clip, p.clip);
         assert_eq!(resumed.epsilon(), p.epsilon());
         let e = resumed.replay([None]).unwrap_err().to_string();
         assert!(e.contains("round 1 of the run to resume has no privacy record"), "{e}");
         // Too little count noise for z: refused with the reason.
-        c.clip_count_stddev = 0.1;
-        let e = c.privacy().unwrap().plan(10, 20).unwrap_err();
+        let e = privacy(NoiseMode::Central, Some(0.1), None).plan(10, 20).unwrap_err();
         assert!(e.contains("raise privacy.clip_count_stddev"), "{e}");
     }
 }

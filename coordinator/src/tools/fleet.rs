@@ -15,6 +15,7 @@ use tokio::process::{Child, Command};
 
 use crate::config::NodeAuth;
 use crate::tools::pki::Pki;
+use crate::tools::speeds::Slowdowns;
 use crate::{CoordinatorConfig, Error, Result, RunSummary};
 use fedge_common::config::toml_string;
 
@@ -35,6 +36,8 @@ pub struct FleetOptions {
     pub adversaries: usize,
     /// Settings of the adversarial nodes (`adversary.kind`, `adversary.scale`).
     pub adversary_overrides: Vec<(String, String)>,
+    /// How much slower than the machine each node trains (none: all at its speed).
+    pub slowdowns: Option<Slowdowns>,
 }
 
 /// Finds the `edge-node` binary beside the running executable.
@@ -64,6 +67,10 @@ pub async fn run_fleet(
             bin.display()
         )));
     }
+    let slowdowns = match &opts.slowdowns {
+        Some(s) => s.factors(opts.nodes)?,
+        None => vec![1.0; opts.nodes],
+    };
     // A fleet smaller than the configured minimum could never start a round.
     config.sampling.min_nodes = config.sampling.min_nodes.min(opts.nodes as u32);
     config.sampling.min_available = config.sampling.min_available.min(opts.nodes as u32);
@@ -89,8 +96,12 @@ pub async fn run_fleet(
     } else {
         (cores / opts.nodes).max(1)
     };
+    if opts.slowdowns.is_some() {
+        let shown: Vec<String> = slowdowns.iter().map(|f| format!("{f:.2}")).collect();
+        tracing::info!(slowdowns = %shown.join(" "), "nodes train this many times slower than the machine (node-1 first)");
+    }
     let mut children = Vec::with_capacity(opts.nodes);
-    for i in 0..opts.nodes {
+    for (i, &slowdown) in slowdowns.iter().enumerate() {
         children.push(spawn_node(
             &bin,
             &config,
@@ -99,6 +110,7 @@ pub async fn run_fleet(
             i,
             opts.nodes,
             threads,
+            slowdown,
             &opts,
             &logs,
         )?);
@@ -181,6 +193,7 @@ fn spawn_node(
     index: usize,
     count: usize,
     threads: usize,
+    slowdown: f64,
     opts: &FleetOptions,
     logs: &Path,
 ) -> Result<Child> {
@@ -226,6 +239,9 @@ fn spawn_node(
     let state = config.out_dir.join("nodes").join(&name);
     cmd.arg("--set")
         .arg(format!("state_dir={}", toml_string(state.display())));
+    if slowdown > 1.0 {
+        cmd.arg("--set").arg(format!("train.slowdown={slowdown:?}"));
+    }
     for (k, v) in &opts.node_overrides {
         cmd.arg("--set").arg(format!("{k}={v}"));
     }

@@ -5,3 +5,4 @@ pub mod baseline;
 pub mod fleet;
 pub mod pki;
 pub mod simulation;
+pub mod speeds;

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 use coordinator::tools::fleet::{FleetOptions, run_fleet};
+use coordinator::tools::speeds::Slowdowns;
 use fedge_common::config::parse_override;
 
 use crate::args::ConfigArgs;
@@ -37,6 +38,11 @@ pub(crate) struct FleetArgs {
     /// Scale of the adversarial updates.
     #[arg(long, default_value_t = 10.0)]
     adversary_scale: f64,
+    /// How much slower than this machine each node trains: `lognormal:MAX`
+    /// (spread log-normally from 1x to MAX x, seeded by the run's seed), or a
+    /// CSV file of `node,slowdown` rows.
+    #[arg(long, value_name = "lognormal:MAX|FILE")]
+    node_slowdowns: Option<String>,
 }
 
 /// Runs `coordinator fleet` with `args`.
@@ -51,6 +57,7 @@ pub(crate) async fn run(args: FleetArgs) -> anyhow::Result<()> {
         adversaries,
         adversary_kind,
         adversary_scale,
+        node_slowdowns,
     } = args;
     if adversaries > nodes {
         anyhow::bail!("--adversaries ({adversaries}) must not exceed --nodes ({nodes})");
@@ -58,6 +65,9 @@ pub(crate) async fn run(args: FleetArgs) -> anyhow::Result<()> {
     // Every node is asked each round; a round starts once all are connected.
     let cfg = config.load_unchecked(Some("127.0.0.1:0"), &[("sampling.min_available", nodes.to_string())])?;
     fedge_common::telemetry::init(cfg.log_format, "info");
+    let slowdowns = node_slowdowns
+        .map(|spec| Slowdowns::parse(&spec, cfg.seed))
+        .transpose()?;
     let opts = FleetOptions {
         nodes,
         node_bin,
@@ -69,6 +79,7 @@ pub(crate) async fn run(args: FleetArgs) -> anyhow::Result<()> {
             ("adversary.kind".into(), format!("\"{adversary_kind}\"")),
             ("adversary.scale".into(), format!("{adversary_scale:?}")),
         ],
+        slowdowns,
     };
     run_fleet(cfg, opts, fedge_common::shutdown::signal()).await?;
     Ok(())

@@ -1,0 +1,84 @@
+//! Fleets whose devices differ in speed, emulated on one machine: each
+//! node's `train.slowdown`, set by `coordinator fleet --node-slowdowns`.
+
+use fedge_tests::*;
+
+#[test]
+fn a_fleet_trace_slows_the_nodes_it_names_and_no_other() -> anyhow::Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let out = tmp.path().join("run");
+    let trace = tmp.path().join("speeds.csv");
+    std::fs::write(&trace, "node,slowdown\nnode-2,6   # a slow device\n")?;
+    let mut args: Vec<String> = [
+        "fleet",
+        "--nodes",
+        "2",
+        "--node-threads",
+        "1",
+        "--out-dir",
+        &out.display().to_string(),
+        "--listen",
+        "127.0.0.1:0",
+        "--node-slowdowns",
+        &trace.display().to_string(),
+    ]
+    .into_iter()
+    .map(String::from)
+    .collect();
+    for (k, v) in [
+        ("rounds", "2"),
+        ("data.synthetic_seed", "5"),
+        ("data.synthetic_train_samples", "1200"),
+        ("data.synthetic_test_samples", "200"),
+        ("eval.threads", "1"),
+        ("train.max_steps", "20"),
+    ] {
+        args.extend(["--set".to_string(), format!("{k}={v}")]);
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (status, log) = run_to_end("coordinator", &args)?;
+    assert!(status.success(), "{log}");
+    assert!(log.contains("1.00 6.00"), "the fleet shows each node's slowdown:\n{log}");
+    let slow = std::fs::read_to_string(out.join("logs/node-2.log"))?;
+    assert!(
+        slow.contains("emulating a slower device") && slow.contains("slowdown=6"),
+        "{slow}"
+    );
+    let fast = std::fs::read_to_string(out.join("logs/node-1.log"))?;
+    assert!(!fast.contains("emulating a slower device"), "{fast}");
+
+    // The slowed node's rounds take about six times as long as its real
+    // training; the bound is loose, as the machine is shared.
+    let history = run_history(&out)?;
+    for round in history["rounds"].as_array().unwrap() {
+        let seconds = |node: &str| {
+            round["participants"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|p| p["node"] == node)
+                .and_then(|p| p["train_seconds"].as_f64())
+                .unwrap()
+        };
+        let (fast, slow) = (seconds("node-1"), seconds("node-2"));
+        assert!(slow > 2.5 * fast, "node-2 {slow:.2} s against node-1 {fast:.2} s");
+    }
+    Ok(())
+}
+
+#[test]
+fn a_bad_slowdown_spec_is_named_before_anything_starts() -> anyhow::Result<()> {
+    let (status, err) = run_to_end("coordinator", &["fleet", "--node-slowdowns", "lognormal:0.5"])?;
+    assert!(!status.success());
+    assert!(
+        err.contains("--node-slowdowns lognormal:MAX must be between 1 and 1000, got 0.5"),
+        "{err}"
+    );
+    let (status, err) = run_to_end("coordinator", &["fleet", "--node-slowdowns", "/nonexistent/speeds.csv"])?;
+    assert!(!status.success());
+    assert!(
+        err.contains("reading the slowdown trace /nonexistent/speeds.csv"),
+        "{err}"
+    );
+    Ok(())
+}
