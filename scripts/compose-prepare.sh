@@ -8,12 +8,14 @@
 #   scripts/compose-prepare.sh                          # 4 nodes, synthetic data
 #   FEDGE_NODES=8 FEDGE_DATA=~/.cache/fedge/cifar-10-batches-bin scripts/compose-prepare.sh
 #   FEDGE_STRAGGLERS=1 scripts/compose-prepare.sh       # the last node is slow
+#   FEDGE_SLOWDOWNS=lognormal:8 scripts/compose-prepare.sh  # devices 1x to 8x slower
 #
 # Variables: FEDGE_NODES (4), FEDGE_ROUNDS (5), FEDGE_DATA (a data set folder;
 # default: the synthetic set), FEDGE_PARTITION (iid | dirichlet | shards |
 # quantity; default iid), FEDGE_STRAGGLERS (0: how many of the last nodes get
 # FEDGE_STRAGGLER_CPUS (0.1) and a FEDGE_STRAGGLER_UPLINK (200000) bytes/s
-# link), FEDGE_NODE_CPUS (0.5), FEDGE_NODE_MEMORY (1g), FEDGE_FLEET_DIR
+# link), FEDGE_SLOWDOWNS (lognormal:MAX, or a node,slowdown CSV file: each
+# node's train.slowdown; see `coordinator slowdowns`), FEDGE_NODE_CPUS (0.5), FEDGE_NODE_MEMORY (1g), FEDGE_FLEET_DIR
 # (./fleet; must not exist unless FEDGE_FORCE=1), FEDGE_GRPC_PORT (7070),
 # FEDGE_HTTP_PORT (8080), FEDGE_REBUILD=1 to rebuild the images.
 set -euo pipefail
@@ -69,6 +71,22 @@ run_tool partition "${data_args[@]}" --out /fleet/data --nodes "$nodes" --scheme
 log "making a development CA and certificates"
 run_tool certs --out /fleet/pki --nodes "$nodes" --hosts coordinator,localhost,127.0.0.1
 
+# Each node's slowdown (1: the machine's speed), node-1 first.
+slowdowns=()
+if [[ -n ${FEDGE_SLOWDOWNS:-} ]]; then
+    spec=$FEDGE_SLOWDOWNS
+    trace_mount=()
+    if [[ $spec != lognormal:* ]]; then
+        [[ -f $spec ]] || die "FEDGE_SLOWDOWNS=$spec is neither lognormal:MAX nor a file"
+        trace_mount=(-v "$(cd "$(dirname "$spec")" && pwd)/$(basename "$spec"):/slowdowns.csv:ro")
+        spec=/slowdowns.csv
+    fi
+    trace=$(docker run --rm --user "$uid:$gid" "${trace_mount[@]}" --entrypoint coordinator \
+        "fedge/coordinator:$tag" slowdowns "$spec" --nodes "$nodes")
+    mapfile -t slowdowns < <(tail -n +2 <<<"$trace" | cut -d, -f2)
+    log "node slowdowns: ${slowdowns[*]}"
+fi
+
 cat > "$env_file" <<ENV
 # Written by scripts/compose-prepare.sh for docker-compose.yml.
 COMPOSE_PROJECT_NAME=fedge
@@ -85,11 +103,12 @@ FEDGE_HTTP_PORT=${FEDGE_HTTP_PORT:-8080}
 ENV
 
 # Nodes beyond the four docker-compose.yml lists extend node-1; nodes it lists
-# beyond FEDGE_NODES are scaled to 0; stragglers get less CPU and a slow link.
+# beyond FEDGE_NODES are scaled to 0; stragglers get less CPU and a slow link;
+# slowed nodes their train.slowdown.
 rm -f "$override"
-if (( nodes != 4 || stragglers > 0 )); then
+if (( nodes != 4 || stragglers > 0 || ${#slowdowns[@]} > 0 )); then
     {
-        echo "# Written by scripts/compose-prepare.sh: $nodes nodes, $stragglers straggler(s)."
+        echo "# Written by scripts/compose-prepare.sh: $nodes nodes, $stragglers straggler(s)${FEDGE_SLOWDOWNS:+, slowdowns $FEDGE_SLOWDOWNS}."
         echo "services:"
         for i in $(seq 1 "$(( nodes > 4 ? nodes : 4 ))"); do
             name="node-$i"
@@ -98,7 +117,8 @@ if (( nodes != 4 || stragglers > 0 )); then
                 continue
             fi
             slow=$(( i > nodes - stragglers ))
-            (( i <= 4 && slow == 0 )) && continue
+            slowdown=${slowdowns[i-1]:-1.000}
+            (( i <= 4 && slow == 0 )) && [[ $slowdown == 1.000 ]] && continue
             printf '  %s:\n' "$name"
             if (( i > 4 )); then
                 cat <<YAML
@@ -112,13 +132,16 @@ if (( nodes != 4 || stragglers > 0 )); then
 YAML
             fi
             printf '    environment:\n      FEDGE_NODE_NAME: %s\n' "$name"
+            if [[ $slowdown != 1.000 ]]; then
+                printf '      FEDGE_NODE_TRAIN__SLOWDOWN: "%s"\n' "$slowdown"
+            fi
             if (( slow )); then
                 printf '      FEDGE_NODE_UPLOAD_BYTES_PER_SEC: "%s"\n' "${FEDGE_STRAGGLER_UPLINK:-200000}"
                 printf '    cpus: %s\n' "${FEDGE_STRAGGLER_CPUS:-0.1}"
             fi
         done
     } > "$override"
-    log "wrote $(basename "$override") ($nodes nodes, $stragglers straggler(s))"
+    log "wrote $(basename "$override") ($nodes nodes, $stragglers straggler(s)${FEDGE_SLOWDOWNS:+, slowdowns $FEDGE_SLOWDOWNS})"
 fi
 log "fleet ready in $fleet; now run: docker-compose up   (or: docker compose up)"
 log "then watch it: https://localhost:${FEDGE_HTTP_PORT:-8080}/#token=$(cat "$fleet/pki/operator/token" 2>/dev/null || echo "<the token in $fleet/pki/operator/token>")"

@@ -455,3 +455,44 @@ fn fleet_stopped_with_sigterm_and_started_again() {
         assert_within_noise(acc)
     });
 }
+
+#[test]
+fn compose_prepare_gives_each_node_its_slowdown() {
+    with_docker("compose_slowdowns", || {
+        let dir = tempfile::Builder::new().prefix("fedge-chaos-").tempdir()?;
+        let out = run(Command::new("bash")
+            .arg(repo().join("scripts/compose-prepare.sh"))
+            .env("FEDGE_FLEET_DIR", dir.path().join("fleet"))
+            .env("FEDGE_ENV_FILE", dir.path().join(".env"))
+            .env("FEDGE_OVERRIDE_FILE", dir.path().join("override.yml"))
+            .env("FEDGE_NODES", "4")
+            .env("FEDGE_SLOWDOWNS", "lognormal:8"))?;
+        let log = String::from_utf8_lossy(&out.stderr);
+        assert!(log.contains("node slowdowns: "), "{log}");
+        let override_file = std::fs::read_to_string(dir.path().join("override.yml"))?;
+        let slowdowns: Vec<f64> = override_file
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("FEDGE_NODE_TRAIN__SLOWDOWN: "))
+            .map(|v| v.trim_matches('"').parse().unwrap())
+            .collect();
+        // Four nodes from 1x to 8x: the fastest needs no setting.
+        assert_eq!(slowdowns.len(), 3, "{override_file}");
+        assert!(slowdowns.contains(&8.0), "{override_file}");
+        assert!(slowdowns.iter().all(|s| (1.0..=8.0).contains(s)), "{override_file}");
+        // Compose reads the files and hands each slowed node its setting.
+        let prog = compose_command().map_err(anyhow::Error::msg)?;
+        let config = run(Command::new(prog[0])
+            .args(&prog[1..])
+            .arg("--env-file")
+            .arg(dir.path().join(".env"))
+            .arg("--file")
+            .arg(repo().join("docker-compose.yml"))
+            .arg("--file")
+            .arg(dir.path().join("override.yml"))
+            .arg("config")
+            .current_dir(repo()))?;
+        let config = text(&config);
+        assert_eq!(config.matches("FEDGE_NODE_TRAIN__SLOWDOWN").count(), 3, "{config}");
+        Ok(())
+    });
+}

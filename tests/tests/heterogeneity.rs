@@ -38,7 +38,10 @@ fn a_fleet_trace_slows_the_nodes_it_names_and_no_other() -> anyhow::Result<()> {
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let (status, log) = run_to_end("coordinator", &args)?;
     assert!(status.success(), "{log}");
-    assert!(log.contains("1.00 6.00"), "the fleet shows each node's slowdown:\n{log}");
+    assert!(
+        log.contains("1.00 6.00"),
+        "the fleet shows each node's slowdown:\n{log}"
+    );
     let slow = std::fs::read_to_string(out.join("logs/node-2.log"))?;
     assert!(
         slow.contains("emulating a slower device") && slow.contains("slowdown=6"),
@@ -80,5 +83,32 @@ fn a_bad_slowdown_spec_is_named_before_anything_starts() -> anyhow::Result<()> {
         err.contains("reading the slowdown trace /nonexistent/speeds.csv"),
         "{err}"
     );
+    Ok(())
+}
+
+#[test]
+fn the_slowdowns_command_prints_the_fleets_trace() -> anyhow::Result<()> {
+    let print = || {
+        daemon_command("coordinator")
+            .args(["slowdowns", "lognormal:8", "--nodes", "16"])
+            .output()
+    };
+    let output = print()?;
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let out = String::from_utf8(output.stdout)?;
+    let rows: Vec<&str> = out.lines().filter(|l| l.starts_with("node")).collect();
+    assert_eq!(rows[0], "node,slowdown");
+    let factors: Vec<f64> = rows[1..]
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let (node, f) = r.split_once(',').unwrap();
+            assert_eq!(node, format!("node-{}", i + 1));
+            f.parse().unwrap()
+        })
+        .collect();
+    assert_eq!(factors.len(), 16);
+    assert!(factors.contains(&1.0) && factors.contains(&8.0), "{factors:?}");
+    assert_eq!(out.as_bytes(), print()?.stdout, "the same seed gives the same fleet");
     Ok(())
 }

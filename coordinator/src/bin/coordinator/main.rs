@@ -10,6 +10,7 @@ mod health;
 mod partition;
 mod serve;
 mod simulate;
+mod slowdowns;
 mod status;
 
 use anyhow::Context;
@@ -41,6 +42,8 @@ enum Cmd {
     Partition(partition::PartitionArgs),
     /// Make a development CA, the coordinator's certificate, and a certificate and token per node.
     Certs(certs::CertsArgs),
+    /// Print how much slower than the machine each node of a fleet trains, as a node,slowdown trace.
+    Slowdowns(slowdowns::SlowdownsArgs),
     /// Check a running coordinator's HTTP health endpoint (exit status 0 when healthy).
     Health(health::HealthArgs),
     /// Show a running coordinator's run: phase, rounds, nodes, accuracy (from its HTTP API).
@@ -66,6 +69,7 @@ async fn run_cli() -> anyhow::Result<()> {
         Cmd::Simulate(args) => simulate::run(args).await,
         Cmd::Partition(args) => partition::run(args).await,
         Cmd::Certs(args) => certs::run(args).await,
+        Cmd::Slowdowns(args) => slowdowns::run(args).await,
         Cmd::Health(args) => health::run(args).await,
         Cmd::Status(args) => status::run(args).await,
         Cmd::Baseline(args) => baseline::run(args).await,
