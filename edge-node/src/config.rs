@@ -9,6 +9,7 @@ pub use fedge_learn::job::{AdversaryConfig, AdversaryKind};
 use fedge_learn::partition::{Scheme, SchemeParams};
 use serde::{Deserialize, Serialize};
 
+pub use crate::availability::AvailabilityConfig;
 use crate::{Error, Result};
 
 /// Environment prefix of node settings (`FEDGE_NODE_NAME=cam-7`, `FEDGE_NODE_DATA__PATH=/data`).
@@ -48,6 +49,8 @@ pub struct NodeConfig {
     pub upload_bytes_per_sec: u64,
     /// How this node trains.
     pub train: NodeTrainConfig,
+    /// When this node is reachable (an emulated cycle of online and offline windows).
+    pub availability: AvailabilityConfig,
     /// Show a progress bar of local training when standard error is a
     /// terminal and logs are text (containers and `log_format = "json"` get
     /// log lines only).
@@ -230,6 +233,7 @@ impl Default for NodeConfig {
             security: NodeSecurityConfig::default(),
             upload_bytes_per_sec: 0,
             train: NodeTrainConfig::default(),
+            availability: AvailabilityConfig::default(),
             progress: true,
             serve: ServeConfig::default(),
             adversary: AdversaryConfig::default(),
@@ -308,6 +312,7 @@ impl NodeConfig {
                 self.train.slowdown
             )));
         }
+        self.availability.validate()?;
         if !(self.adversary.scale.is_finite() && self.adversary.scale > 0.0) {
             return Err(Error::Config(format!(
                 "adversary.scale must be a positive number, got {}",

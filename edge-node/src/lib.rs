@@ -9,11 +9,13 @@
 //! - [`session`]: one connection's life: join, instructions, fetch, train, submit.
 //! - [`trainer`]: the training thread that owns the data and the `VarStore`.
 //! - [`backoff`]: reconnect delays with jitter.
+//! - [`availability`]: the emulated cycle of online and offline windows.
 //! - [`health`]: the heartbeat file behind `edge-node health`.
 //! - [`serve`]: local predictions over HTTP with the latest global model.
 //! - [`run`]: the entry point the binary and the tests call: load data, then
 //!   run sessions, reconnecting with backoff, until the run stops.
 
+pub mod availability;
 pub mod backoff;
 pub mod config;
 pub mod connect;
@@ -32,6 +34,7 @@ use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
 
+use crate::availability::Window;
 use crate::backoff::Backoff;
 use crate::session::{ModelCache, NodeStats, SessionCtx, SessionEnd, run_session};
 use crate::trainer::{Trainer, TrainerSettings};
@@ -117,7 +120,32 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> Resu
     let mut stats = NodeStats::default();
     let mut backoff = Backoff::new(config.reconnect.initial, config.reconnect.max);
     tokio::pin!(shutdown);
+    let started = tokio::time::Instant::now();
+    let availability = &config.availability;
+    if availability.cycles() {
+        tracing::info!(
+            online = ?availability.online,
+            offline = ?availability.offline,
+            offset = ?availability.offset,
+            "emulating a device that comes and goes"
+        );
+    }
     loop {
+        if let Some(Window::Offline(away)) = availability.window(started.elapsed()) {
+            tracing::info!(
+                back_in_ms = away.as_millis() as u64,
+                "offline (availability); holding no session"
+            );
+            tokio::select! {
+                () = &mut shutdown => return Ok(None),
+                () = tokio::time::sleep(away) => {}
+            }
+        }
+        // The online window's end, when the node has one.
+        let online_until = match availability.window(started.elapsed()) {
+            Some(Window::Online(left)) => Some(tokio::time::Instant::now() + left),
+            _ => None,
+        };
         let joins_before = stats.joins;
         let session = run_session(SessionCtx {
             config: &config,
@@ -134,6 +162,14 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> Resu
                 return Ok(None);
             }
             outcome = session => outcome,
+            () = sleep_until(online_until) => {
+                trainer.interrupt();
+                tracing::info!(
+                    away_ms = availability.offline.as_millis() as u64,
+                    "going offline (availability): the session and any training in progress are dropped"
+                );
+                continue;
+            }
         };
         if stats.joins != joins_before {
             backoff.reset();
@@ -160,6 +196,14 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> Resu
             () = &mut shutdown => return Ok(None),
             () = tokio::time::sleep(delay) => {}
         }
+    }
+}
+
+/// Sleeps until `deadline`; never returns without one.
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -40,14 +40,19 @@ pub struct TrainerSettings {
 /// ([`Worker`]), so the process never exits while libtorch is mid-computation.
 #[derive(Debug)]
 pub struct Trainer {
-    cancel: Arc<AtomicBool>,
+    /// Set for good when the trainer is dropped.
+    shutdown: Arc<AtomicBool>,
+    /// Stops the job in progress; cleared when the next job starts.
+    interrupt: Arc<AtomicBool>,
     worker: Worker<Envelope>,
 }
 
 impl Drop for Trainer {
     fn drop(&mut self) {
-        // The worker field is dropped (and joined) after this.
-        self.cancel.store(true, Ordering::Relaxed);
+        // The worker field is dropped (and joined) after this. Shutdown is
+        // set before the interrupt: a job starting meanwhile sees one of them.
+        self.shutdown.store(true, Ordering::SeqCst);
+        self.interrupt.store(true, Ordering::SeqCst);
     }
 }
 
@@ -62,8 +67,9 @@ impl Trainer {
             progress,
             pace,
         } = settings;
-        let cancel = Arc::new(AtomicBool::new(false));
-        let stop = cancel.clone();
+        let shutdown = Arc::new(AtomicBool::new(false));
+        let interrupt = Arc::new(AtomicBool::new(false));
+        let (stopping, stop) = (shutdown.clone(), interrupt.clone());
         let worker = Worker::spawn("trainer", move |rx: mpsc::Receiver<Envelope>| {
             if threads > 0 {
                 tch::set_num_threads(threads as i32);
@@ -71,6 +77,12 @@ impl Trainer {
             let mut model = LocalModel::new(device);
             let mut state = NodeState::new(state_dir);
             while let Ok(Envelope { job, reply }) = rx.recv() {
+                // An interrupt of an earlier job does not stop this one.
+                stop.store(false, Ordering::SeqCst);
+                if stopping.load(Ordering::SeqCst) {
+                    let _ = reply.send(Err(Error::Trainer("the training thread is stopping".into())));
+                    continue;
+                }
                 let work = Work {
                     data: &data,
                     held_out: held_out.as_ref(),
@@ -83,7 +95,17 @@ impl Trainer {
             }
         })
         .map_err(|e| Error::Trainer(format!("cannot start the training thread: {e}")))?;
-        Ok(Self { cancel, worker })
+        Ok(Self {
+            shutdown,
+            interrupt,
+            worker,
+        })
+    }
+
+    /// Stops the job in progress before its next step (the node went away);
+    /// the next job runs as usual.
+    pub fn interrupt(&self) {
+        self.interrupt.store(true, Ordering::SeqCst);
     }
 
     /// Runs `job` on the training thread and returns the update.

@@ -112,3 +112,57 @@ fn the_slowdowns_command_prints_the_fleets_trace() -> anyhow::Result<()> {
     assert_eq!(out.as_bytes(), print()?.stdout, "the same seed gives the same fleet");
     Ok(())
 }
+
+#[test]
+fn a_node_that_comes_and_goes_drops_out_of_rounds_and_rejoins() -> anyhow::Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let out = tmp.path().join("run");
+    let shared = [
+        ("data.synthetic_seed", "5".to_string()),
+        ("data.synthetic_train_samples", "1200".to_string()),
+    ];
+    let coordinator = [
+        ("rounds", "12".to_string()),
+        ("sampling.min_nodes", "1".to_string()),
+        ("sampling.min_available", "1".to_string()),
+        ("data.synthetic_test_samples", "200".to_string()),
+        ("eval.threads", "1".to_string()),
+        ("train.max_steps", "30".to_string()),
+    ];
+    // node-2 is reachable 3 s out of every 6.
+    let history = run_fleet(tmp.path(), &out, 2, &shared, &coordinator, |i| match i {
+        1 => vec![
+            ("availability.online", "\"3s\"".to_string()),
+            ("availability.offline", "\"3s\"".to_string()),
+        ],
+        _ => Vec::new(),
+    })?;
+    let rounds = history["rounds"].as_array().unwrap();
+    assert_eq!(rounds.len(), 12);
+    let with: Vec<bool> = rounds
+        .iter()
+        .map(|r| {
+            r["participants"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|p| p["node"] == "node-2")
+        })
+        .collect();
+    let log = std::fs::read_to_string(tmp.path().join("node-2.log"))?;
+    assert!(log.contains("emulating a device that comes and goes"), "{log}");
+    assert!(log.contains("going offline (availability)"), "{log}");
+    assert!(log.contains("offline (availability); holding no session"), "{log}");
+    // It trained in some rounds, the fleet went on without it in others,
+    // and it came back after its first absence.
+    let first_absence = with
+        .iter()
+        .position(|w| !w)
+        .unwrap_or_else(|| panic!("node-2 was never away: {with:?}"));
+    assert!(
+        with[first_absence..].iter().any(|w| *w),
+        "node-2 never came back: {with:?}"
+    );
+    assert!(log.matches("joined").count() >= 2, "node-2 joined once only:\n{log}");
+    Ok(())
+}
