@@ -97,7 +97,7 @@ fn the_slowdowns_command_prints_the_fleets_trace() -> anyhow::Result<()> {
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     let out = String::from_utf8(output.stdout)?;
     let rows: Vec<&str> = out.lines().filter(|l| l.starts_with("node")).collect();
-    assert_eq!(rows[0], "node,slowdown");
+    assert_eq!(rows[0], "node,slowdown,online,offline,offset");
     let factors: Vec<f64> = rows[1..]
         .iter()
         .enumerate()

@@ -15,7 +15,7 @@ use tokio::process::{Child, Command};
 
 use crate::config::NodeAuth;
 use crate::tools::pki::Pki;
-use crate::tools::speeds::Slowdowns;
+use crate::tools::speeds::{NodeProfile, Slowdowns};
 use crate::{CoordinatorConfig, Error, Result, RunSummary};
 use fedge_common::config::toml_string;
 
@@ -67,9 +67,9 @@ pub async fn run_fleet(
             bin.display()
         )));
     }
-    let slowdowns = match &opts.slowdowns {
-        Some(s) => s.factors(opts.nodes)?,
-        None => vec![1.0; opts.nodes],
+    let profiles = match &opts.slowdowns {
+        Some(s) => s.profiles(opts.nodes)?,
+        None => vec![NodeProfile::default(); opts.nodes],
     };
     // A fleet smaller than the configured minimum could never start a round.
     config.sampling.min_nodes = config.sampling.min_nodes.min(opts.nodes as u32);
@@ -97,11 +97,15 @@ pub async fn run_fleet(
         (cores / opts.nodes).max(1)
     };
     if opts.slowdowns.is_some() {
-        let shown: Vec<String> = slowdowns.iter().map(|f| format!("{f:.2}")).collect();
+        let shown: Vec<String> = profiles.iter().map(|p| format!("{:.2}", p.slowdown)).collect();
         tracing::info!(slowdowns = %shown.join(" "), "nodes train this many times slower than the machine (node-1 first)");
+        let cycling = profiles.iter().filter(|p| p.availability.is_some()).count();
+        if cycling > 0 {
+            tracing::info!(nodes = cycling, "nodes come and go as the trace's windows say");
+        }
     }
     let mut children = Vec::with_capacity(opts.nodes);
-    for (i, &slowdown) in slowdowns.iter().enumerate() {
+    for (i, profile) in profiles.iter().enumerate() {
         children.push(spawn_node(
             &bin,
             &config,
@@ -110,7 +114,7 @@ pub async fn run_fleet(
             i,
             opts.nodes,
             threads,
-            slowdown,
+            profile,
             &opts,
             &logs,
         )?);
@@ -193,7 +197,7 @@ fn spawn_node(
     index: usize,
     count: usize,
     threads: usize,
-    slowdown: f64,
+    profile: &NodeProfile,
     opts: &FleetOptions,
     logs: &Path,
 ) -> Result<Child> {
@@ -239,8 +243,8 @@ fn spawn_node(
     let state = config.out_dir.join("nodes").join(&name);
     cmd.arg("--set")
         .arg(format!("state_dir={}", toml_string(state.display())));
-    if slowdown > 1.0 {
-        cmd.arg("--set").arg(format!("train.slowdown={slowdown:?}"));
+    for (k, v) in profile.settings() {
+        cmd.arg("--set").arg(format!("{k}={v}"));
     }
     for (k, v) in &opts.node_overrides {
         cmd.arg("--set").arg(format!("{k}={v}"));

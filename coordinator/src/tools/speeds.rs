@@ -1,9 +1,13 @@
 //! How much slower than the machine each node of a local fleet trains
-//! (`train.slowdown` of each node): spread log-normally from 1× to a
-//! maximum with a fixed seed, or read from a CSV trace. Real fleets differ
-//! 5–10× in speed; this reproduces that spread on one machine.
+//! (`train.slowdown` of each node), and when it is reachable
+//! (`availability.*`): slowdowns spread log-normally from 1× to a maximum
+//! with a fixed seed, or both read from a CSV trace. Real fleets differ
+//! 5–10× in speed and come and go; this reproduces that on one machine.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use humantime_serde::re::humantime;
 
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -20,9 +24,58 @@ pub enum Slowdowns {
     /// Log-normally spread: the fastest node at 1×, the slowest at `max`×,
     /// drawn from `seed` (the same fleet every time).
     LogNormal { max: f64, seed: u64 },
-    /// A CSV file of `node,slowdown` rows (`node-3` or `3`; a header row
-    /// and `#` comments are allowed); nodes it does not name run at 1×.
+    /// A CSV file of `node,slowdown[,online,offline[,offset]]` rows
+    /// (`node-3` or `3`; durations as `30s` or `2m`; a header row and `#`
+    /// comments are allowed); nodes it does not name run at 1×, always online.
     Trace(PathBuf),
+}
+
+/// One node's emulated device.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct NodeProfile {
+    /// `train.slowdown`.
+    pub slowdown: f64,
+    /// `availability.{online,offline,offset}`, when the node comes and goes.
+    pub availability: Option<[Duration; 3]>,
+}
+
+impl Default for NodeProfile {
+    fn default() -> Self {
+        Self {
+            slowdown: 1.0,
+            availability: None,
+        }
+    }
+}
+
+impl NodeProfile {
+    /// The node's settings, as `--set key=value` pairs (none at 1×, always online).
+    pub fn settings(&self) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        if self.slowdown > 1.0 {
+            out.push(("train.slowdown".into(), format!("{:?}", self.slowdown)));
+        }
+        if let Some(windows) = self.availability {
+            for (key, d) in ["online", "offline", "offset"].into_iter().zip(windows) {
+                out.push((
+                    format!("availability.{key}"),
+                    format!("\"{}\"", humantime::format_duration(d)),
+                ));
+            }
+        }
+        out
+    }
+
+    /// The trace row of node `index` (from 1).
+    pub fn row(&self, index: usize) -> String {
+        let mut row = format!("node-{index},{:.3}", self.slowdown);
+        if let Some(windows) = self.availability {
+            for d in windows {
+                row.push_str(&format!(",{}", humantime::format_duration(d)));
+            }
+        }
+        row
+    }
 }
 
 impl Slowdowns {
@@ -44,10 +97,16 @@ impl Slowdowns {
         }
     }
 
-    /// The slowdown of each of `nodes` nodes, node 1 first.
-    pub fn factors(&self, nodes: usize) -> Result<Vec<f64>> {
+    /// The device of each of `nodes` nodes, node 1 first.
+    pub fn profiles(&self, nodes: usize) -> Result<Vec<NodeProfile>> {
         match self {
-            Self::LogNormal { max, seed } => Ok(log_normal(nodes, *max, *seed)),
+            Self::LogNormal { max, seed } => Ok(log_normal(nodes, *max, *seed)
+                .into_iter()
+                .map(|slowdown| NodeProfile {
+                    slowdown,
+                    availability: None,
+                })
+                .collect()),
             Self::Trace(path) => {
                 let text = std::fs::read_to_string(path).map_err(|e| Error::Io {
                     context: format!("reading the slowdown trace {}", path.display()),
@@ -74,8 +133,8 @@ fn log_normal(nodes: usize, max: f64, seed: u64) -> Vec<f64> {
         .collect()
 }
 
-fn trace(path: &Path, text: &str, nodes: usize) -> Result<Vec<f64>> {
-    let mut factors = vec![1.0; nodes];
+fn trace(path: &Path, text: &str, nodes: usize) -> Result<Vec<NodeProfile>> {
+    let mut profiles = vec![NodeProfile::default(); nodes];
     let bad = |line: usize, what: String| Error::Fleet(format!("{}:{line}: {what}", path.display()));
     for (i, row) in text.lines().enumerate() {
         let line = i + 1;
@@ -84,9 +143,17 @@ fn trace(path: &Path, text: &str, nodes: usize) -> Result<Vec<f64>> {
         if row.is_empty() || header {
             continue;
         }
-        let mut cells = row.split(',').map(str::trim);
-        let (Some(node), Some(factor), None) = (cells.next(), cells.next(), cells.next()) else {
-            return Err(bad(line, format!("expected `node,slowdown`, got `{row}`")));
+        let cells: Vec<&str> = row.split(',').map(str::trim).collect();
+        let (node, factor, windows) = match cells.as_slice() {
+            [node, factor] => (*node, *factor, None),
+            [node, factor, online, offline] => (*node, *factor, Some([*online, *offline, "0s"])),
+            [node, factor, online, offline, offset] => (*node, *factor, Some([*online, *offline, *offset])),
+            _ => {
+                return Err(bad(
+                    line,
+                    format!("expected `node,slowdown[,online,offline[,offset]]`, got `{row}`"),
+                ));
+            }
         };
         let index: usize = node
             .strip_prefix("node-")
@@ -100,7 +167,7 @@ fn trace(path: &Path, text: &str, nodes: usize) -> Result<Vec<f64>> {
                     format!("`{node}` is not a node of this fleet (node-1 to node-{nodes})"),
                 )
             })?;
-        let factor: f64 = factor
+        let slowdown: f64 = factor
             .parse()
             .ok()
             .filter(|f: &f64| f.is_finite() && (1.0..=MAX_SLOWDOWN).contains(f))
@@ -110,9 +177,26 @@ fn trace(path: &Path, text: &str, nodes: usize) -> Result<Vec<f64>> {
                     format!("slowdown `{factor}` must be a number from 1 to {MAX_SLOWDOWN}"),
                 )
             })?;
-        factors[index - 1] = factor;
+        let availability = match windows {
+            Some(w) => {
+                let mut d = [Duration::ZERO; 3];
+                for (out, text) in d.iter_mut().zip(w) {
+                    *out = humantime::parse_duration(text)
+                        .map_err(|e| bad(line, format!("`{text}` is not a duration like 30s or 2m ({e})")))?;
+                }
+                if d[0].is_zero() || d[1].is_zero() {
+                    return Err(bad(
+                        line,
+                        "online and offline windows must both be longer than zero".into(),
+                    ));
+                }
+                Some(d)
+            }
+            None => None,
+        };
+        profiles[index - 1] = NodeProfile { slowdown, availability };
     }
-    Ok(factors)
+    Ok(profiles)
 }
 
 #[cfg(test)]
@@ -142,8 +226,35 @@ mod tests {
         assert!(e.contains("needs a number, got `fast`"), "{e}");
 
         let p = Path::new("speeds.csv");
-        let f = trace(p, "node,slowdown\nnode-2, 4   # a Raspberry Pi\n\n3,2.5\n", 3).unwrap();
-        assert_eq!(f, [1.0, 4.0, 2.5]);
+        let f = trace(p, "node,slowdown\nnode-2, 4   # a Raspberry Pi\n\n3,2.5,30s,1m\n", 3).unwrap();
+        let slowdowns: Vec<f64> = f.iter().map(|p| p.slowdown).collect();
+        assert_eq!(slowdowns, [1.0, 4.0, 2.5]);
+        assert_eq!((f[0].availability, f[1].availability), (None, None));
+        let s = Duration::from_secs;
+        assert_eq!(f[2].availability, Some([s(30), s(60), s(0)]));
+        assert_eq!(
+            f[2].settings(),
+            [
+                ("train.slowdown".to_string(), "2.5".to_string()),
+                ("availability.online".to_string(), "\"30s\"".to_string()),
+                ("availability.offline".to_string(), "\"1m\"".to_string()),
+                ("availability.offset".to_string(), "\"0s\"".to_string()),
+            ]
+        );
+        assert_eq!(f[2].row(3), "node-3,2.500,30s,1m,0s");
+        assert!(f[0].settings().is_empty());
+        let e = trace(p, "node-1,2,30s\n", 3).unwrap_err().to_string();
+        assert!(e.contains("expected `node,slowdown[,online,offline[,offset]]`"), "{e}");
+        let e = trace(p, "node-1,2,soon,1m\n", 3).unwrap_err().to_string();
+        assert!(
+            e.contains("speeds.csv:1: `soon` is not a duration like 30s or 2m"),
+            "{e}"
+        );
+        let e = trace(p, "node-1,2,0s,1m\n", 3).unwrap_err().to_string();
+        assert!(
+            e.contains("online and offline windows must both be longer than zero"),
+            "{e}"
+        );
         let e = trace(p, "node-4,2\n", 3).unwrap_err().to_string();
         assert!(
             e.contains("speeds.csv:1: `node-4` is not a node of this fleet (node-1 to node-3)"),
@@ -155,6 +266,6 @@ mod tests {
             "{e}"
         );
         let e = trace(p, "node-1\n", 3).unwrap_err().to_string();
-        assert!(e.contains("expected `node,slowdown`, got `node-1`"), "{e}");
+        assert!(e.contains("got `node-1`"), "{e}");
     }
 }

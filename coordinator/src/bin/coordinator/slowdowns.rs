@@ -1,5 +1,6 @@
-//! `coordinator slowdowns`: each node's slowdown as a `node,slowdown` trace,
-//! the one `coordinator fleet --node-slowdowns` and the compose fleet read.
+//! `coordinator slowdowns`: each node's slowdown (and, from a trace, its
+//! online and offline windows) as a trace, the one `coordinator fleet
+//! --node-slowdowns` and the compose fleet read.
 
 use std::io::Write;
 
@@ -24,11 +25,11 @@ pub(crate) async fn run(args: SlowdownsArgs) -> anyhow::Result<()> {
     if args.nodes == 0 {
         anyhow::bail!("--nodes must be at least 1");
     }
-    let factors = Slowdowns::parse(&args.spec, args.seed)?.factors(args.nodes)?;
+    let profiles = Slowdowns::parse(&args.spec, args.seed)?.profiles(args.nodes)?;
     let mut out = std::io::stdout().lock();
-    writeln!(out, "node,slowdown")?;
-    for (i, f) in factors.iter().enumerate() {
-        writeln!(out, "node-{},{f:.3}", i + 1)?;
+    writeln!(out, "node,slowdown,online,offline,offset")?;
+    for (i, p) in profiles.iter().enumerate() {
+        writeln!(out, "{}", p.row(i + 1))?;
     }
     Ok(())
 }
