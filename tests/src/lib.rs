@@ -274,6 +274,11 @@ pub fn run_fleet(
     run_history(out)
 }
 
+/// `node`'s record in a round of a run history, when it took part.
+pub fn participant<'a>(round: &'a serde_json::Value, node: &str) -> Option<&'a serde_json::Value> {
+    round["participants"].as_array()?.iter().find(|p| p["node"] == node)
+}
+
 /// Central test accuracy after each round of a run history.
 pub fn accuracies(history: &serde_json::Value) -> Vec<f64> {
     history["rounds"]

@@ -19,7 +19,7 @@ use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use fedge_tests::{free_port, run_history};
+use fedge_tests::{free_port, participant, run_history};
 use serde_json::Value;
 
 const ROUNDS: u64 = 6;
@@ -287,11 +287,7 @@ fn rounds_with(history: &Value, node: &str, after: u64) -> BTreeSet<u64> {
         .into_iter()
         .flatten()
         .filter(|r| r["round"].as_u64().is_some_and(|n| n > after))
-        .filter(|r| {
-            r["participants"]
-                .as_array()
-                .is_some_and(|ps| ps.iter().any(|p| p["node"] == node))
-        })
+        .filter(|r| participant(r, node).is_some())
         .filter_map(|r| r["round"].as_u64())
         .collect()
 }

@@ -55,11 +55,7 @@ fn a_fleet_trace_slows_the_nodes_it_names_and_no_other() -> anyhow::Result<()> {
     let history = run_history(&out)?;
     for round in history["rounds"].as_array().unwrap() {
         let seconds = |node: &str| {
-            round["participants"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .find(|p| p["node"] == node)
+            participant(round, node)
                 .and_then(|p| p["train_seconds"].as_f64())
                 .unwrap()
         };
@@ -139,16 +135,7 @@ fn a_node_that_comes_and_goes_drops_out_of_rounds_and_rejoins() -> anyhow::Resul
     })?;
     let rounds = history["rounds"].as_array().unwrap();
     assert_eq!(rounds.len(), 12);
-    let with: Vec<bool> = rounds
-        .iter()
-        .map(|r| {
-            r["participants"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .any(|p| p["node"] == "node-2")
-        })
-        .collect();
+    let with: Vec<bool> = rounds.iter().map(|r| participant(r, "node-2").is_some()).collect();
     let log = std::fs::read_to_string(tmp.path().join("node-2.log"))?;
     assert!(log.contains("emulating a device that comes and goes"), "{log}");
     assert!(log.contains("going offline (availability)"), "{log}");

@@ -23,6 +23,7 @@ use fedge_common::params::Manifest;
 use safetensors::tensor::Metadata;
 
 use crate::core::model::ModelFile;
+use crate::runtime::store::RunStore;
 use crate::{Error, Result};
 
 /// Whether a model of `numel` f32 values is small enough to stay in memory
@@ -42,6 +43,15 @@ pub struct StoredModel {
 }
 
 impl StoredModel {
+    /// The global model of `round`'s restart checkpoint in `store`.
+    pub fn of_checkpoint(store: &RunStore, round: u64) -> Result<Self> {
+        Self::open(
+            &store.checkpoint_file(round),
+            store.manifest(),
+            fedge_common::checkpoint::MODEL_PREFIX,
+        )
+    }
+
     /// Opens the safetensors file at `path`, which holds each tensor of
     /// `manifest` as f32 under the name `prefix` + its name.
     pub fn open(path: &Path, manifest: &Manifest, prefix: &str) -> Result<Self> {
@@ -146,7 +156,7 @@ mod tests {
     use std::sync::Arc;
 
     use crate::core::model::GlobalModel;
-    use crate::runtime::store::{RunHistory, RunStore};
+    use crate::runtime::store::RunHistory;
 
     fn manifest() -> Manifest {
         // Not in name order, so the file's order differs from the manifest's.

@@ -236,6 +236,11 @@ impl RunStore {
         Ok(())
     }
 
+    /// The model's tensors, in the order the checkpoints hold them.
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
     /// The restart checkpoint of `round` (`checkpoint/round-NNNN.safetensors`).
     pub fn checkpoint_file(&self, round: u64) -> PathBuf {
         self.dir

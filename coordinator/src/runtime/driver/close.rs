@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use fedge_common::params::Manifest;
 use fedge_common::task::EvalMetrics;
 
 use super::Traffic;
@@ -107,7 +106,6 @@ pub(super) struct CloseJob {
     /// The traffic counters (bytes up, bytes down, refused updates) when
     /// the last round closed.
     pub(super) last_counters: (u64, u64, u64),
-    pub(super) manifest: Arc<Manifest>,
     pub(super) resident_model_bytes: u64,
 }
 
@@ -184,7 +182,7 @@ impl CloseJob {
             secure_aggregation: closed.secure.clone(),
         };
         let persist_start = Instant::now();
-        let (manifest, resident) = (self.manifest, self.resident_model_bytes);
+        let resident = self.resident_model_bytes;
         let mut store = self.store;
         let (mut store, stored) = tokio::task::spawn_blocking(move || -> Result<_> {
             store.persist_round(&closed, record)?;
@@ -193,9 +191,7 @@ impl CloseJob {
             let stored = if crate::runtime::global::stays_resident(closed.global.len(), resident) {
                 None
             } else {
-                let path = store.checkpoint_file(closed.version);
-                let model = StoredModel::open(&path, &manifest, fedge_common::checkpoint::MODEL_PREFIX)?;
-                Some(Arc::new(model))
+                Some(Arc::new(StoredModel::of_checkpoint(&store, closed.version)?))
             };
             Ok((store, stored))
         })

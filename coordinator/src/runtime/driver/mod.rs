@@ -75,7 +75,7 @@ pub struct Driver {
     snapshot: watch::Sender<Arc<ModelSnapshot>>,
     manifest: Arc<Manifest>,
     evaluator: Arc<Evaluator>,
-    /// Out in the close job while a closed round is saved.
+    /// Out in the close job while a closed round is saved ([`Driver::closing`]).
     store: Option<RunStore>,
     traffic: Arc<Traffic>,
     eval_every: u32,
@@ -88,8 +88,6 @@ pub struct Driver {
     /// Where the fold thread, aggregation and close jobs report.
     completions_tx: mpsc::UnboundedSender<Completion>,
     completions: mpsc::UnboundedReceiver<Completion>,
-    /// Whether a close job is saving a round (a stop waits for it).
-    closing: bool,
     round_started: Option<Instant>,
     last_counters: (u64, u64, u64),
     aggregation_seconds: f64,
@@ -152,7 +150,6 @@ impl Driver {
             fold_jobs,
             completions_tx,
             completions,
-            closing: false,
             machine,
             commands,
             snapshot,
@@ -212,13 +209,7 @@ impl Driver {
                 .store
                 .as_ref()
                 .ok_or_else(|| Error::Internal("run store missing".into()))?;
-            let path = store.checkpoint_file(self.machine.version());
-            let manifest = self.manifest.clone();
-            let stored = tokio::task::spawn_blocking(move || {
-                StoredModel::open(&path, &manifest, fedge_common::checkpoint::MODEL_PREFIX)
-            })
-            .await
-            .map_err(|e| Error::Internal(format!("opening the checkpoint failed: {e}")))??;
+            let stored = StoredModel::of_checkpoint(store, self.machine.version())?;
             self.read_global_from(Arc::new(stored)).await?;
             tracing::info!(
                 model_bytes = 4 * len as u64,
@@ -285,12 +276,18 @@ impl Driver {
     /// Waits for a close job that is saving a round, so a stop leaves that
     /// round on disk too.
     async fn settle(&mut self) {
-        while self.closing {
+        while self.closing() {
             match self.completions.recv().await {
-                Some(Completion::Persisted(_)) | None => self.closing = false,
+                Some(Completion::Persisted(Ok(persisted))) => self.store = Some(persisted.store),
+                Some(Completion::Persisted(Err(_))) | None => return,
                 Some(_) => {}
             }
         }
+    }
+
+    /// Whether a close job is saving a round: it holds the run's store.
+    fn closing(&self) -> bool {
+        self.store.is_none()
     }
 
     fn handle(&mut self, cmd: Command) -> Vec<Output> {
@@ -478,10 +475,8 @@ impl Driver {
                         aggregation_seconds: self.aggregation_seconds,
                         traffic: self.traffic.clone(),
                         last_counters: self.last_counters,
-                        manifest: self.manifest.clone(),
                         resident_model_bytes: self.resident_model_bytes,
                     };
-                    self.closing = true;
                     let done = self.completions_tx.clone();
                     tokio::spawn(async move {
                         let _ = done.send(Completion::Persisted(job.run().await));
@@ -518,7 +513,6 @@ impl Driver {
                 self.machine.aggregated(*done, now_ms())
             }
             Completion::Persisted(result) => {
-                self.closing = false;
                 let persisted = *result?;
                 self.store = Some(persisted.store);
                 self.snapshot.borrow().durable.store(true, Ordering::Release);

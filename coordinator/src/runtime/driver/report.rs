@@ -102,7 +102,7 @@ impl Driver {
         let m = &self.metrics;
         // A round counts as completed once it is saved: while its close job
         // runs, the machine already holds its version.
-        let completed = self.machine.version() - u64::from(self.closing);
+        let completed = self.machine.version().saturating_sub(u64::from(self.closing()));
         m.rounds_completed.set(completed as i64);
         m.round.set(self.machine.current_round().unwrap_or(0) as i64);
         m.connected_nodes.set(self.machine.connected_nodes() as i64);
