@@ -9,4 +9,4 @@ tonic::include_proto!("fedge.v1");
 
 /// The protocol version this build speaks. A coordinator refuses nodes whose
 /// version differs, naming both.
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;

@@ -243,7 +243,14 @@ pub(crate) async fn assemble(config: &CoordinatorConfig, in_process_nodes: bool)
     let control = strategy.control.clone();
     let global = Arc::new(global);
     let mut machine = RoundMachine::resume(
-        round_settings(config, in_process_nodes, model_check.is_some()),
+        round_settings(
+            config,
+            in_process_nodes,
+            model_check.is_some(),
+            // Each start of the coordinator numbers its tasks in a range of
+            // its own: a resumed run never reuses an earlier task's number.
+            (u64::from(store.history.resumed) << 32) + 1,
+        ),
         version,
         global.clone(),
         strategy,
@@ -271,6 +278,7 @@ pub(crate) async fn assemble(config: &CoordinatorConfig, in_process_nodes: bool)
         input_shape: initial.input_shape.to_vec(),
         classes: initial.classes.clone(),
         update_codec: Some(pb::UpdateCodec::from(&codec)),
+        asynchronous: config.asynchronous.enabled,
     };
     let metrics = Arc::new(metrics::Metrics::new());
     let (status_tx, status_rx) = watch::channel(status::Status {
@@ -457,7 +465,12 @@ fn open_store(
 
 /// The round machine's settings. A simulation's virtual nodes queue on a
 /// few trainer threads, so late arrivals there are no stragglers.
-fn round_settings(config: &CoordinatorConfig, in_process_nodes: bool, track_direction: bool) -> RoundSettings {
+fn round_settings(
+    config: &CoordinatorConfig,
+    in_process_nodes: bool,
+    track_direction: bool,
+    first_task: u64,
+) -> RoundSettings {
     let sa = &config.secure_aggregation;
     RoundSettings {
         total_rounds: u64::from(config.rounds),
@@ -484,6 +497,7 @@ fn round_settings(config: &CoordinatorConfig, in_process_nodes: bool, track_dire
             range: sa.range as f32,
             step_timeout_ms: sa.step_timeout.as_millis() as u64,
         }),
+        asynchronous: config.asynchronous.settings(first_task),
     }
 }
 

@@ -223,8 +223,11 @@ async fn handle_task(node: &mut NodeCtx<'_, '_>, run: RunInfo<'_>, task: pb::Tra
         None => None,
     };
     let fetch_start = std::time::Instant::now();
+    // The version the update starts from: the task's, or in an asynchronous
+    // run the newer one the coordinator served.
+    let mut base_version = task.model_version;
     if node.cache.version != Some(task.model_version) {
-        let (manifest, params) = fetch(
+        let (manifest, params, served) = fetch(
             node.client,
             node.session,
             task.model_version,
@@ -232,13 +235,14 @@ async fn handle_task(node: &mut NodeCtx<'_, '_>, run: RunInfo<'_>, task: pb::Tra
             node.stats,
         )
         .await?;
-        node.cache.version = Some(task.model_version);
+        base_version = served;
+        node.cache.version = Some(served);
         node.cache.manifest = Arc::new(manifest);
         node.cache.params = Arc::new(params);
         if let Some(feed) = run.feed {
             feed.send_replace(Some(Arc::new(crate::serve::ServedModel {
                 run_id: run.run_id.to_owned(),
-                version: task.model_version,
+                version: served,
                 kind: run.kind,
                 input_shape: run.input_shape,
                 classes: run.class_names.to_vec(),
@@ -249,18 +253,18 @@ async fn handle_task(node: &mut NodeCtx<'_, '_>, run: RunInfo<'_>, task: pb::Tra
     }
     let server_control = if hyper.algorithm == Algorithm::Scaffold {
         match &node.cache.control {
-            Some((v, c)) if *v == task.model_version => Some(c.clone()),
+            Some((v, c)) if *v == base_version => Some(c.clone()),
             _ => {
-                let (_, c) = fetch(
+                let (_, c, _) = fetch(
                     node.client,
                     node.session,
-                    task.model_version,
+                    base_version,
                     pb::ModelPart::ServerControl,
                     node.stats,
                 )
                 .await?;
                 let c = Arc::new(c);
-                node.cache.control = Some((task.model_version, c.clone()));
+                node.cache.control = Some((base_version, c.clone()));
                 Some(c)
             }
         }
@@ -270,7 +274,7 @@ async fn handle_task(node: &mut NodeCtx<'_, '_>, run: RunInfo<'_>, task: pb::Tra
     let fetch_seconds = fetch_start.elapsed().as_secs_f64();
     tracing::info!(
         round,
-        version = task.model_version,
+        version = base_version,
         fetch_seconds = format!("{fetch_seconds:.3}"),
         algorithm = hyper.algorithm.name(),
         epochs = hyper.epochs,
@@ -288,8 +292,31 @@ async fn handle_task(node: &mut NodeCtx<'_, '_>, run: RunInfo<'_>, task: pb::Tra
         hyper,
         codec: run.codec,
     };
+    // An instruction that arrives while the node trains: a stop (the run
+    // ended, or the task's round closed without it) abandons the training.
+    let mut held = None;
     let mut result = match &mut secure {
-        None => node.trainer.train(job).await?,
+        None => {
+            let training = node.trainer.train(job);
+            tokio::pin!(training);
+            loop {
+                tokio::select! {
+                    done = &mut training => break done?,
+                    msg = node.instructions.message(), if held.is_none() => match msg? {
+                        None => {
+                            node.trainer.interrupt();
+                            return Ok(Next::Closed);
+                        }
+                        Some(m) if matches!(m.kind, Some(pb::instruction::Kind::Stop(_))) => {
+                            node.trainer.interrupt();
+                            tracing::info!(round, "stopped while training; the training is abandoned");
+                            return Ok(Next::Handle(m));
+                        }
+                        Some(m) => held = Some(m),
+                    },
+                }
+            }
+        }
         Some(sec) => {
             // Keys are shared while training runs; the masked input needs both.
             let training = node.trainer.train(job);
@@ -332,7 +359,7 @@ async fn handle_task(node: &mut NodeCtx<'_, '_>, run: RunInfo<'_>, task: pb::Tra
         let meta = HashMap::from([
             ("node".to_string(), config.name.clone()),
             ("round".to_string(), round.to_string()),
-            ("base_version".to_string(), task.model_version.to_string()),
+            ("base_version".to_string(), base_version.to_string()),
             ("num_samples".to_string(), node.num_samples.to_string()),
         ]);
         let path = dir.join(format!("round-{round:04}.safetensors"));
@@ -365,7 +392,7 @@ async fn handle_task(node: &mut NodeCtx<'_, '_>, run: RunInfo<'_>, task: pb::Tra
     let header = pb::UpdateHeader {
         node_id: node.session.to_owned(),
         round,
-        base_version: task.model_version,
+        base_version,
         num_samples: node.num_samples,
         manifest: Some(update_manifest(&node.cache.manifest, &codec, payload.len() as u64)),
         metrics: Some(metrics_to_wire(&result.metrics, result.holdout.as_ref())),
@@ -377,8 +404,9 @@ async fn handle_task(node: &mut NodeCtx<'_, '_>, run: RunInfo<'_>, task: pb::Tra
         has_control_delta,
     };
     let delivered = upload(node, header, payload, values, codec).await?;
-    match secure {
-        Some(mut sec) if delivered => sec.await_unmask(node).await,
+    match (secure, held) {
+        (Some(mut sec), _) if delivered => sec.await_unmask(node).await,
+        (_, Some(m)) => Ok(Next::Handle(m)),
         _ => Ok(Next::Read),
     }
 }
@@ -700,14 +728,15 @@ fn upload_stream(msgs: Vec<pb::UpdateChunk>, bytes_per_sec: u64) -> ChunkStream 
 }
 
 /// Fetches one part (parameters, or SCAFFOLD's server control variate) of
-/// global model version `version`.
+/// global model version `version`, or of the newer version an asynchronous
+/// run serves instead; returns the version fetched too.
 async fn fetch(
     client: &mut FederationClient<Channel>,
     session: &str,
     version: u64,
     part: pb::ModelPart,
     stats: &mut NodeStats,
-) -> Result<(Manifest, Vec<f32>)> {
+) -> Result<(Manifest, Vec<f32>, u64)> {
     let mut stream = client
         .fetch_model(pb::FetchModelRequest {
             node_id: session.to_owned(),
@@ -724,12 +753,13 @@ async fn fetch(
     let Some(pb::model_chunk::Part::Header(header)) = first.part else {
         return Err(Error::Protocol("model stream did not start with a header".into()));
     };
-    if header.version != version {
+    if header.version < version {
         return Err(Error::Protocol(format!(
-            "asked for model version {version}, got {}",
+            "asked for model version {version}, got the older {}",
             header.version
         )));
     }
+    let version = header.version;
     let manifest = Manifest::try_from(
         header
             .manifest
@@ -757,5 +787,5 @@ async fn fetch(
         bytes,
         "model fetched"
     );
-    Ok((manifest, params))
+    Ok((manifest, params, version))
 }

@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 pub use crate::core::privacy::NoiseMode;
 use crate::{Error, Result};
 
+mod asynchronous;
 mod checkpoint;
 mod http;
 mod limits;
@@ -26,6 +27,7 @@ mod tests;
 mod training;
 mod wire;
 
+pub use asynchronous::{AsyncConfig, StalenessWeightName};
 pub use checkpoint::CheckpointConfig;
 pub use http::HttpConfig;
 pub use limits::LimitsConfig;
@@ -55,6 +57,9 @@ pub struct CoordinatorConfig {
     pub out_dir: PathBuf,
     /// Which nodes take part in each round.
     pub sampling: SamplingConfig,
+    /// Asynchronous buffered aggregation instead of rounds (`[async]`).
+    #[serde(rename = "async")]
+    pub asynchronous: AsyncConfig,
     /// Local training hyper-parameters sent to nodes with each task.
     pub train: TrainConfig,
     /// How updates are bounded, combined and applied to the global model.
@@ -94,6 +99,7 @@ impl Default for CoordinatorConfig {
             seed: 42,
             out_dir: PathBuf::from("runs/latest"),
             sampling: SamplingConfig::default(),
+            asynchronous: AsyncConfig::default(),
             train: TrainConfig::default(),
             strategy: StrategyConfig::default(),
             data: DataConfig::default(),
@@ -171,6 +177,8 @@ impl CoordinatorConfig {
         self.check_privacy()?;
         self.secure_aggregation.validate()?;
         self.check_secure_aggregation()?;
+        self.asynchronous.validate()?;
+        self.check_async()?;
         self.simulation.validate()?;
         self.limits.validate()?;
         self.check_limits()

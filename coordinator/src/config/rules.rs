@@ -56,6 +56,72 @@ impl CoordinatorConfig {
         Ok(())
     }
 
+    /// What asynchronous training composes with, and what a buffer needs.
+    pub(super) fn check_async(&self) -> Result<()> {
+        let a = &self.asynchronous;
+        if !a.enabled {
+            return Ok(());
+        }
+        let bad = |m: String| Err(Error::Config(format!("async.enabled: {m}")));
+        let k = a.buffer_size as usize;
+        let agg = self.strategy.aggregator();
+        if agg.min_updates() > k {
+            return bad(format!(
+                "strategy {agg} needs at least {} updates per server step; set async.buffer_size to that or more (it is {k})",
+                agg.min_updates()
+            ));
+        }
+        if (self.sampling.min_available as usize) < k {
+            return bad(format!(
+                "a server step takes one update from each of async.buffer_size ({k}) different nodes; set sampling.min_available to {k} or more (it is {}) so that training starts only when a buffer can fill",
+                self.sampling.min_available
+            ));
+        }
+        if a.concurrency > 0 && (a.concurrency as usize) < k {
+            return bad(format!(
+                "async.concurrency ({}) is below async.buffer_size ({k}): fewer nodes would train at once than a step needs, so every step would wait for nodes to finish one after another",
+                a.concurrency
+            ));
+        }
+        match self.train.algorithm {
+            Algorithm::Scaffold => {
+                return bad(
+                    "train.algorithm = \"scaffold\" corrects each node's steps with the server's control \
+                     variate as of its round's start, and moves that control by the round's share of the fleet; \
+                     with asynchronous steps the control moves while nodes train and no round has a share, so the \
+                     correction would be stale. Use fedavg or fedprox, or synchronous rounds for scaffold"
+                        .into(),
+                );
+            }
+            Algorithm::FedSgd => {
+                return bad(
+                    "train.algorithm = \"fedsgd\" sends one gradient per round, taken at that round's \
+                     learning rate; for the same one-step updates asynchronously use train.algorithm = \"fedavg\" \
+                     with train.max_steps = 1"
+                        .into(),
+                );
+            }
+            _ => {}
+        }
+        if self.privacy.noise != NoiseMode::Off {
+            return bad(
+                "differential privacy with asynchronous training is not available: the accountant counts \
+                 rounds that sample a cohort at a known rate, and an asynchronous step takes whichever nodes finish \
+                 first. Turn privacy off, or train in synchronous rounds"
+                    .into(),
+            );
+        }
+        if self.secure_aggregation.enabled {
+            return bad(
+                "secure aggregation unmasks only the sum of a cohort that exchanged keys and delivers \
+                 together, while an asynchronous buffer gathers updates from nodes that started from different \
+                 versions at different times; train in synchronous rounds to use secure aggregation"
+                    .into(),
+            );
+        }
+        Ok(())
+    }
+
     /// Where nodes authenticate, the HTTP side's operators must too.
     pub(super) fn check_access(&self) -> Result<()> {
         if self.http.listen.is_some() && self.http.authenticated(&self.security) && self.http.operators.is_none() {

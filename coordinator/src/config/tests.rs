@@ -344,3 +344,55 @@ fn the_privacy_section_builds_the_runs_privacy_state() {
     };
     assert_eq!(no_budget.privacy().unwrap().budget, None);
 }
+
+#[test]
+fn asynchronous_training_says_what_it_needs_and_what_it_refuses() {
+    let mut c = CoordinatorConfig::default();
+    c.security.insecure = true;
+    c.asynchronous.enabled = true;
+    c.sampling.min_available = 4;
+    c.validate().unwrap();
+    let settings = c.asynchronous.settings(7).unwrap();
+    assert_eq!((settings.buffer_size, settings.first_task), (4, 7));
+    assert_eq!(settings.weight.factor(3), 0.5);
+    let refused = |f: &dyn Fn(&mut CoordinatorConfig)| {
+        let mut c = c.clone();
+        f(&mut c);
+        c.validate().unwrap_err().to_string()
+    };
+    let e = refused(&|c| c.sampling.min_available = 3);
+    assert!(e.contains("set sampling.min_available to 4 or more (it is 3)"), "{e}");
+    let e = refused(&|c| c.asynchronous.concurrency = 2);
+    assert!(
+        e.contains("async.concurrency (2) is below async.buffer_size (4)"),
+        "{e}"
+    );
+    let e = refused(&|c| c.asynchronous.buffer_size = 0);
+    assert_eq!(e, "invalid configuration: async: buffer_size must be at least 1");
+    let e = refused(&|c| {
+        c.strategy.aggregator = AggregatorName::Krum;
+        c.sampling.min_nodes = 5;
+        c.sampling.min_available = 5;
+    });
+    assert!(
+        e.contains("strategy krum(f=1) needs at least 5 updates per server step; set async.buffer_size"),
+        "{e}"
+    );
+    let e = refused(&|c| c.train.algorithm = fedge_common::task::Algorithm::Scaffold);
+    assert!(e.contains("train.algorithm = \"scaffold\""), "{e}");
+    let e = refused(&|c| c.train.algorithm = fedge_common::task::Algorithm::FedSgd);
+    assert!(e.contains("train.max_steps = 1"), "{e}");
+    let e = refused(&|c| {
+        c.privacy.noise = NoiseMode::Central;
+        c.strategy.max_loss_ratio = 0.0;
+    });
+    assert!(
+        e.contains("differential privacy with asynchronous training is not available"),
+        "{e}"
+    );
+    let e = refused(&|c| {
+        c.secure_aggregation.enabled = true;
+        c.sampling.min_nodes = 4;
+    });
+    assert!(e.contains("async.enabled: secure aggregation"), "{e}");
+}

@@ -40,6 +40,10 @@ pub struct Metrics {
     pub round_seconds: Histogram,
     pub aggregation_seconds: Histogram,
     pub eval_seconds: Histogram,
+    /// Asynchronous training: each applied update's staleness, in versions.
+    pub update_staleness: Histogram,
+    /// Asynchronous training: nodes training now.
+    pub in_flight_nodes: Gauge,
 }
 
 impl Default for Metrics {
@@ -69,6 +73,8 @@ impl Metrics {
             round_seconds: seconds(),
             aggregation_seconds: seconds(),
             eval_seconds: seconds(),
+            update_staleness: Histogram::new([0.0, 1.0, 2.0, 3.0, 5.0, 8.0, 13.0, 21.0, 34.0, 55.0]),
+            in_flight_nodes: Gauge::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -140,6 +146,16 @@ impl Metrics {
             "Central evaluation time per evaluated round",
             m.eval_seconds.clone(),
         );
+        r.register(
+            "update_staleness",
+            "Asynchronous training: versions the global model moved between an applied update's base and its arrival",
+            m.update_staleness.clone(),
+        );
+        r.register(
+            "in_flight_nodes",
+            "Asynchronous training: nodes training now",
+            m.in_flight_nodes.clone(),
+        );
         Self { registry, ..m }
     }
 
@@ -181,6 +197,7 @@ mod tests {
             "fedge_refusals_total{reason=\"non_finite\"} 2",
             "fedge_update_latency_seconds_count 1",
             "# TYPE fedge_round_duration_seconds histogram",
+            "# TYPE fedge_update_staleness histogram",
         ] {
             assert!(text.lines().any(|l| l == line), "missing `{line}` in\n{text}");
         }

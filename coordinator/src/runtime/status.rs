@@ -11,7 +11,7 @@ use crate::core::round::PhaseKind;
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Status {
     pub run_id: String,
-    /// `waiting`, `training`, `aggregating`, `closing` or `finished`.
+    /// `waiting`, `training`, `aggregating`, `closing`, `async` or `finished`.
     pub phase: String,
     /// The round in progress, if any.
     pub round: Option<u64>,
@@ -32,6 +32,24 @@ pub struct Status {
     /// Secure aggregation, when the run uses it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secure_aggregation: Option<SecureStatus>,
+    /// Asynchronous training, once it runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub asynchronous: Option<AsyncStatus>,
+}
+
+/// An asynchronous run in [`Status::asynchronous`]; its server steps are
+/// the `rounds`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct AsyncStatus {
+    /// Nodes training now.
+    pub in_flight: usize,
+    /// Updates in the open buffer, of `buffer_size`.
+    pub buffered: usize,
+    pub buffer_size: usize,
+    /// Full buffers whose server step runs or waits.
+    pub waiting_steps: usize,
+    /// The newest saved version, which tasks name and fetches serve.
+    pub durable_version: u64,
 }
 
 /// The run's secure aggregation in [`Status::secure_aggregation`].
@@ -98,6 +116,9 @@ pub struct RoundPoint {
     /// nodes that shared keys but sent none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secure_survivors: Option<usize>,
+    /// Asynchronous training: the step's updates by staleness.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub staleness: Option<std::collections::BTreeMap<u64, u64>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secure_dropped: Option<usize>,
 }
@@ -109,6 +130,7 @@ pub fn phase_label(p: PhaseKind) -> &'static str {
         PhaseKind::Training => "training",
         PhaseKind::Aggregating => "aggregating",
         PhaseKind::Closing => "closing",
+        PhaseKind::Async => "async",
         PhaseKind::Finished => "finished",
     }
 }

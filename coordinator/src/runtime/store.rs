@@ -61,9 +61,25 @@ pub struct Participant {
     /// Receiving the update stream, from its header to its checksum.
     #[serde(default)]
     pub upload_seconds: f64,
-    /// When the update was accepted, seconds after the round's tasks went out.
+    /// When the update was accepted, seconds after the round's tasks went
+    /// out (in an asynchronous step, after its buffer opened).
     #[serde(default)]
     pub arrived_seconds: f64,
+    /// The global model version the update was computed from.
+    #[serde(default)]
+    pub base_version: u64,
+    /// Its weight in the mean before any staleness factor: its samples,
+    /// capped (`null` for a masked input).
+    #[serde(default)]
+    pub weight: Option<f64>,
+    /// Asynchronous training: the task the update answered, how many
+    /// versions behind it arrived, and the factor that scaled it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub staleness: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub staleness_weight: Option<f64>,
 }
 
 /// One completed round.
@@ -114,6 +130,10 @@ pub struct RoundRecord {
     /// step, protocol bytes and time.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secure_aggregation: Option<crate::core::secure::SecureRecord>,
+    /// Asynchronous training: how many of the step's updates were how many
+    /// versions behind (staleness → updates).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub staleness: Option<BTreeMap<u64, u64>>,
 }
 
 /// `run.json`.
@@ -372,6 +392,11 @@ pub fn participant(c: &crate::core::round::Contribution, bytes_down: u64) -> Par
         encode_seconds: c.metrics.encode_seconds,
         upload_seconds: c.upload_seconds,
         arrived_seconds: c.arrived_seconds,
+        base_version: c.base_version,
+        weight: c.weight.is_finite().then_some(c.weight),
+        task: c.staleness.map(|s| s.task),
+        staleness: c.staleness.map(|s| s.versions),
+        staleness_weight: c.staleness.map(|s| s.factor),
     }
 }
 
@@ -433,6 +458,7 @@ mod tests {
             round_seconds: 0.0,
             privacy: None,
             secure_aggregation: None,
+            staleness: None,
         }
     }
 

@@ -26,6 +26,7 @@
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use fedge_common::codec::Codec;
 use fedge_common::task::Algorithm;
@@ -195,6 +196,8 @@ struct Fleet {
     codec: Codec,
     spool_dir: PathBuf,
     spool_budget: SpoolBudget,
+    /// Asynchronous training: a task may be served a newer version than it names.
+    asynchronous: bool,
 }
 
 impl Fleet {
@@ -226,12 +229,44 @@ impl Fleet {
     /// edge node's local training and encoding, and the update's submission.
     async fn task(&self, i: usize, name: &str, session: &str, task: Task) -> Result<()> {
         let hyper = task.hyper;
-        let snapshot = self.snapshot.borrow().clone();
-        if snapshot.version != task.version || !snapshot.durable.load(Ordering::Acquire) {
+        let snapshot = if self.asynchronous && self.snapshot.borrow().version < task.version {
+            // The task names a version still being saved: wait for it, as a
+            // daemon's fetch does.
+            let mut saved = self.snapshot.clone();
+            match tokio::time::timeout(Duration::from_secs(60), saved.wait_for(|s| s.version >= task.version)).await {
+                Ok(Ok(s)) => s.clone(),
+                _ => {
+                    return Err(Error::Internal(format!(
+                        "model version {} was not saved in time",
+                        task.version
+                    )));
+                }
+            }
+        } else {
+            self.snapshot.borrow().clone()
+        };
+        let newer_served = self.asynchronous && snapshot.version > task.version;
+        if (snapshot.version != task.version && !newer_served) || !snapshot.durable.load(Ordering::Acquire) {
             return Err(Error::Internal(format!(
                 "the task names model version {}, the published one is {}",
                 task.version, snapshot.version
             )));
+        }
+        // As a daemon's fetch: an asynchronous run serves the newest saved
+        // version, and the update starts from it.
+        let base_version = snapshot.version;
+        if self.asynchronous {
+            let admitted = self
+                .ask(|reply| Command::AdmitFetch {
+                    session: session.to_owned(),
+                    version: base_version,
+                    reply,
+                })
+                .await?;
+            if let Err(r) = admitted {
+                tracing::debug!(node = name, round = task.round, reason = %r, "virtual node: fetch not admitted");
+                return Ok(());
+            }
         }
         let server_control = (hyper.algorithm == Algorithm::Scaffold)
             .then(|| snapshot.control_values.clone())
@@ -261,7 +296,7 @@ impl Fleet {
             .ask(|reply| Command::Admit {
                 session: session.to_owned(),
                 round: task.round,
-                base_version: task.version,
+                base_version,
                 reply,
             })
             .await?;
@@ -299,7 +334,7 @@ impl Fleet {
         self.traffic.bytes_up.fetch_add(bytes, Ordering::Relaxed);
         let update = Update {
             round: task.round,
-            base_version: task.version,
+            base_version,
             num_samples: self.shares.len_of(i) as u64,
             kind: if result.is_gradient {
                 UpdateKind::Gradient
@@ -419,6 +454,7 @@ pub async fn simulate(
         codec,
         spool_dir,
         spool_budget: SpoolBudget::new(config.limits.spool_memory_bytes),
+        asynchronous: config.asynchronous.enabled,
     });
     for i in 0..shares.nodes() {
         let name = node_name(i);

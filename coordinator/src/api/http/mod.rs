@@ -217,6 +217,12 @@ pub fn render_status(s: &Status, now_ms: u64) -> String {
             p.clip_norm
         );
     }
+    if let Some(a) = &s.asynchronous {
+        out += &format!(
+            "asynchronous  training {}  buffer {}/{}  steps waiting {}  saved version {}\n",
+            a.in_flight, a.buffered, a.buffer_size, a.waiting_steps, a.durable_version
+        );
+    }
     if let Some(sa) = &s.secure_aggregation {
         let neighbours = match sa.neighbours {
             0 => "every node".to_string(),
@@ -253,12 +259,25 @@ pub fn render_status(s: &Status, now_ms: u64) -> String {
         );
     }
     out += &format!(
-        "\n{:>5} {:>12} {:>9} {:>8} {:>9} {:>8} {:>11} {:>11} {:>8}\n",
-        "round", "participants", "accuracy", "loss", "fed_acc", "seconds", "bytes_up", "bytes_down", "rejected"
+        "\n{:>5} {:>12} {:>9} {:>8} {:>9} {:>8} {:>11} {:>11} {:>8}{}\n",
+        "round",
+        "participants",
+        "accuracy",
+        "loss",
+        "fed_acc",
+        "seconds",
+        "bytes_up",
+        "bytes_down",
+        "rejected",
+        if s.asynchronous.is_some() { "  staleness" } else { "" }
     );
     for r in &s.rounds {
+        let staleness = r.staleness.as_ref().map_or(String::new(), |h| {
+            let parts: Vec<String> = h.iter().map(|(s, n)| format!("{s}:{n}")).collect();
+            format!("  {}", parts.join(" "))
+        });
         out += &format!(
-            "{:>5} {:>12} {:>9} {:>8} {:>9} {:>8.2} {:>11} {:>11} {:>8}\n",
+            "{:>5} {:>12} {:>9} {:>8} {:>9} {:>8.2} {:>11} {:>11} {:>8}{staleness}\n",
             r.round,
             r.participants,
             pct(r.test_accuracy),
@@ -426,6 +445,7 @@ mod tests {
                 threshold: Some(4),
                 step: Some("masking".into()),
             }),
+            asynchronous: None,
         };
         let text = render_status(&s, 10_000);
         assert!(

@@ -52,6 +52,10 @@ enum Payload {
     Stored(Arc<dyn ModelFile>),
 }
 
+/// How long a fetch waits for the version its task names to be saved
+/// (asynchronous runs).
+const SAVE_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// The largest data message of a model stream. HTTP/2 sends a message only
 /// once the client's window has room for part of it, and asks the stream for
 /// the next one only after that: with messages no larger than a window, a
@@ -115,21 +119,55 @@ fn stored_chunks(stored: Arc<dyn ModelFile>, chunk_bytes: usize) -> BoxStream<pb
 }
 
 impl FederationService {
-    /// `FetchModel`: streams the current version to a node with a task for it.
+    /// An asynchronous run names the newest version in its tasks as soon
+    /// as its server step has made it, while it is still being saved: a
+    /// node whose task names it waits here (at most [`SAVE_WAIT`]) until it
+    /// is saved. Only a node with a task for that version waits.
+    async fn await_version(
+        &self,
+        peer: Option<&str>,
+        req: &pb::FetchModelRequest,
+    ) -> Result<Arc<crate::runtime::driver::ModelSnapshot>, Status> {
+        self.check_certificate_session(peer, &req.node_id).await?;
+        self.ask(|reply| Command::AdmitFetch {
+            session: req.node_id.clone(),
+            version: req.version,
+            reply,
+        })
+        .await?
+        .map_err(|r| rejection_status(&r))?;
+        let mut saved = self.snapshot.clone();
+        match tokio::time::timeout(SAVE_WAIT, saved.wait_for(|s| s.version >= req.version)).await {
+            Ok(Ok(snapshot)) => Ok(snapshot.clone()),
+            _ => Err(Status::unavailable(format!(
+                "model version {} is being saved; ask again shortly",
+                req.version
+            ))),
+        }
+    }
+
+    /// `FetchModel`: streams the current version to a node with a task for
+    /// it (in an asynchronous run, for it or an older one).
     pub(super) async fn fetch(
         &self,
         request: Request<pb::FetchModelRequest>,
     ) -> Result<Response<BoxStream<pb::ModelChunk>>, Status> {
         let peer = self.auth.peer_identity(&request)?;
         let req = request.into_inner();
-        let snapshot = self.snapshot.borrow().clone();
+        let mut snapshot = self.snapshot.borrow().clone();
+        if self.settings.asynchronous && req.version > snapshot.version {
+            snapshot = self.await_version(peer.as_deref(), &req).await?;
+        }
         if !snapshot.durable.load(Ordering::Acquire) {
             return Err(Status::unavailable(format!(
                 "model version {} is being saved; ask again shortly",
                 snapshot.version
             )));
         }
-        if req.version != snapshot.version {
+        // An asynchronous run serves the newest saved version to a node
+        // whose task named an older one; its update starts from what it got.
+        let older_served = self.settings.asynchronous && req.version < snapshot.version;
+        if req.version != snapshot.version && !older_served {
             return Err(Status::not_found(format!(
                 "model version {} is not available; the current version is {}",
                 req.version, snapshot.version
@@ -141,7 +179,7 @@ impl FederationService {
         let node = self
             .ask(|reply| Command::AdmitFetch {
                 session: req.node_id.clone(),
-                version: req.version,
+                version: snapshot.version,
                 reply,
             })
             .await?

@@ -79,9 +79,11 @@ pub fn rejection_status(r: &Rejection) -> Status {
     let msg = r.to_string();
     match r {
         Rejection::UnknownSession => Status::unauthenticated(msg),
-        Rejection::WrongRound { .. } | Rejection::WrongBaseVersion { .. } | Rejection::NoTask { .. } => {
-            Status::failed_precondition(msg)
-        }
+        Rejection::WrongRound { .. }
+        | Rejection::WrongBaseVersion { .. }
+        | Rejection::NoTask { .. }
+        | Rejection::TooStale { .. }
+        | Rejection::NoSuchTask { .. } => Status::failed_precondition(msg),
         Rejection::NotSelected { .. } => Status::permission_denied(msg),
         Rejection::SecAgg(_) => Status::failed_precondition(msg),
         Rejection::Duplicate { .. } | Rejection::NameInUse { .. } => Status::already_exists(msg),

@@ -36,15 +36,18 @@ use crate::core::secure::{SecAggOutput, SecureRecord, SecureRound, SecureSetting
 use crate::core::strategy::{RoundAggregate, Strategy, UpdateSource, clip_scale, l2_norm};
 use crate::core::training::TrainConfig;
 
+mod asynchronous;
 mod jobs;
 mod secure_steps;
 #[cfg(test)]
 mod tests;
 mod update;
 
+use asynchronous::AsyncState;
+pub use asynchronous::{AsyncSettings, StalenessWeight};
 use jobs::FoldTarget;
 pub use jobs::{Aggregated, AggregationFailure, AggregationJob, ClosedRound, FoldJob, Folded};
-pub use update::{Body, Contribution, Rejection, Update, UpdateKind};
+pub use update::{Body, Contribution, Rejection, Staleness, Update, UpdateKind};
 
 /// Settings of the round logic.
 #[derive(Debug, Clone, PartialEq)]
@@ -76,6 +79,8 @@ pub struct RoundSettings {
     pub train: TrainConfig,
     /// Secure aggregation, when the run uses it.
     pub secure: Option<SecureSettings>,
+    /// Asynchronous buffered aggregation instead of rounds, when set.
+    pub asynchronous: Option<AsyncSettings>,
 }
 
 /// A training task for one node.
@@ -178,8 +183,15 @@ struct RoundState {
 enum Phase {
     Waiting,
     Training(Box<RoundState>),
-    Aggregating { round: u64, state: ClosingState },
-    Closing { round: u64 },
+    Aggregating {
+        round: u64,
+        state: ClosingState,
+    },
+    Closing {
+        round: u64,
+    },
+    /// Asynchronous training ([`asynchronous`]), from its start to the last step.
+    Async(Box<AsyncState>),
     Finished,
 }
 
@@ -201,7 +213,22 @@ pub enum PhaseKind {
     Training,
     Aggregating,
     Closing,
+    /// Asynchronous training: nodes train and server steps run side by side.
+    Async,
     Finished,
+}
+
+/// What the strategy fixes about updates for the whole run, kept beside
+/// it: an asynchronous run checks and folds updates while the strategy is
+/// out in a server step.
+#[derive(Debug, Clone, Copy)]
+struct UpdateRules {
+    aggregator: crate::core::strategy::Aggregator,
+    precision: crate::core::strategy::Precision,
+    weighting: crate::core::strategy::Weighting,
+    clip_norm: Option<f64>,
+    max_norm: Option<f64>,
+    max_norm_factor: Option<f64>,
 }
 
 /// The coordinator's round logic. See the module docs.
@@ -214,6 +241,7 @@ pub struct RoundMachine {
     phase: Phase,
     /// Taken while an aggregation job runs.
     strategy: Option<Strategy>,
+    rules: UpdateRules,
     /// Why the run finished before its last round, if it did.
     stop_reason: Option<String>,
     /// The median norm of the last completed round's updates (what
@@ -257,6 +285,14 @@ impl RoundMachine {
             global: GlobalModel::Memory(global),
             nodes: BTreeMap::new(),
             phase: Phase::Waiting,
+            rules: UpdateRules {
+                aggregator: strategy.aggregator,
+                precision: strategy.precision,
+                weighting: strategy.weighting,
+                clip_norm: strategy.clip_norm,
+                max_norm: strategy.max_norm,
+                max_norm_factor: strategy.max_norm_factor,
+            },
             strategy: Some(strategy),
             stop_reason: None,
             norm_reference: None,
@@ -279,6 +315,11 @@ impl RoundMachine {
     /// SCAFFOLD's current server control variate, if the run uses it.
     pub fn control(&self) -> Option<&[f32]> {
         self.strategy.as_ref().and_then(|s| s.control.as_deref())
+    }
+
+    /// Whether the run trains asynchronously ([`asynchronous`]).
+    pub fn is_async(&self) -> bool {
+        self.settings.asynchronous.is_some()
     }
 
     /// The current global model version (rounds completed).
@@ -310,6 +351,7 @@ impl RoundMachine {
         match &self.phase {
             Phase::Training(r) => Some(r.round),
             Phase::Aggregating { round, .. } | Phase::Closing { round } => Some(*round),
+            Phase::Async(_) => Some(self.version + 1),
             _ => None,
         }
     }
@@ -321,6 +363,7 @@ impl RoundMachine {
             Phase::Training(_) => PhaseKind::Training,
             Phase::Aggregating { .. } => PhaseKind::Aggregating,
             Phase::Closing { .. } => PhaseKind::Closing,
+            Phase::Async(_) => PhaseKind::Async,
             Phase::Finished => PhaseKind::Finished,
         }
     }
@@ -377,11 +420,15 @@ impl RoundMachine {
         // A new session for a node in the round means its old one left (a
         // restarted node resumes under a new one before the old stream's
         // end is seen).
-        if rec.session != session
+        let replaced = rec.session != session;
+        if replaced
             && let Phase::Training(r) = &mut self.phase
             && r.selected.contains(name)
         {
             r.left.insert(name.to_owned());
+        }
+        if replaced && let Phase::Async(a) = &mut self.phase {
+            a.forget(name);
         }
         rec.session = session.to_owned();
         rec.connected = false;
@@ -401,7 +448,12 @@ impl RoundMachine {
         rec.connected_once = true;
         rec.last_seen_ms = now_ms;
         let out = match &self.phase {
+            Phase::Waiting if self.settings.asynchronous.is_some() => self.start_async(now_ms),
             Phase::Waiting => self.try_start(self.version + 1, 0, now_ms),
+            Phase::Async(_) => match self.async_reassign(&name) {
+                Some(task) => vec![task],
+                None => self.fill(now_ms),
+            },
             Phase::Training(r) if r.selected.contains(&name) && !r.accepted.iter().any(|c| c.node == name) => {
                 vec![Output::Assign {
                     task: self.task_for(r, &name),
@@ -422,6 +474,9 @@ impl RoundMachine {
         let rec = self.nodes.get_mut(&name).expect("known node");
         rec.connected = false;
         rec.last_seen_ms = now_ms;
+        if let Phase::Async(_) = &self.phase {
+            return self.async_forget(&name, now_ms);
+        }
         if let Phase::Training(r) = &mut self.phase
             && r.selected.contains(&name)
         {
@@ -433,6 +488,10 @@ impl RoundMachine {
     /// Checks an update's header before its payload is read.
     pub fn admit(&self, session: &str, round: u64, base_version: u64) -> Result<String, Rejection> {
         let name = self.node_of(session).ok_or(Rejection::UnknownSession)?;
+        if let Phase::Async(_) = &self.phase {
+            self.async_admit(name, round, base_version)?;
+            return Ok(name.to_owned());
+        }
         let Phase::Training(r) = &self.phase else {
             return Err(Rejection::WrongRound {
                 got: round,
@@ -468,9 +527,16 @@ impl RoundMachine {
 
     /// Checks a model fetch: only a node training in the round in progress
     /// (selected, its update not yet accepted) fetches, and only the
-    /// version its task names.
-    pub fn admit_fetch(&self, session: &str, version: u64) -> Result<String, Rejection> {
-        let name = self.node_of(session).ok_or(Rejection::UnknownSession)?;
+    /// version its task names. In an asynchronous run a node with a task
+    /// is served the newest saved version (`version`), which its update
+    /// then starts from.
+    pub fn admit_fetch(&mut self, session: &str, version: u64) -> Result<String, Rejection> {
+        let name = self.node_of(session).ok_or(Rejection::UnknownSession)?.to_owned();
+        if let Phase::Async(_) = &self.phase {
+            self.async_admit_fetch(&name, version)?;
+            return Ok(name);
+        }
+        let name = name.as_str();
         match &self.phase {
             Phase::Training(r)
                 if version == self.version
@@ -491,52 +557,14 @@ impl RoundMachine {
     /// mean, an [`Output::Fold`] of this update).
     pub fn submit(&mut self, session: &str, update: Update, now_ms: u64) -> Result<(usize, Vec<Output>), Rejection> {
         let name = self.admit(session, update.round, update.base_version)?;
+        if let Phase::Async(_) = &self.phase {
+            return self.async_submit(name, update, now_ms);
+        }
         if matches!(&self.phase, Phase::Training(r) if r.secure.is_some()) {
             return self.submit_masked(name, update, now_ms);
         }
+        let (update_norm, step) = self.check_update(&name, &update)?;
         let body = &update.body;
-        let numel = self.global.len();
-        let sections = 1 + usize::from(body.control);
-        if body.source.len() != numel * sections {
-            return Err(Rejection::WrongSize {
-                got: body.source.len() / sections,
-                expected: numel,
-            });
-        }
-        if let Some(index) = body.non_finite {
-            return Err(Rejection::NonFinite { index });
-        }
-        self.check_samples(&name, update.num_samples)?;
-        let algorithm = self.settings.train.algorithm;
-        let expected_kind = match algorithm {
-            Algorithm::FedSgd => UpdateKind::Gradient,
-            _ => UpdateKind::Delta,
-        };
-        let expected = (expected_kind, algorithm == Algorithm::Scaffold);
-        let got = (update.kind, body.control);
-        if got != expected {
-            return Err(Rejection::WrongKind {
-                expected: describe(expected.0, expected.1),
-                got: describe(got.0, got.1),
-            });
-        }
-        // FedSGD: the node's step is −η·g with this round's learning rate.
-        let step = match update.kind {
-            UpdateKind::Gradient => -self
-                .settings
-                .train
-                .learning_rate_at(update.round, self.settings.total_rounds),
-            UpdateKind::Delta => 1.0,
-        };
-        let update_norm = body.norm * step.abs();
-        if let Some(max) = self.strategy.as_ref().and_then(|s| s.max_norm)
-            && update_norm > max
-        {
-            return Err(Rejection::NormTooLarge {
-                norm: update_norm,
-                bound: max,
-            });
-        }
         let Phase::Training(r) = &mut self.phase else {
             unreachable!("admit checked the phase");
         };
@@ -586,10 +614,85 @@ impl RoundMachine {
         Ok((accepted, out))
     }
 
+    /// Checks a complete update against the model and the run's fixed
+    /// bounds: its size, its values, the samples it claims, what it holds
+    /// and its absolute norm. Returns its norm as applied and the factor of
+    /// its main section (−η for a FedSGD gradient, 1 for a delta).
+    fn check_update(&self, name: &str, update: &Update) -> Result<(f64, f64), Rejection> {
+        let body = &update.body;
+        let numel = self.global.len();
+        let sections = 1 + usize::from(body.control);
+        if body.source.len() != numel * sections {
+            return Err(Rejection::WrongSize {
+                got: body.source.len() / sections,
+                expected: numel,
+            });
+        }
+        if let Some(index) = body.non_finite {
+            return Err(Rejection::NonFinite { index });
+        }
+        self.check_samples(name, update.num_samples)?;
+        let algorithm = self.settings.train.algorithm;
+        let expected_kind = match algorithm {
+            Algorithm::FedSgd => UpdateKind::Gradient,
+            _ => UpdateKind::Delta,
+        };
+        let expected = (expected_kind, algorithm == Algorithm::Scaffold);
+        let got = (update.kind, body.control);
+        if got != expected {
+            return Err(Rejection::WrongKind {
+                expected: describe(expected.0, expected.1),
+                got: describe(got.0, got.1),
+            });
+        }
+        // FedSGD: the node's step is −η·g with this round's learning rate.
+        let step = match update.kind {
+            UpdateKind::Gradient => -self
+                .settings
+                .train
+                .learning_rate_at(update.round, self.settings.total_rounds),
+            UpdateKind::Delta => 1.0,
+        };
+        let update_norm = body.norm * step.abs();
+        if let Some(max) = self.rules.max_norm
+            && update_norm > max
+        {
+            return Err(Rejection::NormTooLarge {
+                norm: update_norm,
+                bound: max,
+            });
+        }
+        Ok((update_norm, step))
+    }
+
+    /// The most an update's norm may be under `strategy.max_norm_factor`,
+    /// and the reference it multiplies, in words.
+    fn norm_bound(&self) -> Option<(f64, String)> {
+        let factor = self.rules.max_norm_factor?;
+        // Honest updates can outgrow the last round's median early in a
+        // run (the model leaves its flat start), but an update many times
+        // the model itself is no training step: the larger of the two is
+        // the reference.
+        let (reference, what) = match self.norm_reference {
+            Some(median) if median > self.model_norm => (
+                median,
+                format!("{median:.4e}, the median norm of the last completed round's updates"),
+            ),
+            _ => (
+                self.model_norm,
+                format!("{:.4e}, the norm of the global model", self.model_norm),
+            ),
+        };
+        (reference > 0.0).then(|| (factor * reference, format!("{factor} times {what}")))
+    }
+
     /// An accepted update's fold finished. A fold that failed (its spooled
     /// payload could not be read back) leaves the sum in an unknown state:
     /// the round is retried.
     pub fn folded(&mut self, done: Folded, now_ms: u64) -> Vec<Output> {
+        if let Phase::Async(_) = &self.phase {
+            return self.async_folded(done, now_ms);
+        }
         let Phase::Training(r) = &mut self.phase else {
             return Vec::new();
         };
@@ -617,6 +720,9 @@ impl RoundMachine {
         let Some(name) = self.node_of(session).map(str::to_owned) else {
             return Vec::new();
         };
+        if let Phase::Async(_) = &self.phase {
+            return self.async_refuse(&name, round, now_ms);
+        }
         let Phase::Training(r) = &mut self.phase else {
             return Vec::new();
         };
@@ -630,6 +736,9 @@ impl RoundMachine {
     /// closes or retries a round whose deadline is over.
     pub fn tick(&mut self, now_ms: u64) -> Vec<Output> {
         self.expire_joins(now_ms);
+        if let Phase::Async(_) = &self.phase {
+            return self.async_tick(now_ms);
+        }
         let Phase::Training(r) = &self.phase else {
             return Vec::new();
         };
@@ -697,6 +806,9 @@ impl RoundMachine {
     /// The round's aggregation finished: publish the new model for
     /// persisting, or retry the round when the aggregator could not be applied.
     pub fn aggregated(&mut self, done: Aggregated, now_ms: u64) -> Vec<Output> {
+        if let Phase::Async(_) = &self.phase {
+            return self.async_aggregated(done, now_ms);
+        }
         let Phase::Aggregating { round, .. } = &self.phase else {
             return Vec::new();
         };
@@ -792,6 +904,9 @@ impl RoundMachine {
 
     /// The closed round is durable and evaluated: start the next one, or finish.
     pub fn persisted(&mut self, now_ms: u64) -> Vec<Output> {
+        if let Phase::Async(_) = &self.phase {
+            return self.async_persisted(now_ms);
+        }
         let Phase::Closing { round } = self.phase else {
             return Vec::new();
         };
@@ -823,8 +938,10 @@ impl RoundMachine {
         self.nodes
             .iter()
             .map(|(name, n)| {
-                let delivered = round.is_some_and(|r| r.accepted.iter().any(|c| &c.node == name));
-                let selected = round.is_some_and(|r| r.selected.contains(name));
+                let in_async = self.async_state_of(name);
+                let delivered =
+                    round.is_some_and(|r| r.accepted.iter().any(|c| &c.node == name)) || in_async == Some(false);
+                let selected = round.is_some_and(|r| r.selected.contains(name)) || in_async == Some(true);
                 let state = match (n.connected, selected, delivered) {
                     (_, _, true) => "delivered",
                     (false, _, _) => "offline",
@@ -928,23 +1045,7 @@ impl RoundMachine {
             .map(|n| (n.clone(), self.nodes.get(n).map_or(0, |r| r.num_samples)))
             .collect();
         let weight_cap = strategy.weighting.cap(declared.values().copied());
-        // Honest updates can outgrow the last round's median early in a
-        // run (the model leaves its flat start), but an update many times
-        // the model itself is no training step: the larger of the two is
-        // the reference.
-        let norm_bound = strategy.max_norm_factor.and_then(|factor| {
-            let (reference, what) = match self.norm_reference {
-                Some(median) if median > self.model_norm => (
-                    median,
-                    format!("{median:.4e}, the median norm of the last completed round's updates"),
-                ),
-                _ => (
-                    self.model_norm,
-                    format!("{:.4e}, the norm of the global model", self.model_norm),
-                ),
-            };
-            (reference > 0.0).then(|| (factor * reference, format!("{factor} times {what}")))
-        });
+        let norm_bound = self.norm_bound();
         let state = RoundState {
             round,
             attempt,
@@ -1002,9 +1103,7 @@ impl RoundMachine {
     }
 
     fn task_for(&self, r: &RoundState, node: &str) -> Task {
-        let node_hash = node.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-            (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
-        });
+        let node_hash = node_hash(node);
         let total = self.settings.total_rounds;
         let every = self.settings.federated_every;
         let evaluate = every > 0 && (r.round.is_multiple_of(every) || r.round == total);
@@ -1226,6 +1325,13 @@ fn describe(kind: UpdateKind, control: bool) -> String {
     } else {
         main.to_string()
     }
+}
+
+/// FNV-1a of a node's name, for its per-task seeds.
+fn node_hash(node: &str) -> u64 {
+    node.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    })
 }
 
 /// SplitMix64 over three words: a cheap, well-spread seed derivation.

@@ -1,10 +1,13 @@
-//! Unit tests of the round machine, driven without sockets or threads.
+//! Unit tests of the round machine, driven without sockets or threads
+//! (`asynchronous`: those of asynchronous training).
 
 use fedge_common::task::TrainMetrics;
 
 use super::*;
 use crate::core::secure::{SecAggInput, Step};
 use crate::core::strategy::{Aggregator, ServerOpt, ServerOptimizer};
+
+mod asynchronous;
 
 fn settings(min_nodes: usize, fraction: f64) -> RoundSettings {
     RoundSettings {
@@ -21,6 +24,7 @@ fn settings(min_nodes: usize, fraction: f64) -> RoundSettings {
         federated_every: 1,
         train: TrainConfig::default(),
         secure: None,
+        asynchronous: None,
     }
 }
 

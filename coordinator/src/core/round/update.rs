@@ -33,6 +33,22 @@ pub struct Contribution {
     pub upload_seconds: f64,
     /// When the update was accepted, seconds after the round started.
     pub arrived_seconds: f64,
+    /// The global model version the update was computed from.
+    pub base_version: u64,
+    /// Asynchronous training: the task it answers, how many versions
+    /// behind the current one its base was when it arrived, and the factor
+    /// that staleness multiplied it by (`None` in synchronous rounds).
+    pub staleness: Option<Staleness>,
+}
+
+/// How stale an asynchronous update was, and what that cost it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Staleness {
+    pub task: u64,
+    /// Current version − base version, when it arrived.
+    pub versions: u64,
+    /// The staleness weight its values were multiplied by.
+    pub factor: f64,
 }
 
 impl Contribution {
@@ -53,6 +69,8 @@ impl Contribution {
             upload_seconds: update.upload_seconds,
             // Set by `RoundMachine::record`.
             arrived_seconds: 0.0,
+            base_version: update.base_version,
+            staleness: None,
         }
     }
 }
@@ -147,6 +165,11 @@ pub enum Rejection {
     NameInUse { node: String },
     /// A secure-aggregation message or masked input that does not fit the round.
     SecAgg(String),
+    /// Asynchronous training: the update's base version is more than
+    /// `async.max_staleness` versions behind the current one.
+    TooStale { base: u64, current: u64, max: u64 },
+    /// Asynchronous training: the update answers no task the node has in progress.
+    NoSuchTask { node: String, task: u64 },
 }
 
 impl Rejection {
@@ -168,6 +191,8 @@ impl Rejection {
             Rejection::NoTask { .. } => "no_task",
             Rejection::NameInUse { .. } => "name_in_use",
             Rejection::SecAgg(_) => "secure_aggregation",
+            Rejection::TooStale { .. } => "too_stale",
+            Rejection::NoSuchTask { .. } => "no_task",
         }
     }
 
@@ -242,6 +267,17 @@ impl fmt::Display for Rejection {
             ),
             Rejection::SecAgg(m) if m.starts_with("secure aggregation") => f.write_str(m),
             Rejection::SecAgg(m) => write!(f, "secure aggregation: {m}"),
+            Rejection::TooStale { base, current, max } => write!(
+                f,
+                "update computed against model version {base} is {} versions behind the current version \
+                 {current}; this run accepts updates at most {max} versions behind (async.max_staleness)",
+                current.saturating_sub(*base)
+            ),
+            Rejection::NoSuchTask { node, task } => write!(
+                f,
+                "node {node} has no task {task} in progress (its deadline passed, it joined again, or the run \
+                 finished); it gets a new task"
+            ),
             Rejection::NameInUse { node } => write!(
                 f,
                 "node {node} is already connected in another session; a rejoining node presents its previous \

@@ -180,6 +180,7 @@ impl CloseJob {
             round_seconds: train_phase.as_secs_f64() + eval_seconds,
             privacy: closed.privacy.clone(),
             secure_aggregation: closed.secure.clone(),
+            staleness: staleness_histogram(&closed.contributions),
         };
         let persist_start = Instant::now();
         let resident = self.resident_model_bytes;
@@ -213,6 +214,18 @@ impl CloseJob {
     }
 }
 
+/// An asynchronous step's updates counted by staleness (`None` for a
+/// synchronous round).
+pub(super) fn staleness_histogram(
+    contributions: &[crate::core::round::Contribution],
+) -> Option<std::collections::BTreeMap<u64, u64>> {
+    let mut histogram = std::collections::BTreeMap::new();
+    for s in contributions.iter().filter_map(|c| c.staleness) {
+        *histogram.entry(s.versions).or_insert(0) += 1;
+    }
+    (!histogram.is_empty()).then_some(histogram)
+}
+
 /// Logs a persisted round.
 pub(super) fn log_round(rec: &RoundRecord, total_rounds: u64) {
     let percent = |a: Option<f64>| a.map_or_else(|| "-".into(), |a| format!("{:.2}%", a * 100.0));
@@ -228,6 +241,7 @@ pub(super) fn log_round(rec: &RoundRecord, total_rounds: u64) {
         bytes_down = rec.bytes_down,
         update_payload_bytes = rec.participants.iter().map(|p| p.payload_bytes).sum::<u64>(),
         epsilon = rec.privacy.as_ref().map(|p| format!("{:.3}", p.epsilon)),
+        staleness = rec.staleness.as_ref().map(|h| format!("{h:?}")),
         "round complete"
     );
 }

@@ -15,10 +15,12 @@
 //! - `snapshot`: the model version fetches are served from;
 //! - `traffic`: the byte and refusal counters the service keeps;
 //! - `close`: a closed round's evaluation, record and checkpoint;
+//! - `evaluation`: an asynchronous run's steps evaluated beside them;
 //! - `report`: the run's status, metrics and per-node sums.
 
 mod close;
 mod command;
+mod evaluation;
 mod report;
 mod snapshot;
 mod traffic;
@@ -34,6 +36,7 @@ use tokio_util::sync::CancellationToken;
 
 use self::close::{CheckedEval, CloseJob, Persisted};
 pub use self::command::{Command, Instruction, ask};
+use self::evaluation::StepEvals;
 use self::report::{NodeTotals, round_point};
 pub use self::snapshot::ModelSnapshot;
 pub use self::traffic::Traffic;
@@ -66,6 +69,12 @@ enum Completion {
     Aggregated(Result<(Box<Aggregated>, Option<CheckedEval>)>),
     /// A closed round evaluated, recorded and saved.
     Persisted(Result<Box<Persisted>>),
+    /// An asynchronous run's saved step evaluated.
+    Evaluated {
+        version: u64,
+        result: Result<fedge_common::task::EvalMetrics>,
+        seconds: f64,
+    },
 }
 
 /// Everything the driver owns.
@@ -109,6 +118,13 @@ pub struct Driver {
     reference_loss: Option<f64>,
     /// The evaluation the check made of the round being closed.
     checked_eval: Option<CheckedEval>,
+    /// An asynchronous run's new version while it is saved: published for
+    /// fetches once durable, while the previous one keeps being served.
+    saving: Option<Arc<ModelSnapshot>>,
+    /// An asynchronous step being saved, with its model, when it is due
+    /// for central evaluation once saved.
+    step_model: Option<(u64, Arc<Vec<f32>>)>,
+    step_evals: StepEvals,
 }
 
 /// Milliseconds since the Unix epoch.
@@ -172,6 +188,9 @@ impl Driver {
             model_check: None,
             reference_loss: None,
             checked_eval: None,
+            saving: None,
+            step_model: None,
+            step_evals: StepEvals::default(),
         }
     }
 
@@ -368,12 +387,19 @@ impl Driver {
                 reply,
             } => {
                 let r = self.machine.admit(&session, round, base_version);
+                let refused = r.is_err();
                 if let Err(e) = &r {
                     self.traffic
                         .count_refused_update(e.label(), self.machine.node_of(&session));
                 }
                 let _ = reply.send(r);
-                Vec::new()
+                // An asynchronous task ends with its refused update, and
+                // the node gets a new one.
+                if refused && self.machine.is_async() {
+                    self.machine.refuse(&session, round, now)
+                } else {
+                    Vec::new()
+                }
             }
             Command::SecAgg {
                 session,
@@ -407,7 +433,7 @@ impl Driver {
                     }
                     Err(e) => {
                         self.traffic.count_refused_update(e.label(), Some(&node));
-                        let content = e.is_content();
+                        let content = e.is_content() || self.machine.is_async();
                         let _ = reply.send(Err(e));
                         if content {
                             self.machine.refuse(&session, round, now)
@@ -451,27 +477,48 @@ impl Driver {
                     // freed, so evaluation and persisting run with one global
                     // model in memory. It is served only once it is durable,
                     // and tasks name it only after that.
-                    let snapshot = ModelSnapshot::new(
+                    let snapshot = Arc::new(ModelSnapshot::new(
                         closed.version,
                         self.manifest.clone(),
                         closed.global.clone(),
                         closed.control.clone(),
-                    );
-                    self.snapshot.send_replace(Arc::new(snapshot));
+                    ));
+                    if self.machine.is_async() {
+                        // Nodes keep training and fetching while the step
+                        // is saved: they get the previous version meanwhile.
+                        self.saving = Some(snapshot);
+                    } else {
+                        self.snapshot.send_replace(snapshot);
+                    }
                     let store = self
                         .store
                         .take()
                         .ok_or_else(|| Error::Internal("run store missing".into()))?;
-                    let eval_due = self.eval_every > 0
+                    let mut eval_due = self.eval_every > 0
                         && (closed.round.is_multiple_of(u64::from(self.eval_every))
                             || closed.round == self.total_rounds);
+                    let checked = self.checked_eval.take().filter(|c| c.round == closed.round);
+                    if self.machine.is_async() {
+                        // Evaluated once saved, beside the next steps.
+                        if eval_due && checked.is_none() {
+                            self.step_model = Some((closed.version, closed.global.clone()));
+                        }
+                        eval_due = false;
+                    }
+                    // An asynchronous step's updates arrived while its
+                    // buffer was open; a round's from its first task on.
+                    let train_phase = if self.machine.is_async() {
+                        Duration::from_millis(closed.closed_ms.saturating_sub(closed.started_ms))
+                    } else {
+                        self.round_started.map(|t| t.elapsed()).unwrap_or_default()
+                    };
                     let job = CloseJob {
-                        checked: self.checked_eval.take().filter(|c| c.round == closed.round),
+                        checked,
                         closed,
                         store,
                         evaluator: self.evaluator.clone(),
                         eval_due,
-                        train_phase: self.round_started.map(|t| t.elapsed()).unwrap_or_default(),
+                        train_phase,
                         aggregation_seconds: self.aggregation_seconds,
                         traffic: self.traffic.clone(),
                         last_counters: self.last_counters,
@@ -484,6 +531,7 @@ impl Driver {
                 }
                 Output::SecAgg { node, message } => self.send_secure(&node, message),
                 Output::Finished => {
+                    self.settle_step_evals().await?;
                     self.draw_curves(true).await;
                     return self.finish().map(Some);
                 }
@@ -512,10 +560,28 @@ impl Driver {
                 self.checked_eval = checked;
                 self.machine.aggregated(*done, now_ms())
             }
+            Completion::Evaluated {
+                version,
+                result,
+                seconds,
+            } => {
+                self.step_evaluated(version, result, seconds)?;
+                Vec::new()
+            }
             Completion::Persisted(result) => {
                 let persisted = *result?;
                 self.store = Some(persisted.store);
-                self.snapshot.borrow().durable.store(true, Ordering::Release);
+                self.record_step_evals();
+                if let Some((version, global)) = self.step_model.take() {
+                    self.evaluate_step(version, global);
+                }
+                match self.saving.take() {
+                    Some(saved) => {
+                        saved.durable.store(true, Ordering::Release);
+                        self.snapshot.send_replace(saved);
+                    }
+                    None => self.snapshot.borrow().durable.store(true, Ordering::Release),
+                }
                 self.last_counters = persisted.last_counters;
                 if let Some(loss) = persisted.test_loss {
                     self.reference_loss = Some(loss);

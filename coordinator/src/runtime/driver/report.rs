@@ -9,7 +9,7 @@ use tokio::sync::watch;
 
 use super::Driver;
 use crate::runtime::metrics::Metrics;
-use crate::runtime::status::{NodeStatus, PrivacyStatus, RoundPoint, SecureStatus, Status, phase_label};
+use crate::runtime::status::{AsyncStatus, NodeStatus, PrivacyStatus, RoundPoint, SecureStatus, Status, phase_label};
 use crate::runtime::store::RoundRecord;
 
 /// A node's sums over the rounds it took part in.
@@ -61,6 +61,7 @@ pub(super) fn round_point(rec: &RoundRecord) -> RoundPoint {
         epsilon: rec.privacy.as_ref().map(|p| p.epsilon),
         secure_survivors: rec.secure_aggregation.as_ref().map(|s| s.survivors),
         secure_dropped: rec.secure_aggregation.as_ref().map(|s| s.dropped),
+        staleness: rec.staleness.clone(),
     }
 }
 
@@ -96,6 +97,9 @@ impl Driver {
         m.count_refusals(&rec.refusals);
         m.round_seconds.observe(rec.round_seconds);
         m.aggregation_seconds.observe(rec.aggregation_seconds);
+        for s in rec.participants.iter().filter_map(|p| p.staleness) {
+            m.update_staleness.observe(s as f64);
+        }
     }
 
     pub(super) fn publish_status(&mut self) {
@@ -106,6 +110,15 @@ impl Driver {
         m.rounds_completed.set(completed as i64);
         m.round.set(self.machine.current_round().unwrap_or(0) as i64);
         m.connected_nodes.set(self.machine.connected_nodes() as i64);
+        let asynchronous = self.machine.async_view().map(|v| AsyncStatus {
+            in_flight: v.in_flight,
+            buffered: v.buffered,
+            buffer_size: v.buffer_size,
+            waiting_steps: v.waiting_steps,
+            durable_version: v.durable_version,
+        });
+        m.in_flight_nodes
+            .set(asynchronous.as_ref().map_or(0, |a| a.in_flight) as i64);
         let Some(tx) = &self.status else { return };
         // The node table costs O(nodes): rebuild it at most every 200 ms
         // (the driver's tick publishes what the skipped events changed),
@@ -170,6 +183,7 @@ impl Driver {
             s.completed_rounds = completed;
             s.connected_nodes = self.machine.connected_nodes();
             s.nodes = nodes;
+            s.asynchronous = asynchronous;
             if privacy.is_some() {
                 s.privacy = privacy;
             }
@@ -183,9 +197,20 @@ impl Driver {
             if let Some(history) = history {
                 s.last_test_accuracy = last.and_then(|r| r.test_accuracy);
                 s.last_test_loss = last.and_then(|r| r.test_loss);
-                // The history only grows: add the rounds not shown yet.
+                // The history only grows: add the rounds not shown yet, and
+                // the evaluations of recent asynchronous steps that came
+                // back after their step was shown.
                 let shown = s.rounds.len();
                 s.rounds.extend(history.iter().skip(shown).map(round_point));
+                for (point, rec) in s.rounds.iter_mut().zip(history).rev().take(32) {
+                    if point.test_accuracy.is_none() && rec.test_accuracy.is_some() {
+                        *point = round_point(rec);
+                    }
+                }
+                if last.is_some_and(|r| r.test_accuracy.is_none()) {
+                    s.last_test_accuracy = history.iter().rev().find_map(|r| r.test_accuracy);
+                    s.last_test_loss = history.iter().rev().find_map(|r| r.test_loss);
+                }
             }
         });
     }
