@@ -9,13 +9,17 @@
 #   FEDGE_NODES=8 FEDGE_DATA=~/.cache/fedge/cifar-10-batches-bin scripts/compose-prepare.sh
 #   FEDGE_STRAGGLERS=1 scripts/compose-prepare.sh       # the last node is slow
 #   FEDGE_SLOWDOWNS=lognormal:8 scripts/compose-prepare.sh  # devices 1x to 8x slower
+#   FEDGE_ASYNC=1 FEDGE_SLOWDOWNS=speeds.csv scripts/compose-prepare.sh  # asynchronous training on a trace
 #
 # Variables: FEDGE_NODES (4), FEDGE_ROUNDS (5), FEDGE_DATA (a data set folder;
 # default: the synthetic set), FEDGE_PARTITION (iid | dirichlet | shards |
 # quantity; default iid), FEDGE_STRAGGLERS (0: how many of the last nodes get
 # FEDGE_STRAGGLER_CPUS (0.1) and a FEDGE_STRAGGLER_UPLINK (200000) bytes/s
-# link), FEDGE_SLOWDOWNS (lognormal:MAX, or a node,slowdown CSV file: each
-# node's train.slowdown; see `coordinator slowdowns`), FEDGE_NODE_CPUS (0.5), FEDGE_NODE_MEMORY (1g), FEDGE_FLEET_DIR
+# link), FEDGE_SLOWDOWNS (lognormal:MAX, or a node,slowdown[,online,offline[,offset]]
+# CSV file: each node's train.slowdown and availability; see `coordinator
+# slowdowns`), FEDGE_ASYNC (1: asynchronous training, [async]),
+# FEDGE_MIN_AVAILABLE (connected nodes before training starts; default
+# FEDGE_NODES), FEDGE_NODE_CPUS (0.5), FEDGE_NODE_MEMORY (1g), FEDGE_FLEET_DIR
 # (./fleet; must not exist unless FEDGE_FORCE=1), FEDGE_GRPC_PORT (7070),
 # FEDGE_HTTP_PORT (8080), FEDGE_REBUILD=1 to rebuild the images.
 set -euo pipefail
@@ -36,6 +40,9 @@ die() { log "$*"; exit 1; }
 
 [[ $nodes =~ ^[1-9][0-9]*$ ]] || die "FEDGE_NODES must be a positive number, got '$nodes'"
 [[ $stragglers =~ ^[0-9]+$ ]] && (( stragglers <= nodes )) || die "FEDGE_STRAGGLERS must be 0..$nodes, got '$stragglers'"
+min_available=${FEDGE_MIN_AVAILABLE:-$nodes}
+[[ $min_available =~ ^[1-9][0-9]*$ ]] && (( min_available <= nodes )) || die "FEDGE_MIN_AVAILABLE must be 1..$nodes, got '$min_available'"
+case ${FEDGE_ASYNC:-0} in 1|true) async=true ;; 0|false|"") async=false ;; *) die "FEDGE_ASYNC must be 0 or 1, got '$FEDGE_ASYNC'" ;; esac
 command -v docker >/dev/null || die "docker is required"
 case $fleet in /*) ;; *) fleet="$repo/$fleet" ;; esac
 if [[ -e $fleet ]]; then
@@ -71,8 +78,10 @@ run_tool partition "${data_args[@]}" --out /fleet/data --nodes "$nodes" --scheme
 log "making a development CA and certificates"
 run_tool certs --out /fleet/pki --nodes "$nodes" --hosts coordinator,localhost,127.0.0.1
 
-# Each node's slowdown (1: the machine's speed), node-1 first.
+# Each node's slowdown (1: the machine's speed) and availability
+# ("online,offline,offset", empty: always online), node-1 first.
 slowdowns=()
+availability=()
 if [[ -n ${FEDGE_SLOWDOWNS:-} ]]; then
     spec=$FEDGE_SLOWDOWNS
     trace_mount=()
@@ -84,6 +93,7 @@ if [[ -n ${FEDGE_SLOWDOWNS:-} ]]; then
     trace=$(docker run --rm --user "$uid:$gid" "${trace_mount[@]}" --entrypoint coordinator \
         "fedge/coordinator:$tag" slowdowns "$spec" --nodes "$nodes")
     mapfile -t slowdowns < <(tail -n +2 <<<"$trace" | cut -d, -f2)
+    mapfile -t availability < <(tail -n +2 <<<"$trace" | cut -d, -f3-5)
     log "node slowdowns: ${slowdowns[*]}"
 fi
 
@@ -93,6 +103,8 @@ COMPOSE_PROJECT_NAME=fedge
 FEDGE_FLEET_DIR=$fleet
 FEDGE_NODES=$nodes
 FEDGE_ROUNDS=$rounds
+FEDGE_MIN_AVAILABLE=$min_available
+FEDGE_ASYNC=$async
 FEDGE_UID=$uid
 FEDGE_GID=$gid
 FEDGE_IMAGE_TAG=$tag
@@ -118,7 +130,9 @@ if (( nodes != 4 || stragglers > 0 || ${#slowdowns[@]} > 0 )); then
             fi
             slow=$(( i > nodes - stragglers ))
             slowdown=${slowdowns[i-1]:-1.000}
-            (( i <= 4 && slow == 0 )) && [[ $slowdown == 1.000 ]] && continue
+            window=${availability[i-1]:-}
+            [[ $window == ,* || $window == "" ]] && window=""
+            (( i <= 4 && slow == 0 )) && [[ $slowdown == 1.000 && -z $window ]] && continue
             printf '  %s:\n' "$name"
             if (( i > 4 )); then
                 cat <<YAML
@@ -134,6 +148,12 @@ YAML
             printf '    environment:\n      FEDGE_NODE_NAME: %s\n' "$name"
             if [[ $slowdown != 1.000 ]]; then
                 printf '      FEDGE_NODE_TRAIN__SLOWDOWN: "%s"\n' "$slowdown"
+            fi
+            if [[ -n $window ]]; then
+                IFS=, read -r online offline offset <<<"$window"
+                printf '      FEDGE_NODE_AVAILABILITY__ONLINE: "%s"\n' "$online"
+                printf '      FEDGE_NODE_AVAILABILITY__OFFLINE: "%s"\n' "$offline"
+                [[ -n $offset ]] && printf '      FEDGE_NODE_AVAILABILITY__OFFSET: "%s"\n' "$offset"
             fi
             if (( slow )); then
                 printf '      FEDGE_NODE_UPLOAD_BYTES_PER_SEC: "%s"\n' "${FEDGE_STRAGGLER_UPLINK:-200000}"

@@ -37,6 +37,27 @@ pub struct ModelCache {
     pub params: Arc<Vec<f32>>,
     /// SCAFFOLD's server control variate and the version it belongs to.
     pub control: Option<(u64, Arc<Vec<f32>>)>,
+    /// An asynchronous run's update the coordinator did not take because
+    /// it went away or forgot this node's session (it restarted): the next
+    /// session of the same run sends it again, before its first task.
+    pub carried: Option<Carried>,
+}
+
+/// An update kept for the next session ([`ModelCache::carried`]).
+#[derive(Debug, Clone)]
+pub struct Carried {
+    header: pb::UpdateHeader,
+    payload: prost::bytes::Bytes,
+}
+
+/// What became of an update.
+enum Delivery {
+    Delivered,
+    /// The coordinator refused it.
+    Refused,
+    /// It did not arrive: the coordinator was unreachable through every
+    /// attempt, or no longer knew the session (`Some`: that status).
+    Lost(Option<tonic::Status>),
 }
 
 /// Counts kept across sessions, for logs.
@@ -117,6 +138,11 @@ pub async fn run_session(ctx: SessionCtx<'_>) -> Result<SessionEnd> {
     }
     let session = joined.node_id;
     ctx.stats.session = Some(session.clone());
+    if let Some(carried) = ctx.cache.carried.take()
+        && settings.asynchronous
+    {
+        deliver_carried(&mut client, ctx.config, ctx.stats, &session, carried).await;
+    }
     let codec = match &settings.update_codec {
         Some(c) => Codec::try_from(c)?,
         None => Codec::F32,
@@ -143,6 +169,7 @@ pub async fn run_session(ctx: SessionCtx<'_>) -> Result<SessionEnd> {
             Some(pb::instruction::Kind::Train(task)) => {
                 let run = RunInfo {
                     kind,
+                    asynchronous: settings.asynchronous,
                     run_id: &settings.run_id,
                     codec,
                     class_names: &settings.classes,
@@ -200,6 +227,7 @@ struct NodeCtx<'a, 'b> {
 #[derive(Debug, Clone, Copy)]
 struct RunInfo<'a> {
     kind: ModelKind,
+    asynchronous: bool,
     run_id: &'a str,
     codec: Codec,
     class_names: &'a [String],
@@ -293,8 +321,12 @@ async fn handle_task(node: &mut NodeCtx<'_, '_>, run: RunInfo<'_>, task: pb::Tra
         codec: run.codec,
     };
     // An instruction that arrives while the node trains: a stop (the run
-    // ended, or the task's round closed without it) abandons the training.
+    // ended) abandons the training; anything else waits for the update to
+    // be sent. A stream that breaks (the coordinator went away) does not
+    // stop the training: its update is still sent, or kept for the next
+    // session of an asynchronous run.
     let mut held = None;
+    let mut listening = true;
     let mut result = match &mut secure {
         None => {
             let training = node.trainer.train(job);
@@ -302,17 +334,14 @@ async fn handle_task(node: &mut NodeCtx<'_, '_>, run: RunInfo<'_>, task: pb::Tra
             loop {
                 tokio::select! {
                     done = &mut training => break done?,
-                    msg = node.instructions.message(), if held.is_none() => match msg? {
-                        None => {
-                            node.trainer.interrupt();
-                            return Ok(Next::Closed);
-                        }
-                        Some(m) if matches!(m.kind, Some(pb::instruction::Kind::Stop(_))) => {
+                    msg = node.instructions.message(), if listening && held.is_none() => match msg {
+                        Ok(Some(m)) if matches!(m.kind, Some(pb::instruction::Kind::Stop(_))) => {
                             node.trainer.interrupt();
                             tracing::info!(round, "stopped while training; the training is abandoned");
                             return Ok(Next::Handle(m));
                         }
-                        Some(m) => held = Some(m),
+                        Ok(Some(m)) => held = Some(m),
+                        Ok(None) | Err(_) => listening = false,
                     },
                 }
             }
@@ -403,29 +432,73 @@ async fn handle_task(node: &mut NodeCtx<'_, '_>, run: RunInfo<'_>, task: pb::Tra
         } as i32,
         has_control_delta,
     };
-    let delivered = upload(node, header, payload, values, codec).await?;
+    let carry = run.asynchronous.then(|| Carried {
+        header: header.clone(),
+        payload: payload.clone(),
+    });
+    let delivered = match upload(node, header, payload, values, codec).await? {
+        Delivery::Delivered => true,
+        Delivery::Refused => false,
+        Delivery::Lost(status) => {
+            if carry.is_some() {
+                tracing::info!(round, "update kept for the next session");
+                node.cache.carried = carry;
+            }
+            if let Some(status) = status {
+                return Err(Error::Status(status));
+            }
+            false
+        }
+    };
     match (secure, held) {
         (Some(mut sec), _) if delivered => sec.await_unmask(node).await,
         (_, Some(m)) => Ok(Next::Handle(m)),
+        _ if !listening => Ok(Next::Closed),
         _ => Ok(Next::Read),
     }
 }
 
-/// Sends an update (header, chunks, trailer), retrying transient failures.
-/// Returns whether the coordinator took it.
-async fn upload(
-    node: &mut NodeCtx<'_, '_>,
+/// Sends an update kept from an earlier session under this one, once.
+async fn deliver_carried(
+    client: &mut FederationClient<Channel>,
+    config: &NodeConfig,
+    stats: &mut NodeStats,
+    session: &str,
+    carried: Carried,
+) {
+    let mut header = carried.header;
+    header.node_id = session.to_owned();
+    let round = header.round;
+    let (msgs, sent) = update_messages(header, &carried.payload, config);
+    match client
+        .submit_update(upload_stream(msgs, config.upload_bytes_per_sec))
+        .await
+    {
+        Ok(_) => {
+            stats.rounds_trained += 1;
+            stats.bytes_up += sent;
+            tracing::info!(round, bytes = sent, "update from the last session delivered");
+        }
+        Err(s) => tracing::warn!(
+            round,
+            code = ?s.code(),
+            reason = s.message(),
+            "update from the last session refused"
+        ),
+    }
+}
+
+/// An update's messages (header, chunks, trailer) and their bytes.
+fn update_messages(
     header: pb::UpdateHeader,
-    payload: prost::bytes::Bytes,
-    values: usize,
-    codec: Codec,
-) -> Result<bool> {
-    let (config, round) = (node.config, header.round);
+    payload: &prost::bytes::Bytes,
+    config: &NodeConfig,
+) -> (Vec<pb::UpdateChunk>, u64) {
     let header = pb::UpdateChunk {
         part: Some(pb::update_chunk::Part::Header(header)),
     };
     let trailer = pb::UpdateChunk {
-        part: Some(pb::update_chunk::Part::Trailer(pb::Trailer { crc32: crc32(&payload) })),
+        part: Some(pb::update_chunk::Part::Trailer(pb::Trailer { crc32: crc32(payload) })),
     };
     // An emulated slow link sends smaller chunks, about four a second.
     let chunk_bytes = match config.upload_bytes_per_sec {
@@ -433,11 +506,24 @@ async fn upload(
         rate => (rate as usize / 4).clamp(4096, fedge_common::wire::DEFAULT_CHUNK_BYTES),
     };
     let mut msgs = vec![header];
-    msgs.extend(chunks(&payload, chunk_bytes).map(|c| pb::UpdateChunk {
+    msgs.extend(chunks(payload, chunk_bytes).map(|c| pb::UpdateChunk {
         part: Some(pb::update_chunk::Part::Data(c)),
     }));
     msgs.push(trailer);
     let sent: u64 = msgs.iter().map(|m| prost::Message::encoded_len(m) as u64).sum();
+    (msgs, sent)
+}
+
+/// Sends an update (header, chunks, trailer), retrying transient failures.
+async fn upload(
+    node: &mut NodeCtx<'_, '_>,
+    header: pb::UpdateHeader,
+    payload: prost::bytes::Bytes,
+    values: usize,
+    codec: Codec,
+) -> Result<Delivery> {
+    let (config, round) = (node.config, header.round);
+    let (msgs, sent) = update_messages(header, &payload, config);
     // Transient failures (a lost connection or acknowledgement, a full
     // coordinator) are retried with backoff; the coordinator counts an
     // update once, so a resend it already has comes back ALREADY_EXISTS.
@@ -462,15 +548,15 @@ async fn upload(
                     attempt,
                     "update submitted"
                 );
-                return Ok(true);
+                return Ok(Delivery::Delivered);
             }
             Err(s) if s.code() == tonic::Code::AlreadyExists && attempt > 1 => {
                 // The earlier attempt arrived; only its acknowledgement was lost.
                 node.stats.rounds_trained += 1;
                 tracing::info!(round, attempt, "update already counted (an earlier attempt arrived)");
-                return Ok(true);
+                return Ok(Delivery::Delivered);
             }
-            Err(s) if s.code() == tonic::Code::Unauthenticated => return Err(Error::Status(s)),
+            Err(s) if s.code() == tonic::Code::Unauthenticated => return Ok(Delivery::Lost(Some(s))),
             Err(s) if retryable(s.code()) && attempt < SUBMIT_ATTEMPTS => {
                 let delay = backoff.next_delay();
                 tracing::warn!(
@@ -484,10 +570,14 @@ async fn upload(
                 tokio::time::sleep(delay).await;
                 attempt += 1;
             }
+            Err(s) if retryable(s.code()) => {
+                tracing::warn!(round, attempt, code = ?s.code(), reason = s.message(), "update not delivered");
+                return Ok(Delivery::Lost(None));
+            }
             Err(s) => {
                 // The round moved on or the update was refused: wait for the next task.
                 tracing::warn!(round, code = ?s.code(), reason = s.message(), "update refused");
-                return Ok(false);
+                return Ok(Delivery::Refused);
             }
         }
     }

@@ -181,3 +181,96 @@ async fn a_stale_update_is_refused_with_its_reason_and_the_node_gets_a_new_task(
     );
     Ok(())
 }
+
+#[test]
+fn a_coordinator_killed_mid_buffer_loses_no_step_and_takes_the_updates_trained_meanwhile() -> anyhow::Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let out = tmp.path().join("run");
+    let port = free_port();
+    let shared = [
+        ("data.synthetic_seed", "5".to_string()),
+        ("data.synthetic_train_samples", "900".to_string()),
+    ];
+    let mut settings = async_settings(10, 2);
+    settings.push(("sampling.min_available", "3".into()));
+    settings.extend(shared.iter().cloned());
+    let args = coordinator_args(port, &out, &settings);
+    let mut first = Daemon::start("coordinator", "coordinator-1", &args, tmp.path())?;
+    // Each node's task takes a second or so: some are always training.
+    let mut nodes = start_nodes(tmp.path(), port, 3, 3, |_| {
+        let mut s = shared.to_vec();
+        s.push(("train.slowdown", "4".into()));
+        s
+    })?;
+    let saved = |out: &std::path::Path| -> usize {
+        run_history(out)
+            .ok()
+            .and_then(|h| h["rounds"].as_array().map(Vec::len))
+            .unwrap_or(0)
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(180);
+    while saved(&out) < 3 {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "no third step:\n{}",
+            first.log_text()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    // SIGKILL mid-buffer: the open buffer's updates and the nodes' sessions die with it.
+    first.child.kill()?;
+    first.child.wait()?;
+    let before = saved(&out);
+    let models: Vec<Vec<u8>> = (0..=before)
+        .map(|k| std::fs::read(out.join(format!("rounds/round-{k:04}.safetensors"))))
+        .collect::<Result<_, _>>()?;
+    let mut second = Daemon::start("coordinator", "coordinator-2", &args, tmp.path())?;
+    let status = second.wait(std::time::Duration::from_secs(240))?;
+    assert!(status.success(), "{}", second.log_text());
+    for n in &mut nodes {
+        assert!(
+            n.wait(std::time::Duration::from_secs(30))?.success(),
+            "{}",
+            n.log_text()
+        );
+    }
+
+    let history = run_history(&out)?;
+    assert_eq!(history["finished"], true);
+    assert_eq!(history["resumed"], 1);
+    let rounds = history["rounds"].as_array().unwrap();
+    assert_eq!(rounds.len(), 10);
+    // Every step applied before the kill is there, unchanged.
+    for (k, bytes) in models.iter().enumerate() {
+        let now = std::fs::read(out.join(format!("rounds/round-{k:04}.safetensors")))?;
+        assert!(now == *bytes, "step {k} changed across the restart");
+    }
+    // The updates the nodes trained while the coordinator was down were
+    // sent again from their next session: taken, or refused for staleness.
+    let logs: String = nodes.iter().map(Daemon::log_text).collect();
+    let delivered = logs.matches("update from the last session delivered").count();
+    let refused = logs.matches("update from the last session refused").count();
+    assert!(delivered + refused >= 1, "no update crossed the restart:\n{logs}");
+    let carried: Vec<u64> = rounds
+        .iter()
+        .flat_map(|r| r["participants"].as_array().unwrap().iter())
+        .filter_map(|p| p["task"].as_u64())
+        .filter(|&task| task < 1 << 32 && task > 0)
+        .collect();
+    let after_restart: usize = rounds[before..]
+        .iter()
+        .flat_map(|r| r["participants"].as_array().unwrap().iter())
+        .filter(|p| p["task"].as_u64().is_some_and(|t| t < 1 << 32))
+        .count();
+    assert_eq!(after_restart, delivered, "{carried:?}");
+    if delivered > 0 {
+        assert!(
+            second
+                .log_text()
+                .contains("update trained before the coordinator restarted accepted"),
+            "{}",
+            second.log_text()
+        );
+    }
+    Ok(())
+}

@@ -453,6 +453,56 @@ fn fleet_stopped_with_sigterm_and_started_again() {
 }
 
 #[test]
+fn compose_prepare_carries_a_traces_availability_and_the_asynchronous_mode() {
+    with_docker("compose_availability", || {
+        let dir = tempfile::Builder::new().prefix("fedge-chaos-").tempdir()?;
+        let trace = dir.path().join("speeds.csv");
+        std::fs::write(
+            &trace,
+            "node,slowdown,online,offline,offset\nnode-2,3,30s,1m\nnode-3,8,20s,20s,5s\n",
+        )?;
+        run(Command::new("bash")
+            .arg(repo().join("scripts/compose-prepare.sh"))
+            .env("FEDGE_FLEET_DIR", dir.path().join("fleet"))
+            .env("FEDGE_ENV_FILE", dir.path().join(".env"))
+            .env("FEDGE_OVERRIDE_FILE", dir.path().join("override.yml"))
+            .env("FEDGE_NODES", "4")
+            .env("FEDGE_MIN_AVAILABLE", "2")
+            .env("FEDGE_ASYNC", "1")
+            .env("FEDGE_SLOWDOWNS", &trace))?;
+        let env = std::fs::read_to_string(dir.path().join(".env"))?;
+        assert!(
+            env.contains("FEDGE_ASYNC=true\n") && env.contains("FEDGE_MIN_AVAILABLE=2\n"),
+            "{env}"
+        );
+        let prog = compose_command().map_err(anyhow::Error::msg)?;
+        let config = run(Command::new(prog[0])
+            .args(&prog[1..])
+            .arg("--env-file")
+            .arg(dir.path().join(".env"))
+            .arg("--file")
+            .arg(repo().join("docker-compose.yml"))
+            .arg("--file")
+            .arg(dir.path().join("override.yml"))
+            .arg("config")
+            .current_dir(repo()))?;
+        let config = text(&config);
+        // Compose hands the coordinator the mode and each node its windows.
+        for (key, count) in [
+            ("FEDGE_ASYNC__ENABLED: 'true'", 1),
+            ("FEDGE_SAMPLING__MIN_AVAILABLE: '2'", 1),
+            ("FEDGE_NODE_TRAIN__SLOWDOWN", 2),
+            ("FEDGE_NODE_AVAILABILITY__ONLINE", 2),
+            ("FEDGE_NODE_AVAILABILITY__OFFSET: 5s", 1),
+        ] {
+            let found = config.matches(key).count() + config.matches(&key.replace('\'', "\"")).count();
+            assert_eq!(found, count, "{key} in\n{config}");
+        }
+        Ok(())
+    });
+}
+
+#[test]
 fn compose_prepare_gives_each_node_its_slowdown() {
     with_docker("compose_slowdowns", || {
         let dir = tempfile::Builder::new().prefix("fedge-chaos-").tempdir()?;

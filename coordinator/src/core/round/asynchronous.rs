@@ -105,8 +105,6 @@ struct Buffer {
     /// Accepted updates whose fold has not finished.
     folding: BTreeSet<String>,
     opened_ms: u64,
-    /// The most one update may weigh (`None`: its samples).
-    weight_cap: Option<f64>,
     norm_bound: Option<(f64, String)>,
 }
 
@@ -131,9 +129,19 @@ pub(super) struct AsyncState {
     step: StepState,
     /// The newest saved version: fetches serve it.
     durable: u64,
+    /// Nodes that delivered an update trained before this start of the
+    /// coordinator (one each).
+    carried: BTreeSet<String>,
+    /// Whether `min_available` nodes have been connected (tasks go out).
+    started: bool,
 }
 
 impl AsyncState {
+    /// Whether tasks go out (`min_available` nodes have been connected).
+    pub(super) fn started(&self) -> bool {
+        self.started
+    }
+
     /// Ends `name`'s task in progress, if any (its session was replaced).
     pub(super) fn forget(&mut self, name: &str) {
         self.in_flight.remove(name);
@@ -161,32 +169,47 @@ impl RoundMachine {
             .expect("only an asynchronous run has an asynchronous phase")
     }
 
-    /// Starts asynchronous training once `min_available` nodes are connected.
-    pub(super) fn start_async(&mut self, now_ms: u64) -> Vec<Output> {
-        let available = self.nodes.values().filter(|n| n.connected && n.num_samples > 0).count();
-        if available < self.settings.min_available.max(self.settings.min_nodes) {
-            return Vec::new();
-        }
-        let settings = self.async_settings().clone();
-        let open = self.new_buffer(0, now_ms);
-        tracing::info!(
-            version = self.version,
-            concurrency = settings.concurrency,
-            buffer_size = settings.buffer_size,
-            max_staleness = settings.max_staleness,
-            staleness_weight = %settings.weight,
-            "asynchronous training started"
-        );
-        self.phase = Phase::Async(Box::new(AsyncState {
-            next_task: settings.first_task,
+    /// The state of an asynchronous run at its current version, before
+    /// any node connected: tasks go out once `min_available` nodes are
+    /// connected, while an update trained before a restart is taken at once.
+    pub(super) fn async_state(&self) -> AsyncState {
+        AsyncState {
+            next_task: self.async_settings().first_task,
             in_flight: BTreeMap::new(),
-            open,
+            open: self.new_buffer(0, 0),
             full: VecDeque::new(),
             next_buffer: 1,
             step: StepState::Idle,
             durable: self.version,
-        }));
-        self.fill(now_ms)
+            carried: BTreeSet::new(),
+            started: false,
+        }
+    }
+
+    /// Whether tasks go out: once `min_available` nodes have been connected.
+    fn async_started(&mut self, now_ms: u64) -> bool {
+        let available = self.nodes.values().filter(|n| n.connected && n.num_samples > 0).count();
+        let needed = self.settings.min_available.max(self.settings.min_nodes);
+        let settings = self.async_settings().clone();
+        let version = self.version;
+        let Phase::Async(a) = &mut self.phase else {
+            return false;
+        };
+        if !a.started && available >= needed {
+            a.started = true;
+            if a.open.accepted.is_empty() {
+                a.open.opened_ms = now_ms;
+            }
+            tracing::info!(
+                version,
+                concurrency = settings.concurrency,
+                buffer_size = settings.buffer_size,
+                max_staleness = settings.max_staleness,
+                staleness_weight = %settings.weight,
+                "asynchronous training started"
+            );
+        }
+        a.started
     }
 
     fn new_buffer(&self, id: u64, now_ms: u64) -> Buffer {
@@ -198,12 +221,6 @@ impl RoundMachine {
             accepted: Vec::new(),
             folding: BTreeSet::new(),
             opened_ms: now_ms,
-            weight_cap: rules.weighting.cap(
-                self.nodes
-                    .values()
-                    .filter(|n| n.connected && n.num_samples > 0)
-                    .map(|n| n.num_samples),
-            ),
             norm_bound: self.norm_bound(),
         }
     }
@@ -214,6 +231,9 @@ impl RoundMachine {
     /// within the last `failure_cooldown_rounds` versions go last; the
     /// others by fewest contributions.
     pub(super) fn fill(&mut self, now_ms: u64) -> Vec<Output> {
+        if !self.async_started(now_ms) {
+            return Vec::new();
+        }
         let Phase::Async(a) = &self.phase else {
             return Vec::new();
         };
@@ -325,25 +345,30 @@ impl RoundMachine {
     }
 
     /// Checks an update's header: it answers the node's task in progress,
-    /// from the version the node was served, not too stale.
+    /// from the version the node was served, not too stale. An update for
+    /// a task of an earlier start of the coordinator (one trained while it
+    /// restarted) is taken once per node, from a node that has no task yet
+    /// and no update in the open buffer, and from a saved version.
     pub(super) fn async_admit(&self, name: &str, task: u64, base_version: u64) -> Result<(), Rejection> {
         let Phase::Async(a) = &self.phase else {
             unreachable!("only an asynchronous phase admits asynchronous updates");
         };
-        let flight = a
-            .in_flight
-            .get(name)
-            .filter(|f| f.task == task)
-            .ok_or_else(|| Rejection::NoSuchTask {
-                node: name.to_owned(),
-                task,
-            })?;
+        let served = match a.in_flight.get(name).filter(|f| f.task == task) {
+            Some(flight) => flight.version,
+            None if self.carried_over(a, name, task) => base_version,
+            None => {
+                return Err(Rejection::NoSuchTask {
+                    node: name.to_owned(),
+                    task,
+                });
+            }
+        };
         // The version the node was served; one it was not (its task's
         // version before it fetched it) it cannot have trained from.
-        if base_version != flight.version || base_version > a.durable {
+        if base_version != served || base_version > a.durable {
             return Err(Rejection::WrongBaseVersion {
                 got: base_version,
-                current: flight.version.min(a.durable),
+                current: served.min(a.durable),
             });
         }
         let max = self.async_settings().max_staleness;
@@ -355,6 +380,15 @@ impl RoundMachine {
             });
         }
         Ok(())
+    }
+
+    /// Whether `task` of `name` is one from an earlier start of the
+    /// coordinator that this start may still take (see [`Self::async_admit`]).
+    fn carried_over(&self, a: &AsyncState, name: &str, task: u64) -> bool {
+        task < self.async_settings().first_task
+            && !a.carried.contains(name)
+            && !a.in_flight.contains_key(name)
+            && !a.open.accepted.iter().any(|c| c.node == name)
     }
 
     /// Admits a fetch of `version` by a node whose task named that version
@@ -393,11 +427,16 @@ impl RoundMachine {
         let factor = settings.weight.factor(versions);
         let clip = self.rules.clip_norm;
         let direction = self.direction.clone();
+        // The cap on one update's weight, from what every node that joined
+        // declared.
+        let weight_cap = self
+            .rules
+            .weighting
+            .cap(self.nodes.values().filter(|n| n.num_samples > 0).map(|n| n.num_samples));
         let Phase::Async(a) = &mut self.phase else {
             unreachable!("admit checked the phase");
         };
-        let buffer = &mut a.open;
-        if let Some((bound, reference)) = &buffer.norm_bound
+        if let Some((bound, reference)) = &a.open.norm_bound
             && update_norm > *bound
         {
             return Err(Rejection::NormOutlier {
@@ -406,8 +445,20 @@ impl RoundMachine {
                 reference: reference.clone(),
             });
         }
-        a.in_flight.remove(&name);
-        let weight = match buffer.weight_cap {
+        if a.in_flight.get(&name).is_some_and(|f| f.task == update.round) {
+            a.in_flight.remove(&name);
+        } else {
+            a.carried.insert(name.clone());
+            tracing::info!(
+                node = %name,
+                task = update.round,
+                base_version = update.base_version,
+                staleness = versions,
+                "update trained before the coordinator restarted accepted"
+            );
+        }
+        let buffer = &mut a.open;
+        let weight = match weight_cap {
             Some(cap) => (update.num_samples as f64).min(cap),
             None => update.num_samples as f64,
         };
@@ -696,6 +747,9 @@ impl RoundMachine {
         let Phase::Async(a) = &self.phase else {
             return None;
         };
+        if !a.started {
+            return None;
+        }
         Some(AsyncView {
             in_flight: a.in_flight.len(),
             buffered: a.open.accepted.len(),

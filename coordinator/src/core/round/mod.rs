@@ -278,7 +278,7 @@ impl RoundMachine {
     /// checkpointed global model (shared with its first published
     /// snapshot) and strategy state.
     pub fn resume(settings: RoundSettings, version: u64, global: Arc<Vec<f32>>, strategy: Strategy) -> Self {
-        Self {
+        let mut machine = Self {
             settings,
             version,
             model_norm: l2_norm(&global),
@@ -300,7 +300,11 @@ impl RoundMachine {
             suspects: (0, BTreeSet::new()),
             in_turn: None,
             direction: None,
+        };
+        if machine.settings.asynchronous.is_some() {
+            machine.phase = Phase::Async(Box::new(machine.async_state()));
         }
+        machine
     }
 
     /// Sets the median update norm of the last completed round (a resumed
@@ -363,6 +367,7 @@ impl RoundMachine {
             Phase::Training(_) => PhaseKind::Training,
             Phase::Aggregating { .. } => PhaseKind::Aggregating,
             Phase::Closing { .. } => PhaseKind::Closing,
+            Phase::Async(ref a) if !a.started() => PhaseKind::Waiting,
             Phase::Async(_) => PhaseKind::Async,
             Phase::Finished => PhaseKind::Finished,
         }
@@ -448,7 +453,6 @@ impl RoundMachine {
         rec.connected_once = true;
         rec.last_seen_ms = now_ms;
         let out = match &self.phase {
-            Phase::Waiting if self.settings.asynchronous.is_some() => self.start_async(now_ms),
             Phase::Waiting => self.try_start(self.version + 1, 0, now_ms),
             Phase::Async(_) => match self.async_reassign(&name) {
                 Some(task) => vec![task],

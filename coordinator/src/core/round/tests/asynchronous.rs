@@ -433,3 +433,61 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn an_update_trained_before_a_restart_is_taken_once_from_a_node_without_a_task() {
+    let mut s = async_settings(2, 0, 1, SQRT);
+    if let Some(a) = &mut s.asynchronous {
+        a.first_task = (1 << 32) + 1;
+    }
+    let mut m = RoundMachine::resume(s, 3, Arc::new(vec![0.0]), mean(1));
+    assert_eq!(m.phase(), PhaseKind::Waiting);
+    // a rejoined the restarted coordinator and, before asking for tasks,
+    // sends what it trained for task 7 from version 3.
+    m.join("a", "s-a", 100, None, 0).unwrap();
+    let (n, _) = submit(&mut m, "s-a", update(7, 3, vec![2.0], 100), 1).unwrap();
+    assert_eq!(n, 1);
+    // Once per node, and only for tasks of an earlier start.
+    let once = submit(&mut m, "s-a", update(8, 3, vec![2.0], 100), 2).unwrap_err();
+    assert_eq!(
+        once,
+        Rejection::NoSuchTask {
+            node: "a".into(),
+            task: 8
+        }
+    );
+    m.join("b", "s-b", 100, None, 3).unwrap();
+    let future = submit(&mut m, "s-b", update((1 << 32) + 5, 3, vec![2.0], 100), 4).unwrap_err();
+    assert!(matches!(future, Rejection::NoSuchTask { .. }), "{future:?}");
+    // From a version that was never saved: refused; too stale: refused.
+    let unsaved = submit(&mut m, "s-b", update(9, 4, vec![2.0], 100), 5).unwrap_err();
+    assert_eq!(unsaved, Rejection::WrongBaseVersion { got: 4, current: 3 });
+    let stale = submit(&mut m, "s-b", update(9, 1, vec![2.0], 100), 6).unwrap_err();
+    assert_eq!(
+        stale,
+        Rejection::TooStale {
+            base: 1,
+            current: 3,
+            max: 1
+        }
+    );
+    // b's own carried update fills the buffer with a's: step 4.
+    let (_, out) = submit(&mut m, "s-b", update(9, 2, vec![4.0], 100), 7).unwrap();
+    let (closed, _) = step(&mut m, out, 8);
+    assert_eq!(closed.version, 4);
+    let factor = 1.0 / 2f64.sqrt();
+    assert!((f64::from(closed.global[0]) - (2.0 + 4.0 * factor) / 2.0).abs() < 1e-6);
+    // Connected nodes get new tasks, numbered in this start's range.
+    m.persisted(9);
+    let out = connect_all_again(&mut m, &["a", "b"]);
+    assert!(tasks(&out).values().all(|t| t.round > 1 << 32 && t.version == 4));
+}
+
+/// Connects nodes that joined already; returns every output.
+fn connect_all_again(m: &mut RoundMachine, names: &[&str]) -> Vec<Output> {
+    let mut out = Vec::new();
+    for n in names {
+        out.extend(m.connect(&format!("s-{n}"), 10).unwrap());
+    }
+    out
+}
