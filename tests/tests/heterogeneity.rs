@@ -1,6 +1,8 @@
 //! Fleets whose devices differ in speed, emulated on one machine: each
 //! node's `train.slowdown`, set by `coordinator fleet --node-slowdowns`.
 
+use std::time::Duration;
+
 use fedge_tests::*;
 
 #[test]
@@ -117,24 +119,43 @@ fn a_node_that_comes_and_goes_drops_out_of_rounds_and_rejoins() -> anyhow::Resul
         ("data.synthetic_seed", "5".to_string()),
         ("data.synthetic_train_samples", "1200".to_string()),
     ];
-    let coordinator = [
-        ("rounds", "12".to_string()),
+    let mut coordinator = vec![
+        ("rounds", "24".to_string()),
         ("sampling.min_nodes", "1".to_string()),
         ("sampling.min_available", "1".to_string()),
         ("data.synthetic_test_samples", "200".to_string()),
         ("eval.threads", "1".to_string()),
         ("train.max_steps", "30".to_string()),
     ];
+    coordinator.extend(shared.iter().cloned());
+    let port = free_port();
+    let mut coord = Daemon::start(
+        "coordinator",
+        "coordinator",
+        &coordinator_args(port, &out, &coordinator),
+        tmp.path(),
+    )?;
     // node-2 is reachable 3 s out of every 6.
-    let history = run_fleet(tmp.path(), &out, 2, &shared, &coordinator, |i| match i {
-        1 => vec![
-            ("availability.online", "\"3s\"".to_string()),
-            ("availability.offline", "\"3s\"".to_string()),
-        ],
-        _ => Vec::new(),
+    let mut nodes = start_nodes(tmp.path(), port, 2, 2, |i| {
+        let mut s = shared.to_vec();
+        if i == 1 {
+            s.push(("availability.online", "\"3s\"".to_string()));
+            s.push(("availability.offline", "\"3s\"".to_string()));
+        }
+        s
     })?;
+    assert!(coord.wait(Duration::from_secs(300))?.success(), "{}", coord.log_text());
+    assert!(
+        nodes[0].wait(Duration::from_secs(30))?.success(),
+        "{}",
+        nodes[0].log_text()
+    );
+    // node-2 may be away when the run ends and miss its stop: a device's
+    // daemon keeps trying to reach its coordinator. Dropping it ends it.
+    drop(nodes);
+    let history = run_history(&out)?;
     let rounds = history["rounds"].as_array().unwrap();
-    assert_eq!(rounds.len(), 12);
+    assert_eq!(rounds.len(), 24);
     let with: Vec<bool> = rounds.iter().map(|r| participant(r, "node-2").is_some()).collect();
     let log = std::fs::read_to_string(tmp.path().join("node-2.log"))?;
     assert!(log.contains("emulating a device that comes and goes"), "{log}");
