@@ -4,6 +4,7 @@
 //! the driver finishes or `shutdown` resolves. `coordinator simulate` uses
 //! the same assembly with in-process nodes.
 
+use std::collections::BTreeSet;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -250,6 +251,7 @@ pub(crate) async fn assemble(config: &CoordinatorConfig, in_process_nodes: bool)
             // Each start of the coordinator numbers its tasks in a range of
             // its own: a resumed run never reuses an earlier task's number.
             (u64::from(store.history.resumed) << 32) + 1,
+            applied_tasks(&store.history.rounds, config.asynchronous.max_staleness),
         ),
         version,
         global.clone(),
@@ -465,11 +467,25 @@ fn open_store(
 
 /// The round machine's settings. A simulation's virtual nodes queue on a
 /// few trainer threads, so late arrivals there are no stragglers.
+/// The (node, task) pairs of the asynchronous updates the last
+/// `max_staleness + 1` saved steps applied: an update kept over a restart
+/// that is not too stale to take would be one of those if it were applied.
+fn applied_tasks(rounds: &[crate::runtime::store::RoundRecord], max_staleness: u32) -> BTreeSet<(String, u64)> {
+    rounds
+        .iter()
+        .rev()
+        .take(max_staleness as usize + 1)
+        .flat_map(|r| &r.participants)
+        .filter_map(|p| p.task.map(|t| (p.node.clone(), t)))
+        .collect()
+}
+
 fn round_settings(
     config: &CoordinatorConfig,
     in_process_nodes: bool,
     track_direction: bool,
     first_task: u64,
+    applied: BTreeSet<(String, u64)>,
 ) -> RoundSettings {
     let sa = &config.secure_aggregation;
     RoundSettings {
@@ -497,7 +513,7 @@ fn round_settings(
             range: sa.range as f32,
             step_timeout_ms: sa.step_timeout.as_millis() as u64,
         }),
-        asynchronous: config.asynchronous.settings(first_task),
+        asynchronous: config.asynchronous.settings(first_task, applied),
     }
 }
 

@@ -495,7 +495,14 @@ fn compose_prepare_carries_a_traces_availability_and_the_asynchronous_mode() {
             ("FEDGE_NODE_AVAILABILITY__ONLINE", 2),
             ("FEDGE_NODE_AVAILABILITY__OFFSET: 5s", 1),
         ] {
-            let found = config.matches(key).count() + config.matches(&key.replace('\'', "\"")).count();
+            // Compose quotes values with either quote.
+            let other = key.replace('\'', "\"");
+            let found = config.matches(key).count()
+                + if other == key {
+                    0
+                } else {
+                    config.matches(&other).count()
+                };
             assert_eq!(found, count, "{key} in\n{config}");
         }
         Ok(())

@@ -180,3 +180,39 @@ fn what_cannot_be_simulated_is_refused_with_the_reason() -> anyhow::Result<()> {
     assert!(log.contains("cannot split 100 samples among 200 nodes"), "{log}");
     Ok(())
 }
+
+#[test]
+fn virtual_nodes_train_asynchronously_with_the_same_buffers_and_staleness_records() -> anyhow::Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let out = tmp.path().join("sim");
+    let (ok, log) = simulate(
+        &out,
+        4,
+        &[
+            ("async.enabled", "true".to_string()),
+            ("async.buffer_size", "8".to_string()),
+            ("async.concurrency", "16".to_string()),
+            ("sampling.min_available", "16".to_string()),
+            ("train.epochs", "1".to_string()),
+        ],
+    )?;
+    assert!(ok, "{log}");
+    assert!(log.contains("asynchronous training started"), "{log}");
+    let history = run_history(&out)?;
+    assert_eq!(history["finished"], true);
+    let rounds = history["rounds"].as_array().unwrap();
+    assert_eq!(rounds.len(), 4);
+    for step in rounds {
+        let participants = step["participants"].as_array().unwrap();
+        assert_eq!(participants.len(), 8, "{step}");
+        let names: BTreeSet<&str> = participants.iter().map(|p| p["node"].as_str().unwrap()).collect();
+        assert_eq!(names.len(), 8, "one update per node per step: {step}");
+        assert!(
+            participants
+                .iter()
+                .all(|p| p["staleness"].is_u64() && p["task"].is_u64())
+        );
+        assert!(step["staleness"].is_object(), "{step}");
+    }
+    Ok(())
+}

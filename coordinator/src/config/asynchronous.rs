@@ -1,5 +1,7 @@
 //! `[async]`: asynchronous buffered aggregation (FedBuff) instead of rounds.
 
+use std::collections::BTreeSet;
+
 use serde::{Deserialize, Serialize};
 
 use crate::core::round::{AsyncSettings, StalenessWeight};
@@ -91,14 +93,16 @@ impl AsyncConfig {
     }
 
     /// The round machine's settings, when asynchronous training is on;
-    /// task numbers start at `first_task`.
-    pub fn settings(&self, first_task: u64) -> Option<AsyncSettings> {
+    /// task numbers start at `first_task`, and `applied` are the (node,
+    /// task) pairs a resumed run's recent steps applied.
+    pub fn settings(&self, first_task: u64, applied: BTreeSet<(String, u64)>) -> Option<AsyncSettings> {
         self.enabled.then(|| AsyncSettings {
             concurrency: self.concurrency as usize,
             buffer_size: self.buffer_size as usize,
             max_staleness: u64::from(self.max_staleness),
             weight: self.weight(),
             first_task,
+            applied,
         })
     }
 }

@@ -352,7 +352,7 @@ fn asynchronous_training_says_what_it_needs_and_what_it_refuses() {
     c.asynchronous.enabled = true;
     c.sampling.min_available = 4;
     c.validate().unwrap();
-    let settings = c.asynchronous.settings(7).unwrap();
+    let settings = c.asynchronous.settings(7, Default::default()).unwrap();
     assert_eq!((settings.buffer_size, settings.first_task), (4, 7));
     assert_eq!(settings.weight.factor(3), 0.5);
     let refused = |f: &dyn Fn(&mut CoordinatorConfig)| {

@@ -215,8 +215,11 @@ impl Fleet {
             match instruction {
                 Instruction::Train(task) => {
                     let round = task.round;
-                    if let Err(e) = self.task(i, &name, &session, task).await {
-                        tracing::warn!(node = %name, round, error = %e, "virtual node: no update this round");
+                    match self.task(i, &name, &session, task).await {
+                        // The run ended while this node trained (an asynchronous run's last step).
+                        Err(_) if self.commands.is_closed() => break,
+                        Err(e) => tracing::warn!(node = %name, round, error = %e, "virtual node: no update this round"),
+                        Ok(()) => {}
                     }
                 }
                 Instruction::Stop(_) => break,
@@ -325,6 +328,7 @@ impl Fleet {
                 let _ = self.commands.send(Command::Refuse {
                     session: session.to_owned(),
                     round: task.round,
+                    transient: false,
                 });
                 return Err(e.into());
             }

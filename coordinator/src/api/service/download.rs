@@ -122,23 +122,26 @@ impl FederationService {
     /// An asynchronous run names the newest version in its tasks as soon
     /// as its server step has made it, while it is still being saved: a
     /// node whose task names it waits here (at most [`SAVE_WAIT`]) until it
-    /// is saved. Only a node with a task for that version waits.
+    /// is saved. Only a node with a task for that version waits, holding
+    /// its one fetch.
     async fn await_version(
         &self,
         peer: Option<&str>,
         req: &pb::FetchModelRequest,
-    ) -> Result<Arc<crate::runtime::driver::ModelSnapshot>, Status> {
+    ) -> Result<(Arc<crate::runtime::driver::ModelSnapshot>, InFlight), Status> {
         self.check_certificate_session(peer, &req.node_id).await?;
-        self.ask(|reply| Command::AdmitFetch {
-            session: req.node_id.clone(),
-            version: req.version,
-            reply,
-        })
-        .await?
-        .map_err(|r| rejection_status(&r))?;
+        let node = self
+            .ask(|reply| Command::AdmitFetch {
+                session: req.node_id.clone(),
+                version: req.version,
+                reply,
+            })
+            .await?
+            .map_err(|r| rejection_status(&r))?;
+        let fetch = self.limits.claim_fetch(&node, req.part)?;
         let mut saved = self.snapshot.clone();
         match tokio::time::timeout(SAVE_WAIT, saved.wait_for(|s| s.version >= req.version)).await {
-            Ok(Ok(snapshot)) => Ok(snapshot.clone()),
+            Ok(Ok(snapshot)) => Ok((snapshot.clone(), fetch)),
             _ => Err(Status::unavailable(format!(
                 "model version {} is being saved; ask again shortly",
                 req.version
@@ -155,8 +158,11 @@ impl FederationService {
         let peer = self.auth.peer_identity(&request)?;
         let req = request.into_inner();
         let mut snapshot = self.snapshot.borrow().clone();
+        let mut waited = None;
         if self.settings.asynchronous && req.version > snapshot.version {
-            snapshot = self.await_version(peer.as_deref(), &req).await?;
+            let (saved, fetch) = self.await_version(peer.as_deref(), &req).await?;
+            snapshot = saved;
+            waited = Some(fetch);
         }
         if !snapshot.durable.load(Ordering::Acquire) {
             return Err(Status::unavailable(format!(
@@ -184,7 +190,10 @@ impl FederationService {
             })
             .await?
             .map_err(|r| rejection_status(&r))?;
-        let fetch = self.limits.claim_fetch(&node, req.part)?;
+        let fetch = match waited {
+            Some(fetch) => fetch,
+            None => self.limits.claim_fetch(&node, req.part)?,
+        };
         let (payload, crc32) = match pb::ModelPart::try_from(req.part) {
             Ok(pb::ModelPart::Parameters) => {
                 let payload = match &snapshot.params {

@@ -84,7 +84,19 @@ impl FederationService {
             Ok(ok) => ok,
             Err(status) => {
                 self.refused(&status, Some(&node));
-                let _ = self.driver.send(Command::Refuse { session, round });
+                let transient = matches!(
+                    status.code(),
+                    tonic::Code::ResourceExhausted
+                        | tonic::Code::Cancelled
+                        | tonic::Code::DeadlineExceeded
+                        | tonic::Code::Unavailable
+                        | tonic::Code::Unknown
+                );
+                let _ = self.driver.send(Command::Refuse {
+                    session,
+                    round,
+                    transient,
+                });
                 return Err(status);
             }
         };

@@ -85,14 +85,23 @@ pub struct AsyncSettings {
     /// The first task's number: a resumed run starts above every number an
     /// earlier start of the coordinator handed out, so tasks stay unique.
     pub first_task: u64,
+    /// A resumed run: the (node, task) pairs whose updates its recent
+    /// saved steps applied, which an update kept over the restart may not
+    /// repeat.
+    pub applied: BTreeSet<(String, u64)>,
 }
 
 /// A task in progress.
 #[derive(Debug, Clone, Copy)]
 struct Flight {
     task: u64,
-    /// The version the node was told (its task) or served (its fetch).
+    /// The version the node was told (its task) or served (its first fetch).
     version: u64,
+    /// Whether a fetch has fixed `version`.
+    fetched: bool,
+    /// The node's instruction stream closed while it trained: the task no
+    /// longer holds a slot, but its update is still taken until the deadline.
+    detached: bool,
     deadline_ms: u64,
 }
 
@@ -134,12 +143,25 @@ pub(super) struct AsyncState {
     carried: BTreeSet<String>,
     /// Whether `min_available` nodes have been connected (tasks go out).
     started: bool,
+    /// The version this start of the coordinator began at: an update kept
+    /// over the restart started from it or an older one.
+    start_version: u64,
+    /// Server steps that failed in a row (`sampling.max_attempts` stops the run).
+    failed_steps: u32,
 }
 
 impl AsyncState {
     /// Whether tasks go out (`min_available` nodes have been connected).
     pub(super) fn started(&self) -> bool {
         self.started
+    }
+
+    /// The open buffer's norm bound, while it holds nothing (a resumed
+    /// run learns its last step's median norm after the machine is made).
+    pub(super) fn rebound(&mut self, bound: Option<(f64, String)>) {
+        if self.open.accepted.is_empty() {
+            self.open.norm_bound = bound;
+        }
     }
 
     /// Ends `name`'s task in progress, if any (its session was replaced).
@@ -183,6 +205,8 @@ impl RoundMachine {
             durable: self.version,
             carried: BTreeSet::new(),
             started: false,
+            start_version: self.version,
+            failed_steps: 0,
         }
     }
 
@@ -245,7 +269,8 @@ impl RoundMachine {
         // While a server step is pending, nodes that fall idle wait for
         // it: they start from the model it makes, not the one it replaces.
         // Once the last step has made its model, no task starts.
-        if a.in_flight.len() >= limit
+        let training = a.in_flight.values().filter(|f| !f.detached).count();
+        if training >= limit
             || !a.full.is_empty()
             || matches!(a.step, StepState::Aggregating(_))
             || self.version >= self.settings.total_rounds
@@ -256,15 +281,19 @@ impl RoundMachine {
         let version = self.version;
         let seed = self.settings.seed;
         let recent = |at: Option<u64>| at.is_some_and(|v| cooldown > 0 && v + cooldown >= version);
+        let free =
+            |name: &String, n: &super::NodeRecord| n.connected && n.num_samples > 0 && !a.in_flight.contains_key(name);
+        let buffered = |name: &String| a.open.accepted.iter().any(|c| &c.node == name);
+        // A buffer takes one update per node, unless no other node could
+        // fill it: when none is training and every free node's update is in
+        // it already, those nodes train again (a fleet smaller than the
+        // buffer, or its other nodes gone).
+        let others = self.nodes.iter().any(|(name, n)| free(name, n) && !buffered(name));
+        let again = training == 0 && !others;
         let mut idle: Vec<(bool, bool, u64, u64, String)> = self
             .nodes
             .iter()
-            .filter(|(name, n)| {
-                n.connected
-                    && n.num_samples > 0
-                    && !a.in_flight.contains_key(*name)
-                    && !a.open.accepted.iter().any(|c| &c.node == *name)
-            })
+            .filter(|(name, n)| free(name, n) && (again || !buffered(name)))
             .map(|(name, n)| {
                 (
                     recent(n.last_cut),
@@ -276,7 +305,7 @@ impl RoundMachine {
             })
             .collect();
         idle.sort_unstable();
-        let take = limit - a.in_flight.len();
+        let take = limit - training;
         let deadline_ms = now_ms + self.settings.deadline_ms;
         let mut out = Vec::new();
         for (_, _, _, _, node) in idle.into_iter().take(take) {
@@ -288,6 +317,8 @@ impl RoundMachine {
             let flight = Flight {
                 task: a.next_task,
                 version,
+                fetched: false,
+                detached: false,
                 deadline_ms,
             };
             a.next_task += 1;
@@ -321,25 +352,33 @@ impl RoundMachine {
     }
 
     /// The task of a node that connects again while it has one.
-    pub(super) fn async_reassign(&self, name: &str) -> Option<Output> {
-        let Phase::Async(a) = &self.phase else {
+    pub(super) fn async_reassign(&mut self, name: &str) -> Option<Output> {
+        let Phase::Async(a) = &mut self.phase else {
             return None;
         };
-        let flight = *a.in_flight.get(name)?;
+        let flight = a.in_flight.get_mut(name)?;
+        flight.detached = false;
+        let flight = *flight;
         Some(Output::Assign {
             node: name.to_owned(),
             task: self.async_task(name, flight),
         })
     }
 
-    /// A node's task ended without an update (it left, rejoined, or its
-    /// deadline passed): its slot goes to another node.
-    pub(super) fn async_forget(&mut self, name: &str, now_ms: u64) -> Vec<Output> {
+    /// A node's instruction stream closed: its task's slot goes to another
+    /// node, while an update for the task is still taken until its
+    /// deadline (a node whose stream broke trains on and sends it).
+    pub(super) fn async_detach(&mut self, name: &str, now_ms: u64) -> Vec<Output> {
         let Phase::Async(a) = &mut self.phase else {
             return Vec::new();
         };
-        if a.in_flight.remove(name).is_some() {
-            tracing::debug!(node = name, "task ended without an update");
+        if let Some(flight) = a.in_flight.get_mut(name) {
+            flight.detached = true;
+            tracing::debug!(
+                node = name,
+                task = flight.task,
+                "node left while training; its slot goes to another"
+            );
         }
         self.fill(now_ms)
     }
@@ -355,7 +394,7 @@ impl RoundMachine {
         };
         let served = match a.in_flight.get(name).filter(|f| f.task == task) {
             Some(flight) => flight.version,
-            None if self.carried_over(a, name, task) => base_version,
+            None if self.carried_over(a, name, task, base_version) => base_version,
             None => {
                 return Err(Rejection::NoSuchTask {
                     node: name.to_owned(),
@@ -382,10 +421,16 @@ impl RoundMachine {
         Ok(())
     }
 
-    /// Whether `task` of `name` is one from an earlier start of the
-    /// coordinator that this start may still take (see [`Self::async_admit`]).
-    fn carried_over(&self, a: &AsyncState, name: &str, task: u64) -> bool {
-        task < self.async_settings().first_task
+    /// Whether `task` of `name`, from `base`, is one of an earlier start
+    /// of the coordinator that this start may still take (see
+    /// [`Self::async_admit`]): the run was resumed, the update started from
+    /// a version saved before this start, and no saved step applied it.
+    fn carried_over(&self, a: &AsyncState, name: &str, task: u64, base: u64) -> bool {
+        let settings = self.async_settings();
+        settings.first_task > 1
+            && task < settings.first_task
+            && base <= a.start_version
+            && !settings.applied.contains(&(name.to_owned(), task))
             && !a.carried.contains(name)
             && !a.in_flight.contains_key(name)
             && !a.open.accepted.iter().any(|c| c.node == name)
@@ -394,16 +439,19 @@ impl RoundMachine {
     /// Admits a fetch of `version` by a node whose task named that version
     /// or an older one. A saved version is the one it is served, and its
     /// update must start from it; a version still being saved is only
-    /// checked (the fetch waits for it, then asks again).
+    /// checked (the fetch waits for it, then asks again). The first fetch
+    /// of a task fixes its version: a later one gets only that version.
     pub(super) fn async_admit_fetch(&mut self, name: &str, version: u64) -> Result<(), Rejection> {
         let current = self.version;
         let Phase::Async(a) = &mut self.phase else {
             unreachable!("only an asynchronous phase admits asynchronous fetches");
         };
         match a.in_flight.get_mut(name) {
-            Some(f) if f.version <= version && version <= current => {
+            Some(f) if f.fetched && f.version == version => Ok(()),
+            Some(f) if !f.fetched && f.version <= version && version <= current => {
                 if version <= a.durable {
                     f.version = version;
+                    f.fetched = true;
                 }
                 Ok(())
             }
@@ -422,9 +470,12 @@ impl RoundMachine {
         now_ms: u64,
     ) -> Result<(usize, Vec<Output>), Rejection> {
         let (update_norm, step) = self.check_update(&name, &update)?;
-        let settings = self.async_settings().clone();
+        let (buffer_size, weight_of) = {
+            let settings = self.async_settings();
+            (settings.buffer_size, settings.weight)
+        };
         let versions = self.version.saturating_sub(update.base_version);
-        let factor = settings.weight.factor(versions);
+        let factor = weight_of.factor(versions);
         let clip = self.rules.clip_norm;
         let direction = self.direction.clone();
         // The cap on one update's weight, from what every node that joined
@@ -495,7 +546,7 @@ impl RoundMachine {
             rec.cuts = 0;
             rec.last_seen_ms = now_ms;
         }
-        if accepted >= settings.buffer_size {
+        if accepted >= buffer_size {
             self.close_buffer(now_ms);
         }
         out.extend(self.fill(now_ms));
@@ -583,10 +634,14 @@ impl RoundMachine {
                 "folding an update failed; the buffer's updates are dropped"
             );
             if open {
-                let fresh = self.new_buffer(done.round, now_ms);
+                // A new id: folds still running for the dropped buffer
+                // must not report into its successor.
+                let id = a.next_buffer;
+                let fresh = self.new_buffer(id, now_ms);
                 let Phase::Async(a) = &mut self.phase else {
                     unreachable!("checked above");
                 };
+                a.next_buffer += 1;
                 a.open = fresh;
             } else {
                 a.full.retain(|b| b.id != done.round);
@@ -632,12 +687,27 @@ impl RoundMachine {
                     suspect = %left_out.as_ref().map_or("-", |s| s.0.as_str()),
                     "server step failed; its buffer's updates are dropped"
                 );
+                let max = self.settings.max_attempts;
+                let Phase::Async(a) = &mut self.phase else {
+                    unreachable!("checked above");
+                };
+                a.failed_steps += 1;
+                if max > 0 && a.failed_steps >= max {
+                    let failed = a.failed_steps;
+                    self.phase = Phase::Finished;
+                    return vec![Output::Abort(format!(
+                        "server step {round} failed {failed} times in a row ({failure}); stopping the run (the last \
+                         completed step, {}, is saved)",
+                        self.version
+                    ))];
+                }
                 let mut out = self.fill(now_ms);
                 out.extend(self.maybe_step(now_ms));
                 return out;
             }
         };
         a.step = StepState::Saving;
+        a.failed_steps = 0;
         self.direction = done.direction;
         if let Some(median) = median_norm(&state.accepted) {
             self.norm_reference = Some(median);

@@ -313,6 +313,10 @@ impl RoundMachine {
     pub fn set_norm_reference(&mut self, median: f64) {
         if median.is_finite() && median > 0.0 {
             self.norm_reference = Some(median);
+            let bound = self.norm_bound();
+            if let Phase::Async(a) = &mut self.phase {
+                a.rebound(bound);
+            }
         }
     }
 
@@ -479,7 +483,7 @@ impl RoundMachine {
         rec.connected = false;
         rec.last_seen_ms = now_ms;
         if let Phase::Async(_) = &self.phase {
-            return self.async_forget(&name, now_ms);
+            return self.async_detach(&name, now_ms);
         }
         if let Phase::Training(r) = &mut self.phase
             && r.selected.contains(&name)

@@ -51,10 +51,12 @@ pub enum Command {
         session: String,
     },
     /// An admitted update stream for `round` broke or failed its checks
-    /// before it was complete.
+    /// before it was complete; `transient` when the node may send it
+    /// again (the stream broke, timed out, or found the coordinator full).
     Refuse {
         session: String,
         round: u64,
+        transient: bool,
     },
     Identify {
         session: String,

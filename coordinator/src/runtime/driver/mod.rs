@@ -363,7 +363,10 @@ impl Driver {
                     Vec::new()
                 }
             }
-            Command::Refuse { session, round } => self.machine.refuse(&session, round, now),
+            // An asynchronous task outlives a transient failure: the node
+            // sends its update again.
+            Command::Refuse { transient: true, .. } if self.machine.is_async() => Vec::new(),
+            Command::Refuse { session, round, .. } => self.machine.refuse(&session, round, now),
             Command::Identify { session, reply } => {
                 let _ = reply.send(self.machine.node_of(&session).map(str::to_owned));
                 Vec::new()

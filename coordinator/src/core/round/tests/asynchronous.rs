@@ -17,6 +17,7 @@ fn async_settings(k: usize, concurrency: usize, max_staleness: u64, weight: Stal
             max_staleness,
             weight,
             first_task: 1,
+            applied: BTreeSet::new(),
         }),
         ..settings(1, 1.0)
     }
@@ -459,9 +460,15 @@ fn an_update_trained_before_a_restart_is_taken_once_from_a_node_without_a_task()
     m.join("b", "s-b", 100, None, 3).unwrap();
     let future = submit(&mut m, "s-b", update((1 << 32) + 5, 3, vec![2.0], 100), 4).unwrap_err();
     assert!(matches!(future, Rejection::NoSuchTask { .. }), "{future:?}");
-    // From a version that was never saved: refused; too stale: refused.
+    // From a version not saved before the restart: refused; too stale: refused.
     let unsaved = submit(&mut m, "s-b", update(9, 4, vec![2.0], 100), 5).unwrap_err();
-    assert_eq!(unsaved, Rejection::WrongBaseVersion { got: 4, current: 3 });
+    assert_eq!(
+        unsaved,
+        Rejection::NoSuchTask {
+            node: "b".into(),
+            task: 9
+        }
+    );
     let stale = submit(&mut m, "s-b", update(9, 1, vec![2.0], 100), 6).unwrap_err();
     assert_eq!(
         stale,
@@ -490,4 +497,116 @@ fn connect_all_again(m: &mut RoundMachine, names: &[&str]) -> Vec<Output> {
         out.extend(m.connect(&format!("s-{n}"), 10).unwrap());
     }
     out
+}
+
+#[test]
+fn a_node_whose_stream_closes_gives_up_its_slot_but_its_update_still_counts() {
+    let mut m = machine(async_settings(2, 2, 10, SQRT), vec![0.0]);
+    let first = tasks(&connect_all(&mut m, &["a", "b", "c"]));
+    let (gone, stays) = {
+        let mut names = first.keys();
+        (names.next().unwrap().clone(), names.next().unwrap().clone())
+    };
+    let out = m.disconnect(&format!("s-{gone}"), 5);
+    assert_eq!(tasks(&out).keys().collect::<Vec<_>>(), ["c"]);
+    // It trained on and sends its update over the same session.
+    let (n, _) = submit(&mut m, &format!("s-{gone}"), answer(&first[&gone], 0, vec![1.0]), 10).unwrap();
+    assert_eq!(n, 1);
+    let (_, out) = submit(&mut m, &format!("s-{stays}"), answer(&first[&stays], 0, vec![3.0]), 20).unwrap();
+    assert_eq!(step(&mut m, out, 30).0.global[0], 2.0);
+}
+
+#[test]
+fn nodes_train_again_for_a_buffer_no_other_node_can_fill() {
+    let mut m = machine(async_settings(3, 0, 10, StalenessWeight::Constant), vec![0.0]);
+    let first = tasks(&connect_all(&mut m, &["a", "b", "c"]));
+    m.disconnect("s-c", 1);
+    submit(&mut m, "s-a", answer(&first["a"], 0, vec![1.0]), 10).unwrap();
+    // b's update leaves no node that is training or free: a and b train again.
+    let (_, out) = submit(&mut m, "s-b", answer(&first["b"], 0, vec![2.0]), 20).unwrap();
+    let again = tasks(&out);
+    assert_eq!(again.keys().collect::<Vec<_>>(), ["a", "b"]);
+    let (_, out) = submit(&mut m, "s-a", answer(&again["a"], 0, vec![3.0]), 30).unwrap();
+    let closed = step(&mut m, out, 40).0;
+    assert_eq!(closed.global[0], 2.0);
+    assert_eq!(closed.contributions.len(), 3);
+}
+
+#[test]
+fn server_steps_that_keep_failing_stop_the_run() {
+    let mut m = machine(
+        RoundSettings {
+            max_attempts: 2,
+            ..async_settings(2, 0, 10, SQRT)
+        },
+        vec![0.0],
+    );
+    let mut given = tasks(&connect_all(&mut m, &["a", "b"]));
+    for attempt in 1..=2 {
+        submit(&mut m, "s-a", answer(&given["a"], 0, vec![1.0]), 10).unwrap();
+        let (_, out) = submit(&mut m, "s-b", answer(&given["b"], 0, vec![1.0]), 20).unwrap();
+        let Some(Output::Aggregate(job)) = out.into_iter().find(|o| matches!(o, Output::Aggregate(_))) else {
+            panic!("no step")
+        };
+        let mut done = job.run();
+        done.reject("the loss is too high".into());
+        let out = m.aggregated(done, 30);
+        if attempt == 1 {
+            given = tasks(&out);
+        } else {
+            let [Output::Abort(why)] = out.as_slice() else {
+                panic!("{out:?}")
+            };
+            assert!(why.starts_with("server step 1 failed 2 times in a row"), "{why}");
+        }
+    }
+    assert_eq!(m.phase(), PhaseKind::Finished);
+}
+
+#[test]
+fn only_a_resumed_run_takes_kept_updates_and_never_one_a_saved_step_applied() {
+    // A fresh run has no earlier start: task 0 is no kept update.
+    let mut m = machine(async_settings(2, 0, 10, SQRT), vec![0.0]);
+    m.join("a", "s-a", 100, None, 0).unwrap();
+    let e = submit(&mut m, "s-a", update(0, 0, vec![1.0], 100), 1).unwrap_err();
+    assert_eq!(
+        e,
+        Rejection::NoSuchTask {
+            node: "a".into(),
+            task: 0
+        }
+    );
+
+    let mut s = async_settings(2, 0, 10, SQRT);
+    if let Some(a) = &mut s.asynchronous {
+        a.first_task = (1 << 32) + 1;
+        a.applied = BTreeSet::from([("a".to_string(), 7)]);
+    }
+    let mut m = RoundMachine::resume(s, 3, Arc::new(vec![0.0]), mean(1));
+    m.join("a", "s-a", 100, None, 0).unwrap();
+    let e = submit(&mut m, "s-a", update(7, 2, vec![1.0], 100), 1).unwrap_err();
+    assert_eq!(
+        e,
+        Rejection::NoSuchTask {
+            node: "a".into(),
+            task: 7
+        }
+    );
+    submit(&mut m, "s-a", update(8, 2, vec![1.0], 100), 2).unwrap();
+}
+
+#[test]
+fn the_first_fetch_of_a_task_fixes_its_version() {
+    let mut m = machine(async_settings(2, 0, 10, SQRT), vec![0.0]);
+    let first = tasks(&connect_all(&mut m, &["a", "b", "c"]));
+    submit(&mut m, "s-a", answer(&first["a"], 0, vec![1.0]), 10).unwrap();
+    let (_, out) = submit(&mut m, "s-b", answer(&first["b"], 0, vec![1.0]), 20).unwrap();
+    step(&mut m, out, 30);
+    // c fetches version 0 (its task's), then tries to have version 1 count.
+    assert_eq!(m.admit_fetch("s-c", 0).unwrap(), "c");
+    m.persisted(40);
+    assert!(m.admit_fetch("s-c", 1).is_err());
+    let e = submit(&mut m, "s-c", answer(&first["c"], 1, vec![1.0]), 50).unwrap_err();
+    assert_eq!(e, Rejection::WrongBaseVersion { got: 1, current: 0 });
+    submit(&mut m, "s-c", answer(&first["c"], 0, vec![1.0]), 60).unwrap();
 }
