@@ -71,12 +71,6 @@ impl CoordinatorConfig {
                 agg.min_updates()
             ));
         }
-        if (self.sampling.min_available as usize) < k {
-            return bad(format!(
-                "a server step takes one update from each of async.buffer_size ({k}) different nodes; set sampling.min_available to {k} or more (it is {}) so that training starts only when a buffer can fill",
-                self.sampling.min_available
-            ));
-        }
         if a.concurrency > 0 && (a.concurrency as usize) < k {
             return bad(format!(
                 "async.concurrency ({}) is below async.buffer_size ({k}): fewer nodes would train at once than a step needs, so every step would wait for nodes to finish one after another",

@@ -350,7 +350,8 @@ fn asynchronous_training_says_what_it_needs_and_what_it_refuses() {
     let mut c = CoordinatorConfig::default();
     c.security.insecure = true;
     c.asynchronous.enabled = true;
-    c.sampling.min_available = 4;
+    // A fleet smaller than the buffer trains too: its nodes give a buffer
+    // more than one update each when no other node could fill it.
     c.validate().unwrap();
     let settings = c.asynchronous.settings(7, Default::default()).unwrap();
     assert_eq!((settings.buffer_size, settings.first_task), (4, 7));
@@ -360,8 +361,6 @@ fn asynchronous_training_says_what_it_needs_and_what_it_refuses() {
         f(&mut c);
         c.validate().unwrap_err().to_string()
     };
-    let e = refused(&|c| c.sampling.min_available = 3);
-    assert!(e.contains("set sampling.min_available to 4 or more (it is 3)"), "{e}");
     let e = refused(&|c| c.asynchronous.concurrency = 2);
     assert!(
         e.contains("async.concurrency (2) is below async.buffer_size (4)"),
@@ -393,6 +392,7 @@ fn asynchronous_training_says_what_it_needs_and_what_it_refuses() {
     let e = refused(&|c| {
         c.secure_aggregation.enabled = true;
         c.sampling.min_nodes = 4;
+        c.sampling.min_available = 4;
     });
     assert!(e.contains("async.enabled: secure aggregation"), "{e}");
 }

@@ -226,22 +226,39 @@ pub(super) fn staleness_histogram(
     (!histogram.is_empty()).then_some(histogram)
 }
 
-/// Logs a persisted round.
+/// Logs a persisted round, or an asynchronous run's server step.
 pub(super) fn log_round(rec: &RoundRecord, total_rounds: u64) {
     let percent = |a: Option<f64>| a.map_or_else(|| "-".into(), |a| format!("{:.2}%", a * 100.0));
-    tracing::info!(
-        round = rec.round,
-        of = total_rounds,
-        participants = rec.participants.len(),
-        test_accuracy = percent(rec.test_accuracy),
-        test_loss = rec.test_loss.map_or_else(|| "-".into(), |l| format!("{l:.4}")),
-        federated_accuracy = percent(rec.federated_accuracy),
-        round_s = format!("{:.2}", rec.round_seconds + rec.checkpoint_seconds),
-        bytes_up = rec.bytes_up,
-        bytes_down = rec.bytes_down,
-        update_payload_bytes = rec.participants.iter().map(|p| p.payload_bytes).sum::<u64>(),
-        epsilon = rec.privacy.as_ref().map(|p| format!("{:.3}", p.epsilon)),
-        staleness = rec.staleness.as_ref().map(|h| format!("{h:?}")),
-        "round complete"
-    );
+    let test_loss = rec.test_loss.map_or_else(|| "-".into(), |l| format!("{l:.4}"));
+    let seconds = format!("{:.2}", rec.round_seconds + rec.checkpoint_seconds);
+    let payload: u64 = rec.participants.iter().map(|p| p.payload_bytes).sum();
+    match &rec.staleness {
+        Some(staleness) => tracing::info!(
+            step = rec.round,
+            of = total_rounds,
+            updates = rec.participants.len(),
+            staleness = format!("{staleness:?}"),
+            test_accuracy = percent(rec.test_accuracy),
+            test_loss,
+            buffer_s = seconds,
+            bytes_up = rec.bytes_up,
+            bytes_down = rec.bytes_down,
+            update_payload_bytes = payload,
+            "step complete"
+        ),
+        None => tracing::info!(
+            round = rec.round,
+            of = total_rounds,
+            participants = rec.participants.len(),
+            test_accuracy = percent(rec.test_accuracy),
+            test_loss,
+            federated_accuracy = percent(rec.federated_accuracy),
+            round_s = seconds,
+            bytes_up = rec.bytes_up,
+            bytes_down = rec.bytes_down,
+            update_payload_bytes = payload,
+            epsilon = rec.privacy.as_ref().map(|p| format!("{:.3}", p.epsilon)),
+            "round complete"
+        ),
+    }
 }
