@@ -44,6 +44,13 @@ fn a_slow_node_does_not_hold_the_steps_back_and_each_step_is_its_buffers_weighte
     assert_eq!(history["finished"], true);
     let rounds = history["rounds"].as_array().unwrap();
     assert_eq!(rounds.len() as u64, steps);
+    // Each step's model exists from when it closed, in order.
+    let started = history["started_unix_ms"].as_u64().unwrap();
+    let closed: Vec<u64> = rounds.iter().map(|r| r["closed_unix_ms"].as_u64().unwrap()).collect();
+    assert!(
+        closed[0] >= started && closed.windows(2).all(|w| w[0] <= w[1]),
+        "{closed:?}"
+    );
 
     // The steps went on without the slow node: it is in at most one step's
     // buffer, while every step holds two updates.

@@ -134,6 +134,10 @@ pub struct RoundRecord {
     /// versions behind (staleness → updates).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub staleness: Option<BTreeMap<u64, u64>>,
+    /// When the round (or step) closed, ms since the Unix epoch: its model
+    /// exists from then on (time to accuracy is measured to it).
+    #[serde(default)]
+    pub closed_unix_ms: u64,
 }
 
 /// `run.json`.
@@ -459,6 +463,7 @@ mod tests {
             privacy: None,
             secure_aggregation: None,
             staleness: None,
+            closed_unix_ms: 0,
         }
     }
 

@@ -181,6 +181,7 @@ impl CloseJob {
             privacy: closed.privacy.clone(),
             secure_aggregation: closed.secure.clone(),
             staleness: staleness_histogram(&closed.contributions),
+            closed_unix_ms: closed.closed_ms,
         };
         let persist_start = Instant::now();
         let resident = self.resident_model_bytes;
