@@ -452,6 +452,23 @@ fn fleet_stopped_with_sigterm_and_started_again() {
     });
 }
 
+/// The configuration compose reads from `docker-compose.yml` with the
+/// `.env` and `override.yml` that compose-prepare.sh wrote into `dir`.
+fn compose_config(dir: &std::path::Path) -> Result<String> {
+    let prog = compose_command().map_err(anyhow::Error::msg)?;
+    let config = run(Command::new(prog[0])
+        .args(&prog[1..])
+        .arg("--env-file")
+        .arg(dir.join(".env"))
+        .arg("--file")
+        .arg(repo().join("docker-compose.yml"))
+        .arg("--file")
+        .arg(dir.join("override.yml"))
+        .arg("config")
+        .current_dir(repo()))?;
+    Ok(text(&config))
+}
+
 #[test]
 fn compose_prepare_carries_a_traces_availability_and_the_asynchronous_mode() {
     with_docker("compose_availability", || {
@@ -475,18 +492,7 @@ fn compose_prepare_carries_a_traces_availability_and_the_asynchronous_mode() {
             env.contains("FEDGE_ASYNC=true\n") && env.contains("FEDGE_MIN_AVAILABLE=2\n"),
             "{env}"
         );
-        let prog = compose_command().map_err(anyhow::Error::msg)?;
-        let config = run(Command::new(prog[0])
-            .args(&prog[1..])
-            .arg("--env-file")
-            .arg(dir.path().join(".env"))
-            .arg("--file")
-            .arg(repo().join("docker-compose.yml"))
-            .arg("--file")
-            .arg(dir.path().join("override.yml"))
-            .arg("config")
-            .current_dir(repo()))?;
-        let config = text(&config);
+        let config = compose_config(dir.path())?;
         // Compose hands the coordinator the mode and each node its windows.
         for (key, count) in [
             ("FEDGE_ASYNC__ENABLED: 'true'", 1),
@@ -533,18 +539,7 @@ fn compose_prepare_gives_each_node_its_slowdown() {
         assert!(slowdowns.contains(&8.0), "{override_file}");
         assert!(slowdowns.iter().all(|s| (1.0..=8.0).contains(s)), "{override_file}");
         // Compose reads the files and hands each slowed node its setting.
-        let prog = compose_command().map_err(anyhow::Error::msg)?;
-        let config = run(Command::new(prog[0])
-            .args(&prog[1..])
-            .arg("--env-file")
-            .arg(dir.path().join(".env"))
-            .arg("--file")
-            .arg(repo().join("docker-compose.yml"))
-            .arg("--file")
-            .arg(dir.path().join("override.yml"))
-            .arg("config")
-            .current_dir(repo()))?;
-        let config = text(&config);
+        let config = compose_config(dir.path())?;
         assert_eq!(config.matches("FEDGE_NODE_TRAIN__SLOWDOWN").count(), 3, "{config}");
         Ok(())
     });

@@ -27,14 +27,12 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fmt;
-use std::sync::Arc;
 
 use super::jobs::FoldTarget;
 use super::{
-    Aggregated, AggregationFailure, AggregationJob, ClosedRound, ClosingState, Contribution, FoldJob, Folded, Output,
-    Phase, Rejection, RoundMachine, Staleness, Task, median_norm, mix, node_hash, suspect,
+    Aggregated, AggregationFailure, AggregationJob, ClosingState, Contribution, FoldJob, Folded, Output, Phase,
+    Rejection, RoundMachine, Staleness, Task, mix, node_hash, suspect,
 };
-use crate::core::model::GlobalModel;
 use crate::core::strategy::{RoundAggregate, clip_scale};
 
 /// How much an update `s` versions behind weighs.
@@ -708,27 +706,8 @@ impl RoundMachine {
         };
         a.step = StepState::Saving;
         a.failed_steps = 0;
-        self.direction = done.direction;
-        if let Some(median) = median_norm(&state.accepted) {
-            self.norm_reference = Some(median);
-        }
-        self.model_norm = done.model_norm;
-        self.global = GlobalModel::Memory(global.clone());
-        self.version = round;
-        let strategy = self.strategy.as_ref().expect("restored above");
-        let mut out = vec![Output::Close(ClosedRound {
-            round,
-            version: round,
-            global,
-            contributions: state.accepted,
-            selected: state.selected,
-            started_ms: state.started_ms,
-            closed_ms: state.closed_ms,
-            control: None,
-            strategy_state: Arc::new(strategy.state()),
-            privacy: done.privacy,
-            secure: None,
-        })];
+        let closed = self.commit(round, global, done.direction, done.model_norm, state, done.privacy);
+        let mut out = vec![Output::Close(closed)];
         // Nodes that waited for the step start from its model (their fetch
         // waits until it is saved).
         out.extend(self.fill(now_ms));

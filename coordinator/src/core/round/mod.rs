@@ -885,29 +885,44 @@ impl RoundMachine {
         };
         self.suspects.1.clear();
         self.in_turn = None;
-        self.direction = done.direction;
+        self.phase = Phase::Closing { round };
+        let closed = self.commit(round, global, done.direction, done.model_norm, state, privacy);
+        vec![Output::Close(closed)]
+    }
+
+    /// Commits the model an aggregation made as version `round` (its step
+    /// taken as the last direction, its updates' median norm as the next
+    /// reference) and returns the closed round or step for the driver to save.
+    fn commit(
+        &mut self,
+        round: u64,
+        global: Arc<Vec<f32>>,
+        direction: Option<Arc<Vec<f32>>>,
+        model_norm: f64,
+        state: ClosingState,
+        privacy: Option<crate::core::privacy::RoundPrivacy>,
+    ) -> ClosedRound {
+        self.direction = direction;
         if let Some(median) = median_norm(&state.accepted) {
             self.norm_reference = Some(median);
         }
-        self.model_norm = done.model_norm;
+        self.model_norm = model_norm;
         self.global = GlobalModel::Memory(global.clone());
         self.version = round;
-        self.phase = Phase::Closing { round };
-        let strategy = self.strategy.as_ref().expect("restored above");
-        let strategy_state = Arc::new(strategy.state());
-        vec![Output::Close(ClosedRound {
+        let strategy = self.strategy.as_ref().expect("restored by the caller");
+        ClosedRound {
             round,
-            version: self.version,
+            version: round,
             global,
             contributions: state.accepted,
             selected: state.selected,
             started_ms: state.started_ms,
             closed_ms: state.closed_ms,
             control: strategy.control.clone().map(Arc::new),
-            strategy_state,
+            strategy_state: Arc::new(strategy.state()),
             privacy,
             secure: state.secure,
-        })]
+        }
     }
 
     /// The closed round is durable and evaluated: start the next one, or finish.
